@@ -1,0 +1,139 @@
+"""Model cards: everything the runtime must know about a model, as plain data (JSON round-trip).
+
+A card travels with the model everywhere: the zoo attaches one to each PyTorch model, the exporter writes it into
+the ONNX `metadata_props` and the engine manifest, and the runtime reads preprocessing and decoding from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dynpose.errors import DynPoseError
+from dynpose.keypoints import KEYPOINT_SETS, KeypointSet, get_keypoint_set
+
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+TASKS = ("pose", "router")
+COLOR_ORDERS = ("rgb", "bgr")
+DECODERS = ("msra", "dark", "udp")
+
+
+@dataclass
+class ModelCard:
+    """Input geometry, normalisation, keypoints and decoder of one model.
+
+    `mean`/`std` are on the 0-255 scale and listed in the channel order the model is fed (`color_order`): the
+    official SimpleBaseline code feeds BGR but normalises with the RGB ImageNet mean as listed, and reproducing
+    that exactly is what keeps its accuracy.
+    """
+
+    name: str
+    input_width: int = 192
+    input_height: int = 256
+    color_order: str = "rgb"
+    mean: tuple[float, float, float] = IMAGENET_MEAN_255
+    std: tuple[float, float, float] = IMAGENET_STD_255
+    keypoints: str = "coco17"
+    decoder: str = "msra"
+    task: str = "pose"
+    arch: str = "onnx"
+    # Box padding around the person before cropping (official HRNet and MMPose use 1.25).
+    padding: float = 1.25
+    # Known checkpoint sources: alias -> {"url": ..., "color_order": ..., "sha256_prefix": ...}
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        self.validate()
+
+    # -- derived -------------------------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height), the order OpenCV wants."""
+        return (self.input_width, self.input_height)
+
+    @property
+    def aspect_ratio(self) -> float:
+        return self.input_width / self.input_height
+
+    @property
+    def keypoint_set(self) -> KeypointSet:
+        return get_keypoint_set(self.keypoints)
+
+    # -- checks and (de)serialisation ----------------------------------------------------------------------------
+    def validate(self, where: str = "model card") -> None:
+        def bad(msg: str) -> DynPoseError:
+            return DynPoseError(f"{where} {self.name!r}: {msg}")
+
+        if not isinstance(self.name, str) or not self.name:
+            raise DynPoseError(f"{where}: 'name' must be a non-empty string")
+        for key in ("input_width", "input_height"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % 4:
+                raise bad(f"'{key}' must be a positive multiple of 4, got {v!r}")
+        if self.color_order not in COLOR_ORDERS:
+            raise bad(f"'color_order' must be one of {COLOR_ORDERS}, got {self.color_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise bad("'mean' and 'std' must have 3 values (0-255 scale)")
+        if any(s <= 0 for s in self.std):
+            raise bad(f"'std' values must be > 0, got {self.std}")
+        if max(self.mean) <= 1.0 and max(self.std) <= 1.0:
+            raise bad(f"'mean'/'std' look like the 0-1 scale ({self.mean}); give them on the 0-255 scale")
+        if self.task not in TASKS:
+            raise bad(f"'task' must be one of {TASKS}, got {self.task!r}")
+        if self.task == "pose":
+            if self.keypoints not in KEYPOINT_SETS:
+                raise bad(f"'keypoints' must be one of {sorted(KEYPOINT_SETS)}, got {self.keypoints!r}")
+            if self.decoder not in DECODERS:
+                raise bad(f"'decoder' must be one of {DECODERS}, got {self.decoder!r}")
+        if not self.padding > 0:
+            raise bad(f"'padding' must be > 0, got {self.padding!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "model card") -> ModelCard:
+        if not isinstance(d, dict):
+            raise DynPoseError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DynPoseError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        missing = [k for k in ("name", "input_width", "input_height", "color_order", "mean", "std") if k not in d]
+        if missing and "arch" not in d:  # zoo cards fill defaults; a user's card must be explicit
+            raise DynPoseError(f"{where}: missing required field(s) {missing}")
+        try:
+            card = cls(**d)
+        except DynPoseError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise DynPoseError(f"{where}: {e}") from None
+        card.validate(where)
+        return card
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> ModelCard:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise DynPoseError(f"model card {p}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise DynPoseError(f"model card {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(d, where=f"model card {p}")
+
+    def with_(self, **changes: Any) -> ModelCard:
+        """A copy with some fields changed (cards are shared; never mutate one in place)."""
+        return replace(self, **changes)

@@ -1,0 +1,98 @@
+"""Box -> crop: the official HRNet / MMPose top-down geometry, as plain functions.
+
+centre/scale: the box is widened or heightened to the model's aspect ratio (w/h), then padded by 1.25; `scale` is
+kept in pixels (MMPose 1.x) rather than the official code's pixels/200, which is the same transform.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from dynpose.models.card import ModelCard
+
+
+def box_to_center_scale(
+    boxes_xywh: np.ndarray, aspect_ratio: float, padding: float = 1.25
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N,4) x,y,w,h boxes -> centres (N,2) and scales (N,2) in pixels, as official HRNet `_box2cs` (x200)."""
+    b = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
+    x, y, w, h = b[:, 0], b[:, 1], b[:, 2].copy(), b[:, 3].copy()
+    center = np.stack([x + w * 0.5, y + h * 0.5], axis=1)
+    wide = w > aspect_ratio * h
+    h = np.where(wide, w / aspect_ratio, h)
+    w = np.where(wide, w, h * aspect_ratio)
+    scale = np.stack([w, h], axis=1) * padding
+    return center, scale
+
+
+def _rotate(pt: np.ndarray, rad: float) -> np.ndarray:
+    sn, cs = np.sin(rad), np.cos(rad)
+    return np.array([pt[0] * cs - pt[1] * sn, pt[0] * sn + pt[1] * cs])
+
+
+def get_affine_transform(
+    center: np.ndarray,
+    scale: np.ndarray,
+    output_size: tuple[int, int],
+    rot: float = 0.0,
+    shift: tuple[float, float] = (0.0, 0.0),
+    inv: bool = False,
+) -> np.ndarray:
+    """2x3 matrix mapping the (centre, scale) box to an output of `output_size` = (w, h): the official formula.
+
+    Three point pairs (centre, a point half a width above it, and the third corner of the right triangle) go to
+    `cv2.getAffineTransform`, exactly as HRNet's `get_affine_transform`, so crops match to float precision.
+    """
+    center = np.asarray(center, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    src_w = scale[0]
+    dst_w, dst_h = output_size
+    rad = np.pi * rot / 180
+    src_dir = _rotate(np.array([0.0, src_w * -0.5]), rad)
+    dst_dir = np.array([0.0, dst_w * -0.5])
+    shift_arr = np.asarray(shift, dtype=np.float64)
+
+    src = np.zeros((3, 2), dtype=np.float32)
+    dst = np.zeros((3, 2), dtype=np.float32)
+    src[0] = center + scale * shift_arr
+    src[1] = center + src_dir + scale * shift_arr
+    dst[0] = [dst_w * 0.5, dst_h * 0.5]
+    dst[1] = np.array([dst_w * 0.5, dst_h * 0.5]) + dst_dir
+
+    def third(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        d = a - b
+        return b + np.array([-d[1], d[0]], dtype=np.float32)
+
+    src[2] = third(src[0], src[1])
+    dst[2] = third(dst[0], dst[1])
+    if inv:
+        return cv2.getAffineTransform(dst, src)
+    return cv2.getAffineTransform(src, dst)
+
+
+def to_model_colors(image_bgr: np.ndarray, card: ModelCard) -> np.ndarray:
+    """OpenCV images are BGR; convert once per image to the order the weights expect."""
+    return image_bgr[..., ::-1] if card.color_order == "rgb" else image_bgr
+
+
+def normalize(crops_hwc: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(N,H,W,3) uint8/float in model colour order -> (N,3,H,W) fp32 normalised by the card's mean/std."""
+    mean = np.asarray(card.mean, dtype=np.float32)
+    inv_std = 1.0 / np.asarray(card.std, dtype=np.float32)
+    x = (crops_hwc.astype(np.float32) - mean) * inv_std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def crop_batch(
+    image: np.ndarray, centers: np.ndarray, scales: np.ndarray, card: ModelCard
+) -> np.ndarray:
+    """Warp each (centre, scale) box of `image` (already in the card's colour order) to the card's input size and
+    normalise: returns an (N,3,H,W) fp32 batch."""
+    w, h = card.input_size
+    n = len(centers)
+    out = np.empty((n, h, w, 3), dtype=np.uint8 if image.dtype == np.uint8 else np.float32)
+    for i in range(n):
+        trans = get_affine_transform(centers[i], scales[i], (w, h))
+        out[i] = cv2.warpAffine(image, trans, (w, h), flags=cv2.INTER_LINEAR)
+    return normalize(out, card)
