@@ -22,7 +22,8 @@ SCHEMA = "dynpose.manifest"
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ROLES = ("router", "small", "large", "detector")
-FORMATS = ("onnx", "tensorrt")
+# "torch": a zoo model's state_dict (.pt) beside its ONNX, for the PyTorch backend (CPU or CUDA without TensorRT).
+FORMATS = ("onnx", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_ROUTE = "band:0.59,0.69"
 
@@ -100,7 +101,7 @@ class Manifest:
         matches = [e for e in self.entries if e.role == role and (fmt is None or e.format == fmt)]
         if not matches:
             return None
-        matches.sort(key=lambda e: e.format != "tensorrt")
+        matches.sort(key=lambda e: ("tensorrt", "onnx", "torch").index(e.format))
         return matches[0]
 
     def require(self, role: str, fmt: str | None = None, engine_dir: str | os.PathLike = "") -> Entry:
