@@ -71,6 +71,32 @@ def get_affine_transform(
     return cv2.getAffineTransform(src, dst)
 
 
+def get_udp_warp_matrix(
+    center: np.ndarray, scale: np.ndarray, output_size: tuple[int, int], rot: float = 0.0
+) -> np.ndarray:
+    """2x3 UDP warp (Huang et al., MMPose `get_udp_warp_matrix`): maps the box's [0, scale] extent onto
+    [0, output_size - 1] pixel centres, so the crop is unbiased and flip-symmetric. `scale` in pixels."""
+    cx, cy = (float(v) for v in np.asarray(center, dtype=np.float64).reshape(2))
+    sw, sh = (float(v) for v in np.asarray(scale, dtype=np.float64).reshape(2))
+    rad = np.deg2rad(rot)
+    cs, sn = np.cos(rad), np.sin(rad)
+    sx = (output_size[0] - 1) / sw
+    sy = (output_size[1] - 1) / sh
+    m = np.zeros((2, 3), dtype=np.float64)
+    m[0, 0], m[0, 1] = cs * sx, -sn * sx
+    m[0, 2] = sx * (-cx * cs + cy * sn + 0.5 * sw)
+    m[1, 0], m[1, 1] = sn * sy, cs * sy
+    m[1, 2] = sy * (-cx * sn - cy * cs + 0.5 * sh)
+    return m
+
+
+def warp_matrix(center: np.ndarray, scale: np.ndarray, card: ModelCard) -> np.ndarray:
+    """The crop transform a card's decoder expects: the UDP warp for `udp`, the official affine otherwise."""
+    if card.decoder == "udp":
+        return get_udp_warp_matrix(center, scale, card.input_size)
+    return get_affine_transform(center, scale, card.input_size)
+
+
 def to_model_colors(image_bgr: np.ndarray, card: ModelCard) -> np.ndarray:
     """OpenCV images are BGR; convert once per image to the order the weights expect."""
     return image_bgr[..., ::-1] if card.color_order == "rgb" else image_bgr
@@ -93,6 +119,6 @@ def crop_batch(
     n = len(centers)
     out = np.empty((n, h, w, 3), dtype=np.uint8 if image.dtype == np.uint8 else np.float32)
     for i in range(n):
-        trans = get_affine_transform(centers[i], scales[i], (w, h))
+        trans = warp_matrix(centers[i], scales[i], card)
         out[i] = cv2.warpAffine(image, trans, (w, h), flags=cv2.INTER_LINEAR)
     return normalize(out, card)

@@ -1,0 +1,205 @@
+"""Heatmaps -> keypoints in image pixels: MSRA (argmax + quarter pixel), DARK and UDP decoders.
+
+Each decoder follows its official reference (HRNet `lib/core/inference.py`; DarkPose `taylor`/`gaussian_blur`;
+MMPose `refine_keypoints_dark_udp` + `UDPHeatmap.decode`), vectorised over crops and keypoints. The map back to
+the image is the exact inverse of the crop `preprocess.warp_matrix` made for the same card, so a keypoint lands
+where the crop took it from.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from dynpose.errors import DynPoseError
+from dynpose.models.card import ModelCard
+
+
+def get_max_preds(heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,K,h,w) -> argmax coords (N,K,2) float32 x,y in heatmap pixels and maxima (N,K,1).
+
+    As the official code, a keypoint whose maximum is not positive gets coordinates (0, 0).
+    """
+    hm = np.asarray(heatmaps)
+    if hm.ndim != 4:
+        raise DynPoseError(f"heatmaps must be N x K x h x w, got shape {hm.shape}")
+    n, k, _, w = hm.shape
+    flat = hm.reshape(n, k, -1)
+    idx = np.argmax(flat, axis=2)
+    maxvals = np.take_along_axis(flat, idx[..., None], axis=2).astype(np.float32)
+    preds = np.stack([idx % w, idx // w], axis=2).astype(np.float32)
+    preds *= (maxvals > 0.0).astype(np.float32)
+    return preds, maxvals
+
+
+def flip_back(heatmaps: np.ndarray, flip_index: list[int]) -> np.ndarray:
+    """Heatmaps of a horizontally flipped crop -> heatmaps in the original frame (mirror + swap left/right)."""
+    hm = np.asarray(heatmaps)
+    if hm.ndim != 4:
+        raise DynPoseError(f"heatmaps must be N x K x h x w, got shape {hm.shape}")
+    return np.ascontiguousarray(hm[:, list(flip_index), :, ::-1])
+
+
+def average_flip(
+    heatmaps: np.ndarray, flipped_heatmaps: np.ndarray, flip_index: list[int], shift: bool = True
+) -> np.ndarray:
+    """The official flip test: flip the second pass back, shift it one pixel right, average with the first.
+
+    The shift (HRNet's SHIFT_HEATMAP) corrects the half-pixel misalignment of a flipped non-UDP crop; UDP crops are
+    symmetric, so pass `shift=False` for them.
+    """
+    back = flip_back(flipped_heatmaps, flip_index).copy()
+    if shift:
+        back[..., 1:] = back[..., :-1].copy()
+    return (np.asarray(heatmaps, dtype=np.float32) + back) * 0.5
+
+
+def blur_kernel_size(heatmap_width: int) -> int:
+    """DARK/UDP modulation kernel: MMPose uses 11 for 64x48 heatmaps and 17 for 96x72, i.e. 6*sigma - 1 with the
+    target sigma (2 at width 48) growing with the heatmap; kept odd and at least 3."""
+    sigma = 2.0 * heatmap_width / 48.0
+    k = max(3, int(round(6.0 * sigma - 1.0)))
+    return k if k % 2 == 1 else k + 1
+
+
+def gaussian_blur(heatmaps: np.ndarray, kernel: int) -> np.ndarray:
+    """DarkPose/MMPose `gaussian_blur`: blur each map with zero padding, then rescale to keep its maximum."""
+    hm = np.array(heatmaps, dtype=np.float32, copy=True)
+    shape = hm.shape
+    flat = hm.reshape(-1, shape[-2], shape[-1])
+    border = (kernel - 1) // 2
+    for i in range(flat.shape[0]):
+        origin_max = flat[i].max()
+        padded = cv2.copyMakeBorder(flat[i], border, border, border, border, cv2.BORDER_CONSTANT, value=0.0)
+        blurred = cv2.GaussianBlur(padded, (kernel, kernel), 0)[border:-border, border:-border]
+        new_max = blurred.max()
+        flat[i] = blurred * (origin_max / new_max) if new_max != 0 else blurred
+    return flat.reshape(shape)
+
+
+def _refine_quarter(coords: np.ndarray, hm: np.ndarray) -> np.ndarray:
+    """Official HRNet post-process: move a quarter pixel toward the higher neighbour, away from the border."""
+    n, k, h, w = hm.shape
+    px = np.floor(coords[..., 0] + 0.5).astype(np.int64)
+    py = np.floor(coords[..., 1] + 0.5).astype(np.int64)
+    ok = (px > 1) & (px < w - 1) & (py > 1) & (py < h - 1)
+    xs, ys = np.clip(px, 1, w - 2), np.clip(py, 1, h - 2)
+    ni, ki = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+    dx = hm[ni, ki, ys, xs + 1] - hm[ni, ki, ys, xs - 1]
+    dy = hm[ni, ki, ys + 1, xs] - hm[ni, ki, ys - 1, xs]
+    out = coords.copy()
+    out += np.where(ok[..., None], np.sign(np.stack([dx, dy], axis=-1)) * 0.25, 0.0)
+    return out
+
+
+def _refine_dark(coords: np.ndarray, hm: np.ndarray) -> np.ndarray:
+    """DARK (Zhang et al.): blurred log-heatmap, one Newton step from the argmax (official `taylor`)."""
+    n, k, h, w = hm.shape
+    logh = np.log(np.maximum(gaussian_blur(hm, blur_kernel_size(w)), 1e-10)).astype(np.float64)
+    px = coords[..., 0].astype(np.int64)
+    py = coords[..., 1].astype(np.int64)
+    ok = (px > 1) & (px < w - 2) & (py > 1) & (py < h - 2)
+    x, y = np.clip(px, 2, w - 3), np.clip(py, 2, h - 3)
+    ni, ki = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+
+    def at(dy: int, dx: int) -> np.ndarray:
+        return logh[ni, ki, y + dy, x + dx]
+
+    c = at(0, 0)
+    gx = 0.5 * (at(0, 1) - at(0, -1))
+    gy = 0.5 * (at(1, 0) - at(-1, 0))
+    dxx = 0.25 * (at(0, 2) - 2 * c + at(0, -2))
+    dxy = 0.25 * (at(1, 1) - at(-1, 1) - at(1, -1) + at(-1, -1))
+    dyy = 0.25 * (at(2, 0) - 2 * c + at(-2, 0))
+    det = dxx * dyy - dxy**2
+    ok &= det != 0
+    safe = np.where(ok, det, 1.0)
+    # offset = -H^-1 g with the 2x2 inverse written out
+    ox = -(dyy * gx - dxy * gy) / safe
+    oy = -(-dxy * gx + dxx * gy) / safe
+    out = coords.astype(np.float64).copy()
+    out[..., 0] += np.where(ok, ox, 0.0)
+    out[..., 1] += np.where(ok, oy, 0.0)
+    return out
+
+
+def _refine_dark_udp(coords: np.ndarray, hm: np.ndarray) -> np.ndarray:
+    """MMPose `refine_keypoints_dark_udp`: blur, clip to [1e-3, 50], log, edge padding, one Newton step."""
+    n, k, h, w = hm.shape
+    logh = np.log(np.clip(gaussian_blur(hm, blur_kernel_size(w)), 1e-3, 50.0)).astype(np.float64)
+    pad = np.pad(logh, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    x = np.clip(coords[..., 0].astype(np.int64), 0, w - 1) + 1
+    y = np.clip(coords[..., 1].astype(np.int64), 0, h - 1) + 1
+    ni, ki = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+
+    def at(dy: int, dx: int) -> np.ndarray:
+        return pad[ni, ki, y + dy, x + dx]
+
+    i_ = at(0, 0)
+    ix1, ix1_ = at(0, 1), at(0, -1)
+    iy1, iy1_ = at(1, 0), at(-1, 0)
+    ix1y1, ix1_y1_ = at(1, 1), at(-1, -1)
+    gx = 0.5 * (ix1 - ix1_)
+    gy = 0.5 * (iy1 - iy1_)
+    dxx = ix1 - 2 * i_ + ix1_
+    dyy = iy1 - 2 * i_ + iy1_
+    dxy = 0.5 * (ix1y1 - ix1 - iy1 + i_ + i_ - ix1_ - iy1_ + ix1_y1_)
+    hess = np.stack([np.stack([dxx, dxy], -1), np.stack([dxy, dyy], -1)], -2)
+    hess = hess + np.finfo(np.float32).eps * np.eye(2)
+    grad = np.stack([gx, gy], -1)[..., None]
+    with np.errstate(all="ignore"):
+        try:
+            step = np.linalg.solve(hess, grad)[..., 0]
+        except np.linalg.LinAlgError:  # a singular Hessian on a flat map: solve one by one, skip those
+            step = np.zeros_like(grad[..., 0])
+            for idx in np.ndindex(hess.shape[:2]):
+                try:
+                    step[idx] = np.linalg.solve(hess[idx], grad[idx])[..., 0]
+                except np.linalg.LinAlgError:
+                    pass
+    step = np.where(np.isfinite(step), step, 0.0)
+    return coords.astype(np.float64) - step
+
+
+def decode_heatmaps(heatmaps: np.ndarray, centers: np.ndarray, scales: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(N,K,h,w) heatmaps of crops made at (centre, scale) in pixels -> (N,K,3) x, y in image pixels, score.
+
+    The decoder is `card.decoder`: msra (argmax + quarter-pixel shift), dark (Taylor refinement of the blurred
+    log-heatmap) or udp (MMPose UDP refinement, unbiased (size-1) scaling). Score is the heatmap maximum.
+    """
+    hm = np.asarray(heatmaps, dtype=np.float32)
+    if hm.ndim != 4:
+        raise DynPoseError(f"heatmaps must be N x K x h x w, got shape {hm.shape}")
+    n, k, h, w = hm.shape
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    scales = np.asarray(scales, dtype=np.float64).reshape(-1, 2)
+    if len(centers) != n or len(scales) != n:
+        raise DynPoseError(f"decode: {n} heatmaps but {len(centers)} centres and {len(scales)} scales")
+    out = np.zeros((n, k, 3), dtype=np.float32)
+    if n == 0:
+        return out
+    peaks, maxvals = get_max_preds(hm)
+    if card.decoder not in ("msra", "dark", "udp"):
+        raise DynPoseError(f"model card {card.name!r}: unknown decoder {card.decoder!r}; use msra, dark or udp")
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite maps are handled just below
+        if card.decoder == "msra":
+            coords = _refine_quarter(peaks, hm).astype(np.float64)
+        elif card.decoder == "dark":
+            coords = _refine_dark(peaks, hm)
+        else:
+            coords = _refine_dark_udp(peaks, hm)
+    # NaN/inf heatmaps (a broken engine) must not turn into NaN positions; their score stays NaN to show it
+    coords = np.where(np.isfinite(coords), coords, peaks)
+
+    c = centers[:, None, :]
+    s = scales[:, None, :]
+    if card.decoder == "udp":
+        # inverse of get_udp_warp_matrix: heatmap pixel -> input pixel is (in-1)/(hm-1), input -> image s/(in-1)
+        xy = coords / np.array([w - 1, h - 1], dtype=np.float64) * s + c - 0.5 * s
+    else:
+        # inverse of the official get_affine_transform (rot 0): isotropic, by the scale's width only
+        f = s[..., 0:1] / w
+        xy = (coords - np.array([w * 0.5, h * 0.5])) * f + c
+    out[..., :2] = xy
+    out[..., 2] = maxvals[..., 0]
+    return out

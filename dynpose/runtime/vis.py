@@ -1,0 +1,161 @@
+"""Drawing persons (box, skeleton, which model ran) and writing annotated images and videos atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import cv2
+import numpy as np
+
+from dynpose.errors import DynPoseError
+from dynpose.fileio import write_bytes_atomic
+from dynpose.keypoints import KeypointSet, get_keypoint_set
+
+# BGR. The two DynPose roles get fixed, easily told apart colours; any other model name gets a stable colour.
+MODEL_COLORS: dict[str, tuple[int, int, int]] = {
+    "small": (80, 200, 60),  # green
+    "large": (40, 110, 250),  # orange
+}
+_PALETTE = ((230, 160, 40), (200, 60, 200), (60, 220, 220), (255, 90, 90), (150, 150, 255), (120, 200, 160))
+
+
+def model_color(model: str) -> tuple[int, int, int]:
+    """Colour for a model name: fixed for small/large, else picked from a palette by a stable hash of the name."""
+    key = str(model).lower()
+    for role, color in MODEL_COLORS.items():
+        if key == role or key.startswith(role + ":"):
+            return color
+    return _PALETTE[zlib.crc32(key.encode()) % len(_PALETTE)]
+
+
+def _pt(x: float, y: float) -> tuple[int, int]:
+    return (int(round(x)), int(round(y)))
+
+
+def draw_persons(
+    image_bgr: np.ndarray, persons: Sequence[Any], keypoint_set: KeypointSet | str, kpt_thr: float = 0.3
+) -> np.ndarray:
+    """A copy of the image with each person's box, score, model name and skeleton drawn in the model's colour.
+
+    `persons`: objects with `.box` (x,y,w,h), `.score`, `.keypoints` (K,3) and `.model`. Keypoints scoring below
+    `kpt_thr`, or not finite, are not drawn; neither are limbs touching them.
+    """
+    ks = get_keypoint_set(keypoint_set) if isinstance(keypoint_set, str) else keypoint_set
+    img = np.ascontiguousarray(image_bgr).copy()
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise DynPoseError(f"draw_persons: expected an H x W x 3 BGR image, got shape {img.shape}")
+    if img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    h, w = img.shape[:2]
+    thick = max(1, round(max(h, w) / 500))
+    radius = thick + 2
+    font_scale = 0.4 * thick
+    for p in persons:
+        color = model_color(getattr(p, "model", ""))
+        box = np.asarray(p.box, dtype=np.float64).reshape(-1)[:4]
+        if np.isfinite(box).all() and box[2] > 0 and box[3] > 0:
+            x, y, bw, bh = box
+            cv2.rectangle(img, _pt(x, y), _pt(x + bw, y + bh), color, thick, cv2.LINE_AA)
+            label = f"{getattr(p, 'model', '')} {float(getattr(p, 'score', 0.0)):.2f}".strip()
+            (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
+            ty = int(max(th + base, y))
+            cv2.rectangle(img, (int(x), ty - th - base), (int(x) + tw, ty), color, -1)
+            cv2.putText(img, label, (int(x), ty - base), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thick,
+                        cv2.LINE_AA)
+        kp = np.asarray(p.keypoints, dtype=np.float64).reshape(-1, 3)
+        if len(kp) != ks.num:
+            raise DynPoseError(f"draw_persons: {len(kp)} keypoints but keypoint set {ks.name} has {ks.num}")
+        ok = np.isfinite(kp).all(axis=1) & (kp[:, 2] >= kpt_thr) & (np.abs(kp[:, :2]) < 1e6).all(axis=1)
+        for a, b in ks.skeleton:
+            if ok[a] and ok[b]:
+                cv2.line(img, _pt(*kp[a, :2]), _pt(*kp[b, :2]), color, thick + 1, cv2.LINE_AA)
+        for i in np.flatnonzero(ok):
+            cv2.circle(img, _pt(*kp[i, :2]), radius, (255, 255, 255), -1, cv2.LINE_AA)
+            cv2.circle(img, _pt(*kp[i, :2]), radius, color, 1, cv2.LINE_AA)
+    return img
+
+
+def write_image(path: str | os.PathLike, image_bgr: np.ndarray) -> None:
+    """Encode by the file's suffix (.jpg, .png, ...) and write atomically."""
+    path = Path(path)
+    ok, buf = cv2.imencode(path.suffix or ".jpg", image_bgr)
+    if not ok:
+        raise DynPoseError(f"image {path}: OpenCV cannot encode {path.suffix!r}; use .jpg or .png")
+    write_bytes_atomic(path, buf.tobytes())
+
+
+class VideoWriter:
+    """mp4 writer for annotated videos. Frames go to a temp file beside `path`, renamed onto it by `close()`, so a
+    crash never leaves a half-written video under the final name. The frame size is taken from the first frame;
+    later frames of another size are resized to it. Use as a context manager: an exception discards the file."""
+
+    def __init__(self, path: str | os.PathLike, fps: float = 25.0, fourcc: str = "mp4v") -> None:
+        self.path = Path(path)
+        self.fps = float(fps) if fps and fps > 0 else 25.0
+        self.fourcc = fourcc
+        self.frames = 0
+        self._writer: cv2.VideoWriter | None = None
+        self._size: tuple[int, int] | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the container is chosen from the suffix, so the temp name must end with it
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".tmp{self.path.suffix}", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+
+    def write(self, image_bgr: np.ndarray) -> None:
+        if self._tmp is None:
+            raise DynPoseError(f"video {self.path}: writer already closed")
+        img = np.asarray(image_bgr)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise DynPoseError(f"video {self.path}: frames must be H x W x 3 BGR, got shape {img.shape}")
+        if self._writer is None:
+            self._size = (img.shape[1], img.shape[0])
+            self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, self._size)
+            if not self._writer.isOpened():
+                self.abort()
+                raise DynPoseError(
+                    f"video {self.path}: OpenCV cannot write {self.fourcc!r} into {self.path.suffix!r}; use .mp4"
+                )
+        if (img.shape[1], img.shape[0]) != self._size:
+            img = cv2.resize(img, self._size, interpolation=cv2.INTER_AREA)
+        self._writer.write(np.ascontiguousarray(img, dtype=np.uint8))
+        self.frames += 1
+
+    def close(self) -> None:
+        """Finish the file and move it into place (a writer that got no frame leaves no file)."""
+        if self._tmp is None:
+            return
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        if self.frames:
+            os.replace(self._tmp, self.path)
+        else:
+            self._tmp.unlink(missing_ok=True)
+        self._tmp = None
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
