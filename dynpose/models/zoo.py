@@ -1,0 +1,151 @@
+"""The model-name table: one builder and one card (plain data) per name, plus `create_model` / `list_models`.
+
+Cards' `sources` list the known checkpoints per alias. `color_order` is per source because it depends on who
+trained the weights, not on the architecture: the official SimpleBaseline (ResNet) release was trained on BGR
+crops, the official HRNet release and every MMPose release on RGB crops.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from dynpose.errors import DynPoseError
+from dynpose.keypoints import get_keypoint_set
+from dynpose.models.card import IMAGENET_MEAN_255, IMAGENET_STD_255, ModelCard
+from dynpose.models.hrnet import PoseHighResolutionNet
+from dynpose.models.resnet import PoseResNet
+from dynpose.models.router import DynPoseRouter
+
+MMPOSE_COCO = "https://download.openmmlab.com/mmpose/v1/body_2d_keypoint/topdown_heatmap/coco/"
+HRNET_OFFICIAL = (
+    "the official HRNet release (https://github.com/leoxiaobin/deep-high-resolution-net.pytorch, 'pretrained "
+    "models' links to Google Drive / OneDrive: models/pytorch/pose_coco/{file})"
+)
+SIMPLEBASELINE_OFFICIAL = (
+    "the official SimpleBaseline release (https://github.com/microsoft/human-pose-estimation.pytorch, 'pretrained "
+    "models' links to Google Drive / OneDrive: models/pytorch/pose_coco/{file})"
+)
+
+
+def _mmpose(file: str) -> dict[str, Any]:
+    return {"url": MMPOSE_COCO + file, "color_order": "rgb", "format": "mmpose1"}
+
+
+def _official(where: str, file: str, color_order: str) -> dict[str, Any]:
+    # No stable direct URL exists (Drive/OneDrive share links), so the alias only explains where to get the file.
+    return {"url": None, "manual": where.format(file=file), "color_order": color_order, "format": "official"}
+
+
+def _pose_card(name: str, sources: dict[str, dict[str, Any]]) -> ModelCard:
+    return ModelCard(
+        name=name, arch=name, input_width=192, input_height=256, color_order="rgb",
+        mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255, keypoints="coco17", decoder="msra", task="pose",
+        sources=sources,
+    )
+
+
+# name -> (builder, card). The only registry in the package; add a model by adding a row.
+MODELS: dict[str, tuple[Callable[..., nn.Module], ModelCard]] = {
+    "hrnet_w32": (lambda **kw: PoseHighResolutionNet(width=32, **kw), _pose_card("hrnet_w32", {
+        "mmpose": _mmpose("td-hm_hrnet-w32_8xb64-210e_coco-256x192-81c58e40_20220909.pth"),
+        "official": _official(HRNET_OFFICIAL, "pose_hrnet_w32_256x192.pth", "rgb"),
+    })),
+    "hrnet_w48": (lambda **kw: PoseHighResolutionNet(width=48, **kw), _pose_card("hrnet_w48", {
+        "mmpose": _mmpose("td-hm_hrnet-w48_8xb32-210e_coco-256x192-0e67c616_20220913.pth"),
+        "official": _official(HRNET_OFFICIAL, "pose_hrnet_w48_256x192.pth", "rgb"),
+    })),
+    "resnet_50": (lambda **kw: PoseResNet(depth=50, **kw), _pose_card("resnet_50", {
+        "mmpose": _mmpose("td-hm_res50_8xb64-210e_coco-256x192-04af38ce_20220923.pth"),
+        "official": _official(SIMPLEBASELINE_OFFICIAL, "pose_resnet_50_256x192.pth.tar", "bgr"),
+    })),
+    "resnet_101": (lambda **kw: PoseResNet(depth=101, **kw), _pose_card("resnet_101", {
+        "mmpose": _mmpose("td-hm_res101_8xb64-210e_coco-256x192-065d3625_20220926.pth"),
+        "official": _official(SIMPLEBASELINE_OFFICIAL, "pose_resnet_101_256x192.pth.tar", "bgr"),
+    })),
+    "resnet_152": (lambda **kw: PoseResNet(depth=152, **kw), _pose_card("resnet_152", {
+        # URL as listed in MMPose's ResNet COCO model-zoo table (configs/.../coco/resnet_coco.md).
+        "mmpose": _mmpose("td-hm_res152_8xb32-210e_coco-256x192-0345f330_20220928.pth"),
+        "official": _official(SIMPLEBASELINE_OFFICIAL, "pose_resnet_152_256x192.pth.tar", "bgr"),
+    })),
+    "router": (DynPoseRouter, ModelCard(
+        # DynPose trains the router inside MMPose with the pose models' data preprocessor (bgr_to_rgb, ImageNet
+        # mean/std), so it is fed exactly the crop the pose models get.
+        name="router", arch="router", input_width=192, input_height=256, color_order="rgb",
+        mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255, keypoints="coco17", decoder="msra", task="router",
+        sources={
+            "dynpose": {
+                # `backbone.pth` at the root of the authors' repository; raw/HEAD follows its default branch.
+                "url": "https://github.com/Aritoria/DynPose/raw/HEAD/backbone.pth",
+                "color_order": "rgb", "format": "dynpose_router",
+            },
+            "official": {
+                "url": None, "color_order": "rgb", "format": "dynpose_router",
+                "manual": "the DynPose repository (https://github.com/Aritoria/DynPose, file backbone.pth)",
+            },
+        },
+    )),
+}
+
+
+def list_models() -> list[str]:
+    """Names `create_model` accepts."""
+    return list(MODELS)
+
+
+def get_card(name: str) -> ModelCard:
+    """The zoo card of `name` (colour order of its default source, MMPose/RGB for the pose models)."""
+    return _entry(name)[1]
+
+
+def _entry(name: str) -> tuple[Callable[..., nn.Module], ModelCard]:
+    try:
+        return MODELS[name]
+    except (KeyError, TypeError):
+        raise DynPoseError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+
+
+def create_model(name: str, weights: str | os.PathLike | None = None, *, keypoints: str = "coco17",
+                 trust_pickle: bool = False, **kw: Any) -> nn.Module:
+    """Build zoo model `name` in eval mode, with its card attached as `model.card`.
+
+    weights:
+      - None: PyTorch's default random initialisation and *no* warning. Meant for layout/shape work only (the
+        state_dict names, parameter counts, a later `load_weights`). `model.weights_source` is None so exporters
+        can refuse such a model.
+      - "random": the same random initialisation, with a warning that outputs are meaningless; for pipeline tests
+        that need a runnable model without a checkpoint. `model.weights_source == "random"`.
+      - anything else: a checkpoint source for `load_weights` (path, http(s) URL, or a card alias such as
+        "mmpose"); `model.checkpoint` holds the `LoadedCheckpoint` and the card's colour order follows the source.
+    keypoints: the pose models' keypoint set ("coco17", "crowdpose14"); the card's checkpoint sources are COCO-17
+    only, so another set drops them. kw go to the architecture's constructor.
+    trust_pickle: passed to `load_weights` (only for checkpoints from a source you trust).
+    """
+    builder, card = _entry(name)
+    if card.task == "pose" and keypoints != card.keypoints:
+        kw["num_joints"] = get_keypoint_set(keypoints).num
+        card = card.with_(keypoints=keypoints, sources={})
+    try:
+        model = builder(**kw)
+    except TypeError as e:
+        raise DynPoseError(f"create_model({name!r}): bad keyword argument ({e})") from None
+    model.card = card
+    model.weights_source = None
+    model.checkpoint = None
+    if weights is None:
+        pass
+    elif isinstance(weights, str) and weights == "random":
+        warnings.warn(
+            f"{name}: random weights; its outputs are meaningless (use a checkpoint for real predictions)",
+            UserWarning, stacklevel=2,
+        )
+        model.weights_source = "random"
+    else:
+        from dynpose.models.weights import load_weights  # weights imports zoo for cards
+
+        load_weights(model, weights, trust_pickle=trust_pickle)
+    return model.eval()
