@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from dynpose.models.card import ModelCard
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -30,3 +32,35 @@ def tinypose_128(shared: Path) -> Path:
 @pytest.fixture(scope="session")
 def coco_dir(shared: Path) -> Path:
     return shared / "data" / "coco"
+
+
+TINYPOSE_MEAN = (123.675, 116.28, 103.53)
+TINYPOSE_STD = (58.395, 57.12, 57.375)
+
+
+def tinypose_card(width: int, height: int) -> ModelCard:
+    """The card of the PP-TinyPose fixtures (RGB, ImageNet mean/std on the 0-255 scale, COCO-17, MSRA decoding)."""
+    return ModelCard(
+        name=f"tinypose_{height}x{width}", input_width=width, input_height=height, color_order="rgb",
+        mean=TINYPOSE_MEAN, std=TINYPOSE_STD, keypoints="coco17", decoder="msra",
+    )
+
+
+@pytest.fixture(scope="session")
+def tinypose_engine_dir(tmp_path_factory: pytest.TempPathFactory, tinypose_256: Path, tinypose_128: Path) -> Path:
+    """An engine dir: TinyPose 128x96 as small, 256x192 as large, the DynPose router with random weights (seed 0),
+    built with the export API as a user would."""
+    import warnings
+
+    import torch
+
+    from dynpose.export.api import export_model, register_onnx
+
+    engine_dir = tmp_path_factory.mktemp("tinypose_engines")
+    register_onnx(tinypose_128, tinypose_card(96, 128), engine_dir, role="small", progress=False)
+    register_onnx(tinypose_256, tinypose_card(192, 256), engine_dir, role="large", progress=False)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random router weights (on purpose) and torch's exporter notices
+        export_model("router", engine_dir, weights="random", progress=False)
+    return engine_dir

@@ -1,0 +1,373 @@
+"""The Pipeline: image -> person boxes -> routed pose models -> rescored, OKS-NMSed persons.
+
+    with Pipeline.from_engine_dir("engines/") as pipe:
+        persons = pipe(image_bgr)                      # boxes from the detector
+        persons = pipe(image_bgr, boxes=dets_xywhs)    # or from a detections file (M,5) / GT boxes (M,4)
+
+A crop's path, one plain function each: `clean_boxes` (drop unusable boxes) -> `Dispatcher.run` (centre/scale,
+crop, route, run, decode) -> `rescore` -> `oks_nms` -> `PersonPose`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from dynpose.errors import DynPoseError
+from dynpose.runtime.backends import BACKEND_FORMAT, BACKENDS, Runner, load_runner
+from dynpose.runtime.dispatcher import Dispatcher, DispatchResult
+from dynpose.runtime.policy import parse_policy
+
+# Official HRNet / MMPose evaluation settings.
+RESCORE_THR = 0.2
+OKS_NMS_THR = 0.9
+
+
+@dataclass
+class PersonPose:
+    """One person: box x,y,w,h and keypoints (K,3) x,y,score in image pixels, the instance score, the model used."""
+
+    box: np.ndarray
+    score: float
+    keypoints: np.ndarray
+    model: str  # "small" | "large"
+    router_score: float = float("nan")  # router score[1]; NaN when the policy ran no router
+
+    def to_coco(self, image_id: int, category_id: int = 1) -> dict[str, Any]:
+        """A COCO keypoint result record."""
+        return {
+            "image_id": int(image_id),
+            "category_id": category_id,
+            "keypoints": [round(float(v), 3) for v in self.keypoints.reshape(-1)],
+            "score": float(self.score),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "box": [round(float(v), 2) for v in self.box],
+            "score": round(float(self.score), 5),
+            "keypoints": [[round(float(x), 2), round(float(y), 2), round(float(s), 4)] for x, y, s in self.keypoints],
+            "model": self.model,
+            "router_score": None if not np.isfinite(self.router_score) else round(float(self.router_score), 5),
+        }
+
+
+@dataclass
+class RunStats:
+    """Totals over a Pipeline's life (updated under a lock; read them when calls are done)."""
+
+    frames: int = 0
+    persons: int = 0
+    crops: dict[str, int] = field(default_factory=lambda: {"small": 0, "large": 0})
+    dropped_boxes: int = 0
+    nan_router_scores: int = 0
+    dispatches: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames, "persons": self.persons, "crops": dict(self.crops),
+            "dropped_boxes": self.dropped_boxes, "nan_router_scores": self.nan_router_scores,
+            "dispatches": self.dispatches, "seconds": round(self.seconds, 3),
+        }
+
+
+def clean_boxes(boxes: np.ndarray | None, image_shape: Sequence[int]) -> tuple[np.ndarray, int]:
+    """(M,4|5) x,y,w,h[,score] -> (M',5) usable boxes (score 1 where none was given) and the number dropped.
+
+    Dropped: non-finite coordinates or NaN scores, zero or negative width/height, and boxes entirely outside the
+    image; boxes partly outside are kept (the crop pads with black, as the official code does)."""
+    if boxes is None:
+        return np.zeros((0, 5)), 0
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.size == 0:
+        return np.zeros((0, 5)), 0
+    if b.ndim == 1 and b.shape[0] in (4, 5):
+        b = b[None]
+    if b.ndim != 2 or b.shape[1] not in (4, 5):
+        raise DynPoseError(f"boxes must be an (M,4) or (M,5) array of x,y,w,h[,score], got shape {b.shape}")
+    if b.shape[1] == 4:
+        b = np.concatenate([b, np.ones((len(b), 1))], axis=1)
+    h_img, w_img = image_shape[:2]
+    x, y, w, h = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(b).all(axis=1) & (w > 0) & (h > 0)
+        ok &= (x + w > 0) & (y + h > 0) & (x < w_img) & (y < h_img)
+    return b[ok], int((~ok).sum())
+
+
+def _check_image(image: Any) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise DynPoseError(f"image must be a numpy array (H,W,3) uint8 BGR, got {type(image).__name__}")
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] == 0 or image.shape[1] == 0:
+        raise DynPoseError(f"image must be (H,W,3) BGR, got shape {image.shape}")
+    if image.shape[2] == 4:
+        image = image[..., :3]
+    if image.dtype != np.uint8:
+        raise DynPoseError(f"image must be uint8 BGR (as cv2.imread gives), got {image.dtype}")
+    return np.ascontiguousarray(image)
+
+
+def _ort_device(device: str) -> str:
+    """Where ONNX Runtime can run a helper model (router fallback, detector): the GPU if this ORT has CUDA."""
+    if device != "cuda":
+        return "cpu"
+    import onnxruntime as ort
+
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def _pick_entry(manifest: Any, engine_dir: Path, role: str, backend: str, device: str) -> tuple[Any, str, str]:
+    """(entry, backend, device) for a role: the entry in the backend's own format. Only the router, which is cheap,
+    may fall back to its ONNX run by ONNX Runtime (a TensorRT engine dir whose router has no plan still runs), on
+    the GPU when ORT has CUDA, else on the CPU; a pose model missing in the asked format is an error."""
+    fmt = BACKEND_FORMAT[backend]
+    entry = manifest.get(role, fmt)
+    if entry is not None:
+        return entry, backend, device
+    onnx_entry = manifest.get(role, "onnx")
+    if role != "router" or onnx_entry is None:
+        have = sorted({e.format for e in manifest.entries if e.role == role})
+        raise DynPoseError(
+            f"engine dir {engine_dir}: no {fmt} '{role}' entry for --backend {backend} (it has: {', '.join(have) or 'none'})"
+            f"; export the {role} model for that backend with dynpose-export, or pick the backend that runs what is "
+            "there (onnx: --backend ort, tensorrt: --backend tensorrt, torch: --backend torch)"
+        )
+    dev = _ort_device(device)
+    warnings.warn(f"router: no {fmt} entry in {engine_dir}; running its ONNX with ONNX Runtime on {dev}", stacklevel=3)
+    return onnx_entry, "ort", dev
+
+
+@dataclass
+class _Prepared:
+    image: np.ndarray
+    boxes: np.ndarray  # (M,5)
+    nms: bool
+    dropped: int
+
+
+class Pipeline:
+    """Detector (optional) + Dispatcher + rescoring and OKS-NMS. Thread-safe; close it (or use `with`)."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        detector: Any = None,
+        max_batch: int = 64,
+        owned: Sequence[Runner] = (),
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.detector = detector
+        self.max_batch = max_batch
+        self.keypoint_set = dispatcher.cards["large"].keypoint_set
+        self.info = info or {}
+        self.stats = RunStats()
+        self._owned = list(owned)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- construction ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_engine_dir(
+        cls,
+        engine_dir: str | os.PathLike,
+        backend: str = "ort",
+        device: str = "cpu",
+        route: str | None = None,
+        flip: bool = False,
+        max_batch: int = 64,
+        detector: str | os.PathLike | None = None,
+        det_score: float = 0.5,
+        det_iou: float = 0.5,
+        threads: int | None = None,
+    ) -> Pipeline:
+        """Load the router, small and large models of an engine dir (verified against its manifest).
+
+        route: a policy string (`band:LO,HI`, `threshold:T`, `fraction:F`, `all-small`, `all-large`, `box:AREA`);
+        None takes the manifest's. detector: an ONNX detector file; None uses the manifest's detector entry if it
+        has one (otherwise boxes must be passed to each call). threads: CPU cores to share between the two pose
+        models (default: all).
+        """
+        from dynpose.engines.manifest import Manifest
+
+        if backend not in BACKENDS:
+            raise DynPoseError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        engine_dir = Path(engine_dir)
+        manifest = Manifest.load(engine_dir, verify=True)
+        policy = parse_policy(route if route is not None else manifest.route)
+        roles = ["small", "large"] + (["router"] if policy.needs_router else [])
+        if policy.needs_router and manifest.get("router") is None:
+            raise DynPoseError(
+                f"engine dir {engine_dir}: routing policy {policy} needs a router but the manifest has none; export "
+                "one (`dynpose-export --role router`) or pick --route all-large / all-small / box:AREA"
+            )
+        cores = threads or os.cpu_count() or 1
+        runners: dict[str, Runner] = {}
+        cards: dict[str, Any] = {}
+        loaded: dict[str, str] = {}
+        try:
+            for role in roles:
+                entry, be, dev = _pick_entry(manifest, engine_dir, role, backend, device)
+                opts: dict[str, Any] = {}
+                if be == "ort" and dev == "cpu":
+                    # the two pose models run at once: each gets half the cores so they do not oversubscribe; the
+                    # router runs alone before them and gets all of them
+                    opts["intra_op_threads"] = cores if role == "router" else max(1, cores // 2)
+                runners[role] = load_runner(be, engine_dir, entry, dev, **opts)
+                cards[role] = entry.card
+                loaded[role] = f"{entry.model} ({entry.format}, {entry.precision}, {be} on {dev})"
+            dispatcher = Dispatcher(
+                small=runners["small"], large=runners["large"], small_card=cards["small"], large_card=cards["large"],
+                router=runners.get("router"), router_card=cards.get("router"), policy=policy, flip=flip,
+            )
+            det = None
+            det_path = Path(detector) if detector is not None else None
+            if det_path is None and manifest.get("detector") is not None:
+                det_path = engine_dir / manifest.require("detector").file
+            if det_path is not None:
+                from dynpose.runtime.detector import OnnxDetector
+
+                det_dev = _ort_device(device)
+                det = OnnxDetector(det_path, score_thr=det_score, iou_thr=det_iou, device=det_dev)
+                loaded["detector"] = f"{det_path} (ort on {det_dev})"
+        except BaseException:
+            for r in runners.values():
+                r.close()
+            raise
+        info = {"engine_dir": str(engine_dir), "backend": backend, "device": device, "route": str(policy),
+                "flip": flip, "models": loaded}
+        return cls(dispatcher, detector=det, max_batch=max_batch, owned=list(runners.values()), info=info)
+
+    # -- calls -----------------------------------------------------------------------------------------------------
+    def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray | None = None, nms: bool | None = None) -> list[PersonPose]:
+        """Persons in one BGR image. boxes: (M,4|5) x,y,w,h[,score]; None runs the detector. OKS-NMS runs when the
+        boxes are detections (from the detector, or given with a score column) unless `nms` says otherwise."""
+        return self.run_batch([image_bgr], [boxes], nms=nms)[0]
+
+    def run_batch(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray | None] | None = None, nms: bool | None = None
+    ) -> list[list[PersonPose]]:
+        """Several frames dispatched together (one router batch and one sub-batch per model)."""
+        if boxes is None:
+            boxes = [None] * len(images)
+        if len(boxes) != len(images):
+            raise DynPoseError(f"run_batch: {len(images)} images but {len(boxes)} box arrays")
+        prepared = [self._prepare(im, b, nms) for im, b in zip(images, boxes, strict=True)]
+        return self._dispatch(prepared)
+
+    def run_many(
+        self,
+        frames: Iterable[tuple[Any, np.ndarray, np.ndarray | None]],
+        max_batch: int | None = None,
+        max_latency_ms: float | None = None,
+        nms: bool | None = None,
+    ) -> Iterator[tuple[Any, list[PersonPose]]]:
+        """Micro-batching for video and folders: `frames` yields (tag, image, boxes-or-None); frames are collected
+        until they hold `max_batch` crops or the oldest has waited `max_latency_ms`, then dispatched together.
+        Yields (tag, persons) in input order. The wait is checked as each frame arrives (a pull-based source);
+        0 dispatches every frame on its own, None means no time cap."""
+        limit = self.max_batch if max_batch is None else max_batch
+        if limit < 1:
+            raise DynPoseError(f"max_batch must be >= 1, got {limit}")
+        pending: list[tuple[Any, _Prepared]] = []
+        crops = 0
+        t_first = 0.0
+        for tag, image, boxes in frames:
+            p = self._prepare(image, boxes, nms)
+            if not pending:
+                t_first = time.perf_counter()
+            pending.append((tag, p))
+            crops += len(p.boxes)
+            waited_ms = (time.perf_counter() - t_first) * 1e3
+            if crops >= limit or (max_latency_ms is not None and waited_ms >= max_latency_ms):
+                yield from zip([t for t, _ in pending], self._dispatch([q for _, q in pending]), strict=True)
+                pending, crops = [], 0
+        if pending:
+            yield from zip([t for t, _ in pending], self._dispatch([q for _, q in pending]), strict=True)
+
+    # -- internals -------------------------------------------------------------------------------------------------
+    def _prepare(self, image: np.ndarray, boxes: np.ndarray | None, nms: bool | None) -> _Prepared:
+        if self._closed:
+            raise DynPoseError("pipeline is closed")
+        image = _check_image(image)
+        from_detector = boxes is None
+        if from_detector:
+            if self.detector is None:
+                raise DynPoseError(
+                    "no boxes given and no detector loaded; pass boxes, a detections file (--detections) or a "
+                    "detector (--detector FILE.onnx)"
+                )
+            boxes = self.detector(image)
+        raw = np.asarray(boxes, dtype=np.float64)
+        has_scores = raw.ndim == 2 and raw.shape[1] == 5
+        kept, dropped = clean_boxes(raw, image.shape)
+        use_nms = (from_detector or has_scores) if nms is None else nms
+        return _Prepared(image, kept, use_nms, dropped)
+
+    def _dispatch(self, prepared: list[_Prepared]) -> list[list[PersonPose]]:
+        from dynpose.runtime.postprocess import oks_nms, rescore
+
+        t0 = time.perf_counter()
+        res: DispatchResult = self.dispatcher.run([p.image for p in prepared], [p.boxes[:, :4] for p in prepared])
+        sigmas = self.keypoint_set.sigmas
+        names = res.model_names
+        out: list[list[PersonPose]] = []
+        persons = 0
+        for p, sl in zip(prepared, res.frame_slices(len(prepared)), strict=True):
+            kps = res.keypoints[sl]
+            scores = rescore(kps, p.boxes[:, 4], thr=RESCORE_THR) if len(kps) else np.zeros(0)
+            # official HRNet: the NMS area is the padded, aspect-corrected box (scale w * h)
+            areas = np.prod(res.scales[sl], axis=1)
+            keep = oks_nms(kps, scores, areas, thr=OKS_NMS_THR, sigmas=sigmas) if p.nms else range(len(kps))
+            frame = [
+                PersonPose(
+                    box=p.boxes[i, :4].copy(), score=float(scores[i]), keypoints=kps[i].copy(),
+                    model=names[sl.start + i], router_score=float(res.router_scores[sl.start + i]),
+                )
+                for i in keep
+            ]
+            persons += len(frame)
+            out.append(frame)
+        with self._lock:
+            st = self.stats
+            st.frames += len(prepared)
+            st.persons += persons
+            for m, c in res.counts.items():
+                st.crops[m] += c
+            st.dropped_boxes += sum(p.dropped for p in prepared)
+            st.nan_router_scores += res.nan_scores
+            st.dispatches += 1
+            st.seconds += time.perf_counter() - t0
+        return out
+
+    # -- lifetime --------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.dispatcher.close()
+        for r in self._owned:
+            r.close()
+        close_det = getattr(self.detector, "close", None)
+        if callable(close_det):
+            close_det()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,142 @@
+"""Dispatcher with real ONNX Runtime sessions: TinyPose 128x96 (small), 256x192 (large), the DynPose router."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dynpose.data import gt_boxes, load_coco
+from dynpose.engines.manifest import Manifest
+from dynpose.errors import DynPoseError
+from dynpose.runtime.backends.ort import OrtRunner
+from dynpose.runtime.decode import average_flip, decode_heatmaps
+from dynpose.runtime.dispatcher import Dispatcher, crop_boxes, same_crop
+from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, to_model_colors
+
+
+@pytest.fixture(scope="module")
+def models(tinypose_engine_dir: Path):
+    m = Manifest.load(tinypose_engine_dir)
+    out = {}
+    for role in ("router", "small", "large"):
+        e = m.require(role)
+        out[role] = (OrtRunner(tinypose_engine_dir / e.file, intra_op_threads=1, name=role), e.card)
+    yield out
+    for r, _ in out.values():
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def coco_frames(coco_dir: Path):
+    """The four COCO images and their GT person boxes."""
+    ds = load_coco(coco_dir / "test_coco.json")
+    by_image: dict[int, list[np.ndarray]] = {}
+    for iid, box, _ in gt_boxes(ds):
+        by_image.setdefault(iid, []).append(box)
+    ids = sorted(by_image)
+    images = [cv2.imread(str(ds.image_path(coco_dir, i))) for i in ids]
+    return images, [np.asarray(by_image[i]) for i in ids]
+
+
+def make_dispatcher(models, policy: str, flip: bool = False) -> Dispatcher:
+    return Dispatcher(
+        small=models["small"][0], large=models["large"][0], small_card=models["small"][1],
+        large_card=models["large"][1], router=models["router"][0], router_card=models["router"][1],
+        policy=policy, flip=flip,
+    )
+
+
+def alone(runner: OrtRunner, card, image: np.ndarray, boxes: np.ndarray, flip: bool = False) -> np.ndarray:
+    """The reference: one model alone, cropped with the existing preprocess functions."""
+    c, s = box_to_center_scale(boxes, card.aspect_ratio, card.padding)
+    batch = crop_batch(np.ascontiguousarray(to_model_colors(image, card)), c, s, card)
+    hm = runner.infer(batch)
+    if flip:
+        hm = average_flip(hm, runner.infer(batch[..., ::-1]), card.keypoint_set.flip_index())
+    return decode_heatmaps(hm, c, s, card)
+
+
+def test_crop_boxes_matches_crop_batch(models, coco_frames) -> None:
+    images, boxes = coco_frames
+    card = models["small"][1]
+    c, s = box_to_center_scale(boxes[0], card.aspect_ratio, card.padding)
+    ref = crop_batch(np.ascontiguousarray(to_model_colors(images[0], card)), c, s, card)
+    got = crop_boxes(images, np.zeros(len(c), dtype=np.int64), c, s, card)
+    np.testing.assert_array_equal(got, ref)
+    # the router card crops like the large TinyPose card, so the dispatcher reuses its crops
+    assert same_crop(models["router"][1], models["large"][1])
+    assert not same_crop(models["router"][1], models["small"][1])
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_results_in_input_order_equal_each_model_alone(models, coco_frames, flip: bool) -> None:
+    images, boxes = coco_frames
+    with make_dispatcher(models, "fraction:0.5", flip=flip) as d:
+        res = d.run(images, boxes)
+    n = sum(len(b) for b in boxes)
+    assert res.keypoints.shape == (n, 17, 3)
+    assert res.counts == {"small": n - round(n / 2), "large": round(n / 2)}
+    assert np.isfinite(res.router_scores).all()
+    # the routed half are the crops with the highest router score[1]
+    assert res.router_scores[res.large].min() >= res.router_scores[~res.large].max()
+    for i, sl in enumerate(res.frame_slices(len(images))):
+        ref_small = alone(*models["small"], images[i], boxes[i], flip)
+        ref_large = alone(*models["large"], images[i], boxes[i], flip)
+        want = np.where(res.large[sl][:, None, None], ref_large, ref_small)
+        np.testing.assert_allclose(res.keypoints[sl], want, atol=1e-3)
+        assert (res.frame_index[sl] == i).all()
+
+
+def test_flip_changes_but_keeps_keypoints_close(models, coco_frames) -> None:
+    images, boxes = coco_frames
+    with make_dispatcher(models, "all-large") as d, make_dispatcher(models, "all-large", flip=True) as df:
+        a, b = d.run(images, boxes), df.run(images, boxes)
+    assert not np.allclose(a.keypoints, b.keypoints)
+    # mirrored pass averages in: same people, same joints (within a few pixels), left/right not swapped
+    assert np.median(np.abs(a.keypoints[..., :2] - b.keypoints[..., :2])) < 3.0
+
+
+def test_router_free_policy_skips_router(models, coco_frames) -> None:
+    images, boxes = coco_frames
+    with make_dispatcher(models, "all-small") as d:
+        res = d(images[0], boxes[0])
+    assert [s.model for s in res.spans] == ["small"]
+    assert np.isnan(res.router_scores).all() and res.counts["large"] == 0
+    with make_dispatcher(models, "box:20000") as d:
+        res = d(images[0], boxes[0])
+    areas = boxes[0][:, 2] * boxes[0][:, 3]
+    assert (res.large == (areas >= 20000)).all()
+
+
+def test_empty_and_bad_input(models, coco_frames) -> None:
+    images, _ = coco_frames
+    with make_dispatcher(models, "band:0.59,0.69") as d:
+        res = d.run([images[0]], [np.zeros((0, 4))])
+        assert res.keypoints.shape == (0, 17, 3) and res.spans == []
+        with pytest.raises(DynPoseError, match="boxes must be"):
+            d(images[0], np.zeros((3, 2)))
+    with pytest.raises(DynPoseError, match="needs the router"):
+        Dispatcher(models["small"][0], models["large"][0], models["small"][1], models["large"][1], policy="threshold:0.5")
+
+
+def test_small_and_large_workers_overlap(models, coco_frames) -> None:
+    """Each sub-batch is big enough (~100 ms+ on one core) that overlapping worker spans show concurrency; no
+    speed is asserted, only that the two workers were busy at the same time."""
+    images, boxes = coco_frames
+    img, box = images[3], boxes[3]
+    many = np.concatenate([box] * (48 // len(box) + 1))[:48]
+    with make_dispatcher(models, "fraction:0.4") as d:
+        res = d(img, many)
+    spans = {s.model: s for s in res.spans}
+    assert spans["small"].count + spans["large"].count == 48 and spans["router"].count == 48
+    small, large = spans["small"], spans["large"]
+    for s in (small, large):
+        print(f"{s.model}: {s.count} crops, {1e3 * (s.end - s.start):.0f} ms")
+    overlap = min(small.end, large.end) - max(small.start, large.start)
+    print(f"overlap {1e3 * overlap:.0f} ms")
+    assert overlap > 0
+    # the router ran before both pose models
+    assert spans["router"].end <= min(small.start, large.start)
