@@ -1,0 +1,291 @@
+"""Per-crop outputs of the engine dir's small and large pose models on ground-truth boxes, cached.
+
+For every annotated (non-crowd, >= 1 labelled keypoint) person: crop the box for each model at that model's own
+input size (`preprocess.crop_batch` with its card), run the model (any backend), decode the keypoints to image
+pixels (`decode.decode_heatmaps`), and record each model's OKS against the ground truth and its per-joint
+normalised distances (`targets.joint_distances`, normalised by the large model's crop size). Running the pose
+models is the expensive part of router training, so the arrays are cached in an npz keyed by a hash of what
+determines them: the small and large entries' sha256 (the exact files), the backend, the annotation file's sha256
+and every used image's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from dynpose.data import CocoDataset, gt_boxes, image_id_map, load_coco
+from dynpose.engines.manifest import Entry, Manifest
+from dynpose.errors import DynPoseError
+from dynpose.fileio import atomic_path, sha256_file
+from dynpose.models.card import ModelCard
+from dynpose.router.targets import crop_error, joint_distances
+from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, get_affine_transform, to_model_colors
+
+CACHE_VERSION = 1
+CACHE_DIRNAME = "cache"  # inside the engine dir unless --cache-dir says otherwise
+
+
+@dataclass
+class Crops:
+    """The ground-truth persons used, in a fixed order (grouped by image)."""
+
+    image_ids: np.ndarray  # (N,) int64
+    ann_ids: np.ndarray  # (N,) int64
+    boxes: np.ndarray  # (N,4) x,y,w,h
+    areas: np.ndarray  # (N,)
+    gt: np.ndarray  # (N,K,3)
+    paths: dict[int, Path]  # image id -> file
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def by_image(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(image id, BGR image, indices of its crops), each image read once."""
+        # one stable sort groups the crops by image (a per-image scan would be quadratic on COCO-sized sets)
+        order = np.argsort(self.image_ids, kind="stable")
+        ids = self.image_ids[order]
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        for a, b in zip(starts, np.r_[starts[1:], len(ids)], strict=True):
+            iid = int(ids[a])
+            yield iid, _read_image(self.paths[iid]), order[a:b]
+
+
+def gt_crops(ann: CocoDataset, images_dir: str | os.PathLike, min_keypoints: int = 1) -> Crops:
+    """The annotated persons whose image is present under `images_dir` (missing images: warned and skipped)."""
+    paths = image_id_map(images_dir, ann)
+    items = gt_boxes(ann, min_keypoints=min_keypoints)
+    missing = sorted({iid for iid, _, _ in items if iid not in paths})
+    if missing:
+        warnings.warn(
+            f"{len(missing)} annotated image(s) not found under {images_dir} (e.g. id {missing[0]}); their persons are "
+            "skipped",
+            stacklevel=2,
+        )
+    items = [it for it in items if it[0] in paths]
+    if not items:
+        raise DynPoseError(
+            f"annotation file {ann.path}: no usable person (non-crowd, >= {min_keypoints} labelled keypoint, image "
+            f"under {images_dir}); check --ann and --images"
+        )
+    return Crops(
+        image_ids=np.array([iid for iid, _, _ in items], dtype=np.int64),
+        ann_ids=np.array([p.id for _, _, p in items], dtype=np.int64),
+        boxes=np.stack([b for _, b, _ in items]).astype(np.float64),
+        areas=np.array([p.area for _, _, p in items], dtype=np.float64),
+        gt=np.stack([p.keypoints for _, _, p in items]).astype(np.float64),
+        paths={iid: paths[iid] for iid, _, _ in items},
+    )
+
+
+@dataclass
+class CropOutputs:
+    """Both pose models' results per crop (arrays aligned with `Crops`)."""
+
+    image_ids: np.ndarray
+    ann_ids: np.ndarray
+    boxes: np.ndarray
+    areas: np.ndarray
+    gt: np.ndarray
+    crop_wh: np.ndarray  # (N,2) the large model's crop size in pixels (distance normalisation)
+    kpts_small: np.ndarray  # (N,K,3) x,y,score in image pixels
+    kpts_large: np.ndarray
+    oks_small: np.ndarray  # (N,)
+    oks_large: np.ndarray
+    dist_small: np.ndarray  # (N,K) normalised joint distances, NaN where unlabelled
+    dist_large: np.ndarray
+    err_small: np.ndarray  # (N,) `targets.crop_error`
+    err_large: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def save(self, path: str | os.PathLike, key: str) -> None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, key=np.array(key), **{fl.name: getattr(self, fl.name) for fl in fields(self)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, key: str | None = None) -> CropOutputs | None:
+        """The cached outputs, or None when the file is missing, unreadable or made for another key."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if key is not None and str(z["key"]) != key:
+                    return None
+                return cls(**{fl.name: z[fl.name] for fl in fields(cls)})
+        except (OSError, KeyError, ValueError):
+            return None
+
+
+def pose_entries(manifest: Manifest, engine_dir: str | os.PathLike, backend: str) -> tuple[Entry, Entry]:
+    """The small and large entries the backend runs (ONNX for ort, plans for tensorrt, .pt for torch)."""
+    from dynpose.runtime.backends import BACKEND_FORMAT
+
+    if backend not in BACKEND_FORMAT:
+        raise DynPoseError(f"unknown backend {backend!r}; use one of {', '.join(BACKEND_FORMAT)}")
+    fmt = BACKEND_FORMAT[backend]
+    return manifest.require("small", fmt, engine_dir), manifest.require("large", fmt, engine_dir)
+
+
+def cache_key(small: Entry, large: Entry, backend: str, ann_path: str | os.PathLike, crops: Crops,
+              min_keypoints: int) -> str:
+    """sha256 over everything that determines the outputs."""
+    spec: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "small": small.sha256,
+        "large": large.sha256,
+        "decoders": [small.card.decoder, large.card.decoder],
+        "backend": backend,
+        "ann": sha256_file(ann_path),
+        "min_keypoints": min_keypoints,
+        "images": {str(i): sha256_file(p) for i, p in sorted(crops.paths.items())},
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _run_pose(runner: Any, card: ModelCard, image_bgr: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keypoints (M,K,3) in image pixels and the crop sizes (M,2) of one model on one image's boxes."""
+    from dynpose.runtime.decode import decode_heatmaps
+
+    centers, scales = box_to_center_scale(boxes, card.aspect_ratio, card.padding)
+    batch = crop_batch(np.ascontiguousarray(to_model_colors(image_bgr, card)), centers, scales, card)
+    heatmaps = runner.infer(batch)
+    return decode_heatmaps(heatmaps, centers, scales, card), scales
+
+
+def collect_outputs(
+    engine_dir: str | os.PathLike,
+    ann_path: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    *,
+    backend: str = "ort",
+    device: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    min_keypoints: int = 1,
+    progress: bool = True,
+) -> tuple[CropOutputs, Crops]:
+    """Run the engine dir's small and large models on every ground-truth crop (or load the cached result)."""
+    from dynpose.runtime.backends import load_runner
+    from dynpose.runtime.postprocess import oks
+
+    manifest = Manifest.load(engine_dir)
+    small, large = pose_entries(manifest, engine_dir, backend)
+    if small.card.keypoints != large.card.keypoints:
+        raise DynPoseError(
+            f"engine dir {engine_dir}: small model has {small.card.keypoints} keypoints, large {large.card.keypoints}; "
+            "the router compares models with the same keypoint set"
+        )
+    ann = load_coco(ann_path)
+    crops = gt_crops(ann, images_dir, min_keypoints)
+    kset = large.card.keypoint_set
+    if crops.gt.shape[1] != kset.num:
+        raise DynPoseError(
+            f"annotation file {ann_path}: {crops.gt.shape[1]} keypoints per person, the engine dir's models give "
+            f"{kset.num} ({kset.name})"
+        )
+    key = cache_key(small, large, backend, ann_path, crops, min_keypoints)
+    cache_file = Path(cache_dir or Path(engine_dir) / CACHE_DIRNAME) / f"router-outputs-{key[:16]}.npz"
+    if use_cache:
+        cached = CropOutputs.load(cache_file, key)
+        if cached is not None and len(cached) == len(crops):
+            return cached, crops
+
+    n, k = len(crops), kset.num
+    kp_s, kp_l = np.zeros((n, k, 3)), np.zeros((n, k, 3))
+    crop_wh = np.zeros((n, 2))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(crops.paths), desc="run small + large", unit="img", leave=False)
+    try:
+        with load_runner(backend, engine_dir, small, device) as rs, load_runner(backend, engine_dir, large, device) as rl:
+            for _, img, idx in crops.by_image():
+                kp_s[idx], _ = _run_pose(rs, small.card, img, crops.boxes[idx])
+                kp_l[idx], crop_wh[idx] = _run_pose(rl, large.card, img, crops.boxes[idx])
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    sig = kset.sigmas
+    oks_s = np.array([oks(kp_s[i, :, :2], crops.gt[i], crops.areas[i], sig) for i in range(n)])
+    oks_l = np.array([oks(kp_l[i, :, :2], crops.gt[i], crops.areas[i], sig) for i in range(n)])
+    d_s = joint_distances(kp_s, crops.gt, crop_wh)
+    d_l = joint_distances(kp_l, crops.gt, crop_wh)
+    out = CropOutputs(
+        image_ids=crops.image_ids, ann_ids=crops.ann_ids, boxes=crops.boxes, areas=crops.areas, gt=crops.gt,
+        crop_wh=crop_wh, kpts_small=kp_s, kpts_large=kp_l, oks_small=oks_s, oks_large=oks_l,
+        dist_small=d_s, dist_large=d_l, err_small=crop_error(d_s, sig), err_large=crop_error(d_l, sig),
+    )
+    if use_cache:
+        out.save(cache_file, key)
+    return out, crops
+
+
+ROUTER_CROPS_IN_MEMORY = 2 << 30  # bytes of uint8 crops held in memory; beyond it crops are cut per batch
+
+
+class LazyRouterCrops:
+    """Router crops cut from the images on demand (`crops[idx]` -> (len(idx),H,W,3) uint8), for training sets whose
+    crops do not fit in memory; each call reads every image its indices touch once."""
+
+    def __init__(self, crops: Crops, card: ModelCard) -> None:
+        self.crops, self.card = crops, card
+        self.centers, self.scales = box_to_center_scale(crops.boxes, card.aspect_ratio, card.padding)
+        self.shape = (len(crops), card.input_height, card.input_width, 3)
+        self.ndim = 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx))
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
+        ids = self.crops.image_ids[idx]
+        for iid in dict.fromkeys(ids.tolist()):
+            img = _read_image(self.crops.paths[iid])
+            img = np.ascontiguousarray(to_model_colors(img, self.card))
+            for j in np.flatnonzero(ids == iid):
+                out[j] = _warp(img, self.centers[idx[j]], self.scales[idx[j]], self.card)
+        return out
+
+
+def _read_image(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DynPoseError(f"image {path}: cannot be read (corrupt or not an image); remove it from the annotations")
+    return img
+
+
+def _warp(img: np.ndarray, center: np.ndarray, scale: np.ndarray, card: ModelCard) -> np.ndarray:
+    w, h = card.input_size
+    return cv2.warpAffine(img, get_affine_transform(center, scale, (w, h)), (w, h), flags=cv2.INTER_LINEAR)
+
+
+def router_crops(
+    crops: Crops, card: ModelCard, max_bytes: int = ROUTER_CROPS_IN_MEMORY
+) -> np.ndarray | LazyRouterCrops:
+    """(N,H,W,3) uint8 crops at the router's input size, in its colour order (normalised later, per batch): an
+    array when they fit in `max_bytes`, else a `LazyRouterCrops` that cuts them per batch."""
+    w, h = card.input_size
+    if len(crops) * h * w * 3 > max_bytes:
+        return LazyRouterCrops(crops, card)
+    out = np.empty((len(crops), h, w, 3), dtype=np.uint8)
+    centers, scales = box_to_center_scale(crops.boxes, card.aspect_ratio, card.padding)
+    for _, img, idx in crops.by_image():
+        img = np.ascontiguousarray(to_model_colors(img, card))
+        for i in idx:
+            out[i] = _warp(img, centers[i], scales[i], card)
+    return out
