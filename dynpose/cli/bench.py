@@ -1,14 +1,87 @@
-"""`dynpose-bench` (filled in by its issue)."""
+"""`dynpose-bench`: thin command line over `benchmarks/bench.py` (the benchmark code lives beside its README)."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import click
 
 from dynpose.cli.common import user_errors
+from dynpose.errors import DynPoseError
+
+BENCH_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def load_bench() -> ModuleType:
+    """benchmarks/bench.py of this source checkout, imported by path (it is not part of the installed package)."""
+    name = "dynpose_benchmarks_bench"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not BENCH_FILE.is_file():
+        raise DynPoseError(
+            f"{BENCH_FILE} not found: dynpose-bench runs from a source checkout (pip install -e .), not a wheel"
+        )
+    spec = importlib.util.spec_from_file_location(name, BENCH_FILE)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+EPILOG = """\b
+Examples:
+  dynpose-bench --engine-dir engines/ --json bench.json --plot bench.png
+  dynpose-bench --engine-dir engines/ --batch 1,8 --fractions 0,0.5,1 --repeats 3
+  dynpose-bench --engine-dir engines/ --images coco/val2017 --detections dets.json
+  dynpose-bench --engine-dir engines/ --backend tensorrt --device cuda --batch 1,8,32,64
+
+\b
+Defaults: CPU: --batch 1,8 --repeats 5 --warmup 1 (under 10 minutes for HRNet-W32 + ResNet-50 on 2 cores);
+CUDA: --batch 1,8,32,64 --repeats 20 --warmup 5. Fractions 0,0.1,0.3,0.5,0.7,0.9,1 (policy fraction:F).
+"""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.option("--engine-dir", required=True, type=click.Path(path_type=Path), help="Engine dir with manifest.json.")
+@click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", "batch", default=None, help="Comma-separated batch sizes (crops per call).")
+@click.option("--fractions", default="0,0.1,0.3,0.5,0.7,0.9,1", show_default=True,
+              help="Shares of crops sent to the large model (DynPose with policy fraction:F).")
+@click.option("--images", type=click.Path(path_type=Path), help="Images folder for the end-to-end pipeline part.")
+@click.option("--detections", type=click.Path(path_type=Path), help="COCO-format person detections for --images.")
+@click.option("--route", default=None, help="Routing policy of the pipeline part (default: the manifest's).")
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads per model (default: cores/2 each).")
+@click.option("--repeats", type=int, default=None, help="Timed rounds per configuration (round-robin).")
+@click.option("--warmup", type=int, default=None, help="Untimed calls per configuration before timing.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write all figures to this JSON (atomic).")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write crops/s vs fraction as PNG.")
 @user_errors
-def main() -> None:
-    """Not implemented yet."""
-    raise click.ClickException("not implemented yet")
+def main(engine_dir: Path, backend: str, device: str, batch: str | None, fractions: str, images: Path | None,
+         detections: Path | None, route: str | None, threads: int | None, repeats: int | None, warmup: int | None,
+         json_out: Path | None, plot_out: Path | None) -> None:
+    """Throughput of large-only, small-only and DynPose at routing fractions (crops/s, p50/p95 latency), and
+    end-to-end pipeline frames/s with a per-stage breakdown on real images."""
+    bench = load_bench()
+    batches = bench.parse_batches(batch) if batch is not None else None
+    fracs = bench.parse_fractions(fractions)
+    if threads is not None and threads < 1:
+        raise DynPoseError(f"--threads {threads}: must be >= 1")
+    if route is not None:
+        from dynpose.runtime.policy import parse_policy
+
+        parse_policy(route)
+    result = bench.run_benchmark(
+        engine_dir, backend=backend, device=device, batches=batches, fractions=fracs, repeats=repeats,
+        warmup=warmup, images=images, detections=detections, route=route, threads=threads, json_out=json_out,
+        plot_out=plot_out, log=lambda m: click.echo(m, err=True),
+    )
+    for line in bench.summary_lines(result):
+        click.echo(line)
+    for p, what in ((json_out, "figures"), (plot_out, "plot")):
+        if p is not None:
+            click.echo(f"wrote {what} to {p}")

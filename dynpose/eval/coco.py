@@ -1,0 +1,227 @@
+"""COCO-style keypoint AP/AR with pycocotools: COCO, OCHuman, HumanArt (17 keypoints) and CrowdPose (14).
+
+The numbers come from pycocotools' own `COCOeval` (iouType 'keypoints'); this module only prepares its inputs,
+handles the cases where pycocotools crashes (empty results, foreign image ids) and names the figures.
+
+CrowdPose: crowdposetools (the official CrowdPose API) is a fork of pycocotools that differs in four places; we
+run plain pycocotools with those four differences set as data, so no fork is needed:
+  1. OKS sigmas: the 14 CrowdPose sigmas (`dynpose.keypoints.CROWDPOSE14`).
+  2. The OKS scale: the GT has no 'area'; crowdposetools uses bbox w*h*0.53 (for OKS and for the area filter),
+     so we write that into each GT annotation's 'area' before evaluating.
+  3. One area range, 'all' ([0, 1e5^2]), and maxDets 20 (crowdposetools reports no medium/large figures).
+  4. AP(easy/medium/hard): images are split by their `crowdIndex` into < 0.2, 0.2 to < 0.8 and >= 0.8 (the split
+     crowdposetools' `summarize` uses: `get_type_result(first=0.2, second=0.8)`; the CrowdPose paper describes
+     0.1/0.8, the code uses 0.2), each subset is evaluated on its own, and the figure is
+     round(mean(precision[:, :, :, area 'all', :]), 4) over all entries, as crowdposetools computes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynpose.errors import DynPoseError
+from dynpose.keypoints import COCO17, CROWDPOSE14
+
+COCO_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+CROWDPOSE_NAMES = ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP(easy)", "AP(medium)", "AP(hard)")
+# crowdposetools' summarize() splits images by crowdIndex at these two values
+CROWD_SPLIT = (0.2, 0.8)
+CROWDPOSE_AREA_FACTOR = 0.53
+KINDS = ("auto", "coco", "crowdpose")
+
+
+def _load_json(path: str | os.PathLike, what: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise DynPoseError(f"{what} {p}: file not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DynPoseError(f"{what} {p}: not valid JSON ({e.msg} at line {e.lineno}); pass a COCO-format file") from None
+
+
+def _num_keypoints(gt: dict, where: str) -> int:
+    for c in gt.get("categories", []):
+        if c.get("keypoints"):
+            return len(c["keypoints"])
+    for a in gt["annotations"]:
+        if a.get("keypoints"):
+            return len(a["keypoints"]) // 3
+    raise DynPoseError(f"{where}: no keypoint category and no annotated keypoints; is this a keypoint annotation file?")
+
+
+def resolve_kind(gt: dict, kind: str, where: str = "ground truth") -> str:
+    """'coco' or 'crowdpose' from the GT's keypoint count (17 or 14); an explicit kind must match that count."""
+    if kind not in KINDS:
+        raise DynPoseError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    k = _num_keypoints(gt, where)
+    by_count = {COCO17.num: "coco", CROWDPOSE14.num: "crowdpose"}
+    if kind == "auto":
+        if k not in by_count:
+            raise DynPoseError(f"{where}: {k} keypoints per person; COCO-style eval knows 17 (COCO) and 14 (CrowdPose)")
+        return by_count[k]
+    want = COCO17.num if kind == "coco" else CROWDPOSE14.num
+    if k != want:
+        raise DynPoseError(f"{where}: kind {kind!r} needs {want} keypoints per person, the file has {k}; use --kind auto")
+    return kind
+
+
+def _check_results(results: list, gt: dict, num_kpts: int, where: str) -> list[dict]:
+    """Validate and copy results (pycocotools mutates them); give a DynPoseError where pycocotools would assert."""
+    if not isinstance(results, list):
+        raise DynPoseError(f"{where}: expected a JSON list of {{image_id, category_id, keypoints, score}} records")
+    gt_ids = {int(im["id"]) for im in gt["images"]}
+    out = []
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or "image_id" not in r or "keypoints" not in r or "score" not in r:
+            raise DynPoseError(f"{where}: record {i} needs image_id, keypoints and score")
+        kp = r["keypoints"]
+        if not isinstance(kp, list) or len(kp) != num_kpts * 3:
+            n = len(kp) if isinstance(kp, list) else type(kp).__name__
+            raise DynPoseError(f"{where}: record {i} has {n} keypoint values, the ground truth needs {num_kpts * 3}")
+        r = copy.deepcopy(r)
+        r.setdefault("category_id", 1)
+        out.append(r)
+    foreign = sorted({r["image_id"] for r in out} - gt_ids, key=str)
+    if foreign:
+        few = ", ".join(str(x) for x in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise DynPoseError(
+            f"{where}: {len(foreign)} image id(s) not in the ground truth ({few}); evaluate against the annotation "
+            "file the results were made from"
+        )
+    return out
+
+
+def _coco_api(dataset: dict) -> Any:
+    from pycocotools.coco import COCO
+
+    api = COCO()
+    api.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        api.createIndex()
+    return api
+
+
+def _load_results(coco_gt: Any, results: list[dict]) -> Any:
+    if results:
+        return coco_gt.loadRes(results)
+    # pycocotools' loadRes indexes results[0]; an empty result set is a COCO object with no annotations instead,
+    # which COCOeval scores as it would any image without detections (AP 0 where there is GT, -1 where none).
+    return _coco_api({"images": list(coco_gt.dataset["images"]), "annotations": [],
+                      "categories": copy.deepcopy(coco_gt.dataset.get("categories", []))})
+
+
+def _crowdpose_gt(gt: dict) -> dict:
+    gt = copy.deepcopy(gt)
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["area"] = w * h * CROWDPOSE_AREA_FACTOR
+        a.setdefault("iscrowd", 0)
+        if "num_keypoints" not in a:
+            a["num_keypoints"] = int(np.count_nonzero(np.asarray(a["keypoints"][2::3]) > 0))
+    return gt
+
+
+def _cocoeval(coco_gt: Any, coco_dt: Any, kind: str, img_ids: list | None = None) -> Any:
+    from pycocotools.cocoeval import COCOeval
+
+    ev = COCOeval(coco_gt, coco_dt, "keypoints")
+    if kind == "crowdpose":
+        ev.params.kpt_oks_sigmas = np.array(CROWDPOSE14.sigmas)
+        ev.params.areaRng = [[0**2, 1e5**2]]
+        ev.params.areaRngLbl = ["all"]
+        ev.params.maxDets = [20]
+    if img_ids is not None:
+        ev.params.imgIds = img_ids
+    return ev
+
+
+def _crowd_type_results(coco_gt: Any, coco_dt: Any, gt: dict) -> list[float]:
+    missing = [im["id"] for im in gt["images"] if "crowdIndex" not in im]
+    if missing:
+        warnings.warn(f"{len(missing)} image(s) lack 'crowdIndex' (e.g. {missing[0]}); AP(easy/medium/hard) set to -1",
+                      stacklevel=3)
+        return [-1.0, -1.0, -1.0]
+    lo, hi = CROWD_SPLIT
+    subsets: list[list] = [[], [], []]
+    for im in gt["images"]:
+        ci = im["crowdIndex"]
+        subsets[0 if ci < lo else 1 if ci < hi else 2].append(im["id"])
+    out = []
+    for ids in subsets:
+        ev = _cocoeval(coco_gt, coco_dt, "crowdpose", img_ids=ids)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.evaluate()
+            ev.accumulate()
+        out.append(round(float(np.mean(ev.eval["precision"][:, :, :, 0, :])), 4))
+    return out
+
+
+def evaluate_results(
+    results: list | str | os.PathLike,
+    gt: str | os.PathLike,
+    *,
+    kind: str = "auto",
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Keypoint AP/AR of `results` (COCO result records or a JSON file of them) against the annotation file `gt`.
+
+    Returns the named figures (COCO: AP AP50 AP75 APm APl AR AR50 AR75 ARm ARl; CrowdPose: AP AP50 AP75 AR AR50
+    AR75 AP(easy) AP(medium) AP(hard)), plus `kind`, `names`, `stats` (the figures in that order), `summary` (text)
+    and counts. pycocotools' own prints are shown only when `verbose`.
+    """
+    gt_data = _load_json(gt, "ground truth")
+    if not isinstance(gt_data, dict) or "images" not in gt_data or "annotations" not in gt_data:
+        raise DynPoseError(f"ground truth {gt}: not COCO format (needs 'images' and 'annotations')")
+    kind = resolve_kind(gt_data, kind, f"ground truth {gt}")
+    where = f"results {results}" if not isinstance(results, list) else "results"
+    raw = _load_json(results, "results") if not isinstance(results, list) else results
+    num_kpts = COCO17.num if kind == "coco" else CROWDPOSE14.num
+    res = _check_results(raw, gt_data, num_kpts, where)
+    if not res:
+        warnings.warn(f"{where}: no results; every AP/AR is 0 (or -1 where the ground truth has no persons)",
+                      stacklevel=2)
+
+    if any(a.get("id") == 0 for a in gt_data["annotations"]):
+        warnings.warn(f"ground truth {gt}: an annotation has id 0, which pycocotools reads as 'unmatched'; its matches "
+                      "count as false positives (renumber annotation ids from 1 to avoid this)", stacklevel=2)
+    gt_eval = _crowdpose_gt(gt_data) if kind == "crowdpose" else gt_data
+    out_buf = io.StringIO()
+    sink: Any = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(out_buf)
+    with sink:
+        coco_gt = _coco_api(gt_eval)
+        coco_dt = _load_results(coco_gt, res)
+        ev = _cocoeval(coco_gt, coco_dt, kind)
+        ev.evaluate()
+        ev.accumulate()
+        summary_buf = io.StringIO()
+        with contextlib.redirect_stdout(summary_buf):
+            ev.summarize()
+    s = [float(v) for v in ev.stats]
+    if kind == "coco":
+        names, stats = COCO_NAMES, s
+        summary = summary_buf.getvalue()
+    else:
+        names = CROWDPOSE_NAMES
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+            types = _crowd_type_results(coco_gt, coco_dt, gt_eval)
+        stats = s[0:3] + s[5:8] + types
+        lines = [ln for ln in summary_buf.getvalue().splitlines() if "area=   all" in ln]
+        for label, v in zip(("easy", "medium", "hard"), types, strict=True):
+            lines.append(f" Average Precision  (AP) @[ IoU=0.50:0.95 | type={label:>6s} | maxDets= 20 ] = {v:0.3f}")
+        summary = "\n".join(lines) + "\n"
+    if verbose:
+        print(summary, end="")
+    out: dict[str, Any] = {"kind": kind, **dict(zip(names, stats, strict=True))}
+    out.update(names=list(names), stats=stats, summary=summary, num_results=len(res),
+               num_images=len(gt_data["images"]))
+    return out

@@ -1,0 +1,145 @@
+"""MPII PCKh@0.5 and @0.1 in the official evaluation's form (as HRNet's and MMPose's MPII evaluation compute it).
+
+Annotations: MPII JSON as HRNet/MMPose ship it (`test_mpii.json`): a list of {image, joints (16,2), joints_vis (16),
+center, scale}, 0-based pixel coordinates, joints in MPII order (0 r_ankle ... 9 head_top ... 15 l_wrist).
+
+Head size, the PCKh normaliser, per person:
+  - when the record carries `headbox` ([[x1, y1], [x2, y2]] or [x1, y1, x2, y2]), it is 0.6 * the length of the
+    head box diagonal: the official evaluation (`SC_BIAS = 0.6` applied to `headboxes_src` from `gt_valid.mat`),
+    which MMPose's `MpiiPCKAccuracy` reproduces from the `headbox` of `mpii_gt_val.mat`;
+  - otherwise (our JSON has no head box) it is the head segment length ||head_top (9) - upper_neck (8)||: the
+    definition PCKh is named after (a fraction of the head segment), which 0.6 * diagonal approximates. A person
+    whose head top or upper neck is not labelled cannot be normalised this way and is left out (with a warning).
+Figures are per joint pair as the HRNet README table: Head, Shoulder, Elbow, Wrist, Hip, Knee, Ankle (mean of left
+and right), Mean (pelvis and thorax excluded, weighted by labelled-joint counts) and Mean@0.1. Mean@0.1 is at
+threshold 0.1 as MMPose 1.x computes it (`pckAll[10]`); HRNet's and MMPose 0.x's code index `pckAll[11]`, which is
+threshold 0.11, so their Mean@0.1 reads slightly higher than this one on the same predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynpose.errors import DynPoseError
+
+SC_BIAS = 0.6
+NUM_JOINTS = 16
+HEAD_TOP, UPPER_NECK = 9, 8
+PELVIS, THORAX = 6, 7
+# (name, joint ids) in MPII order, as the official table pairs them
+GROUPS = (("Head", (9,)), ("Shoulder", (13, 12)), ("Elbow", (14, 11)), ("Wrist", (15, 10)), ("Hip", (3, 2)),
+          ("Knee", (4, 1)), ("Ankle", (5, 0)))
+NAMES = tuple(g[0] for g in GROUPS) + ("Mean", "Mean@0.1")
+
+
+def _read_json(path: str | os.PathLike, what: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise DynPoseError(f"{what} {p}: file not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DynPoseError(f"{what} {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_mpii(path: str | os.PathLike) -> list[dict]:
+    """The MPII JSON annotation list, checked for `joints` (16,2) and `joints_vis` (16) on every record."""
+    d = _read_json(path, "MPII annotations")
+    if not isinstance(d, list) or not d:
+        raise DynPoseError(f"MPII annotations {path}: expected a non-empty JSON list of {{image, joints, joints_vis}}")
+    for i, r in enumerate(d):
+        if not isinstance(r, dict) or "joints" not in r or "joints_vis" not in r:
+            raise DynPoseError(f"MPII annotations {path}: record {i} lacks joints/joints_vis")
+        if np.asarray(r["joints"]).shape != (NUM_JOINTS, 2) or np.asarray(r["joints_vis"]).shape != (NUM_JOINTS,):
+            raise DynPoseError(f"MPII annotations {path}: record {i} needs joints (16,2) and joints_vis (16)")
+    return d
+
+
+def load_predictions(preds: np.ndarray | list | str | os.PathLike) -> np.ndarray:
+    """(N,16,2) predictions from an array, a nested list, a .npy file, or a JSON file holding a list of (16,2|3)
+    per-person joints or {"preds": ...}; a third column (scores) is dropped."""
+    if isinstance(preds, str | os.PathLike):
+        p = Path(preds)
+        if p.suffix == ".npy":
+            if not p.is_file():
+                raise DynPoseError(f"predictions {p}: file not found")
+            preds = np.load(p)
+        else:
+            d = _read_json(p, "predictions")
+            preds = d["preds"] if isinstance(d, dict) and "preds" in d else d
+            if isinstance(preds, list) and preds and isinstance(preds[0], dict):
+                preds = [r.get("joints", r.get("keypoints")) for r in preds]
+    try:
+        a = np.asarray(preds, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DynPoseError("predictions: not a numeric (N,16,2) array; write one (16,2) list per person") from None
+    if a.ndim == 2 and a.shape[1] in (NUM_JOINTS * 2, NUM_JOINTS * 3):
+        a = a.reshape(len(a), NUM_JOINTS, -1)
+    if a.ndim != 3 or a.shape[1] != NUM_JOINTS or a.shape[2] not in (2, 3):
+        raise DynPoseError(f"predictions: shape {a.shape}, expected (N,16,2) in MPII joint order")
+    return a[:, :, :2]
+
+
+def head_sizes(anns: list[dict]) -> np.ndarray:
+    """PCKh normaliser per person (see the module note); NaN where it cannot be computed."""
+    out = np.full(len(anns), np.nan)
+    for i, r in enumerate(anns):
+        if "headbox" in r:
+            hb = np.asarray(r["headbox"], dtype=np.float64).reshape(2, 2)
+            out[i] = SC_BIAS * np.linalg.norm(hb[1] - hb[0])
+            continue
+        j = np.asarray(r["joints"], dtype=np.float64)
+        vis = np.asarray(r["joints_vis"])
+        if vis[HEAD_TOP] > 0 and vis[UPPER_NECK] > 0:
+            out[i] = np.linalg.norm(j[HEAD_TOP] - j[UPPER_NECK])
+    return out
+
+
+def pckh(
+    preds: np.ndarray | list | str | os.PathLike,
+    anns: list[dict] | str | os.PathLike,
+    *,
+    thr: float = 0.5,
+) -> dict[str, Any]:
+    """PCKh per joint group, Mean and Mean@0.1 (percent), following the official MPII evaluation's arithmetic."""
+    if not isinstance(anns, list):
+        anns = load_mpii(anns)
+    p = load_predictions(preds)
+    if len(p) != len(anns):
+        raise DynPoseError(f"predictions: {len(p)} persons but the annotations have {len(anns)}; keep their order")
+    gt = np.asarray([r["joints"] for r in anns], dtype=np.float64)
+    visible = np.asarray([r["joints_vis"] for r in anns], dtype=np.float64) > 0
+    size = head_sizes(anns)
+    bad = ~np.isfinite(size) | (size <= 0)
+    if bad.any():
+        warnings.warn(f"{int(bad.sum())} person(s) without a head box or labelled head top/upper neck are left out",
+                      stacklevel=2)
+        visible[bad] = False
+        size[bad] = 1.0
+    err = np.linalg.norm(p - gt, axis=2) / size[:, None]  # (N,16)
+    count = visible.sum(axis=0)  # per joint
+
+    def rate(t: float) -> np.ndarray:
+        hit = ((err <= t) & visible).sum(axis=0)
+        return np.where(count > 0, 100.0 * hit / np.maximum(count, 1), 0.0)
+
+    at_thr, at_01 = rate(thr), rate(0.1)
+    # official: pelvis and thorax excluded from the mean, joints weighted by how often they are labelled
+    weight = count.astype(np.float64)
+    weight[[PELVIS, THORAX]] = 0
+    if weight.sum() == 0:
+        raise DynPoseError("MPII annotations: no labelled joints to score")
+    weight /= weight.sum()
+    out: dict[str, Any] = {name: float(np.mean(at_thr[list(ids)])) for name, ids in GROUPS}
+    out["Mean"] = float(np.sum(at_thr * weight))
+    out["Mean@0.1"] = float(np.sum(at_01 * weight))
+    out.update(kind="mpii", names=list(NAMES), stats=[out[n] for n in NAMES], per_joint=at_thr.tolist(),
+               thr=thr, num_persons=len(anns), num_scored=int((~bad).sum()))
+    out["summary"] = " | ".join(f"{n} {out[n]:.2f}" for n in NAMES) + "\n"
+    return out

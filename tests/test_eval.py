@@ -1,0 +1,267 @@
+"""dynpose.eval on the real samples in ../shared: numbers must be pycocotools' own, bad input one clear error."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from dynpose.cli.eval import main as eval_main
+from dynpose.errors import DynPoseError
+from dynpose.eval.coco import evaluate_results
+from dynpose.eval.mpii import head_sizes, load_mpii, pckh
+
+
+@pytest.fixture(scope="module")
+def coco_gt(shared: Path) -> Path:
+    return shared / "data" / "coco" / "test_coco.json"
+
+
+@pytest.fixture(scope="module")
+def crowd_gt(shared: Path) -> Path:
+    return shared / "data" / "crowdpose" / "test_crowdpose.json"
+
+
+@pytest.fixture(scope="module")
+def mpii_gt(shared: Path) -> Path:
+    return shared / "data" / "mpii" / "test_mpii.json"
+
+
+def gt_as_results(gt: Path) -> list[dict]:
+    """Every scorable GT person as a result with score 1 (persons without keypoints are ignored by COCOeval)."""
+    d = json.loads(gt.read_text())
+    return [
+        {"image_id": a["image_id"], "category_id": 1, "keypoints": list(a["keypoints"]), "score": 1.0}
+        for a in d["annotations"]
+        if a["num_keypoints"] > 0 and not a.get("iscrowd", 0)
+    ]
+
+
+def perturbed(results: list[dict], seed: int = 0, px: float = 6.0) -> list[dict]:
+    """Gaussian keypoint noise, varied scores and one false positive per image: AP well below 1, above 0."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in results:
+        kp = np.asarray(r["keypoints"], dtype=np.float64).reshape(-1, 3)
+        kp[:, :2] += rng.normal(0, px, size=(len(kp), 2))
+        kp[:, 2] = 1.0
+        out.append({**r, "keypoints": kp.ravel().tolist(), "score": float(rng.uniform(0.3, 1.0))})
+    for iid in sorted({r["image_id"] for r in results}):
+        src = next(r for r in out if r["image_id"] == iid)
+        kp = np.asarray(src["keypoints"]).reshape(-1, 3)
+        kp[:, :2] += 80.0
+        out.append({**src, "keypoints": kp.ravel().tolist(), "score": 0.95})
+    return out
+
+
+def direct_pycocotools(gt: Path, results: list[dict], crowdpose: bool = False) -> tuple[np.ndarray, COCOeval]:
+    """pycocotools run by hand, the way its README does it (CrowdPose: crowdposetools' settings, see coco.py)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        cg = COCO(str(gt))
+        if crowdpose:
+            for a in cg.dataset["annotations"]:
+                a["area"] = a["bbox"][2] * a["bbox"][3] * 0.53
+        cd = cg.loadRes(copy.deepcopy(results))
+        ev = COCOeval(cg, cd, "keypoints")
+        if crowdpose:
+            ev.params.kpt_oks_sigmas = np.array([.79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89, .79,
+                                                 .79]) / 10.0
+            ev.params.areaRng, ev.params.areaRngLbl = [[0, 1e10]], ["all"]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return np.asarray(ev.stats), ev
+
+
+def test_coco_gt_as_results_is_perfect(coco_gt: Path) -> None:
+    r = evaluate_results(gt_as_results(coco_gt), coco_gt)
+    assert r["kind"] == "coco"
+    assert r["names"] == ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
+    assert r["stats"] == [1.0] * 10
+    assert r["AP"] == 1.0 and "Average Precision" in r["summary"]
+
+
+def test_coco_perturbed_equals_pycocotools(coco_gt: Path, tmp_path: Path) -> None:
+    res = perturbed(gt_as_results(coco_gt))
+    want, _ = direct_pycocotools(coco_gt, res)
+    f = tmp_path / "res.json"
+    f.write_text(json.dumps(res))
+    got = evaluate_results(f, coco_gt)
+    assert 0.05 < got["AP"] < 0.95
+    assert got["stats"] == want.tolist()  # exactly, not approximately
+    assert got["num_results"] == len(res)
+
+
+def test_coco_eval_is_quiet_unless_verbose(coco_gt: Path, capsys: pytest.CaptureFixture) -> None:
+    evaluate_results(gt_as_results(coco_gt), coco_gt)
+    assert capsys.readouterr().out == ""
+    evaluate_results(gt_as_results(coco_gt), coco_gt, verbose=True)
+    assert "Accumulating evaluation results" in capsys.readouterr().out
+
+
+def test_crowdpose_gt_as_results_and_direct(crowd_gt: Path) -> None:
+    r = evaluate_results(gt_as_results(crowd_gt), crowd_gt)
+    assert r["kind"] == "crowdpose"
+    assert r["names"] == ["AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP(easy)", "AP(medium)", "AP(hard)"]
+    # both sample images have crowdIndex 0.33 / 0.39: all medium, no easy or hard images (-1, as crowdposetools)
+    assert r["stats"] == [1.0] * 6 + [-1.0, 1.0, -1.0]
+
+    res = perturbed(gt_as_results(crowd_gt), seed=1)
+    want, ev = direct_pycocotools(crowd_gt, res, crowdpose=True)
+    got = evaluate_results(res, crowd_gt)
+    assert 0.05 < got["AP"] < 0.95
+    assert got["stats"][:6] == [want[0], want[1], want[2], want[5], want[6], want[7]]
+    # crowdposetools' type figure: mean over the whole precision array of the subset, rounded to 4 places
+    assert got["AP(medium)"] == round(float(np.mean(ev.eval["precision"][:, :, :, 0, :])), 4)
+
+
+def test_crowdpose_easy_hard_split(crowd_gt: Path, tmp_path: Path) -> None:
+    d = json.loads(crowd_gt.read_text())
+    d["images"][0]["crowdIndex"], d["images"][1]["crowdIndex"] = 0.05, 0.9
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(d))
+    res = perturbed(gt_as_results(gt), seed=2)
+    r = evaluate_results(res, gt)
+    assert r["AP(medium)"] == -1.0
+    for name, img in (("AP(easy)", d["images"][0]["id"]), ("AP(hard)", d["images"][1]["id"])):
+        sub = [x for x in res if x["image_id"] == img]
+        with contextlib.redirect_stdout(io.StringIO()):
+            _, ev = direct_pycocotools(gt, res, crowdpose=True)
+            ev.params.imgIds = [img]
+            ev.evaluate()
+            ev.accumulate()
+        assert sub and r[name] == round(float(np.mean(ev.eval["precision"][:, :, :, 0, :])), 4)
+
+
+def test_exlpose_auto_kind_and_id_zero_warning(shared: Path) -> None:
+    gt = shared / "data" / "exlpose" / "test_exlpose.json"
+    with pytest.warns(UserWarning, match="id 0"):
+        r = evaluate_results(gt_as_results(gt), gt)
+    assert r["kind"] == "crowdpose"
+
+
+def test_empty_results_are_handled(coco_gt: Path, crowd_gt: Path) -> None:
+    with pytest.warns(UserWarning, match="no results"):
+        r = evaluate_results([], coco_gt)
+    assert r["stats"] == [0.0] * 10 and r["num_results"] == 0
+    with pytest.warns(UserWarning, match="no results"):
+        r = evaluate_results([], crowd_gt)
+    assert r["stats"] == [0.0] * 6 + [-1.0, 0.0, -1.0]
+
+
+def test_bad_results_are_one_clear_error(coco_gt: Path, crowd_gt: Path, tmp_path: Path) -> None:
+    res = gt_as_results(coco_gt)
+    bad = [{**r, "image_id": 900000 + i} for i, r in enumerate(res)]
+    with pytest.raises(DynPoseError, match=r"12 image id\(s\) not in the ground truth \(900000, 900001, .*\.\.\.\)"):
+        evaluate_results(bad + res, coco_gt)
+    with pytest.raises(DynPoseError, match="42 keypoint values|needs 42"):
+        evaluate_results(res, crowd_gt)
+    with pytest.raises(DynPoseError, match="kind 'crowdpose' needs 14"):
+        evaluate_results(res, coco_gt, kind="crowdpose")
+    with pytest.raises(DynPoseError, match="file not found"):
+        evaluate_results(tmp_path / "missing.json", coco_gt)
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(DynPoseError, match="not valid JSON"):
+        evaluate_results(tmp_path / "broken.json", coco_gt)
+    with pytest.raises(DynPoseError, match="needs image_id, keypoints and score"):
+        evaluate_results([{"image_id": 785}], coco_gt)
+
+
+def test_mpii_pckh(mpii_gt: Path) -> None:
+    anns = load_mpii(mpii_gt)
+    gt = np.asarray([a["joints"] for a in anns])
+    r = pckh(gt, anns)
+    assert r["kind"] == "mpii"
+    assert r["names"] == ["Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean", "Mean@0.1"]
+    assert r["stats"] == [100.0] * 9
+    # move every joint by 0.3 head sizes: still right at 0.5, wrong at 0.1
+    size = head_sizes(anns)
+    off = gt + np.array([0.3, 0.0])[None, None, :] * size[:, None, None]
+    r = pckh(off, anns)
+    assert r["Mean"] == 100.0 and r["Mean@0.1"] == 0.0
+    # one wrist far off in one person: only the Wrist figure and the Mean drop
+    far = gt.copy()
+    far[0, 15] += 1000.0
+    r = pckh(far, anns)
+    n_lwri = sum(a["joints_vis"][15] for a in anns)
+    assert r["Wrist"] == pytest.approx(0.5 * (100.0 * (n_lwri - 1) / n_lwri + 100.0))
+    assert r["Head"] == 100.0 and r["Mean"] < 100.0
+
+
+def test_mpii_headbox_and_files(mpii_gt: Path, tmp_path: Path) -> None:
+    anns = load_mpii(mpii_gt)
+    boxed = [dict(a, headbox=[[0, 0], [30, 40]]) for a in anns]
+    assert head_sizes(boxed).tolist() == [0.6 * 50.0] * len(anns)
+    gt = np.asarray([a["joints"] for a in anns])
+    (tmp_path / "p.json").write_text(json.dumps({"preds": gt.tolist()}))
+    np.save(tmp_path / "p.npy", np.concatenate([gt, np.ones((len(gt), 16, 1))], axis=2))
+    assert pckh(tmp_path / "p.json", mpii_gt)["Mean"] == 100.0
+    assert pckh(tmp_path / "p.npy", mpii_gt)["Mean"] == 100.0
+    with pytest.raises(DynPoseError, match="4 persons but the annotations have 5"):
+        pckh(gt[:4], anns)
+    with pytest.raises(DynPoseError, match="expected \\(N,16,2\\)"):
+        pckh(gt[:, :14], anns)
+    noneck = [dict(a, joints_vis=[0] * 9 + [1] * 7) if i == 0 else a for i, a in enumerate(anns)]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        r = pckh(gt, noneck)
+    assert r["num_scored"] == len(anns) - 1 and any("left out" in str(x.message) for x in w)
+
+
+def test_cli_eval(coco_gt: Path, mpii_gt: Path, tmp_path: Path) -> None:
+    res = perturbed(gt_as_results(coco_gt))
+    (tmp_path / "res.json").write_text(json.dumps(res))
+    out = tmp_path / "out" / "ap.json"
+    run = CliRunner().invoke(eval_main, ["--gt", str(coco_gt), "--results", str(tmp_path / "res.json"),
+                                         "--json", str(out)])
+    assert run.exit_code == 0, run.output
+    assert "AP50" in run.stdout and "ARl" in run.stdout
+    saved = json.loads(out.read_text())
+    want, _ = direct_pycocotools(coco_gt, res)
+    assert saved["stats"] == want.tolist() and saved["kind"] == "coco"
+
+    bad = [{**r, "image_id": 4242} for r in res]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    run = CliRunner().invoke(eval_main, ["--gt", str(coco_gt), "--results", str(tmp_path / "bad.json")])
+    assert run.exit_code == 2
+    assert run.stderr.strip().count("\n") == 0 and "4242" in run.stderr
+
+    (tmp_path / "empty.json").write_text("[]")
+    run = CliRunner().invoke(eval_main, ["--gt", str(coco_gt), "--results", str(tmp_path / "empty.json")])
+    assert run.exit_code == 0 and "warning: " in run.stderr
+
+    np.save(tmp_path / "p.npy", np.asarray([a["joints"] for a in load_mpii(mpii_gt)]))
+    run = CliRunner().invoke(eval_main, ["--gt", str(mpii_gt), "--results", str(tmp_path / "p.npy")])
+    assert run.exit_code == 0 and "Mean@0.1" in run.stdout and "100.00" in run.stdout
+
+    run = CliRunner().invoke(eval_main, ["--help"])
+    assert run.exit_code == 0 and "Examples" in run.output
+
+
+def test_real_model_results_match_pycocotools(tinypose_engine_dir: Path, coco_gt: Path) -> None:
+    """TinyPose 256x192 through the runtime on the sample's GT boxes: a real result file, scored both ways."""
+    from dynpose.data import gt_boxes, load_coco, resolve_image
+    from dynpose.runtime.pipeline import Pipeline
+    from dynpose.runtime.sources import read_image
+
+    ds = load_coco(coco_gt)
+    results = []
+    with Pipeline.from_engine_dir(tinypose_engine_dir, route="all-large") as pipe:
+        for iid, im in ds.images.items():
+            boxes = np.asarray([b for i, b, _ in gt_boxes(ds) if i == iid])
+            if len(boxes):
+                image = read_image(resolve_image(coco_gt.parent, im.file_name))
+                results += [p.to_coco(iid) for p in pipe(image, boxes, nms=False)]
+    want, _ = direct_pycocotools(coco_gt, results)
+    got = evaluate_results(results, coco_gt)
+    assert got["stats"] == want.tolist()
+    assert got["AP"] > 0.7  # TinyPose-256 on GT boxes (0.81 measured); a broken crop or decode falls far below
