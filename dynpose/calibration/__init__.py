@@ -1,0 +1,5 @@
+"""INT8 calibration: real person crop sets (runtime preprocessing) and Q/DQ quantization with a sensitivity search."""
+
+from dynpose.calibration.crops import CalibSpec, CropSet, Source, build_crop_set
+
+__all__ = ["CalibSpec", "CropSet", "Source", "build_crop_set"]

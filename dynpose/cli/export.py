@@ -1,14 +1,161 @@
-"""`dynpose-export` (filled in by its issue)."""
+"""`dynpose-export`: zoo model or user ONNX -> verified ONNX / fp16 / INT8 / TensorRT files in an engine dir."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
 from dynpose.cli.common import user_errors
+from dynpose.errors import DynPoseError
+
+EXAMPLES = """
+\b
+Examples:
+  dynpose-export --model hrnet_w32 --weights random --engine-dir engines/
+  dynpose-export --model all --checkpoint mmpose --engine-dir engines/
+  dynpose-export --model resnet_50 --checkpoint ckpt/res50.pth --precision fp16 --engine-dir engines/
+  dynpose-export --model hrnet_w32 --checkpoint mmpose --precision int8 \\
+      --calib-root data/ --gate-ann data/coco/test_coco.json --engine-dir engines/
+  dynpose-export --onnx tinypose_256x192.onnx --card tinypose.json --role small --precision int8 \\
+      --calib-ann person_keypoints.json --calib-images images/ --engine-dir engines/
+  dynpose-export --model hrnet_w32 --checkpoint mmpose --format tensorrt --precision fp16 --engine-dir engines/
+"""
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _calib_spec(ann: str | None, dets: str | None, images: str | None, root: str | None, gate_ann: str | None,
+                method: str, target: str | None, max_crops: int):
+    from dynpose.calibration.crops import CalibSpec, Source
+
+    if root is None and ann is None and dets is None:
+        return None
+    if root is not None:
+        spec = CalibSpec.from_root(root)
+    else:
+        if images is None:
+            raise DynPoseError("--calib-ann/--calib-dets need --calib-images DIR (the folder holding their images)")
+        sources = []
+        if ann is not None:
+            sources.append(Source("coco", Path(ann), Path(images)))
+        if dets is not None:
+            sources.append(Source("dets", Path(dets), Path(images)))
+        spec = CalibSpec(sources=sources)
+    spec.gate_ann = Path(gate_ann) if gate_ann else None
+    spec.method, spec.target, spec.max_crops = method, target, max_crops
+    spec.validate()
+    return spec
+
+
+def _check_figure(e) -> str:
+    c = e.checks
+    if e.format == "tensorrt":
+        return f"built (TensorRT {(e.tensorrt or {}).get('tensorrt_version', '?')})"
+    if e.format == "torch":
+        return "state_dict"
+    if e.precision == "int8" and "int8_oks" in c:
+        return f"OKS {c['int8_oks']:.3f} vs fp32, {c.get('int8_speedup_b8', 0):.2f}x on ORT CPU"
+    if e.precision == "fp16" and "fp16_oks" in c:
+        return f"OKS {c['fp16_oks']:.3f} vs fp32"
+    if "fp32_rel_l2" in c:
+        return f"rel L2 {c['fp32_rel_l2']:.1e} vs torch"
+    if "batch5_vs_batch1_rel_l2" in c:
+        return "dynamic batch ok"
+    return "ok"
+
+
+def _summary(entries: list, engine_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"engine dir {engine_dir}")
+    for col in ("role", "file", "format", "precision", "size", "check"):
+        t.add_column(col)
+    for e in entries:
+        t.add_row(e.role, e.file, e.format, e.precision, f"{e.size / 2**20:.1f} MiB", _check_figure(e))
+    Console().print(t)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EXAMPLES)
+@click.option("--model", "model", metavar="NAME", help="Zoo model (hrnet_w32, resnet_50, router, ...) or `all` for "
+              "the DynPose set: router, resnet_50 as small, hrnet_w32 as large.")
+@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), help="Register your own ONNX heatmap model "
+              "instead of a zoo model (needs --card and --role).")
+@click.option("--card", "card_file", type=click.Path(dir_okay=False), help="Model card JSON for --onnx (name, "
+              "input_width, input_height, color_order, mean, std (0-255), keypoints, decoder).")
+@click.option("--checkpoint", help="Weights: a path, an http(s) URL, or an alias (mmpose, official, dynpose).")
+@click.option("--weights", type=click.Choice(["random"]), help="Random weights (pipeline tests and speed only).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow pickled checkpoints (only for files you trust).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--calib-ann", type=click.Path(dir_okay=False), help="INT8 calibration: COCO keypoint annotations.")
+@click.option("--calib-dets", type=click.Path(dir_okay=False), help="INT8 calibration: COCO-format detections.")
+@click.option("--calib-images", type=click.Path(file_okay=False), help="Images of --calib-ann / --calib-dets.")
+@click.option("--calib-root", type=click.Path(file_okay=False), help="INT8 calibration: every annotation, detection "
+              "and MPII JSON under this folder, each with the images beside it.")
+@click.option("--gate-ann", type=click.Path(dir_okay=False), help="COCO annotations whose labelled persons form the "
+              "INT8 accuracy gate (their images are kept out of calibration). Default: a quarter of the images.")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--calib-max-crops", type=int, default=256, show_default=True, help="Cap on calibration crops.")
+@click.option("--int8-target", type=click.Choice(["ort", "tensorrt"]), help="Q/DQ flavour: ort (uint8 activations, "
+              "int8 per-channel weights) or tensorrt (symmetric int8). Default: from --format.")
+@click.option("--role", type=click.Choice(["router", "small", "large"]), help="Role in the engine dir (default: "
+              "router for router, large for hrnet_*, small otherwise; required with --onnx).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--max-batch", type=int, default=64, show_default=True)
+@click.option("--opt-batch", type=int, help="TensorRT profile's optimal batch (default: the builder's choice).")
+@click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimisation level.")
+@click.option("--min-oks", type=float, default=0.95, show_default=True, help="fp16/int8 gate: mean keypoint OKS vs "
+              "fp32 on held-out crops; 0 disables it (e.g. random weights).")
+@click.option("--engine-dir", type=click.Path(file_okay=False), default="engines", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress lines, only the summary table.")
 @user_errors
-def main() -> None:
-    """Not implemented yet."""
-    raise click.ClickException("not implemented yet")
+def main(model, onnx_file, card_file, checkpoint, weights, trust_checkpoint, precision, calib_ann, calib_dets,
+         calib_images, calib_root, gate_ann, calib_method, calib_max_crops, int8_target, role, fmt, max_batch, opt_batch,
+         opt_level, min_oks, engine_dir, quiet) -> None:
+    """Export pose models to ONNX (fp32/fp16/INT8 Q/DQ) or TensorRT, verify them, and record them in the engine
+    directory's manifest.json."""
+    from dynpose.export.api import export_all, export_model, register_onnx
+    from dynpose.models.card import ModelCard
+
+    if (model is None) == (onnx_file is None):
+        raise DynPoseError("pass exactly one of --model NAME (zoo) or --onnx FILE --card CARD.json (your model)")
+    if not 0.0 <= min_oks <= 1.0:
+        raise DynPoseError(f"--min-oks {min_oks}: must be between 0 and 1")
+    calib = _calib_spec(calib_ann, calib_dets, calib_images, calib_root, gate_ann, calib_method, int8_target,
+                        calib_max_crops)
+    if precision == "int8" and calib is None:
+        raise DynPoseError(
+            "int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
+            "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR"
+        )
+    common = dict(precision=precision, max_batch=max_batch, calib=calib, min_oks=min_oks, fmt=fmt,
+                  progress=not quiet, opt_batch=opt_batch, opt_level=opt_level)
+    engine = Path(engine_dir)
+    if onnx_file is not None:
+        if card_file is None:
+            raise DynPoseError("--onnx needs --card CARD.json describing its input and keypoints")
+        if role is None:
+            raise DynPoseError("--onnx needs --role router|small|large")
+        if checkpoint or weights:
+            raise DynPoseError("--checkpoint/--weights apply to zoo models, not to --onnx")
+        entries = register_onnx(onnx_file, ModelCard.from_json_file(card_file), engine, role=role, **common)
+    else:
+        if checkpoint and weights:
+            raise DynPoseError("pass --checkpoint or --weights random, not both")
+        if not checkpoint and not weights:
+            raise DynPoseError("pass --checkpoint PATH|URL|mmpose|official, or --weights random for untrained weights")
+        source = checkpoint or "random"
+        if model == "all":
+            if role:
+                raise DynPoseError("--role does not apply to --model all (router, small and large are fixed)")
+            if checkpoint and (Path(checkpoint).exists() or "://" in checkpoint):
+                raise DynPoseError("--model all takes --checkpoint as an alias (mmpose, official), not one file")
+            from dynpose.export.api import DYNPOSE_SET
+
+            wmap = {n: source for n, _ in DYNPOSE_SET}
+            if checkpoint and checkpoint != "official":
+                wmap["router"] = "dynpose"  # the router's release has its own alias
+            entries = export_all(engine, weights=wmap, trust_pickle=trust_checkpoint, **common)
+        else:
+            entries = export_model(model, engine, role=role, weights=source, trust_pickle=trust_checkpoint, **common)
+    _summary(entries, engine)

@@ -1,0 +1,77 @@
+"""fp32 ONNX -> fp16 ONNX with fp32 inputs/outputs, keeping overflowing layers in fp32.
+
+onnxconverter-common does the conversion; what it cannot know is which activations leave the fp16 range on real
+inputs, so the fp32 model is run once on real crops with every node output exposed, and nodes whose outputs reach
+beyond `OVERFLOW` are blocked (kept fp32).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from dynpose.export.onnx_export import load_onnx
+
+# Half of fp16's largest finite value: leaves room for the next op (an Add of two such tensors) not to overflow.
+OVERFLOW = 32000.0
+# Ops that onnxconverter-common keeps fp32 anyway plus reductions whose sums overflow easily in fp16.
+OP_BLOCK_LIST = ["Resize", "Upsample", "TopK", "NonMaxSuppression", "RoiAlign", "Range", "CumSum", "ReduceSum",
+                 "ReduceMean", "Softmax", "Exp", "Pow"]
+
+
+def overflowing_nodes(model: onnx.ModelProto, x: np.ndarray, limit: float = OVERFLOW) -> list[str]:
+    """Names of nodes whose float outputs exceed `limit` in magnitude on the input batch `x`."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    producer: dict[str, str] = {}
+    for i, node in enumerate(m.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+        for out in node.output:
+            producer[out] = node.name
+            if out and out not in existing:
+                m.graph.output.add(name=out)
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "all_outputs.onnx"
+        onnx.save(m, str(p))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(p), sess_options=so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        outs = sess.run(names, {sess.get_inputs()[0].name: x.astype(np.float32)})
+    bad = set()
+    for name, val in zip(names, outs, strict=True):
+        val = np.asarray(val)
+        if val.dtype.kind == "f" and val.size and float(np.abs(val).max()) > limit and name in producer:
+            bad.add(producer[name])
+    return sorted(bad)
+
+
+def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, sample: np.ndarray | None = None) -> dict[str, object]:
+    """Write the fp16 model to `dst`; returns what was kept in fp32. `sample`: real crops for the overflow scan."""
+    from onnxconverter_common import float16
+
+    model = load_onnx(src)
+    blocked = overflowing_nodes(model, sample) if sample is not None and len(sample) else []
+    # The overflow scan named unnamed nodes; the converter must see the same names.
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    props = [(p.key, p.value) for p in model.metadata_props]
+    half = float16.convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=OP_BLOCK_LIST, node_block_list=blocked or None,
+        # Values past fp16 range are clamped rather than turned into inf.
+        max_finite_val=65504.0, min_positive_val=1e-7,
+    )
+    del half.metadata_props[:]
+    for k, v in props:
+        half.metadata_props.add(key=k, value=v)
+    onnx.save(half, str(dst))
+    return {"fp16_fp32_nodes": blocked}
