@@ -6,15 +6,14 @@ boxes count" are decided in one place.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.fileio import read_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -54,19 +53,10 @@ class CocoDataset:
         return resolve_image(images_dir, self.images[image_id].file_name)
 
 
-def _read_json(path: str | os.PathLike, what: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise DynPoseError(f"{what} {p}: file not found")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DynPoseError(f"{what} {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-
 
 def load_coco(path: str | os.PathLike) -> CocoDataset:
     """Read a COCO keypoint annotation file (COCO, CrowdPose, OCHuman, ExLPose all use this shape)."""
-    d = _read_json(path, "annotation file")
+    d = read_json(path, "annotation file")
     if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
         raise DynPoseError(f"annotation file {path}: not COCO format (needs 'images' and 'annotations')")
     names: list[str] = []
@@ -105,7 +95,7 @@ def load_detections(path: str | os.PathLike, score_thr: float = 0.0) -> dict[int
     Only person detections (category 1) at or above `score_thr` are kept; non-finite or non-positive boxes are
     dropped here so no later stage sees them.
     """
-    d = _read_json(path, "detections file")
+    d = read_json(path, "detections file")
     if not isinstance(d, list):
         raise DynPoseError(f"detections file {path}: expected a JSON list of {{image_id, bbox, score}} records")
     out: dict[int, list[list[float]]] = {}

@@ -48,3 +48,17 @@ def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(dest: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(dest, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
+    """Parse a JSON file, or raise a one-line DynPoseError naming the kind of file (`what`) and where it broke."""
+    from dynpose.errors import DynPoseError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DynPoseError(f"{what} {p}: file not found")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise DynPoseError(f"{what} {p}: not valid JSON{where}{'; ' + hint if hint else ''}") from None

@@ -75,13 +75,16 @@ def _frame_path(source: str, name: str) -> Path:
               help="Results: .json (COCO keypoint results) or .jsonl (one JSON line per frame).")
 @click.option("--vis", type=click.Path(path_type=str), default=None,
               help="Folder for drawn skeletons (images keep their names; a video or webcam gives an .mp4).")
+@click.option("--vis-score", type=float, default=0.3, show_default=True,
+              help="Draw only persons scoring at least this (results files keep every person, as COCO eval needs).")
 @click.option("--eval", "eval_gt", type=click.Path(path_type=str), default=None,
               help="COCO annotation file: print keypoint AP of the results against it.")
 @user_errors
 def main(
     engine_dir: str, source: str, detections: str | None, ann: str | None, det_score: float | None,
     detector: str | None, backend: str, device: str, route: str | None, flip: bool, max_batch: int,
-    max_latency_ms: float | None, threads: int | None, out: str | None, vis: str | None, eval_gt: str | None,
+    max_latency_ms: float | None, threads: int | None, out: str | None, vis: str | None, vis_score: float,
+    eval_gt: str | None,
 ) -> None:
     """Estimate human poses with the DynPose router + small/large models of an engine dir."""
     from dynpose.data import load_detections
@@ -181,7 +184,8 @@ def main(
                                                  "persons": [p.to_dict() for p in persons]}) + "\n")
                     num_lines += 1
                 if vis is not None:
-                    writer = _draw(vis, source, src, frame, persons, pipe.keypoint_set, writer)
+                    shown = [p for p in persons if p.score >= vis_score]
+                    writer = _draw(vis, source, src, frame, shown, pipe.keypoint_set, writer)
         except KeyboardInterrupt:
             interrupted = True  # a webcam run ends with Ctrl-C: keep what was done
         except BaseException:

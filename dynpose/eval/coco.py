@@ -20,15 +20,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.fileio import read_json
 from dynpose.keypoints import COCO17, CROWDPOSE14
 
 COCO_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -38,15 +37,6 @@ CROWD_SPLIT = (0.2, 0.8)
 CROWDPOSE_AREA_FACTOR = 0.53
 KINDS = ("auto", "coco", "crowdpose")
 
-
-def _load_json(path: str | os.PathLike, what: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise DynPoseError(f"{what} {p}: file not found")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DynPoseError(f"{what} {p}: not valid JSON ({e.msg} at line {e.lineno}); pass a COCO-format file") from None
 
 
 def _num_keypoints(gt: dict, where: str) -> int:
@@ -179,12 +169,12 @@ def evaluate_results(
     AR75 AP(easy) AP(medium) AP(hard)), plus `kind`, `names`, `stats` (the figures in that order), `summary` (text)
     and counts. pycocotools' own prints are shown only when `verbose`.
     """
-    gt_data = _load_json(gt, "ground truth")
+    gt_data = read_json(gt, "ground truth", hint="pass a COCO-format file")
     if not isinstance(gt_data, dict) or "images" not in gt_data or "annotations" not in gt_data:
         raise DynPoseError(f"ground truth {gt}: not COCO format (needs 'images' and 'annotations')")
     kind = resolve_kind(gt_data, kind, f"ground truth {gt}")
     where = f"results {results}" if not isinstance(results, list) else "results"
-    raw = _load_json(results, "results") if not isinstance(results, list) else results
+    raw = read_json(results, "results", hint="pass a COCO-format file") if not isinstance(results, list) else results
     num_kpts = COCO17.num if kind == "coco" else CROWDPOSE14.num
     res = _check_results(raw, gt_data, num_kpts, where)
     if not res:

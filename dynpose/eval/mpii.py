@@ -18,7 +18,6 @@ threshold 0.11, so their Mean@0.1 reads slightly higher than this one on the sam
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.fileio import read_json
 
 SC_BIAS = 0.6
 NUM_JOINTS = 16
@@ -38,19 +38,10 @@ GROUPS = (("Head", (9,)), ("Shoulder", (13, 12)), ("Elbow", (14, 11)), ("Wrist",
 NAMES = tuple(g[0] for g in GROUPS) + ("Mean", "Mean@0.1")
 
 
-def _read_json(path: str | os.PathLike, what: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise DynPoseError(f"{what} {p}: file not found")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DynPoseError(f"{what} {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-
 
 def load_mpii(path: str | os.PathLike) -> list[dict]:
     """The MPII JSON annotation list, checked for `joints` (16,2) and `joints_vis` (16) on every record."""
-    d = _read_json(path, "MPII annotations")
+    d = read_json(path, "MPII annotations")
     if not isinstance(d, list) or not d:
         raise DynPoseError(f"MPII annotations {path}: expected a non-empty JSON list of {{image, joints, joints_vis}}")
     for i, r in enumerate(d):
@@ -71,7 +62,7 @@ def load_predictions(preds: np.ndarray | list | str | os.PathLike) -> np.ndarray
                 raise DynPoseError(f"predictions {p}: file not found")
             preds = np.load(p)
         else:
-            d = _read_json(p, "predictions")
+            d = read_json(p, "predictions")
             preds = d["preds"] if isinstance(d, dict) and "preds" in d else d
             if isinstance(preds, list) and preds and isinstance(preds[0], dict):
                 preds = [r.get("joints", r.get("keypoints")) for r in preds]
