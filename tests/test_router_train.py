@@ -137,6 +137,8 @@ def test_train_end_to_end_from_release_checkpoint(engine_dir: Path, coco_dir: Pa
     # exported into the engine dir as the router entry (the manifest verifies its sha256 on load)
     m = Manifest.load(engine_dir)
     assert m.require("router", "onnx").sha256 != old_router
+    # a freshly trained router gets fraction:0.5 (not the release band) until --calibrate, and the CLI says so
+    assert m.route == "fraction:0.5" and "fraction:0.5 for the freshly trained router" in r.stdout, r.stdout
     # per-crop outputs cached, keyed by the pose entries + data
     assert len(list((engine_dir / "cache").glob("router-outputs-*.npz"))) == 1
 

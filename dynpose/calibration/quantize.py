@@ -347,14 +347,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCar
                 "or lower --min-oks"
             )
         excluded, qpath, res = chosen
-        # The card travels in the quantized file too (the quantizer drops metadata_props).
-        qmodel = onnx.load(str(qpath))
-        src_model = onnx.load(str(src), load_external_data=False)
-        del qmodel.metadata_props[:]
-        for p in src_model.metadata_props:
-            qmodel.metadata_props.add(key=p.key, value=p.value)
-        with atomic_path(dst) as out_tmp:
-            onnx.save(qmodel, str(out_tmp))
+        _save_with_metadata(qpath, src, dst)
         speed = measure_speedup(src, dst, gate.x)
 
     n_q = sum(1 for n in model.graph.node if n.op_type in OP_TYPES[target]) - len(excluded)
@@ -373,6 +366,50 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCar
         "int8_quantized_layers": n_q, "int8_search_steps": steps,
         "int8_speedup_b8": speed["speedup"], "int8_ms_b8": speed["int8_ms"], "fp32_ms_b8": speed["fp32_ms"],
     }
+
+
+def _save_with_metadata(qpath: Path, src: Path, dst: Path) -> None:
+    """Write the quantized model to `dst` with the fp32 file's metadata (the card travels in the quantized file too;
+    the quantizer drops metadata_props)."""
+    qmodel = onnx.load(str(qpath))
+    src_model = onnx.load(str(src), load_external_data=False)
+    del qmodel.metadata_props[:]
+    for p in src_model.metadata_props:
+        qmodel.metadata_props.add(key=p.key, value=p.value)
+    with atomic_path(dst) as out_tmp:
+        onnx.save(qmodel, str(out_tmp))
+
+
+def quantize_router_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCard, spec: CalibSpec, *,
+                         target: str = "ort", cache_dir: str | os.PathLike | None = None, log: Log = _console_log,
+                         progress: bool = True) -> tuple[dict[str, Any], CropSet]:
+    """INT8 Q/DQ router: calibrate on the spec's crops made under the router's card and quantize once; write `dst`.
+
+    No layer search: the router's output is three scores, not heatmaps, and the caller judges the result by routing
+    decisions on the returned held-out gate crops (`dynpose.export.verify.router_agreement`). Returns (checks, gate).
+    """
+    src, dst = Path(src), Path(dst)
+    spec.validate()
+    settings = _settings(target, spec.method)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    log(f"{card.name}: building calibration crops ({len(spec.sources)} box files)")
+    crops = build_crop_set(spec, card, cache)
+    cal, gate = crops.calib, crops.held_out
+    if len(cal) == 0 or len(gate) == 0:
+        raise DynPoseError("calibration data: need both calibration crops and held-out gate crops")
+    in_name, _ = io_names(load_onnx(src))
+    log(f"{card.name}: calibrating int8 ({target}, {spec.method}) on {len(cal)} crops; gate: {len(gate)} held-out crops")
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
+        tmp = Path(tmp_s)
+        prepared = tmp / "prepared.onnx"
+        model = _prepare(src, prepared)
+        ranges = (_ranges_path(cache, src, _crop_key(crops), target, spec.method) if cache is not None
+                  else tmp / "ranges.json")
+        _quantize(prepared, tmp / "q.onnx", cal.x, in_name, settings, ranges, [], progress)
+        _save_with_metadata(tmp / "q.onnx", src, dst)
+    n_q = sum(1 for n in model.graph.node if n.op_type in OP_TYPES[target])
+    return {"int8_target": target, "int8_method": spec.method, "int8_calib_crops": len(cal),
+            "int8_gate_crops": len(gate), "int8_quantized_layers": n_q, "int8_fp32_layers": []}, gate
 
 
 def _crop_key(crops: CropSet) -> str:

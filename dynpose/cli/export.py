@@ -52,6 +52,8 @@ def _check_figure(e) -> str:
         return f"built (TensorRT {(e.tensorrt or {}).get('tensorrt_version', '?')})"
     if e.format == "torch":
         return "state_dict"
+    if "router_decision_agreement" in c:
+        return f"{c['router_decision_agreement']:.0%} same route as fp32 ({c['router_gate_policy']})"
     if e.precision == "int8" and "int8_oks" in c:
         return f"OKS {c['int8_oks']:.3f} vs fp32, {c.get('int8_speedup_b8', 0):.2f}x on ORT CPU"
     if e.precision == "fp16" and "fp16_oks" in c:
@@ -73,6 +75,10 @@ def _summary(entries: list, engine_dir: Path) -> None:
     for e in entries:
         t.add_row(e.role, e.file, e.format, e.precision, f"{e.size / 2**20:.1f} MiB", _check_figure(e))
     Console().print(t)
+    if any(e.role == "router" for e in entries):
+        from dynpose.engines.manifest import Manifest
+
+        Console(highlight=False).print(f"default route: {Manifest.load(engine_dir, verify=False).route}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EXAMPLES)
@@ -105,7 +111,8 @@ def _summary(entries: list, engine_dir: Path) -> None:
 @click.option("--opt-batch", type=int, help="TensorRT profile's optimal batch (default: the builder's choice).")
 @click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimisation level.")
 @click.option("--min-oks", type=float, default=0.95, show_default=True, help="fp16/int8 gate: mean keypoint OKS vs "
-              "fp32 on held-out crops; 0 disables it (e.g. random weights).")
+              "fp32 on held-out crops (for the router: the fraction of crops routed as fp32 routes them); 0 disables "
+              "it (e.g. random weights).")
 @click.option("--engine-dir", type=click.Path(file_okay=False), default="engines", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress lines, only the summary table.")
 @user_errors

@@ -116,6 +116,7 @@ def main(
     console.print(table)
     console.print(f"checkpoint {rep.checkpoint}  loss curve {rep.loss_png}")
     if rep.exported:
+        console.print(rep.route_note)
         console.print(f"exported into {engine_dir}: {', '.join(rep.exported)}; choose the policy for it with "
                       f"`dynpose-train-router --calibrate --engine-dir {engine_dir} --ann VAL.json --images DIR "
                       "--target-fraction F`")

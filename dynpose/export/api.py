@@ -21,10 +21,17 @@ import numpy as np
 import onnx
 
 from dynpose.calibration.crops import CalibSpec, CropSet, coco_person_crops
-from dynpose.engines.manifest import PRECISIONS, ROLES, Entry, Manifest, describe_file, tool_versions
+from dynpose.engines.manifest import DEFAULT_ROUTE, PRECISIONS, ROLES, Entry, Manifest, describe_file, tool_versions
 from dynpose.errors import DynPoseError
 from dynpose.export.onnx_export import check_onnx, export_torch, io_names, load_onnx, opset_of, set_card
-from dynpose.export.verify import default_verify_dir, keypoint_agreement, ort_session, run_ort, verify_onnx_batches
+from dynpose.export.verify import (
+    default_verify_dir,
+    keypoint_agreement,
+    ort_session,
+    router_agreement,
+    run_ort,
+    verify_onnx_batches,
+)
 from dynpose.fileio import sha256_file
 from dynpose.models.card import ModelCard
 
@@ -32,6 +39,10 @@ FORMATS = ("onnx", "tensorrt")
 EXPORT_ROLES = ("router", "small", "large")
 # The DynPose set: (zoo name, role).
 DYNPOSE_SET = (("router", "router"), ("resnet_50", "small"), ("hrnet_w32", "large"))
+# Where a router's weights came from; decides the engine dir's default route (`default_route`).
+ROUTER_WEIGHTS = ("random", "checkpoint", "trained")
+# A route that means something for any router: half the crops (those scored highest) go to the large model.
+UNTUNED_ROUTE = "fraction:0.5"
 
 Log = Callable[[str], None]
 
@@ -65,6 +76,31 @@ def _check_args(role: str, precision: str, fmt: str, max_batch: int) -> None:
         raise DynPoseError(f"max batch {max_batch!r}: must be an integer >= 1")
 
 
+def default_route(manifest: Manifest, router_weights_kind: str) -> tuple[str, str]:
+    """The route an engine dir gets when a router of this kind is written into it, and one line saying why.
+
+    A route chosen by `dynpose-train-router --calibrate` (`notes.router_calibration`) is kept whatever the router.
+    Otherwise: DynPose's release band 0.59,0.69 for a router loaded from a checkpoint (it is tuned to the released
+    router's scores); `fraction:0.5` for random weights (their scores barely vary, ~0.488 on every crop, so the band
+    would send every crop to the small model) and for a freshly trained router (its scores are not the release's).
+    """
+    if router_weights_kind not in ROUTER_WEIGHTS:
+        raise DynPoseError(f"router weights kind {router_weights_kind!r}: use one of {ROUTER_WEIGHTS}")
+    if manifest.notes.get("router_calibration"):
+        return manifest.route, (f"route {manifest.route} kept: chosen by `dynpose-train-router --calibrate` (re-run it "
+                                "when the router's weights change)")
+    if router_weights_kind == "random":
+        return UNTUNED_ROUTE, (f"route {UNTUNED_ROUTE}: the router has random weights, and DynPose's band "
+                               f"{DEFAULT_ROUTE.partition(':')[2]} (tuned to the released router) would send every crop "
+                               "to the small model")
+    if router_weights_kind == "trained":
+        return UNTUNED_ROUTE, (f"route {UNTUNED_ROUTE} for the freshly trained router until `dynpose-train-router "
+                               f"--calibrate` chooses one (DynPose's band {DEFAULT_ROUTE.partition(':')[2]} fits the "
+                               "released router's scores, not a retrained one's)")
+    return DEFAULT_ROUTE, (f"route {DEFAULT_ROUTE}: DynPose's release rule (tuned to the released router; "
+                           "`dynpose-train-router --calibrate` chooses one for another router)")
+
+
 # -- staging and commit ------------------------------------------------------------------------------------------------
 @contextmanager
 def staging(engine_dir: str | os.PathLike) -> Iterator[Path]:
@@ -90,8 +126,12 @@ def _existing_manifest(engine_dir: Path, log: Log) -> Manifest:
         return Manifest()
 
 
-def commit(stage: Path, engine_dir: str | os.PathLike, entries: list[Entry], log: Log = print) -> list[Entry]:
-    """Hash the staged files, move them in, merge into the manifest (same role+format replaced), write it last."""
+def commit(stage: Path, engine_dir: str | os.PathLike, entries: list[Entry], log: Log = print,
+           router_weights: str | None = None) -> list[Entry]:
+    """Hash the staged files, move them in, merge into the manifest (same role+format replaced), write it last.
+
+    When a router entry is among `entries` and `router_weights` (a `ROUTER_WEIGHTS` kind) is given, the manifest's
+    route becomes `default_route(manifest, router_weights)` and its reason is logged."""
     engine_dir = Path(engine_dir)
     files = {e.file for e in entries}
     for e in entries:
@@ -103,6 +143,9 @@ def commit(stage: Path, engine_dir: str | os.PathLike, entries: list[Entry], log
         os.replace(stage / f, engine_dir / f)
     for e in entries:
         manifest.put(e)
+    if router_weights is not None and any(e.role == "router" for e in entries):
+        manifest.route, why = default_route(manifest, router_weights)
+        log(why)
     manifest.save(engine_dir)
     still_used = {e.file for e in manifest.entries}
     for f in replaced - still_used:
@@ -121,15 +164,85 @@ def _real_crops(card: ModelCard, calib: CalibSpec | None) -> CropSet | None:
     return coco_person_crops(d, card) if d is not None else None
 
 
+def _speed_check(src: Path, out: Path, x: np.ndarray, precision: str, name: str, log: Log) -> dict[str, float]:
+    """Time per batch of 8 vs fp32 on ONNX Runtime CPU (as for INT8 pose models); warns below 1.1x."""
+    from dynpose.calibration.quantize import WARN_SPEEDUP, measure_speedup
+
+    sp = measure_speedup(src, out, x)
+    msg = (f"{name}: {precision} vs fp32 on ONNX Runtime CPU at batch {sp['batch']}: {sp['speedup']:.2f}x "
+           f"({sp['fp32_ms']:.1f} ms -> {sp['int8_ms']:.1f} ms)")
+    if sp["speedup"] < WARN_SPEEDUP:
+        hint = "it is meant for GPUs (TensorRT, CUDA)" if precision == "fp16" else "consider fp32 here"
+        log(f"[yellow]warning[/]: {msg}: {precision} does not pay on this backend; {hint}")
+    else:
+        log(msg)
+    return {f"{precision}_speedup_b8": sp["speedup"], f"{precision}_ms_b8": sp["int8_ms"], "fp32_ms_b8": sp["fp32_ms"]}
+
+
+def _router_lower(stage: Path, role: str, card: ModelCard, src: Path, precision: str, fmt: str, calib: CalibSpec | None,
+                  min_oks: float, real: CropSet | None, route: str, engine_dir: Path, log: Log,
+                  progress: bool) -> tuple[str, dict[str, Any]]:
+    """fp16/int8 router, judged by routing: scores and decisions vs fp32 on held-out real crops under `route`.
+
+    fp16 is checked on the same real crops as pose models' fp16; int8 on its calibration set's held-out crops (as
+    pose INT8). `min_oks` is the gate on the decision agreement (fraction of crops routed as fp32 routes them)."""
+    out = f"{role}.{precision}.onnx"
+    checks: dict[str, Any]
+    if precision == "fp16":
+        from dynpose.export.fp16 import convert_fp16
+
+        log(f"{card.name}: converting to fp16")
+        checks = dict(convert_fp16(src, stage / out, real.x if real is not None else None))
+        gate = real
+    else:
+        from dynpose.calibration.quantize import quantize_router_int8
+
+        assert calib is not None  # checked by the callers
+        target = calib.target or ("tensorrt" if fmt == "tensorrt" else "ort")
+        checks, gate = quantize_router_int8(src, stage / out, card, calib, target=target,
+                                            cache_dir=engine_dir / "cache", log=log, progress=progress)
+    if gate is None or len(gate) == 0:  # no real crops here: at least the scores must stay finite
+        x = np.random.default_rng(0).standard_normal((8, 3, card.input_height, card.input_width)).astype(np.float32)
+        if not np.isfinite(run_ort(ort_session(stage / out), x)).all():
+            raise DynPoseError(f"{precision} check failed for {card.name}: NaN/inf in the router scores")
+        log(f"[yellow]warning[/]: {card.name}: no real crops to compare {precision} routing with fp32 "
+            "(set DYNPOSE_VERIFY_COCO or pass --gate-ann)")
+        return out, {**checks, f"{precision}_finite": True, **_speed_check(src, stage / out, x, precision, card.name, log)}
+    a = router_agreement(run_ort(ort_session(stage / out), gate.x), run_ort(ort_session(src), gate.x), route)
+    if not a["finite"]:
+        raise DynPoseError(f"{precision} check failed for {card.name}: NaN/inf in the router scores on real crops")
+    checks.update({"router_score_max_abs_diff": a["max_abs_diff"], "router_score_mean_abs_diff": a["mean_abs_diff"],
+                   "router_decision_agreement": a["agreement"], "router_gate_policy": a["policy"],
+                   "router_gate_crops": a["crops"], "router_min_agreement": min_oks})
+    log(f"{card.name}: {precision} vs fp32 on {a['crops']} real crops: score |diff| max {a['max_abs_diff']:.2e} mean "
+        f"{a['mean_abs_diff']:.2e}; same decision under {a['policy']} for {a['agreement']:.1%} of crops")
+    if min_oks > 0 and a["agreement"] < min_oks:
+        raise DynPoseError(
+            f"{precision} check failed for {card.name}: {a['agreement']:.1%} of {a['crops']} crops routed as in fp32 "
+            f"under {a['policy']} < --min-oks {min_oks} (for the router it is the decision agreement); use fp32, "
+            "or --min-oks 0 for random weights"
+        )
+    checks.update(_speed_check(src, stage / out, gate.x, precision, card.name, log))
+    return out, checks
+
+
 def _lower_precision(stage: Path, role: str, card: ModelCard, fp32_file: str, precision: str, fmt: str,
                      calib: CalibSpec | None, min_oks: float, real: CropSet | None, engine_dir: Path,
-                     log: Log, progress: bool) -> tuple[str, dict[str, Any]]:
+                     log: Log, progress: bool, router_weights: str = "checkpoint") -> tuple[str, dict[str, Any]]:
     """Make `<role>.fp16.onnx` or `<role>.int8.onnx` beside the fp32 file and check it; returns (file, checks)."""
     if precision == "fp32":
         return fp32_file, {}
-    if card.task != "pose":
-        raise DynPoseError(f"{card.name}: the router is exported in fp32 only (it is tiny); drop --precision for it")
     src = stage / fp32_file
+    if precision == "int8" and calib is None:
+        raise DynPoseError(
+            "int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
+            "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR"
+        )
+    if card.task == "router":
+        # Judge under the route the engine dir will have once this router is in (what `commit` sets).
+        route, _ = default_route(_existing_manifest(engine_dir, log), router_weights)
+        return _router_lower(stage, role, card, src, precision, fmt, calib, min_oks, real, route, engine_dir, log,
+                             progress)
     if precision == "fp16":
         from dynpose.export.fp16 import convert_fp16
 
@@ -159,11 +272,7 @@ def _lower_precision(stage: Path, role: str, card: ModelCard, fp32_file: str, pr
     # int8
     from dynpose.calibration.quantize import quantize_int8
 
-    if calib is None:
-        raise DynPoseError(
-            "int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
-            "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR"
-        )
+    assert calib is not None
     target = calib.target or ("tensorrt" if fmt == "tensorrt" else "ort")
     out = f"{role}.int8.onnx"
     checks = quantize_int8(src, stage / out, card, calib, target=target, min_oks=min_oks,
@@ -195,9 +304,10 @@ def _tensorrt_entry(stage: Path, engine_dir: Path, onnx_entry: Entry, opt_batch:
 def _finish(stage: Path, engine_dir: Path, role: str, model_name: str, card: ModelCard, fp32_file: str,
             fp32_checks: dict[str, Any], precision: str, fmt: str, calib: CalibSpec | None, min_oks: float,
             max_batch: int, checkpoint_sha: str | None, real: CropSet | None, log: Log, progress: bool,
-            opt_batch: int | None, opt_level: int, extra: list[Entry]) -> list[Entry]:
+            opt_batch: int | None, opt_level: int, extra: list[Entry],
+            router_weights: str = "checkpoint") -> list[Entry]:
     file, checks = _lower_precision(stage, role, card, fp32_file, precision, fmt, calib, min_oks, real, engine_dir,
-                                    log, progress)
+                                    log, progress, router_weights)
     in_name, out_name = io_names(onnx.load(str(stage / file), load_external_data=False))
     entry = Entry(
         role=role, model=model_name, file=file, format="onnx", precision=precision, card=card,
@@ -207,7 +317,7 @@ def _finish(stage: Path, engine_dir: Path, role: str, model_name: str, card: Mod
     entries = [entry, *extra]
     if fmt == "tensorrt":
         entries.append(_tensorrt_entry(stage, engine_dir, entry, opt_batch, opt_level, log, progress))
-    return commit(stage, engine_dir, entries, log)
+    return commit(stage, engine_dir, entries, log, router_weights)
 
 
 # -- public API --------------------------------------------------------------------------------------------------
@@ -251,14 +361,21 @@ def register_onnx(onnx_path: str | os.PathLike, card: ModelCard, engine_dir: str
 def export_model(name: str, engine_dir: str | os.PathLike, *, role: str | None = None, weights: str = "random",
                  precision: str = "fp32", max_batch: int = 64, calib: CalibSpec | None = None, min_oks: float = 0.95,
                  fmt: str = "onnx", trust_pickle: bool = False, progress: bool = True, opt_batch: int | None = None,
-                 opt_level: int = 3) -> list[Entry]:
-    """Export zoo model `name` (weights: "random", a path, URL or alias) to ONNX + a `torch` state_dict entry."""
+                 opt_level: int = 3, router_weights: str | None = None) -> list[Entry]:
+    """Export zoo model `name` (weights: "random", a path, URL or alias) to ONNX + a `torch` state_dict entry.
+
+    For the router, `router_weights` ("random", "checkpoint" or "trained"; default from `weights`) sets the engine
+    dir's default route (`default_route`); fp16/int8 routers are gated on routing decisions (`--min-oks` is then the
+    decision agreement with fp32)."""
     import torch
 
     from dynpose.models import create_model
 
     role = role or default_role(name)
     _check_args(role, precision, fmt, max_batch)
+    router_weights = router_weights or ("random" if weights == "random" else "checkpoint")
+    if router_weights not in ROUTER_WEIGHTS:
+        raise DynPoseError(f"router weights kind {router_weights!r}: use one of {ROUTER_WEIGHTS}")
     log = _printer(progress)
     engine_dir = Path(engine_dir)
     if precision == "int8" and calib is None:
@@ -293,14 +410,16 @@ def export_model(name: str, engine_dir: str | os.PathLike, *, role: str | None =
             checks=dict(checks), versions=tool_versions(),
         )
         return _finish(stage, engine_dir, role, name, card, fp32_file, checks, precision, fmt, calib, min_oks,
-                       max_batch, checkpoint_sha, real, log, progress, opt_batch, opt_level, [torch_entry])
+                       max_batch, checkpoint_sha, real, log, progress, opt_batch, opt_level, [torch_entry],
+                       router_weights)
 
 
 def export_all(engine_dir: str | os.PathLike, *, weights: dict[str, str] | None = None, precision: str = "fp32",
                max_batch: int = 64, calib: CalibSpec | None = None, min_oks: float = 0.95, fmt: str = "onnx",
                trust_pickle: bool = False, progress: bool = True, opt_batch: int | None = None,
                opt_level: int = 3) -> list[Entry]:
-    """The DynPose set: router, resnet_50 as small, hrnet_w32 as large (the router always in fp32).
+    """The DynPose set: router, resnet_50 as small, hrnet_w32 as large (the router always in fp32: at 0.85 M
+    parameters a lower precision saves nothing worth a routing change; `export_model("router", precision=...)` does it).
 
     `weights`: zoo name -> weights source; missing names get random weights.
     """
@@ -315,4 +434,5 @@ def export_all(engine_dir: str | os.PathLike, *, weights: dict[str, str] | None 
     return out
 
 
-__all__ = ["CalibSpec", "ROLES", "commit", "default_role", "export_all", "export_model", "register_onnx", "staging"]
+__all__ = ["CalibSpec", "ROLES", "ROUTER_WEIGHTS", "commit", "default_role", "default_route", "export_all", "export_model",
+           "register_onnx", "staging"]

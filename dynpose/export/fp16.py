@@ -70,6 +70,13 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, sample: np.ndar
         # Values past fp16 range are clamped rather than turned into inf.
         max_finite_val=65504.0, min_positive_val=1e-7,
     )
+    # The converter leaves a stale fp32 value_info on the output of a Cast it inserts after a blocked node that reads
+    # the graph input (the router's first ReduceMean); ONNX Runtime then refuses the model. A Cast's output type is
+    # its `to`, so set it from there.
+    cast_to = {n.output[0]: a.i for n in half.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    for vi in half.graph.value_info:
+        if vi.name in cast_to:
+            vi.type.tensor_type.elem_type = cast_to[vi.name]
     del half.metadata_props[:]
     for k, v in props:
         half.metadata_props.add(key=k, value=v)

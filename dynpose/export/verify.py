@@ -78,6 +78,33 @@ def keypoint_agreement(test_out: np.ndarray, ref_out: np.ndarray, crops: Any, ca
             "heatmap_rel_l2": rel_l2(test_out, ref_out), "crops": len(o)}
 
 
+def gate_policy(route: str) -> str:
+    """The policy whose decisions a lower-precision router must reproduce: the route itself when it reads the
+    router's scores, else `fraction:0.5` (box:/all-* decide without the router, which would make any router pass)."""
+    from dynpose.runtime.policy import parse_policy
+
+    policy = parse_policy(route)
+    return str(policy) if policy.needs_router else "fraction:0.5"
+
+
+def router_agreement(test_out: np.ndarray, ref_out: np.ndarray, route: str) -> dict[str, Any]:
+    """Router scores of a lower-precision model against fp32 on the same crops: max/mean |score difference| and the
+    fraction of crops routed the same way under `gate_policy(route)` (all crops in one call, as one batch)."""
+    from dynpose.runtime.policy import parse_policy
+
+    test = np.asarray(test_out, np.float64)
+    ref = np.asarray(ref_out, np.float64)
+    policy = gate_policy(route)
+    if not np.isfinite(test).all():
+        return {"finite": False, "policy": policy, "crops": len(ref)}
+    diff = np.abs(test - ref)
+    boxes = np.zeros((len(ref), 4))  # only box: policies read boxes, and those are replaced above
+    p = parse_policy(policy)
+    same = p.decide(test, boxes).large == p.decide(ref, boxes).large
+    return {"finite": True, "policy": policy, "crops": len(ref), "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()), "agreement": float(same.mean())}
+
+
 def verify_torch_vs_onnx(model: Any, onnx_path: str | os.PathLike, card: ModelCard, real: Any | None,
                          tol: float = FP32_TOL, seed: int = 0) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch at batch 1 and 5 on random crops and (when given) real crops; raises above `tol`."""

@@ -225,6 +225,7 @@ class TrainReport:
     targets_summary: str
     exported: list[str] = field(default_factory=list)  # entry files written into the engine dir
     start: str = "random init"  # where the weights came from: "random init" or "<path> (<checkpoint format>)"
+    route_note: str = ""  # the engine dir's default route after the export, and why (`default_route`)
 
 
 def train_from_engine_dir(
@@ -282,18 +283,28 @@ def train_from_engine_dir(
 
             calib = CalibSpec(sources=[Source("coco", Path(ann_path), Path(images_dir))])
         fmt = "tensorrt" if backend == "tensorrt" else "onnx"
-        # min_oks=0: the INT8 gate measures keypoints, which a router does not produce
+        # min_oks=0: the fp16/int8 routing-decision figures vs fp32 are printed and stored in the entry, but do not
+        # fail the run (the checkpoint exists; `dynpose-export --min-oks` enforces them). router_weights="trained":
+        # route fraction:0.5 until --calibrate, unless a calibrated route is already there (`default_route`).
         with warnings.catch_warnings():
             # export_model builds a randomly initialised router before loading our checkpoint into it; its
             # "random weights" warning would be wrong here
             warnings.filterwarnings("ignore", message=".*random weights.*")
             try:
                 entries = export_model("router", engine_dir, role="router", weights=str(checkpoint),
-                                       precision=precision, calib=calib, min_oks=0.0, fmt=fmt, progress=progress)
+                                       precision=precision, calib=calib, min_oks=0.0, fmt=fmt, progress=progress,
+                                       router_weights="trained")
             except DynPoseError as e:
                 # the training is not lost: say where the checkpoint is and how to export it later
                 raise DynPoseError(f"trained router saved to {checkpoint}, but its export failed: {e} (export it with "
                                    f"`dynpose-export --model router --checkpoint {checkpoint} --engine-dir "
                                    f"{engine_dir}`)") from None
         exported = [e.file for e in entries]
-    return TrainReport(result, checkpoint, png, len(crops), targets.summary(), exported, start)
+        from dynpose.engines.manifest import Manifest
+        from dynpose.export.api import default_route
+
+        # the route the export just set (same rule, same manifest), for the CLI to print
+        route_note = default_route(Manifest.load(engine_dir, verify=False), "trained")[1]
+    else:
+        route_note = ""
+    return TrainReport(result, checkpoint, png, len(crops), targets.summary(), exported, start, route_note)
