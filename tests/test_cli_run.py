@@ -44,6 +44,26 @@ def test_coco_folder_with_detections(tinypose_engine_dir: Path, coco_dir: Path, 
     assert sorted(p.name for p in vis.iterdir()) == sorted(p.name for p in coco_dir.glob("*.jpg"))
 
 
+def test_gt_boxes_isolate_pose_accuracy(tinypose_engine_dir: Path, coco_dir: Path, tmp_path: Path) -> None:
+    """--gt-boxes crops the 12 annotated persons (no detector, no OKS-NMS): one result each, and the printed AP is
+    the large TinyPose's pose accuracy alone (its mean OKS on these persons is 0.89, models/README.md)."""
+    from dynpose.eval.coco import evaluate_results
+
+    out = tmp_path / "gt.json"
+    code, stdout, stderr = run(
+        "--engine-dir", tinypose_engine_dir, "--source", coco_dir, "--gt-boxes", coco_dir / "test_coco.json",
+        "--route", "all-large", "--out", out, "--eval", coco_dir / "test_coco.json",
+    )
+    assert code == 0, stderr
+    results = json.loads(out.read_text())
+    assert len(results) == 12 and "crops small 0 / large 12" in stdout
+    ap = evaluate_results(out, coco_dir / "test_coco.json")["AP"]
+    assert ap > 0.75 and f"= {ap:.3f}" in stdout
+    code, _, stderr = run("--engine-dir", tinypose_engine_dir, "--source", coco_dir, "--gt-boxes",
+                          coco_dir / "test_coco.json", "--detections", coco_dir / "test_coco_det_AP_H_56.json")
+    assert code == 2 and "one box source" in stderr
+
+
 @pytest.fixture(scope="module")
 def tiny_video(coco_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     img = cv2.imread(str(coco_dir / "000000000785.jpg"))
@@ -83,7 +103,7 @@ def test_video_with_detector_jsonl_and_mp4(tinypose_engine_dir: Path, shared: Pa
         ("bad_source", "no such file"),
         ("bad_policy", "routing policy"),
         ("empty_detections", "no person boxes"),
-        ("both_box_sources", "not both"),
+        ("both_box_sources", "one box source"),
         ("no_boxes", "no person boxes"),
         ("bad_out", "--out"),
         ("tampered", "altered"),

@@ -62,6 +62,9 @@ def _frame_path(source: str, name: str) -> Path:
 @click.option("--det-score", type=float, default=None,
               help="Minimum box score: for --detections (default 0.0) or the detector (default 0.5).")
 @click.option("--detector", type=click.Path(path_type=str), default=None, help="ONNX person detector (e.g. PicoDet).")
+@click.option("--gt-boxes", type=click.Path(path_type=str), default=None,
+              help="COCO annotation file: crop its annotated person boxes instead of detections (isolates pose "
+                   "accuracy from the detector; also maps image ids to files).")
 @click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--route", default=None, help="Routing policy (see below); default: the manifest's.")
@@ -82,7 +85,7 @@ def _frame_path(source: str, name: str) -> Path:
 @user_errors
 def main(
     engine_dir: str, source: str, detections: str | None, ann: str | None, det_score: float | None,
-    detector: str | None, backend: str, device: str, route: str | None, flip: bool, max_batch: int,
+    detector: str | None, gt_boxes: str | None, backend: str, device: str, route: str | None, flip: bool, max_batch: int,
     max_latency_ms: float | None, threads: int | None, out: str | None, vis: str | None, vis_score: float,
     eval_gt: str | None,
 ) -> None:
@@ -92,8 +95,8 @@ def main(
     from dynpose.runtime.policy import parse_policy
     from dynpose.runtime.sources import open_source
 
-    if detections and detector:
-        raise DynPoseError("give --detections or --detector, not both")
+    if sum(x is not None for x in (detections, detector, gt_boxes)) > 1:
+        raise DynPoseError("give one box source: --detections, --detector or --gt-boxes")
     if ann and not detections:
         raise DynPoseError("--ann maps detection image ids to files; it needs --detections")
     if max_batch < 1:
@@ -111,11 +114,24 @@ def main(
         if not dets:
             raise DynPoseError(f"detections file {detections}: no person boxes (at --det-score {det_score or 0.0})")
     ids = _frame_ids(source, ann) if detections else None
+    if gt_boxes:
+        # As the official HRNet / MMPose GT-box test: every non-crowd person with a labelled keypoint, box score 1.
+        # (M,4) boxes carry no score, so the Pipeline skips OKS-NMS for them, as those codes do.
+        from dynpose.data import gt_boxes as annotated_boxes
+        from dynpose.data import load_coco
+
+        dets = {}
+        for iid, box, _ in annotated_boxes(load_coco(gt_boxes)):
+            dets.setdefault(iid, []).append(box)
+        dets = {iid: np.asarray(b, dtype=np.float64) for iid, b in dets.items()}
+        if not dets:
+            raise DynPoseError(f"--gt-boxes {gt_boxes}: no annotated person with a labelled keypoint")
+        ids = _frame_ids(source, gt_boxes)
 
     src = open_source(source)
     if dets is not None and src.kind in ("video", "webcam"):
         src.close()
-        raise DynPoseError("--detections names images by COCO image id; for a video or webcam use --detector")
+        raise DynPoseError("--detections / --gt-boxes name images by COCO image id; for a video or webcam use --detector")
     if src.kind in ("video", "webcam") and out is not None and Path(out).suffix.lower() == ".json":
         src.close()
         raise DynPoseError(f"--out {out}: video frames have no COCO image ids; write JSON lines with --out NAME.jsonl")
@@ -130,8 +146,8 @@ def main(
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     if dets is None and pipe.detector is None:
         pipe.close()
-        raise DynPoseError("no person boxes: pass --detections DETS.json or --detector FILE.onnx (or export a "
-                           "detector into the engine dir)")
+        raise DynPoseError("no person boxes: pass --detections DETS.json, --gt-boxes GT.json or --detector FILE.onnx "
+                           "(or export a detector into the engine dir)")
 
     no_id: list[str] = []
     matched = [0]  # frames whose image id has detections
@@ -205,7 +221,7 @@ def main(
         click.echo(f"warning: {len(no_id)} image(s) have no COCO image id (e.g. {no_id[0]}); they get no COCO "
                    "results (name files by numeric id or pass --ann)", err=True)
     if dets is not None and st.frames and not matched[0]:
-        click.echo(f"warning: no image of {source} has detections in {detections}; check the file names / ids "
+        click.echo(f"warning: no image of {source} has boxes in {detections or gt_boxes}; check the file names / ids "
                    "(or pass --ann)", err=True)
     if src.skipped:
         click.echo(f"warning: {src.skipped} unreadable image(s) skipped", err=True)
