@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,15 @@ def tinypose_engine_dir(tmp_path_factory: pytest.TempPathFactory, tinypose_256: 
         warnings.simplefilter("ignore")  # random router weights (on purpose) and torch's exporter notices
         export_model("router", engine_dir, weights="random", progress=False)
     return engine_dir
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """CI and dev boxes share few cores; torch's intra-op threads then contend with each other and run many times
+    slower than a single thread. Restored afterwards so other test modules keep their setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,7 @@ NAMES = ["hrnet_w32", "hrnet_w48", "resnet_50", "resnet_101", "resnet_152", "rou
 _MODELS: dict[str, torch.nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    # CI and dev boxes share few cores; torch's intra-op threads then contend with each other and run many times
-    # slower than a single thread. Restored afterwards so other test modules keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def model(name: str) -> torch.nn.Module:

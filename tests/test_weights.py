@@ -20,15 +20,7 @@ from dynpose.errors import DynPoseError
 from dynpose.models import cache_dir, create_model, download, load_weights
 from dynpose.models.weights import sha256_prefix_from_name
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    # CI and dev boxes share few cores; torch's intra-op threads then contend with each other and run many times
-    # slower than a single thread. Restored afterwards so other test modules keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

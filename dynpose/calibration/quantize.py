@@ -253,6 +253,15 @@ def _ranges_path(cache_dir: Path, src: Path, crops_key: str, target: str, method
     return cache_dir / f"ranges-{h}.json"
 
 
+def _calibration_split(spec: CalibSpec, card: ModelCard, cache: Path | None, log: Log) -> tuple[CropSet, CropSet, CropSet]:
+    """The crop set (cached) and its calibration / held-out halves; both halves must be non-empty."""
+    log(f"{card.name}: building calibration crops ({len(spec.sources)} box files)")
+    crops = build_crop_set(spec, card, cache)
+    if len(crops.calib) == 0 or len(crops.held_out) == 0:
+        raise DynPoseError("calibration data: need both calibration crops and held-out gate crops")
+    return crops, crops.calib, crops.held_out
+
+
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCard, spec: CalibSpec, *,
                   target: str = "ort", min_oks: float = 0.95, cache_dir: str | os.PathLike | None = None,
                   log: Log = _console_log, progress: bool = True, max_steps: int = MAX_STEPS) -> dict[str, Any]:
@@ -268,11 +277,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCar
     symmetric = target == "tensorrt"
     cache = Path(cache_dir) if cache_dir is not None else None
     t_start = time.perf_counter()
-    log(f"{card.name}: building calibration crops ({len(spec.sources)} box files)")
-    crops: CropSet = build_crop_set(spec, card, cache)
-    cal, gate = crops.calib, crops.held_out
-    if len(cal) == 0 or len(gate) == 0:
-        raise DynPoseError("calibration data: need both calibration crops and held-out gate crops")
+    crops, cal, gate = _calibration_split(spec, card, cache, log)
     in_name, _ = io_names(load_onnx(src))
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
         tmp = Path(tmp_s)
@@ -392,11 +397,7 @@ def quantize_router_int8(src: str | os.PathLike, dst: str | os.PathLike, card: M
     spec.validate()
     settings = _settings(target, spec.method)
     cache = Path(cache_dir) if cache_dir is not None else None
-    log(f"{card.name}: building calibration crops ({len(spec.sources)} box files)")
-    crops = build_crop_set(spec, card, cache)
-    cal, gate = crops.calib, crops.held_out
-    if len(cal) == 0 or len(gate) == 0:
-        raise DynPoseError("calibration data: need both calibration crops and held-out gate crops")
+    crops, cal, gate = _calibration_split(spec, card, cache, log)
     in_name, _ = io_names(load_onnx(src))
     log(f"{card.name}: calibrating int8 ({target}, {spec.method}) on {len(cal)} crops; gate: {len(gate)} held-out crops")
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
