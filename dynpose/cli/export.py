@@ -20,6 +20,7 @@ Examples:
   dynpose-export --onnx tinypose_256x192.onnx --card tinypose.json --role small --precision int8 \\
       --calib-ann person_keypoints.json --calib-images images/ --engine-dir engines/
   dynpose-export --model hrnet_w32 --checkpoint mmpose --format tensorrt --precision fp16 --engine-dir engines/
+  dynpose-export --detector picodet_s_320_pedestrian.onnx --engine-dir engines/
 """
 
 
@@ -115,17 +116,25 @@ def _summary(entries: list, engine_dir: Path) -> None:
               "it (e.g. random weights).")
 @click.option("--engine-dir", type=click.Path(file_okay=False), default="engines", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress lines, only the summary table.")
+@click.option("--detector", "detector", type=click.Path(path_type=str), default=None,
+              help="Register an ONNX person detector (PicoDet, YOLOv5/v8 layouts) as the engine dir's detector.")
 @user_errors
 def main(model, onnx_file, card_file, checkpoint, weights, trust_checkpoint, precision, calib_ann, calib_dets,
          calib_images, calib_root, gate_ann, calib_method, calib_max_crops, int8_target, role, fmt, max_batch, opt_batch,
-         opt_level, min_oks, engine_dir, quiet) -> None:
+         opt_level, min_oks, engine_dir, quiet, detector) -> None:
     """Export pose models to ONNX (fp32/fp16/INT8 Q/DQ) or TensorRT, verify them, and record them in the engine
     directory's manifest.json."""
     from dynpose.export.api import export_all, export_model, register_onnx
     from dynpose.models.card import ModelCard
 
-    if (model is None) == (onnx_file is None):
-        raise DynPoseError("pass exactly one of --model NAME (zoo) or --onnx FILE --card CARD.json (your model)")
+    if sum(x is not None for x in (model, onnx_file, detector)) != 1:
+        raise DynPoseError("pass exactly one of --model NAME (zoo), --onnx FILE --card CARD.json (your pose model) or "
+                           "--detector FILE.onnx (a person detector)")
+    if detector is not None:
+        from dynpose.export.api import register_detector
+
+        _summary(register_detector(detector, Path(engine_dir), progress=not quiet), Path(engine_dir))
+        return
     if not 0.0 <= min_oks <= 1.0:
         raise DynPoseError(f"--min-oks {min_oks}: must be between 0 and 1")
     calib = _calib_spec(calib_ann, calib_dets, calib_images, calib_root, gate_ann, calib_method, int8_target,

@@ -436,3 +436,29 @@ def export_all(engine_dir: str | os.PathLike, *, weights: dict[str, str] | None 
 
 __all__ = ["CalibSpec", "ROLES", "ROUTER_WEIGHTS", "commit", "default_role", "default_route", "export_all", "export_model",
            "register_onnx", "staging"]
+
+
+def register_detector(onnx_path: str | os.PathLike, engine_dir: str | os.PathLike, *, progress: bool = True) -> list[Entry]:
+    """Register an ONNX person detector (PP-PicoDet, YOLOv5 or YOLOv8 output layout) as the engine dir's `detector`
+    entry, so `dynpose-run` and `Pipeline.from_engine_dir` find boxes without a `--detector` flag.
+
+    The file is loaded with the runtime's own `OnnxDetector` (which reads the layout from the outputs and needs a fixed
+    input size) and run once on a frame, so a model the runtime cannot use is refused here, not at run time."""
+    from dynpose.runtime.detector import OnnxDetector
+
+    log = _printer(progress)
+    src = Path(onnx_path)
+    check_onnx(load_onnx(src, "detector"), f"detector {src}")
+    det = OnnxDetector(src)
+    h, w = det.input_hw
+    det(np.full((h, w, 3), 114, dtype=np.uint8))  # one real run: shapes and layout work end to end
+    log(f"detector {src.name}: {det.layout} layout, input {w}x{h}")
+    card = ModelCard(name=src.stem, input_width=w, input_height=h, task="detector", arch="onnx")
+    in_name = det.input_name
+    out_name = det.session.get_outputs()[0].name
+    with staging(engine_dir) as stage:
+        shutil.copyfile(src, stage / "detector.onnx")
+        entry = Entry(role="detector", model=src.stem, file="detector.onnx", format="onnx", precision="fp32", card=card,
+                      input_name=in_name, output_name=out_name, min_batch=1, max_batch=1,
+                      checkpoint_sha256=sha256_file(src), checks={"layout": det.layout}, versions=tool_versions())
+        return commit(stage, engine_dir, [entry], log)

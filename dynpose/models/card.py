@@ -18,7 +18,8 @@ from dynpose.keypoints import KEYPOINT_SETS, KeypointSet, get_keypoint_set
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
-TASKS = ("pose", "router")
+# "detector": a person detector in an engine dir; only its input size matters here (it preprocesses itself).
+TASKS = ("pose", "router", "detector")
 COLOR_ORDERS = ("rgb", "bgr")
 DECODERS = ("msra", "dark", "udp")
 
