@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from dynpose.cli.common import user_errors
+from dynpose.engines.manifest import Entry
 from dynpose.errors import DynPoseError
+
+if TYPE_CHECKING:
+    from dynpose.calibration.crops import CalibSpec
 
 EXAMPLES = """
 \b
@@ -25,7 +30,7 @@ Examples:
 
 
 def _calib_spec(ann: str | None, dets: str | None, images: str | None, root: str | None, gate_ann: str | None,
-                method: str, target: str | None, max_crops: int):
+                method: str, target: str | None, max_crops: int) -> CalibSpec | None:
     from dynpose.calibration.crops import CalibSpec, Source
 
     if root is None and ann is None and dets is None:
@@ -47,7 +52,7 @@ def _calib_spec(ann: str | None, dets: str | None, images: str | None, root: str
     return spec
 
 
-def _check_figure(e) -> str:
+def _check_figure(e: Entry) -> str:
     c = e.checks
     if e.format == "tensorrt":
         return f"built (TensorRT {(e.tensorrt or {}).get('tensorrt_version', '?')})"
@@ -119,9 +124,11 @@ def _summary(entries: list, engine_dir: Path) -> None:
 @click.option("--detector", "detector", type=click.Path(path_type=str), default=None,
               help="Register an ONNX person detector (PicoDet, YOLOv5/v8 layouts) as the engine dir's detector.")
 @user_errors
-def main(model, onnx_file, card_file, checkpoint, weights, trust_checkpoint, precision, calib_ann, calib_dets,
-         calib_images, calib_root, gate_ann, calib_method, calib_max_crops, int8_target, role, fmt, max_batch, opt_batch,
-         opt_level, min_oks, engine_dir, quiet, detector) -> None:
+def main(model: str | None, onnx_file: str | None, card_file: str | None, checkpoint: str | None, weights: str | None,
+         trust_checkpoint: bool, precision: str, calib_ann: str | None, calib_dets: str | None, calib_images: str | None,
+         calib_root: str | None, gate_ann: str | None, calib_method: str, calib_max_crops: int, int8_target: str | None,
+         role: str | None, fmt: str, max_batch: int, opt_batch: int | None, opt_level: int, min_oks: float,
+         engine_dir: str, quiet: bool, detector: str | None) -> None:
     """Export pose models to ONNX (fp32/fp16/INT8 Q/DQ) or TensorRT, verify them, and record them in the engine
     directory's manifest.json."""
     from dynpose.export.api import export_all, export_model, register_onnx
