@@ -37,7 +37,7 @@ def flip_back(heatmaps: np.ndarray, flip_index: list[int]) -> np.ndarray:
     hm = np.asarray(heatmaps)
     if hm.ndim != 4:
         raise DynPoseError(f"heatmaps must be N x K x h x w, got shape {hm.shape}")
-    return np.ascontiguousarray(hm[:, list(flip_index), :, ::-1])
+    return np.take(hm[..., ::-1], list(flip_index), axis=1)  # one copy, C-contiguous
 
 
 def average_flip(
@@ -48,10 +48,12 @@ def average_flip(
     The shift (HRNet's SHIFT_HEATMAP) corrects the half-pixel misalignment of a flipped non-UDP crop; UDP crops are
     symmetric, so pass `shift=False` for them.
     """
-    back = flip_back(flipped_heatmaps, flip_index).copy()
+    back = flip_back(np.asarray(flipped_heatmaps, dtype=np.float32), flip_index)  # a fresh array: worked on in place
     if shift:
-        back[..., 1:] = back[..., :-1].copy()
-    return (np.asarray(heatmaps, dtype=np.float32) + back) * 0.5
+        back[..., 1:] = back[..., :-1]  # numpy buffers overlapping copies itself
+    back += np.asarray(heatmaps, dtype=np.float32)
+    back *= 0.5
+    return back
 
 
 def blur_kernel_size(heatmap_width: int) -> int:

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.runtime.backends.ort.runner import open_session
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255.0
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255.0
@@ -68,24 +69,12 @@ class OnnxDetector:
         input_size: int | tuple[int, int] | None = None,
         intra_op_threads: int = 0,
     ) -> None:
-        import onnxruntime as ort
-
-        from dynpose.runtime.backends.ort.runner import _providers
-
         self.path = Path(path)
         if not self.path.is_file():
             raise DynPoseError(f"detector {self.path}: file not found; pass an ONNX person detector (e.g. PicoDet)")
         self.score_thr = float(score_thr)
         self.iou_thr = float(iou_thr)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = intra_op_threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=_providers(device))
-        except DynPoseError:
-            raise
-        except Exception as e:  # ORT's own exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DynPoseError(f"detector {self.path}: ONNX Runtime cannot load it ({first})") from None
+        self.session = open_session(self.path, device, intra_op_threads, what="detector")
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise DynPoseError(f"detector {self.path}: expected one N x 3 x H x W image input")

