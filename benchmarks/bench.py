@@ -23,9 +23,10 @@ from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, write_json_atomic
 from dynpose.models.card import ModelCard
-from dynpose.runtime.backends import BACKEND_FORMAT, BACKENDS, load_runner
+from dynpose.runtime.backends import BACKENDS, load_runner
 from dynpose.runtime.backends.base import Runner
-from dynpose.runtime.dispatcher import Dispatcher, crop_boxes
+from dynpose.runtime.dispatcher import Dispatcher, crop_boxes, same_crop
+from dynpose.runtime.pipeline import _pick_entry
 from dynpose.runtime.policy import parse_policy
 from dynpose.runtime.preprocess import box_to_center_scale
 
@@ -119,24 +120,15 @@ def load_models(
     if backend not in BACKENDS:
         raise DynPoseError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
     manifest = Manifest.load(engine_dir)
-    fmt = BACKEND_FORMAT[backend]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     out: dict[str, tuple[Runner, ModelCard, dict[str, Any]]] = {}
     try:
         for role in ("router", "small", "large"):
-            entry = manifest.get(role, fmt) if role != "router" else (manifest.get(role, fmt) or manifest.get(role, "onnx"))
-            if entry is None:
-                if role == "router":
-                    continue
-                manifest.require(role, fmt, engine_dir)
-            assert entry is not None
+            if role == "router" and manifest.get(role) is None:
+                continue
+            # the Pipeline's choice per role: a router without a plan/state_dict falls back to its ONNX
+            entry, role_backend, role_device = _pick_entry(manifest, Path(engine_dir), role, backend, device)
             opts: dict[str, Any] = {}
-            role_backend, role_device = (backend, device) if entry.format == fmt else ("ort", device)
-            if role_backend != backend and device == "cuda":
-                # a router without a plan/state_dict runs its ONNX: on the GPU when this ORT has CUDA
-                import onnxruntime as ort
-
-                role_device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
             if role_backend == "ort" and role_device == "cpu":
                 opts["intra_op_threads"] = threads or (cores if role == "router" else max(1, cores // 2))
             runner = load_runner(role_backend, engine_dir, entry, device=role_device, **opts)
@@ -314,6 +306,7 @@ def pipeline_benchmark(models: dict[str, tuple[Runner, ModelCard, dict[str, Any]
     acc = dict.fromkeys(STAGES, 0.0)
     routed = {"small": 0, "large": 0}
     nk = large[1].keypoint_set.num
+    reuse_router_crop = router is not None and same_crop(router[1], large[1])
     sigmas = large[1].keypoint_set.sigmas
     for _ in range(max(1, repeats)):
         for path, raw in inputs:
@@ -325,7 +318,7 @@ def pipeline_benchmark(models: dict[str, tuple[Runner, ModelCard, dict[str, Any]
             fi = np.zeros(len(xywh), dtype=np.int64)
             kps = np.zeros((len(xywh), nk, 3), dtype=np.float32)
             areas = np.zeros(len(xywh))
-            scores = None
+            scores = rcrops = None
             if policy.needs_router:
                 assert router is not None
                 t = time.perf_counter()
@@ -343,7 +336,10 @@ def pipeline_benchmark(models: dict[str, tuple[Runner, ModelCard, dict[str, Any]
                 routed[m] += int(idx.size)
                 t = time.perf_counter()
                 c, s = box_to_center_scale(xywh[idx], card.aspect_ratio, card.padding)
-                crops = crop_boxes([img], fi[idx], c, s, card)
+                if m == "large" and reuse_router_crop and rcrops is not None:
+                    crops = rcrops[idx]  # as the Dispatcher: the router's crops serve the large model as they are
+                else:
+                    crops = crop_boxes([img], fi[idx], c, s, card)
                 acc["crop"] += time.perf_counter() - t
                 t = time.perf_counter()
                 hm = runner.infer(crops)

@@ -7,7 +7,8 @@ Runs `dynpose.Pipeline` over the COCO sample (../shared/data/coco: 4 images, the
 `test_coco_det_AP_H_56.json`, GT `test_coco.json`) once per policy and prints AP / AP50 / AR from pycocotools, the
 crops each model got and the wall time. Without --engine-dir it registers the real TinyPose models (128x96 small,
 256x192 large) and the DynPose router with random weights (seed 0; no trained router checkpoint is available here,
-so `fraction:F` shows what sending a share F of crops to the small model costs, not what a trained router saves).
+so `fraction:F` shows what sending only a share F of crops to the large model costs, not what a trained router
+saves).
 """
 
 from __future__ import annotations

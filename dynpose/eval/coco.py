@@ -66,7 +66,8 @@ def resolve_kind(gt: dict, kind: str, where: str = "ground truth") -> str:
 
 
 def _check_results(results: list, gt: dict, num_kpts: int, where: str) -> list[dict]:
-    """Validate and copy results (pycocotools mutates them); give a DynPoseError where pycocotools would assert."""
+    """Validate and copy results (pycocotools' loadRes writes area/id/bbox into each record, only at the top level, so a
+    shallow copy keeps the caller's records intact); give a DynPoseError where pycocotools would assert."""
     if not isinstance(results, list):
         raise DynPoseError(f"{where}: expected a JSON list of {{image_id, category_id, keypoints, score}} records")
     gt_ids = {int(im["id"]) for im in gt["images"]}
@@ -78,7 +79,7 @@ def _check_results(results: list, gt: dict, num_kpts: int, where: str) -> list[d
         if not isinstance(kp, list) or len(kp) != num_kpts * 3:
             n = len(kp) if isinstance(kp, list) else type(kp).__name__
             raise DynPoseError(f"{where}: record {i} has {n} keypoint values, the ground truth needs {num_kpts * 3}")
-        r = copy.deepcopy(r)
+        r = dict(r)
         r.setdefault("category_id", 1)
         out.append(r)
     foreign = sorted({r["image_id"] for r in out} - gt_ids, key=str)

@@ -1,10 +1,10 @@
 """Per-crop outputs of the engine dir's small and large pose models on ground-truth boxes, cached.
 
 For every annotated (non-crowd, >= 1 labelled keypoint) person: crop the box for each model at that model's own
-input size (`preprocess.crop_batch` with its card), run the model (any backend), decode the keypoints to image
-pixels (`decode.decode_heatmaps`), and record each model's OKS against the ground truth and its per-joint
-normalised distances (`targets.joint_distances`, normalised by the large model's crop size). Running the pose
-models is the expensive part of router training, so the arrays are cached in an npz keyed by a hash of what
+input size (`dispatcher.crop_boxes` with its card, as the runtime crops), run the model (any backend), decode the
+keypoints to image pixels (`decode.decode_heatmaps`), and record each model's OKS against the ground truth and its
+per-joint normalised distances (`targets.joint_distances`, normalised by the large model's crop size). Running the
+pose models is the expensive part of router training, so the arrays are cached in an npz keyed by a hash of what
 determines them: the small and large entries' sha256 (the exact files), the backend, the annotation file's sha256
 and every used image's sha256.
 """
@@ -29,7 +29,8 @@ from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.router.targets import crop_error, joint_distances
-from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, get_affine_transform, to_model_colors
+from dynpose.runtime.dispatcher import crop_boxes
+from dynpose.runtime.preprocess import box_to_center_scale, to_model_colors, warp_matrix
 
 CACHE_VERSION = 1
 CACHE_DIRNAME = "cache"  # inside the engine dir unless --cache-dir says otherwise
@@ -157,7 +158,7 @@ def _run_pose(runner: Any, card: ModelCard, image_bgr: np.ndarray, boxes: np.nda
     from dynpose.runtime.decode import decode_heatmaps
 
     centers, scales = box_to_center_scale(boxes, card.aspect_ratio, card.padding)
-    batch = crop_batch(np.ascontiguousarray(to_model_colors(image_bgr, card)), centers, scales, card)
+    batch = crop_boxes([image_bgr], np.zeros(len(boxes), dtype=np.int64), centers, scales, card)
     heatmaps = runner.infer(batch)
     return decode_heatmaps(heatmaps, centers, scales, card), scales
 
@@ -270,8 +271,9 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _warp(img: np.ndarray, center: np.ndarray, scale: np.ndarray, card: ModelCard) -> np.ndarray:
+    # warp_matrix, as the runtime's crop_boxes: the router trains on the exact pixels it is fed at run time
     w, h = card.input_size
-    return cv2.warpAffine(img, get_affine_transform(center, scale, (w, h)), (w, h), flags=cv2.INTER_LINEAR)
+    return cv2.warpAffine(img, warp_matrix(center, scale, card), (w, h), flags=cv2.INTER_LINEAR)
 
 
 def router_crops(
