@@ -26,6 +26,8 @@ from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, normaliz
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_TARGETS = ("ort", "tensorrt")
+NEEDS_CALIB = ("int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
+               "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR")
 
 
 @dataclass
@@ -57,10 +59,7 @@ class CalibSpec:
 
     def validate(self) -> None:
         if not self.sources:
-            raise DynPoseError(
-                "int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
-                "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR"
-            )
+            raise DynPoseError(NEEDS_CALIB)
         for s in self.sources:
             if not s.path.is_file():
                 raise DynPoseError(f"calibration {s.kind} file {s.path}: file not found")
@@ -210,31 +209,48 @@ def _spec_key(spec: CalibSpec, card: ModelCard) -> str:
     return h.hexdigest()[:16]
 
 
-def _crop(card: ModelCard, boxes: list[_Box], rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
-    """uint8 NHWC crops (un-normalised) plus centres/scales, image by image."""
+def _crop(card: ModelCard, boxes: list[_Box], jitter: int = 0,
+          rng: np.random.Generator | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """uint8 NHWC crops (un-normalised) plus centres/scales of `boxes`: one pass as boxed, then `jitter` passes with
+    randomly shifted/scaled boxes. Each image is decoded once for all passes (decoding costs far more than a warp)."""
     by_image: dict[Path, list[int]] = {}
     for i, b in enumerate(boxes):
         by_image.setdefault(b.image, []).append(i)
-    crops = np.empty((len(boxes), card.input_height, card.input_width, 3), np.uint8)
-    centers = np.empty((len(boxes), 2))
-    scales = np.empty((len(boxes), 2))
+    n = len(boxes)
+    c0, s0 = box_to_center_scale(np.stack([b.box for b in boxes]) if boxes else np.empty((0, 4)), card.aspect_ratio,
+                                 card.padding)
+    centers, scales = [c0], [s0]
+    for _ in range(jitter):
+        assert rng is not None
+        c, s = c0.copy(), s0.copy()
+        for idx in by_image.values():  # draws in pass, then image order: the same crops as cropping pass by pass
+            c[idx] += rng.uniform(-0.08, 0.08, size=(len(idx), 2)) * s0[idx]
+            s[idx] *= rng.uniform(0.9, 1.1, size=(len(idx), 1))
+        centers.append(c)
+        scales.append(s)
+    passes = len(centers)
+    crops = np.empty((passes, n, card.input_height, card.input_width, 3), np.uint8)
     mean = np.asarray(card.mean, np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(card.std, np.float32).reshape(1, 3, 1, 1)
     for img_path, idx in by_image.items():
         img = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
         if img is None:
             raise DynPoseError(f"calibration image {img_path}: cannot be read as an image")
-        img = to_model_colors(img, card)
-        bx = np.stack([boxes[i].box for i in idx])
-        c, s = box_to_center_scale(bx, card.aspect_ratio, card.padding)
-        if rng is not None:
-            c = c + rng.uniform(-0.08, 0.08, size=c.shape) * s
-            s = s * rng.uniform(0.9, 1.1, size=(len(s), 1))
-        x = crop_batch(np.ascontiguousarray(img), c, s, card)
+        img = np.ascontiguousarray(to_model_colors(img, card))
+        x = crop_batch(img, np.concatenate([c[idx] for c in centers]), np.concatenate([s[idx] for s in scales]), card)
         # Undo the normalisation to store the exact uint8 pixels the runtime produced (round trip is exact).
         u8 = np.clip(np.rint(x * std + mean), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-        crops[idx], centers[idx], scales[idx] = u8, c, s
-    return crops, centers, scales
+        crops[:, idx] = u8.reshape(passes, len(idx), *u8.shape[1:])
+    return [(crops[p], centers[p], scales[p]) for p in range(passes)]
+
+
+def _keypoint_mask(boxes: list[_Box], k: int) -> np.ndarray:
+    """(N,K) keypoints that count in OKS: a GT person's labelled ones, every keypoint otherwise."""
+    m = np.ones((len(boxes), k), bool)
+    for i, b in enumerate(boxes):
+        if b.labelled is not None and len(b.labelled) == k and b.labelled.any():
+            m[i] = b.labelled
+    return m
 
 
 def build_crop_set(spec: CalibSpec, card: ModelCard, cache_dir: str | os.PathLike | None = None,
@@ -255,19 +271,14 @@ def build_crop_set(spec: CalibSpec, card: ModelCard, cache_dir: str | os.PathLik
     if not calib_boxes:
         raise DynPoseError("calibration data: every image is in the gate set; add images that are not gated")
     rng = np.random.default_rng(spec.seed)
-    parts = [(_crop(card, calib_boxes, None), calib_boxes, False, False)]
-    for _ in range(spec.jitter):
-        parts.append((_crop(card, calib_boxes, rng), calib_boxes, False, False))
-    parts.append((_crop(card, gate_boxes, None), gate_boxes, True, False))
+    parts = [(crop, calib_boxes, False) for crop in _crop(card, calib_boxes, spec.jitter, rng)]
+    parts.append((_crop(card, gate_boxes)[0], gate_boxes, True))
 
     k = card.keypoint_set.num
     u8s, cs, ss, areas, masks, gates, flips = [], [], [], [], [], [], []
-    for (u8, c, s), bxs, gate, _ in parts:
+    for (u8, c, s), bxs, gate in parts:
         n = len(bxs)
-        m = np.ones((n, k), bool)
-        for i, b in enumerate(bxs):
-            if b.labelled is not None and len(b.labelled) == k and b.labelled.any():
-                m[i] = b.labelled
+        m = _keypoint_mask(bxs, k)
         u8s.append(u8)
         cs.append(c)
         ss.append(s)
@@ -332,8 +343,7 @@ def coco_person_crops(coco: str | os.PathLike, card: ModelCard, min_keypoints: i
                           person.keypoints[:, 2] > 0))
     if not boxes:
         return None
-    u8, c, s = _crop(card, boxes, None)
-    k = card.keypoint_set.num
-    mask = np.stack([b.labelled if b.labelled is not None and len(b.labelled) == k else np.ones(k, bool) for b in boxes])
+    ((u8, c, s),) = _crop(card, boxes)
+    mask = _keypoint_mask(boxes, card.keypoint_set.num)
     n = len(boxes)
     return CropSet(normalize(u8, card), c, s, np.array([b.area for b in boxes]), mask, np.ones(n, bool), np.zeros(n, bool))

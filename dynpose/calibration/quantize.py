@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from dynpose.calibration.crops import CalibSpec, CropSet, build_crop_set
 from dynpose.errors import DynPoseError
-from dynpose.export.onnx_export import io_names, load_onnx
+from dynpose.export.onnx_export import copy_metadata, io_names, load_onnx, name_nodes
 from dynpose.export.verify import keypoint_agreement, ort_session, run_ort
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
@@ -133,9 +133,7 @@ def _prepare(src: Path, dst: Path) -> onnx.ModelProto:
     keep = [o for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
     del model.opset_import[:]
     model.opset_import.extend(keep)
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
+    name_nodes(model)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:  # shapes only help the quantizer; a graph without them still quantizes
@@ -246,11 +244,31 @@ def measure_speedup(fp32: Path, int8: Path, x: np.ndarray, batch: int = SPEED_BA
     return {"fp32_ms": a * 1e3, "int8_ms": b * 1e3, "speedup": a / b, "batch": batch, "repeats": repeats}
 
 
+def log_speedup(speed: dict[str, float], precision: str, name: str, log: Log, hint: str) -> None:
+    """One line with `measure_speedup`'s figures; a warning with `hint` when the lower precision does not pay."""
+    msg = (f"{name}: {precision} vs fp32 on ONNX Runtime CPU at batch {speed['batch']}: {speed['speedup']:.2f}x "
+           f"({speed['fp32_ms']:.1f} ms -> {speed['int8_ms']:.1f} ms)")
+    if speed["speedup"] < WARN_SPEEDUP:
+        log(f"[yellow]warning[/]: {msg}: {precision} does not pay on this backend; {hint}")
+    else:
+        log(msg)
+
+
 def _ranges_path(cache_dir: Path, src: Path, crops_key: str, target: str, method: str) -> Path:
     # "prep2": ranges name the tensors of the graph `_prepare` makes; a change there must not reuse old ranges.
     key = f"prep2|{sha256_file(src)}|{crops_key}|{target}|{method}|{OP_TYPES[target]}"
     h = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir / f"ranges-{h}.json"
+
+
+def _prepare_with_ranges(src: Path, tmp: Path, cache: Path | None, crops: CropSet, target: str,
+                         method: str) -> tuple[Path, onnx.ModelProto, Path]:
+    """(prepared graph in `tmp`, its proto, where the calibration ranges live): in the cache dir when there is one,
+    so a later export of the same model on the same crops skips calibration, else beside the graph."""
+    prepared = tmp / "prepared.onnx"
+    model = _prepare(src, prepared)
+    ranges = _ranges_path(cache, src, _crop_key(crops), target, method) if cache is not None else tmp / "ranges.json"
+    return prepared, model, ranges
 
 
 def _calibration_split(spec: CalibSpec, card: ModelCard, cache: Path | None, log: Log) -> tuple[CropSet, CropSet, CropSet]:
@@ -278,13 +296,10 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCar
     cache = Path(cache_dir) if cache_dir is not None else None
     t_start = time.perf_counter()
     crops, cal, gate = _calibration_split(spec, card, cache, log)
-    in_name, _ = io_names(load_onnx(src))
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
         tmp = Path(tmp_s)
-        prepared = tmp / "prepared.onnx"
-        model = _prepare(src, prepared)
-        ranges = (_ranges_path(cache, src, _crop_key(crops), target, spec.method) if cache is not None
-                  else tmp / "ranges.json")
+        prepared, model, ranges = _prepare_with_ranges(src, tmp, cache, crops, target, spec.method)
+        in_name, _ = io_names(model)
         ref_sess = ort_session(prepared)
         ref_gate = run_ort(ref_sess, gate.x)
         del ref_sess
@@ -358,12 +373,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCar
     n_q = sum(1 for n in model.graph.node if n.op_type in OP_TYPES[target]) - len(excluded)
     log(f"{card.name}: int8 gate mean OKS vs fp32 {res['gate']:.4f} (min {res['gate_min']:.4f}) on {len(gate)} held-out "
         f"crops; {len(excluded)} layers kept fp32, {n_q} int8; search took {time.perf_counter() - t_start:.0f}s")
-    msg = (f"{card.name}: int8 vs fp32 on ONNX Runtime CPU at batch {speed['batch']}: {speed['speedup']:.2f}x "
-           f"({speed['fp32_ms']:.1f} ms -> {speed['int8_ms']:.1f} ms)")
-    if speed["speedup"] < WARN_SPEEDUP:
-        log(f"[yellow]warning[/]: {msg}: int8 does not pay on this backend; consider fp32/fp16 here")
-    else:
-        log(msg)
+    log_speedup(speed, "int8", card.name, log, "consider fp32/fp16 here")
     return {
         "int8_target": target, "int8_method": spec.method, "int8_calib_crops": len(cal), "int8_gate_crops": len(gate),
         "int8_oks": res["gate"], "int8_oks_min": res["gate_min"],
@@ -376,11 +386,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCar
 def _save_with_metadata(qpath: Path, src: Path, dst: Path) -> None:
     """Write the quantized model to `dst` with the fp32 file's metadata (the card travels in the quantized file too;
     the quantizer drops metadata_props)."""
-    qmodel = onnx.load(str(qpath))
-    src_model = onnx.load(str(src), load_external_data=False)
-    del qmodel.metadata_props[:]
-    for p in src_model.metadata_props:
-        qmodel.metadata_props.add(key=p.key, value=p.value)
+    qmodel = copy_metadata(onnx.load(str(src), load_external_data=False), onnx.load(str(qpath)))
     with atomic_path(dst) as out_tmp:
         onnx.save(qmodel, str(out_tmp))
 
@@ -398,15 +404,11 @@ def quantize_router_int8(src: str | os.PathLike, dst: str | os.PathLike, card: M
     settings = _settings(target, spec.method)
     cache = Path(cache_dir) if cache_dir is not None else None
     crops, cal, gate = _calibration_split(spec, card, cache, log)
-    in_name, _ = io_names(load_onnx(src))
     log(f"{card.name}: calibrating int8 ({target}, {spec.method}) on {len(cal)} crops; gate: {len(gate)} held-out crops")
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
         tmp = Path(tmp_s)
-        prepared = tmp / "prepared.onnx"
-        model = _prepare(src, prepared)
-        ranges = (_ranges_path(cache, src, _crop_key(crops), target, spec.method) if cache is not None
-                  else tmp / "ranges.json")
-        _quantize(prepared, tmp / "q.onnx", cal.x, in_name, settings, ranges, [], progress)
+        prepared, model, ranges = _prepare_with_ranges(src, tmp, cache, crops, target, spec.method)
+        _quantize(prepared, tmp / "q.onnx", cal.x, io_names(model)[0], settings, ranges, [], progress)
         _save_with_metadata(tmp / "q.onnx", src, dst)
     n_q = sum(1 for n in model.graph.node if n.op_type in OP_TYPES[target])
     return {"int8_target": target, "int8_method": spec.method, "int8_calib_crops": len(cal),

@@ -146,11 +146,6 @@ def main(model: str | None, onnx_file: str | None, card_file: str | None, checkp
         raise DynPoseError(f"--min-oks {min_oks}: must be between 0 and 1")
     calib = _calib_spec(calib_ann, calib_dets, calib_images, calib_root, gate_ann, calib_method, int8_target,
                         calib_max_crops)
-    if precision == "int8" and calib is None:
-        raise DynPoseError(
-            "int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
-            "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR"
-        )
     common = dict(precision=precision, max_batch=max_batch, calib=calib, min_oks=min_oks, fmt=fmt,
                   progress=not quiet, opt_batch=opt_batch, opt_level=opt_level)
     engine = Path(engine_dir)

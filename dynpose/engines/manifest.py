@@ -7,7 +7,6 @@ refuses a directory whose files are missing or altered, so a plan copied from el
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dynpose.errors import DynPoseError
-from dynpose.fileio import sha256_file, write_json_atomic
+from dynpose.fileio import read_json, sha256_file, write_json_atomic
 from dynpose.models.card import ModelCard
 
 SCHEMA = "dynpose.manifest"
@@ -149,10 +148,7 @@ class Manifest:
             raise DynPoseError(
                 f"engine dir {engine_dir}: no {MANIFEST_NAME}; create one with `dynpose-export --engine-dir {engine_dir}`"
             )
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DynPoseError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-export the engine dir") from None
+        d = read_json(path, "manifest", hint="re-export the engine dir")
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise DynPoseError(f"{path}: not a dynpose manifest (schema {SCHEMA!r} expected)")
         if d.get("version") != SCHEMA_VERSION:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from dynpose.calibration.crops import CalibSpec, CropSet, coco_person_crops
+from dynpose.calibration.crops import NEEDS_CALIB, CalibSpec, CropSet, coco_person_crops
 from dynpose.engines.manifest import DEFAULT_ROUTE, PRECISIONS, ROLES, Entry, Manifest, describe_file, tool_versions
 from dynpose.errors import DynPoseError
 from dynpose.export.onnx_export import check_onnx, export_torch, io_names, load_onnx, opset_of, set_card
@@ -74,6 +74,16 @@ def _check_args(role: str, precision: str, fmt: str, max_batch: int) -> None:
         raise DynPoseError(f"format {fmt!r}: use one of {FORMATS}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise DynPoseError(f"max batch {max_batch!r}: must be an integer >= 1")
+
+
+def _require_calib(precision: str, calib: CalibSpec | None) -> None:
+    if precision == "int8" and calib is None:
+        raise DynPoseError(NEEDS_CALIB)
+
+
+def _int8_target(calib: CalibSpec, fmt: str) -> str:
+    """The Q/DQ flavour: the spec's when set, else the one the export format runs (TensorRT's symmetric int8)."""
+    return calib.target or ("tensorrt" if fmt == "tensorrt" else "ort")
 
 
 def default_route(manifest: Manifest, router_weights_kind: str) -> tuple[str, str]:
@@ -166,16 +176,11 @@ def _real_crops(card: ModelCard, calib: CalibSpec | None) -> CropSet | None:
 
 def _speed_check(src: Path, out: Path, x: np.ndarray, precision: str, name: str, log: Log) -> dict[str, float]:
     """Time per batch of 8 vs fp32 on ONNX Runtime CPU (as for INT8 pose models); warns below 1.1x."""
-    from dynpose.calibration.quantize import WARN_SPEEDUP, measure_speedup
+    from dynpose.calibration.quantize import log_speedup, measure_speedup
 
     sp = measure_speedup(src, out, x)
-    msg = (f"{name}: {precision} vs fp32 on ONNX Runtime CPU at batch {sp['batch']}: {sp['speedup']:.2f}x "
-           f"({sp['fp32_ms']:.1f} ms -> {sp['int8_ms']:.1f} ms)")
-    if sp["speedup"] < WARN_SPEEDUP:
-        hint = "it is meant for GPUs (TensorRT, CUDA)" if precision == "fp16" else "consider fp32 here"
-        log(f"[yellow]warning[/]: {msg}: {precision} does not pay on this backend; {hint}")
-    else:
-        log(msg)
+    log_speedup(sp, precision, name, log,
+                "it is meant for GPUs (TensorRT, CUDA)" if precision == "fp16" else "consider fp32 here")
     return {f"{precision}_speedup_b8": sp["speedup"], f"{precision}_ms_b8": sp["int8_ms"], "fp32_ms_b8": sp["fp32_ms"]}
 
 
@@ -198,8 +203,7 @@ def _router_lower(stage: Path, role: str, card: ModelCard, src: Path, precision:
         from dynpose.calibration.quantize import quantize_router_int8
 
         assert calib is not None  # checked by the callers
-        target = calib.target or ("tensorrt" if fmt == "tensorrt" else "ort")
-        checks, gate = quantize_router_int8(src, stage / out, card, calib, target=target,
+        checks, gate = quantize_router_int8(src, stage / out, card, calib, target=_int8_target(calib, fmt),
                                             cache_dir=engine_dir / "cache", log=log, progress=progress)
     if gate is None or len(gate) == 0:  # no real crops here: at least the scores must stay finite
         x = np.random.default_rng(0).standard_normal((8, 3, card.input_height, card.input_width)).astype(np.float32)
@@ -233,11 +237,6 @@ def _lower_precision(stage: Path, role: str, card: ModelCard, fp32_file: str, pr
     if precision == "fp32":
         return fp32_file, {}
     src = stage / fp32_file
-    if precision == "int8" and calib is None:
-        raise DynPoseError(
-            "int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
-            "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR"
-        )
     if card.task == "router":
         # Judge under the route the engine dir will have once this router is in (what `commit` sets).
         route, _ = default_route(_existing_manifest(engine_dir, log), router_weights)
@@ -272,10 +271,9 @@ def _lower_precision(stage: Path, role: str, card: ModelCard, fp32_file: str, pr
     # int8
     from dynpose.calibration.quantize import quantize_int8
 
-    assert calib is not None
-    target = calib.target or ("tensorrt" if fmt == "tensorrt" else "ort")
+    assert calib is not None  # checked by the callers
     out = f"{role}.int8.onnx"
-    checks = quantize_int8(src, stage / out, card, calib, target=target, min_oks=min_oks,
+    checks = quantize_int8(src, stage / out, card, calib, target=_int8_target(calib, fmt), min_oks=min_oks,
                            cache_dir=engine_dir / "cache", log=log, progress=progress)
     return out, checks
 
@@ -343,11 +341,7 @@ def register_onnx(onnx_path: str | os.PathLike, card: ModelCard, engine_dir: str
         raise DynPoseError(f"user ONNX model {src}: opset {opset_of(model)} is too old; re-export it with opset >= 17")
     io_names(model, f"user ONNX model {src}")
     checkpoint_sha = sha256_file(src)
-    if precision == "int8" and calib is None:
-        raise DynPoseError(
-            "int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
-            "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR"
-        )
+    _require_calib(precision, calib)
     with staging(engine_dir) as stage:
         fp32_file = f"{role}.onnx"
         onnx.save(set_card(model, card), str(stage / fp32_file))
@@ -378,11 +372,7 @@ def export_model(name: str, engine_dir: str | os.PathLike, *, role: str | None =
         raise DynPoseError(f"router weights kind {router_weights!r}: use one of {ROUTER_WEIGHTS}")
     log = _printer(progress)
     engine_dir = Path(engine_dir)
-    if precision == "int8" and calib is None:
-        raise DynPoseError(
-            "int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
-            "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR"
-        )
+    _require_calib(precision, calib)
     with warnings.catch_warnings():
         # The CLI prints its own line about random weights; the zoo's warning would repeat it per model.
         warnings.simplefilter("ignore", UserWarning)
@@ -423,6 +413,7 @@ def export_all(engine_dir: str | os.PathLike, *, weights: dict[str, str] | None 
 
     `weights`: zoo name -> weights source; missing names get random weights.
     """
+    _require_calib(precision, calib)  # before the router is exported, not after
     weights = weights or {}
     out: list[Entry] = []
     for name, role in DYNPOSE_SET:
@@ -435,7 +426,7 @@ def export_all(engine_dir: str | os.PathLike, *, weights: dict[str, str] | None 
 
 
 __all__ = ["CalibSpec", "ROLES", "ROUTER_WEIGHTS", "commit", "default_role", "default_route", "export_all", "export_model",
-           "register_onnx", "staging"]
+           "register_detector", "register_onnx", "staging"]
 
 
 def register_detector(onnx_path: str | os.PathLike, engine_dir: str | os.PathLike, *, progress: bool = True) -> list[Entry]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from dynpose.export.onnx_export import load_onnx
+from dynpose.export.onnx_export import copy_metadata, load_onnx, name_nodes
 
 # Half of fp16's largest finite value: leaves room for the next op (an Add of two such tensors) not to overflow.
 OVERFLOW = 32000.0
@@ -25,15 +25,14 @@ OP_BLOCK_LIST = ["Resize", "Upsample", "TopK", "NonMaxSuppression", "RoiAlign", 
 
 def overflowing_nodes(model: onnx.ModelProto, x: np.ndarray, limit: float = OVERFLOW) -> list[str]:
     """Names of nodes whose float outputs exceed `limit` in magnitude on the input batch `x`."""
-    import onnxruntime as ort
+    from dynpose.export.verify import ort_session
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    name_nodes(m)
     existing = {o.name for o in m.graph.output}
     producer: dict[str, str] = {}
-    for i, node in enumerate(m.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
+    for node in m.graph.node:
         for out in node.output:
             producer[out] = node.name
             if out and out not in existing:
@@ -41,9 +40,7 @@ def overflowing_nodes(model: onnx.ModelProto, x: np.ndarray, limit: float = OVER
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "all_outputs.onnx"
         onnx.save(m, str(p))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(p), sess_options=so, providers=["CPUExecutionProvider"])
+        sess = ort_session(p)
         names = [o.name for o in sess.get_outputs()]
         outs = sess.run(names, {sess.get_inputs()[0].name: x.astype(np.float32)})
     bad = set()
@@ -58,13 +55,9 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, sample: np.ndar
     """Write the fp16 model to `dst`; returns what was kept in fp32. `sample`: real crops for the overflow scan."""
     from onnxconverter_common import float16
 
-    model = load_onnx(src)
+    # Named before the overflow scan, so its block list names the nodes the converter sees.
+    model = name_nodes(load_onnx(src))
     blocked = overflowing_nodes(model, sample) if sample is not None and len(sample) else []
-    # The overflow scan named unnamed nodes; the converter must see the same names.
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
-    props = [(p.key, p.value) for p in model.metadata_props]
     half = float16.convert_float_to_float16(
         model, keep_io_types=True, op_block_list=OP_BLOCK_LIST, node_block_list=blocked or None,
         # Values past fp16 range are clamped rather than turned into inf.
@@ -77,8 +70,5 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, sample: np.ndar
     for vi in half.graph.value_info:
         if vi.name in cast_to:
             vi.type.tensor_type.elem_type = cast_to[vi.name]
-    del half.metadata_props[:]
-    for k, v in props:
-        half.metadata_props.add(key=k, value=v)
-    onnx.save(half, str(dst))
+    onnx.save(copy_metadata(model, half), str(dst))
     return {"fp16_fp32_nodes": blocked}

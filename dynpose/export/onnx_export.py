@@ -67,6 +67,24 @@ def set_card(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
     return model
 
 
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed node the name `<op>_<index>`: fp16 block lists and INT8 exclusions refer to nodes by name,
+    so every tool that reads the graph must see the same names."""
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    return model
+
+
+def copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace `dst`'s metadata_props with `src`'s (converters and quantizers drop them; our card lives there)."""
+    props = [(p.key, p.value) for p in src.metadata_props]
+    del dst.metadata_props[:]
+    for k, v in props:
+        dst.metadata_props.add(key=k, value=v)
+    return dst
+
+
 def read_card(path: str | os.PathLike) -> ModelCard | None:
     """The card stored in an ONNX file by dynpose, or None."""
     import json
@@ -86,16 +104,12 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding + dead-node removal with onnxslim; metadata (our card) is carried over by hand."""
     import onnxslim
 
-    props = [(p.key, p.value) for p in model.metadata_props]
     try:
         out = onnxslim.slim(model)
     except Exception as e:  # a graph onnxslim cannot handle is still a valid graph: keep it as is
         warnings.warn(f"onnxslim could not simplify the graph ({type(e).__name__}: {e}); kept unsimplified", stacklevel=2)
         return model
-    del out.metadata_props[:]
-    for k, v in props:
-        out.metadata_props.add(key=k, value=v)
-    return out
+    return copy_metadata(model, out)
 
 
 def export_torch(model: Any, path: str | os.PathLike, card: ModelCard, *, opset: int = OPSET,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dynpose.errors import DynPoseError
+from dynpose.fileio import read_json
 from dynpose.keypoints import KEYPOINT_SETS, KeypointSet, get_keypoint_set
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -127,13 +128,7 @@ class ModelCard:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelCard:
         p = Path(path)
-        try:
-            d = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise DynPoseError(f"model card {p}: file not found") from None
-        except json.JSONDecodeError as e:
-            raise DynPoseError(f"model card {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(d, where=f"model card {p}")
+        return cls.from_dict(read_json(p, "model card"), where=f"model card {p}")
 
     def with_(self, **changes: Any) -> ModelCard:
         """A copy with some fields changed (cards are shared; never mutate one in place)."""
