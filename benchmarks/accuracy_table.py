@@ -38,17 +38,27 @@ TINYPOSE_STD = (58.395, 57.12, 57.375)
 def tinypose_card(width: int, height: int) -> Any:
     from dynpose.models.card import ModelCard
 
-    return ModelCard(name=f"tinypose_{height}x{width}", input_width=width, input_height=height, color_order="rgb",
-                     mean=TINYPOSE_MEAN, std=TINYPOSE_STD, keypoints="coco17", decoder="msra")
+    return ModelCard(
+        name=f"tinypose_{height}x{width}",
+        input_width=width,
+        input_height=height,
+        color_order="rgb",
+        mean=TINYPOSE_MEAN,
+        std=TINYPOSE_STD,
+        keypoints="coco17",
+        decoder="msra",
+    )
 
 
 def calib_spec(shared: Path) -> Any:
     from dynpose.calibration.crops import CalibSpec, Source
 
     data = shared / "data"
-    sources = [Source("mpii", data / "mpii" / "test_mpii.json", data / "mpii"),
-               Source("coco", data / "crowdpose" / "test_crowdpose.json", data / "crowdpose"),
-               Source("coco", data / "exlpose" / "test_exlpose.json", data / "exlpose")]
+    sources = [
+        Source("mpii", data / "mpii" / "test_mpii.json", data / "mpii"),
+        Source("coco", data / "crowdpose" / "test_crowdpose.json", data / "crowdpose"),
+        Source("coco", data / "exlpose" / "test_exlpose.json", data / "exlpose"),
+    ]
     return CalibSpec(sources=sources, gate_ann=data / "coco" / "test_coco.json")
 
 
@@ -60,12 +70,19 @@ def build_engine_dir(engine_dir: Path, precision: str, shared: Path) -> None:
 
     models = shared / "models"
     calib = calib_spec(shared) if precision == "int8" else None
-    for role, name, (w, h) in (("small", "tinypose_128x96.onnx", (96, 128)),
-                               ("large", "tinypose_256x192.onnx", (192, 256))):
+    for role, name, (w, h) in (("small", "tinypose_128x96.onnx", (96, 128)), ("large", "tinypose_256x192.onnx", (192, 256))):
         # The export's default accuracy gate (mean OKS >= 0.95 vs fp32 on the COCO persons) is on: the INT8
         # column shows what `dynpose-export --precision int8` actually ships (sensitive layers kept in fp32).
-        register_onnx(models / name, tinypose_card(w, h), engine_dir, role=role, precision=precision, calib=calib,
-                      min_oks=0.95, progress=False)
+        register_onnx(
+            models / name,
+            tinypose_card(w, h),
+            engine_dir,
+            role=role,
+            precision=precision,
+            calib=calib,
+            min_oks=0.95,
+            progress=False,
+        )
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,8 +100,10 @@ def lowering_notes(engine_dir: Path, precision: str) -> list[str]:
             extra = ""
             if precision == "int8":
                 extra = f", {c.get('int8_quantized_layers', '?')} layers quantized, {c.get('int8_method', '?')} calibration"
-            out.append(f"{precision.upper()} {e.role} ({e.model}): mean OKS vs FP32 {c[f'{precision}_oks']:.3f} on "
-                       f"held-out crops{extra}")
+            out.append(
+                f"{precision.upper()} {e.role} ({e.model}): mean OKS vs FP32 {c[f'{precision}_oks']:.3f} on "
+                f"held-out crops{extra}"
+            )
     return out
 
 
@@ -107,21 +126,38 @@ def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float]
     m = Manifest.load(engine_dir)
     runners = {}
     for role in ("router", "small", "large"):
-        entry = m.get(role, "onnx") if role == "router" else next(
-            e for e in m.entries if e.role == role and e.format == "onnx" and e.precision == precision)
+        entry = (
+            m.get(role, "onnx")
+            if role == "router"
+            else next(e for e in m.entries if e.role == role and e.format == "onnx" and e.precision == precision)
+        )
         runners[role] = (load_runner("ort", engine_dir, entry, device="cpu"), entry.card)
     policies = {"large only": "all-large", "small only": "all-small"}
     policies.update({f"DynPose {f:.0%} large": f"fraction:{f:g}" for f in fractions})
     out: dict[str, float] = {}
     try:
         for name, pol in policies.items():
-            with Dispatcher(runners["small"][0], runners["large"][0], runners["small"][1], runners["large"][1],
-                            router=runners["router"][0], router_card=runners["router"][1], policy=pol) as d:
+            with Dispatcher(
+                runners["small"][0],
+                runners["large"][0],
+                runners["small"][1],
+                runners["large"][1],
+                router=runners["router"][0],
+                router_card=runners["router"][1],
+                policy=pol,
+            ) as d:
                 r = d.run(images, boxes)
             scores = rescore(r.keypoints, np.ones(len(r.keypoints)))
             frame_ids = np.asarray(ids)[r.frame_index]
-            results = [{"image_id": int(frame_ids[i]), "category_id": 1, "score": float(scores[i]),
-                        "keypoints": r.keypoints[i].astype(float).ravel().tolist()} for i in range(len(scores))]
+            results = [
+                {
+                    "image_id": int(frame_ids[i]),
+                    "category_id": 1,
+                    "score": float(scores[i]),
+                    "keypoints": r.keypoints[i].astype(float).ravel().tolist(),
+                }
+                for i in range(len(scores))
+            ]
             out[name] = evaluate_results(results, gt)["AP"]
     finally:
         for runner, _ in runners.values():
@@ -130,8 +166,10 @@ def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float]
 
 
 def markdown(table: dict[str, dict[str, float | str]], precisions: list[str]) -> str:
-    lines = ["| configuration | " + " | ".join(p.upper() for p in precisions) + " |",
-             "| --- | " + " | ".join("---:" for _ in precisions) + " |"]
+    lines = [
+        "| configuration | " + " | ".join(p.upper() for p in precisions) + " |",
+        "| --- | " + " | ".join("---:" for _ in precisions) + " |",
+    ]
     rows = next(iter(t for t in table.values() if isinstance(t, dict) and t), {})
     for name in rows:
         cells = []
@@ -149,7 +187,7 @@ def write_readme(section: str, readme: Path = README) -> None:
     text = readme.read_text() if readme.is_file() else "# Benchmarks\n"
     block = f"{START}\n{section}\n{END}"
     if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     write_bytes_atomic(readme, text.encode())
@@ -182,18 +220,20 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"{p.upper()}: not measured ({type(e).__name__}: {str(e).splitlines()[0]})")
             print(f"{p}: {table[p] or notes[-1]}", file=sys.stderr)
     md = markdown(table, precisions)
-    section = "\n".join([
-        "## Accuracy: TinyPose pair on the COCO sample (`python benchmarks/accuracy_table.py`)",
-        "",
-        "COCO keypoint AP (pycocotools) of the 12 annotated persons of the 4-image COCO sample, GT boxes, small =",
-        "TinyPose 128x96, large = TinyPose 256x192, router with random weights (so DynPose rows route a share of",
-        "crops, not the crops a trained router would pick). ORT CPU. INT8 is exported with the default accuracy",
-        "gate (mean keypoint OKS >= 0.95 vs FP32 on these persons): the sensitivity search keeps the layers that",
-        "break it in FP32 (the notes give each model's OKS vs FP32 and how many layers stayed FP32).",
-        "",
-        md,
-        *([""] + [f"- {n}" for n in notes] if notes else []),
-    ])
+    section = "\n".join(
+        [
+            "## Accuracy: TinyPose pair on the COCO sample (`python benchmarks/accuracy_table.py`)",
+            "",
+            "COCO keypoint AP (pycocotools) of the 12 annotated persons of the 4-image COCO sample, GT boxes, small =",
+            "TinyPose 128x96, large = TinyPose 256x192, router with random weights (so DynPose rows route a share of",
+            "crops, not the crops a trained router would pick). ORT CPU. INT8 is exported with the default accuracy",
+            "gate (mean keypoint OKS >= 0.95 vs FP32 on these persons): the sensitivity search keeps the layers that",
+            "break it in FP32 (the notes give each model's OKS vs FP32 and how many layers stayed FP32).",
+            "",
+            md,
+            *([""] + [f"- {n}" for n in notes] if notes else []),
+        ]
+    )
     print(section)
     if not args.no_readme:
         write_readme(section)

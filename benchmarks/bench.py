@@ -132,9 +132,19 @@ def load_models(
             if role_backend == "ort" and role_device == "cpu":
                 opts["intra_op_threads"] = threads or (cores if role == "router" else max(1, cores // 2))
             runner = load_runner(role_backend, engine_dir, entry, device=role_device, **opts)
-            out[role] = (runner, entry.card, {"model": entry.model, "file": entry.file, "format": entry.format,
-                                              "precision": entry.precision, "input": list(entry.card.input_size),
-                                              "backend": role_backend, "device": role_device})
+            out[role] = (
+                runner,
+                entry.card,
+                {
+                    "model": entry.model,
+                    "file": entry.file,
+                    "format": entry.format,
+                    "precision": entry.precision,
+                    "input": list(entry.card.input_size),
+                    "backend": role_backend,
+                    "device": role_device,
+                },
+            )
     except BaseException:
         close_models(out)
         raise
@@ -168,8 +178,9 @@ def boxes_for_batch(batch: int, frame_hw: tuple[int, int], seed: int = 0) -> np.
     return np.stack([x, y, bw, bh], axis=1)
 
 
-def real_inputs(images: str | os.PathLike, detections: str | os.PathLike, score_thr: float = 0.0,
-                ann: str | os.PathLike | None = None) -> list[tuple[Path, np.ndarray]]:
+def real_inputs(
+    images: str | os.PathLike, detections: str | os.PathLike, score_thr: float = 0.0, ann: str | os.PathLike | None = None
+) -> list[tuple[Path, np.ndarray]]:
     """(image file, boxes (M,5) x,y,w,h,score) for each image of the folder that has detections."""
     from dynpose.data import image_id_map, load_coco, load_detections
 
@@ -192,8 +203,9 @@ def percentile_ms(samples_s: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples_s, dtype=np.float64), q) * 1e3)
 
 
-def round_robin(configs: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+def round_robin(
+    configs: dict[str, Callable[[], Any]], repeats: int, warmup: int, progress: Callable[[str], None] | None = None
+) -> dict[str, list[float]]:
     """Time each config `repeats` times, taking turns; `warmup` untimed calls each first. -> name -> seconds."""
     for _ in range(warmup):
         for fn in configs.values():
@@ -209,15 +221,23 @@ def round_robin(configs: dict[str, Callable[[], Any]], repeats: int, warmup: int
     return samples
 
 
-def crop_benchmark(models: dict[str, tuple[Runner, ModelCard, dict[str, Any]]], batches: Sequence[int],
-                   fractions: Sequence[float], repeats: int, warmup: int, frame: np.ndarray | None = None,
-                   log: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
+def crop_benchmark(
+    models: dict[str, tuple[Runner, ModelCard, dict[str, Any]]],
+    batches: Sequence[int],
+    fractions: Sequence[float],
+    repeats: int,
+    warmup: int,
+    frame: np.ndarray | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> list[dict[str, Any]]:
     """Rows of {batch, config, fraction, crops_per_s, latency_ms_p50/p95, ratio_vs_large, ...}: one call of the
     Dispatcher per timed sample (crop, router when the policy needs it, both models, decode), the way the runtime
     runs a micro-batch."""
     if "router" not in models and fractions:
-        raise DynPoseError("the engine dir has no router, so DynPose at routing fractions cannot run; export one "
-                           "(`dynpose-export --role router`) into it")
+        raise DynPoseError(
+            "the engine dir has no router, so DynPose at routing fractions cannot run; export one "
+            "(`dynpose-export --role router`) into it"
+        )
     frame = synthetic_frame() if frame is None else frame
     small, large = models["small"], models["large"]
     router = models.get("router")
@@ -225,8 +245,15 @@ def crop_benchmark(models: dict[str, tuple[Runner, ModelCard, dict[str, Any]]], 
     policies.update({f"dynpose@{f:g}": f"fraction:{f!r}" for f in fractions})
     fraction_of = {f"dynpose@{f:g}": float(f) for f in fractions}
     dispatchers = {
-        name: Dispatcher(small[0], large[0], small[1], large[1], router=router[0] if router else None,
-                         router_card=router[1] if router else None, policy=parse_policy(p))
+        name: Dispatcher(
+            small[0],
+            large[0],
+            small[1],
+            large[1],
+            router=router[0] if router else None,
+            router_card=router[1] if router else None,
+            policy=parse_policy(p),
+        )
         for name, p in policies.items()
     }
     rows: list[dict[str, Any]] = []
@@ -238,31 +265,46 @@ def crop_benchmark(models: dict[str, tuple[Runner, ModelCard, dict[str, Any]]], 
             def call(name: str, boxes: np.ndarray = boxes, counts: dict = counts) -> Callable[[], None]:
                 def fn() -> None:
                     counts[name] = dispatchers[name].run([frame], [boxes]).counts
+
                 return fn
 
             log(f"batch {b}: {len(dispatchers)} configurations x {repeats} rounds (+{warmup} warm-up)")
-            samples = round_robin({n: call(n) for n in dispatchers}, repeats, warmup,
-                                  progress=lambda m, b=b: log(f"batch {b}: {m}"))
+            samples = round_robin(
+                {n: call(n) for n in dispatchers}, repeats, warmup, progress=lambda m, b=b: log(f"batch {b}: {m}")
+            )
             base = b / float(np.median(samples["large-only"]))
             for name, s in samples.items():
                 cps = b / float(np.median(s))
                 frac = fraction_of.get(name)
-                rows.append({
-                    "batch": b, "config": "dynpose" if frac is not None else name, "fraction": frac,
-                    "policy": policies[name], "crops_per_s": cps, "latency_ms_p50": percentile_ms(s, 50),
-                    "latency_ms_p95": percentile_ms(s, 95), "ratio_vs_large": cps / base,
-                    "num_large": counts[name]["large"], "num_small": counts[name]["small"],
-                    "samples_ms": [x * 1e3 for x in s],
-                })
+                rows.append(
+                    {
+                        "batch": b,
+                        "config": "dynpose" if frac is not None else name,
+                        "fraction": frac,
+                        "policy": policies[name],
+                        "crops_per_s": cps,
+                        "latency_ms_p50": percentile_ms(s, 50),
+                        "latency_ms_p95": percentile_ms(s, 95),
+                        "ratio_vs_large": cps / base,
+                        "num_large": counts[name]["large"],
+                        "num_small": counts[name]["small"],
+                        "samples_ms": [x * 1e3 for x in s],
+                    }
+                )
     finally:
         for d in dispatchers.values():
             d.close()
     return rows
 
 
-def pipeline_benchmark(models: dict[str, tuple[Runner, ModelCard, dict[str, Any]]],
-                       inputs: list[tuple[Path, np.ndarray]], route: str, repeats: int, warmup: int,
-                       log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+def pipeline_benchmark(
+    models: dict[str, tuple[Runner, ModelCard, dict[str, Any]]],
+    inputs: list[tuple[Path, np.ndarray]],
+    route: str,
+    repeats: int,
+    warmup: int,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
     """End-to-end frames/s over real images: read + `Pipeline` (Dispatcher with both models at once, rescoring,
     OKS-NMS), as `dynpose-run` runs it; and a per-stage breakdown from a sequential pass that times the same plain
     functions one by one (the concurrent run overlaps small and large, so its stages cannot be separated)."""
@@ -284,10 +326,20 @@ def pipeline_benchmark(models: dict[str, tuple[Runner, ModelCard, dict[str, Any]
         return img
 
     # The Pipeline owns the dispatcher (closed with it) but not the runners, which the caller closes.
-    pipe = Pipeline(Dispatcher(small[0], large[0], small[1], large[1], router=router[0] if router else None,
-                               router_card=router[1] if router else None, policy=policy))
+    pipe = Pipeline(
+        Dispatcher(
+            small[0],
+            large[0],
+            small[1],
+            large[1],
+            router=router[0] if router else None,
+            router_card=router[1] if router else None,
+            policy=policy,
+        )
+    )
     found = 0
     try:
+
         def one_pass() -> int:
             return sum(len(pipe(read(path), boxes)) for path, boxes in inputs)
 
@@ -356,8 +408,14 @@ def pipeline_benchmark(models: dict[str, tuple[Runner, ModelCard, dict[str, Any]
     total = sum(acc.values())
     med = float(np.median(pass_s))
     return {
-        "images": len(inputs), "persons": persons, "persons_after_nms": found, "route": str(policy),
-        "repeats": repeats, "fps": len(inputs) / med, "persons_per_s": persons / med, "pass_s": pass_s,
+        "images": len(inputs),
+        "persons": persons,
+        "persons_after_nms": found,
+        "route": str(policy),
+        "repeats": repeats,
+        "fps": len(inputs) / med,
+        "persons_per_s": persons / med,
+        "pass_s": pass_s,
         "sequential_fps": frames / total if total > 0 else None,
         "breakdown_ms_per_frame": {k: v * 1e3 / frames for k, v in acc.items()},
         "breakdown_share": {k: (v / total if total > 0 else 0.0) for k, v in acc.items()},
@@ -379,8 +437,9 @@ def plot(result: dict[str, Any], dest: str | os.PathLike) -> Path:
         color = f"C{i}"
         dyn = sorted((r for r in rows if r["batch"] == b and r["config"] == "dynpose"), key=lambda r: r["fraction"])
         if dyn:
-            ax.plot([r["fraction"] for r in dyn], [r["crops_per_s"] for r in dyn], "o-", color=color,
-                    label=f"DynPose, batch {b}")
+            ax.plot(
+                [r["fraction"] for r in dyn], [r["crops_per_s"] for r in dyn], "o-", color=color, label=f"DynPose, batch {b}"
+            )
         ref = next(r for r in rows if r["batch"] == b and r["config"] == "large-only")
         ax.axhline(ref["crops_per_s"], color=color, linestyle="--", linewidth=1, label=f"large only, batch {b}")
     ax.set_xlabel("fraction of crops sent to the large model")
@@ -433,17 +492,25 @@ def run_benchmark(
     try:
         route = route or Manifest.load(engine_dir, verify=False).route
         result: dict[str, Any] = {
-            "schema": SCHEMA, "version": SCHEMA_VERSION,
+            "schema": SCHEMA,
+            "version": SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_info(device), "versions": versions(),
-            "config": {"engine_dir": str(engine_dir), "backend": backend, "device": device, "batches": batches,
-                       "fractions": list(fractions), "repeats": repeats, "warmup": warmup, "threads": threads,
-                       "models": {role: m[2] for role, m in models.items()}},
+            "machine": machine_info(device),
+            "versions": versions(),
+            "config": {
+                "engine_dir": str(engine_dir),
+                "backend": backend,
+                "device": device,
+                "batches": batches,
+                "fractions": list(fractions),
+                "repeats": repeats,
+                "warmup": warmup,
+                "threads": threads,
+                "models": {role: m[2] for role, m in models.items()},
+            },
         }
         result["crops"] = crop_benchmark(models, batches, fractions, repeats, warmup, log=log)
-        result["ratio_vs_large"] = {
-            str(r["batch"]): {} for r in result["crops"]
-        }
+        result["ratio_vs_large"] = {str(r["batch"]): {} for r in result["crops"]}
         for r in result["crops"]:
             if r["config"] == "dynpose":
                 result["ratio_vs_large"][str(r["batch"])][f"{r['fraction']:g}"] = r["ratio_vs_large"]
@@ -463,14 +530,19 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"{'batch':>5}  {'config':<16} {'crops/s':>9} {'p50 ms':>9} {'p95 ms':>9} {'vs large':>8}"]
     for r in result["crops"]:
         name = r["config"] if r["fraction"] is None else f"dynpose@{r['fraction']:g}"
-        lines.append(f"{r['batch']:>5}  {name:<16} {r['crops_per_s']:>9.1f} {r['latency_ms_p50']:>9.2f} "
-                     f"{r['latency_ms_p95']:>9.2f} {r['ratio_vs_large']:>7.2f}x")
+        lines.append(
+            f"{r['batch']:>5}  {name:<16} {r['crops_per_s']:>9.1f} {r['latency_ms_p50']:>9.2f} "
+            f"{r['latency_ms_p95']:>9.2f} {r['ratio_vs_large']:>7.2f}x"
+        )
     p = result.get("pipeline")
     if p:
-        lines.append(f"pipeline: {p['fps']:.2f} frames/s, {p['persons_per_s']:.1f} persons/s over {p['images']} images "
-                     f"({p['persons']} boxes, {p['persons_after_nms']} persons after OKS-NMS), route {p['route']}")
-        lines.append("  per frame (sequential pass): " + ", ".join(
-            f"{k} {v:.1f} ms" for k, v in p["breakdown_ms_per_frame"].items()))
+        lines.append(
+            f"pipeline: {p['fps']:.2f} frames/s, {p['persons_per_s']:.1f} persons/s over {p['images']} images "
+            f"({p['persons']} boxes, {p['persons_after_nms']} persons after OKS-NMS), route {p['route']}"
+        )
+        lines.append(
+            "  per frame (sequential pass): " + ", ".join(f"{k} {v:.1f} ms" for k, v in p["breakdown_ms_per_frame"].items())
+        )
     return lines
 
 

@@ -26,8 +26,12 @@ SHARED = REPO.parent / "shared"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--crops", type=int, default=48)
-    ap.add_argument("--route", default="fraction:0.5", help="all-small/all-large/box:AREA/fraction:F (router-free "
-                    "fraction: the routing is fixed up front so both ways run the same sub-batches)")
+    ap.add_argument(
+        "--route",
+        default="fraction:0.5",
+        help="all-small/all-large/box:AREA/fraction:F (router-free "
+        "fraction: the routing is fixed up front so both ways run the same sub-batches)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
@@ -43,10 +47,16 @@ def main() -> None:
 
     cards, runners = {}, {}
     for role, (w, h) in (("small", (96, 128)), ("large", (192, 256))):
-        cards[role] = ModelCard(name=f"tinypose_{h}x{w}", input_width=w, input_height=h, mean=(123.675, 116.28, 103.53),
-                                std=(58.395, 57.12, 57.375))
-        runners[role] = OrtRunner(SHARED / "models" / f"tinypose_{h}x{w}.onnx",
-                                  intra_op_threads=max(1, args.threads // 2), name=role)
+        cards[role] = ModelCard(
+            name=f"tinypose_{h}x{w}",
+            input_width=w,
+            input_height=h,
+            mean=(123.675, 116.28, 103.53),
+            std=(58.395, 57.12, 57.375),
+        )
+        runners[role] = OrtRunner(
+            SHARED / "models" / f"tinypose_{h}x{w}.onnx", intra_op_threads=max(1, args.threads // 2), name=role
+        )
     coco = SHARED / "data" / "coco"
     ds = load_coco(coco / "test_coco.json")
     iid, _, _ = gt_boxes(ds)[0]
@@ -91,8 +101,10 @@ def main() -> None:
     for _ in range(args.repeats):
         times["serial"].append(serial())
         times["dispatcher"].append(concurrent())
-    print(f"{args.crops} crops ({int((~large).sum())} small 128x96, {int(large.sum())} large 256x192), "
-          f"{args.threads} threads ({max(1, args.threads // 2)} per model), {args.repeats} rounds")
+    print(
+        f"{args.crops} crops ({int((~large).sum())} small 128x96, {int(large.sum())} large 256x192), "
+        f"{args.threads} threads ({max(1, args.threads // 2)} per model), {args.repeats} rounds"
+    )
     for name, ts in times.items():
         print(f"  {name:10s} median {1e3 * statistics.median(ts):7.1f} ms   min {1e3 * min(ts):7.1f} ms")
     if overlaps:

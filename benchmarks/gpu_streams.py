@@ -132,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
 
     crops = 2 * args.batch * args.iters
     name = torch.cuda.get_device_name()
-    print(f"device {name}, torch {torch.__version__}, {'fp16' if args.fp16 else 'fp32'}, batch {args.batch} per "
-          f"model, {args.iters} iterations, small {args.small}, large {args.large}")
+    print(
+        f"device {name}, torch {torch.__version__}, {'fp16' if args.fp16 else 'fp32'}, batch {args.batch} per "
+        f"model, {args.iters} iterations, small {args.small}, large {args.large}"
+    )
     for label, wall, a, b in (("sequential", seq_s, seq_small, seq_large), ("concurrent", con_s, con_small, con_large)):
         both = overlap(a, b)
         print(

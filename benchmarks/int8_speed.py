@@ -26,9 +26,16 @@ from dynpose.export.api import export_model, register_onnx
 from dynpose.export.verify import ort_session
 from dynpose.models.card import ModelCard
 
-TINYPOSE_CARD = {"name": "tinypose_256x192", "input_width": 192, "input_height": 256, "color_order": "rgb",
-                 "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "keypoints": "coco17",
-                 "decoder": "msra"}
+TINYPOSE_CARD = {
+    "name": "tinypose_256x192",
+    "input_width": 192,
+    "input_height": 256,
+    "color_order": "rgb",
+    "mean": [123.675, 116.28, 103.53],
+    "std": [58.395, 57.12, 57.375],
+    "keypoints": "coco17",
+    "decoder": "msra",
+}
 
 
 def _engine(work: Path, name: str, data: Path, models: Path) -> Path:
@@ -37,14 +44,26 @@ def _engine(work: Path, name: str, data: Path, models: Path) -> Path:
     spec = CalibSpec.from_root(data, gate_ann=data / "coco" / "test_coco.json")
     if not (eng / "fp32" / "manifest.json").is_file():
         if name == "tinypose_256":
-            register_onnx(models / "tinypose_256x192.onnx", ModelCard.from_dict(dict(TINYPOSE_CARD)), eng / "fp32",
-                          role="small", progress=False)
+            register_onnx(
+                models / "tinypose_256x192.onnx",
+                ModelCard.from_dict(dict(TINYPOSE_CARD)),
+                eng / "fp32",
+                role="small",
+                progress=False,
+            )
         else:
             export_model(name, eng / "fp32", weights="random", progress=False)
     if not (eng / "int8" / "manifest.json").is_file():
         if name == "tinypose_256":
-            register_onnx(models / "tinypose_256x192.onnx", ModelCard.from_dict(dict(TINYPOSE_CARD)), eng / "int8",
-                          role="small", precision="int8", calib=spec, min_oks=0.95)
+            register_onnx(
+                models / "tinypose_256x192.onnx",
+                ModelCard.from_dict(dict(TINYPOSE_CARD)),
+                eng / "int8",
+                role="small",
+                precision="int8",
+                calib=spec,
+                min_oks=0.95,
+            )
         else:
             export_model(name, eng / "int8", weights="random", precision="int8", calib=spec, min_oks=0.0)
     return eng
@@ -82,8 +101,11 @@ def main() -> None:
         sa.run(None, feed)
         sb.run(None, feed)
         runs.append({"name": name, "fp32": sa, "int8": sb, "feed": feed, "ta": [], "tb": [], "entry": e8})
-        print(f"{name}: engines ready in {time.perf_counter() - t0:.0f}s ({i8.name}: "
-              f"{len(e8.checks.get('int8_fp32_layers', []))} layers kept fp32)", flush=True)
+        print(
+            f"{name}: engines ready in {time.perf_counter() - t0:.0f}s ({i8.name}: "
+            f"{len(e8.checks.get('int8_fp32_layers', []))} layers kept fp32)",
+            flush=True,
+        )
 
     for _ in range(args.repeats):
         for r in runs:
@@ -92,15 +114,23 @@ def main() -> None:
                 sess.run(None, r["feed"])
                 acc.append(time.perf_counter() - t)
 
-    print(f"\nONNX Runtime CPU ({os.cpu_count()} cores visible), batch {args.batch}, {args.repeats} interleaved repeats, "
-          "median")
+    print(
+        f"\nONNX Runtime CPU ({os.cpu_count()} cores visible), batch {args.batch}, {args.repeats} interleaved repeats, "
+        "median"
+    )
     print(f"{'model':<14}{'fp32 crops/s':>14}{'int8 crops/s':>14}{'speed-up':>10}{'int8 OKS vs fp32':>18}")
     out = []
     for r in runs:
         a, b = float(np.median(r["ta"])), float(np.median(r["tb"]))
         oks = r["entry"].checks.get("int8_oks")
-        row = {"model": r["name"], "fp32_crops_s": args.batch / a, "int8_crops_s": args.batch / b, "speedup": a / b,
-               "int8_oks": oks, "min_oks": r["entry"].checks.get("int8_min_oks")}
+        row = {
+            "model": r["name"],
+            "fp32_crops_s": args.batch / a,
+            "int8_crops_s": args.batch / b,
+            "speedup": a / b,
+            "int8_oks": oks,
+            "min_oks": r["entry"].checks.get("int8_min_oks"),
+        }
         out.append(row)
         gate = f"{oks:.3f}" + (" (gate off)" if row["min_oks"] == 0 else "")
         print(f"{r['name']:<14}{row['fp32_crops_s']:>14.1f}{row['int8_crops_s']:>14.1f}{row['speedup']:>9.2f}x{gate:>18}")

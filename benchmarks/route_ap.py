@@ -30,9 +30,16 @@ def build_tinypose_engine_dir(engine_dir: Path) -> Path:
     from dynpose.models.card import ModelCard
 
     for role, (w, h) in (("small", (96, 128)), ("large", (192, 256))):
-        card = ModelCard(name=f"tinypose_{h}x{w}", input_width=w, input_height=h, color_order="rgb",
-                         mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), keypoints="coco17",
-                         decoder="msra")
+        card = ModelCard(
+            name=f"tinypose_{h}x{w}",
+            input_width=w,
+            input_height=h,
+            color_order="rgb",
+            mean=(123.675, 116.28, 103.53),
+            std=(58.395, 57.12, 57.375),
+            keypoints="coco17",
+            decoder="msra",
+        )
         register_onnx(SHARED / "models" / f"tinypose_{h}x{w}.onnx", card, engine_dir, role=role, progress=False)
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -70,8 +77,10 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 st = pipe.stats
             f = evaluate_results(results, gt)
-            print(f"| {policy} | {'yes' if args.flip else 'no'} | {f['AP']:.3f} | {f['AP50']:.3f} | {f['AR']:.3f} | "
-                  f"{st.crops['small']} / {st.crops['large']} | {st.persons} | {wall:.2f} |")
+            print(
+                f"| {policy} | {'yes' if args.flip else 'no'} | {f['AP']:.3f} | {f['AP50']:.3f} | {f['AR']:.3f} | "
+                f"{st.crops['small']} / {st.crops['large']} | {st.persons} | {wall:.2f} |"
+            )
 
 
 if __name__ == "__main__":

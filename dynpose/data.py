@@ -53,7 +53,6 @@ class CocoDataset:
         return resolve_image(images_dir, self.images[image_id].file_name)
 
 
-
 def load_coco(path: str | os.PathLike) -> CocoDataset:
     """Read a COCO keypoint annotation file (COCO, CrowdPose, OCHuman, ExLPose all use this shape)."""
     d = read_json(path, "annotation file")

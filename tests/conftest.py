@@ -42,8 +42,14 @@ TINYPOSE_STD = (58.395, 57.12, 57.375)
 def tinypose_card(width: int, height: int) -> ModelCard:
     """The card of the PP-TinyPose fixtures (RGB, ImageNet mean/std on the 0-255 scale, COCO-17, MSRA decoding)."""
     return ModelCard(
-        name=f"tinypose_{height}x{width}", input_width=width, input_height=height, color_order="rgb",
-        mean=TINYPOSE_MEAN, std=TINYPOSE_STD, keypoints="coco17", decoder="msra",
+        name=f"tinypose_{height}x{width}",
+        input_width=width,
+        input_height=height,
+        color_order="rgb",
+        mean=TINYPOSE_MEAN,
+        std=TINYPOSE_STD,
+        keypoints="coco17",
+        decoder="msra",
     )
 
 

@@ -61,11 +61,31 @@ def test_tiny_real_run(tinypose_engine_dir: Path, coco_dir: Path, tmp_path: Path
             keep[d["image_id"]].append(d)
     (tmp_path / "dets.json").write_text(json.dumps([d for v in keep.values() for d in v]))
     out, png = tmp_path / "out" / "bench.json", tmp_path / "out" / "bench.png"
-    run = CliRunner().invoke(bench_main, [
-        "--engine-dir", str(tinypose_engine_dir), "--batch", "1,2", "--fractions", "0,1", "--repeats", "1",
-        "--warmup", "0", "--images", str(coco_dir), "--detections", str(tmp_path / "dets.json"),
-        "--route", "fraction:0.5", "--json", str(out), "--plot", str(png),
-    ])
+    run = CliRunner().invoke(
+        bench_main,
+        [
+            "--engine-dir",
+            str(tinypose_engine_dir),
+            "--batch",
+            "1,2",
+            "--fractions",
+            "0,1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--images",
+            str(coco_dir),
+            "--detections",
+            str(tmp_path / "dets.json"),
+            "--route",
+            "fraction:0.5",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+    )
     assert run.exit_code == 0, run.output
     print(run.stdout)
     r = json.loads(out.read_text())
@@ -76,8 +96,11 @@ def test_tiny_real_run(tinypose_engine_dir: Path, coco_dir: Path, tmp_path: Path
     assert "onnxruntime" in r["versions"]
     assert set(r["config"]["models"]) == {"router", "small", "large"}
     configs = {(row["batch"], row["config"], row["fraction"]) for row in r["crops"]}
-    assert configs == {(b, c, f) for b in (1, 2) for c, f in
-                       (("large-only", None), ("small-only", None), ("dynpose", 0.0), ("dynpose", 1.0))}
+    assert configs == {
+        (b, c, f)
+        for b in (1, 2)
+        for c, f in (("large-only", None), ("small-only", None), ("dynpose", 0.0), ("dynpose", 1.0))
+    }
     for row in r["crops"]:
         assert row["crops_per_s"] > 0 and row["latency_ms_p95"] >= row["latency_ms_p50"] > 0
         assert len(row["samples_ms"]) == 1
@@ -88,8 +111,15 @@ def test_tiny_real_run(tinypose_engine_dir: Path, coco_dir: Path, tmp_path: Path
     assert set(r["ratio_vs_large"]) == {"1", "2"} and set(r["ratio_vs_large"]["2"]) == {"0", "1"}
     p = r["pipeline"]
     assert p["images"] == 2 and p["persons"] == 4 and p["fps"] > 0 and p["route"] == "fraction:0.5"
-    assert set(p["breakdown_ms_per_frame"]) == {"decode_image", "crop", "router", "small", "large",
-                                                "decode_keypoints", "rescore_nms"}
+    assert set(p["breakdown_ms_per_frame"]) == {
+        "decode_image",
+        "crop",
+        "router",
+        "small",
+        "large",
+        "decode_keypoints",
+        "rescore_nms",
+    }
     assert 1 <= p["persons_after_nms"] <= 4
     assert p["routed_sequential"] == {"small": 2, "large": 2}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

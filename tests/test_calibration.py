@@ -20,8 +20,13 @@ from dynpose.export.api import register_onnx
 from dynpose.models.card import ModelCard
 from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, to_model_colors
 
-CARD = {"color_order": "rgb", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375],
-        "keypoints": "coco17", "decoder": "msra"}
+CARD = {
+    "color_order": "rgb",
+    "mean": [123.675, 116.28, 103.53],
+    "std": [58.395, 57.12, 57.375],
+    "keypoints": "coco17",
+    "decoder": "msra",
+}
 CARD128 = ModelCard.from_dict({"name": "tinypose_128x96", "input_width": 96, "input_height": 128, **CARD})
 CARD256 = ModelCard.from_dict({"name": "tinypose_256x192", "input_width": 192, "input_height": 256, **CARD})
 
@@ -62,17 +67,32 @@ def test_calib_spec_bad_inputs(tmp_path: Path) -> None:
         CalibSpec().validate()
     with pytest.raises(DynPoseError, match="no COCO annotation"):
         CalibSpec.from_root(tmp_path)
-    code = CliRunner().invoke(export_cli, ["--model", "hrnet_w32", "--weights", "random", "--precision", "int8",
-                                           "--calib-ann", str(tmp_path / "missing.json"), "--calib-images",
-                                           str(tmp_path), "--engine-dir", str(tmp_path / "e")])
+    code = CliRunner().invoke(
+        export_cli,
+        [
+            "--model",
+            "hrnet_w32",
+            "--weights",
+            "random",
+            "--precision",
+            "int8",
+            "--calib-ann",
+            str(tmp_path / "missing.json"),
+            "--calib-images",
+            str(tmp_path),
+            "--engine-dir",
+            str(tmp_path / "e"),
+        ],
+    )
     assert code.exit_code == 2 and "file not found" in code.output
 
 
 def test_int8_qdq_without_gate_and_unreachable_gate(tmp_path: Path, shared: Path, tinypose_128: Path) -> None:
     spec = _spec(shared, jitter=0, max_crops=32)
     out = tmp_path / "q.onnx"
-    checks = quantize_int8(tinypose_128, out, CARD128, spec, min_oks=0.0, cache_dir=tmp_path, log=lambda m: None,
-                           progress=False)
+    checks = quantize_int8(
+        tinypose_128, out, CARD128, spec, min_oks=0.0, cache_dir=tmp_path, log=lambda m: None, progress=False
+    )
     qmodel = onnx.load(str(out))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in qmodel.graph.node}
     # ORT flavour: uint8 activations (asymmetric), int8 weights.
@@ -82,8 +102,17 @@ def test_int8_qdq_without_gate_and_unreachable_gate(tmp_path: Path, shared: Path
     print(f"TinyPose-128 all-int8: OKS vs fp32 {checks['int8_oks']:.3f}, speed-up {checks['int8_speedup_b8']:.2f}x")
 
     # TensorRT flavour: symmetric int8 activations (zero points 0, int8 type) on the same calibration ranges.
-    checks = quantize_int8(tinypose_128, out, CARD128, spec, target="tensorrt", min_oks=0.0, cache_dir=tmp_path,
-                           log=lambda m: None, progress=False)
+    checks = quantize_int8(
+        tinypose_128,
+        out,
+        CARD128,
+        spec,
+        target="tensorrt",
+        min_oks=0.0,
+        cache_dir=tmp_path,
+        log=lambda m: None,
+        progress=False,
+    )
     zps = [i for i in onnx.load(str(out)).graph.initializer if i.name.endswith("_zero_point")]
     assert zps and not any(z.data_type == onnx.TensorProto.UINT8 for z in zps)  # int8 (int32 for biases)
     assert all(not onnx.numpy_helper.to_array(z).any() for z in zps)
@@ -91,8 +120,17 @@ def test_int8_qdq_without_gate_and_unreachable_gate(tmp_path: Path, shared: Path
 
     # A gate the search cannot reach within its step budget: one line with the best figure.
     with pytest.raises(DynPoseError, match=r"no layer set reaches mean OKS 0.9999 vs fp32 \(best 0\.\d+"):
-        quantize_int8(tinypose_128, out, CARD128, spec, min_oks=0.9999, cache_dir=tmp_path, log=lambda m: None,
-                      progress=False, max_steps=1)
+        quantize_int8(
+            tinypose_128,
+            out,
+            CARD128,
+            spec,
+            min_oks=0.9999,
+            cache_dir=tmp_path,
+            log=lambda m: None,
+            progress=False,
+            max_steps=1,
+        )
 
 
 @pytest.mark.slow
@@ -103,9 +141,11 @@ def test_int8_tinypose256_keeps_oks_gate_on_coco12(tmp_path: Path, shared: Path,
     spec = _spec(shared, jitter=1, max_crops=96)
     (e,) = register_onnx(tinypose_256, CARD256, eng, role="small", precision="int8", calib=spec, progress=False)
     c = e.checks
-    print(f"TinyPose-256 int8: gate OKS {c['int8_oks']:.4f} (min {c['int8_oks_min']:.4f}) on {c['int8_gate_crops']} "
-          f"COCO persons, {len(c['int8_fp32_layers'])} layers fp32 / {c['int8_quantized_layers']} int8, "
-          f"speed-up {c['int8_speedup_b8']:.2f}x at batch 8")
+    print(
+        f"TinyPose-256 int8: gate OKS {c['int8_oks']:.4f} (min {c['int8_oks_min']:.4f}) on {c['int8_gate_crops']} "
+        f"COCO persons, {len(c['int8_fp32_layers'])} layers fp32 / {c['int8_quantized_layers']} int8, "
+        f"speed-up {c['int8_speedup_b8']:.2f}x at batch 8"
+    )
     assert e.file == "small.int8.onnx" and c["int8_gate_crops"] == 12
     assert c["int8_oks"] >= 0.95
     assert c["int8_quantized_layers"] > 0
@@ -123,7 +163,21 @@ def test_tensorrt_format_without_tensorrt_is_one_line(tmp_path: Path, tinypose_1
         pass
     card = tmp_path / "card.json"
     card.write_text(CARD128.to_json())
-    r = CliRunner().invoke(export_cli, ["--onnx", str(tinypose_128), "--card", str(card), "--role", "small",
-                                        "--format", "tensorrt", "--quiet", "--engine-dir", str(tmp_path / "e")])
+    r = CliRunner().invoke(
+        export_cli,
+        [
+            "--onnx",
+            str(tinypose_128),
+            "--card",
+            str(card),
+            "--role",
+            "small",
+            "--format",
+            "tensorrt",
+            "--quiet",
+            "--engine-dir",
+            str(tmp_path / "e"),
+        ],
+    )
     assert r.exit_code == 2 and r.output.count("error:") == 1 and "tensorrt" in r.output.lower(), r.output
     assert not (tmp_path / "e" / "manifest.json").exists()

@@ -30,10 +30,26 @@ def test_help_has_examples() -> None:
 def test_coco_folder_with_detections(tinypose_engine_dir: Path, coco_dir: Path, tmp_path: Path) -> None:
     out, vis = tmp_path / "results.json", tmp_path / "vis"
     code, stdout, stderr = run(
-        "--engine-dir", tinypose_engine_dir, "--source", coco_dir,
-        "--detections", coco_dir / "test_coco_det_AP_H_56.json", "--ann", coco_dir / "test_coco.json",
-        "--det-score", "0.3", "--route", "fraction:0.5", "--max-batch", "16",
-        "--out", out, "--vis", vis, "--eval", coco_dir / "test_coco.json",
+        "--engine-dir",
+        tinypose_engine_dir,
+        "--source",
+        coco_dir,
+        "--detections",
+        coco_dir / "test_coco_det_AP_H_56.json",
+        "--ann",
+        coco_dir / "test_coco.json",
+        "--det-score",
+        "0.3",
+        "--route",
+        "fraction:0.5",
+        "--max-batch",
+        "16",
+        "--out",
+        out,
+        "--vis",
+        vis,
+        "--eval",
+        coco_dir / "test_coco.json",
     )
     assert code == 0, stderr
     results = json.loads(out.read_text())
@@ -51,16 +67,34 @@ def test_gt_boxes_isolate_pose_accuracy(tinypose_engine_dir: Path, coco_dir: Pat
 
     out = tmp_path / "gt.json"
     code, stdout, stderr = run(
-        "--engine-dir", tinypose_engine_dir, "--source", coco_dir, "--gt-boxes", coco_dir / "test_coco.json",
-        "--route", "all-large", "--out", out, "--eval", coco_dir / "test_coco.json",
+        "--engine-dir",
+        tinypose_engine_dir,
+        "--source",
+        coco_dir,
+        "--gt-boxes",
+        coco_dir / "test_coco.json",
+        "--route",
+        "all-large",
+        "--out",
+        out,
+        "--eval",
+        coco_dir / "test_coco.json",
     )
     assert code == 0, stderr
     results = json.loads(out.read_text())
     assert len(results) == 12 and "crops small 0 / large 12" in stdout
     ap = evaluate_results(out, coco_dir / "test_coco.json")["AP"]
     assert ap > 0.75 and f"= {ap:.3f}" in stdout
-    code, _, stderr = run("--engine-dir", tinypose_engine_dir, "--source", coco_dir, "--gt-boxes",
-                          coco_dir / "test_coco.json", "--detections", coco_dir / "test_coco_det_AP_H_56.json")
+    code, _, stderr = run(
+        "--engine-dir",
+        tinypose_engine_dir,
+        "--source",
+        coco_dir,
+        "--gt-boxes",
+        coco_dir / "test_coco.json",
+        "--detections",
+        coco_dir / "test_coco_det_AP_H_56.json",
+    )
     assert code == 2 and "one box source" in stderr
 
 
@@ -76,13 +110,27 @@ def tiny_video(coco_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return path
 
 
-def test_video_with_detector_jsonl_and_mp4(tinypose_engine_dir: Path, shared: Path, tiny_video: Path,
-                                           tmp_path: Path) -> None:
+def test_video_with_detector_jsonl_and_mp4(
+    tinypose_engine_dir: Path, shared: Path, tiny_video: Path, tmp_path: Path
+) -> None:
     out, vis = tmp_path / "clip.jsonl", tmp_path / "vis"
     code, stdout, stderr = run(
-        "--engine-dir", tinypose_engine_dir, "--source", tiny_video,
-        "--detector", shared / "models" / "picodet_s_320_pedestrian.onnx", "--route", "all-small",
-        "--max-batch", "8", "--max-latency-ms", "0", "--out", out, "--vis", vis,
+        "--engine-dir",
+        tinypose_engine_dir,
+        "--source",
+        tiny_video,
+        "--detector",
+        shared / "models" / "picodet_s_320_pedestrian.onnx",
+        "--route",
+        "all-small",
+        "--max-batch",
+        "8",
+        "--max-latency-ms",
+        "0",
+        "--out",
+        out,
+        "--vis",
+        vis,
     )
     assert code == 0, stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
@@ -91,8 +139,16 @@ def test_video_with_detector_jsonl_and_mp4(tinypose_engine_dir: Path, shared: Pa
     assert len(lines[0]["persons"][0]["keypoints"]) == 17
     assert (vis / "clip.mp4").stat().st_size > 0
     assert "frames 3" in stdout
-    code, _, stderr = run("--engine-dir", tinypose_engine_dir, "--source", tiny_video, "--detector",
-                          shared / "models" / "picodet_s_320_pedestrian.onnx", "--out", tmp_path / "clip.json")
+    code, _, stderr = run(
+        "--engine-dir",
+        tinypose_engine_dir,
+        "--source",
+        tiny_video,
+        "--detector",
+        shared / "models" / "picodet_s_320_pedestrian.onnx",
+        "--out",
+        tmp_path / "clip.json",
+    )
     assert code == 2 and ".jsonl" in stderr  # video frames have no COCO image ids
 
 
@@ -109,8 +165,9 @@ def test_video_with_detector_jsonl_and_mp4(tinypose_engine_dir: Path, shared: Pa
         ("tampered", "altered"),
     ],
 )
-def test_errors_are_one_line_exit_2(case: str, match: str, tinypose_engine_dir: Path, coco_dir: Path,
-                                    tmp_path: Path, shared: Path) -> None:
+def test_errors_are_one_line_exit_2(
+    case: str, match: str, tinypose_engine_dir: Path, coco_dir: Path, tmp_path: Path, shared: Path
+) -> None:
     dets = coco_dir / "test_coco_det_AP_H_56.json"
     args: list[str | Path] = ["--engine-dir", tinypose_engine_dir, "--source", coco_dir, "--detections", dets]
     if case == "no_engine_dir":
@@ -150,7 +207,19 @@ def test_console_script_unreadable_image(tinypose_engine_dir: Path, coco_dir: Pa
     bad = tmp_path / "000000000785.jpg"
     bad.write_bytes(b"not a jpeg")
     exe = Path(sys.executable).with_name("dynpose-run")
-    r = subprocess.run([str(exe), "--engine-dir", str(tinypose_engine_dir), "--source", str(bad), "--detections",
-                        str(coco_dir / "test_coco_det_AP_H_56.json")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            str(exe),
+            "--engine-dir",
+            str(tinypose_engine_dir),
+            "--source",
+            str(bad),
+            "--detections",
+            str(coco_dir / "test_coco_det_AP_H_56.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "no readable image" in r.stderr

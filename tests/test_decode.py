@@ -286,8 +286,11 @@ def test_subpixel_recovery_on_synthetic_gaussians():
 
 def test_degenerate_heatmaps_do_not_crash():
     c, s = box_to_center_scale(BOXES[:3], 0.75)
-    for hm in (np.zeros((3, 17, 64, 48), np.float32), np.full((3, 17, 64, 48), -1.0, np.float32),
-               np.ones((3, 17, 64, 48), np.float32)):
+    for hm in (
+        np.zeros((3, 17, 64, 48), np.float32),
+        np.full((3, 17, 64, 48), -1.0, np.float32),
+        np.ones((3, 17, 64, 48), np.float32),
+    ):
         for dec in ("msra", "dark", "udp"):
             out = decode_heatmaps(hm, c, s, CARD.with_(decoder=dec))
             assert out.shape == (3, 17, 3) and np.isfinite(out).all()
@@ -297,8 +300,11 @@ def test_degenerate_heatmaps_do_not_crash():
     for dec in ("msra", "dark", "udp"):
         out = decode_heatmaps(nan, c, s, CARD.with_(decoder=dec))
         assert np.isfinite(out[..., :2]).all()
-    assert decode_heatmaps(np.zeros((0, 17, 64, 48), np.float32), np.zeros((0, 2)), np.zeros((0, 2)), CARD).shape \
-        == (0, 17, 3)
+    assert decode_heatmaps(np.zeros((0, 17, 64, 48), np.float32), np.zeros((0, 2)), np.zeros((0, 2)), CARD).shape == (
+        0,
+        17,
+        3,
+    )
 
 
 def test_flip_back_and_average_match_official():
@@ -348,12 +354,29 @@ def test_oks_matches_pycocotools():
     gt.dataset = {
         "images": [{"id": 1, "width": 400, "height": 400}],
         "categories": [{"id": 1, "name": "person"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [40, 40, 220, 220], "area": area,
-                         "iscrowd": 0, "keypoints": gt_kp.ravel().tolist(), "num_keypoints": int((gt_kp[:, 2] > 0).sum())}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [40, 40, 220, 220],
+                "area": area,
+                "iscrowd": 0,
+                "keypoints": gt_kp.ravel().tolist(),
+                "num_keypoints": int((gt_kp[:, 2] > 0).sum()),
+            }
+        ],
     }
     gt.createIndex()
-    dets = [{"image_id": 1, "category_id": 1, "score": 1.0 - 0.1 * i,
-             "keypoints": np.concatenate([p, np.ones((17, 1))], 1).ravel().tolist()} for i, p in enumerate(preds)]
+    dets = [
+        {
+            "image_id": 1,
+            "category_id": 1,
+            "score": 1.0 - 0.1 * i,
+            "keypoints": np.concatenate([p, np.ones((17, 1))], 1).ravel().tolist(),
+        }
+        for i, p in enumerate(preds)
+    ]
     dt = gt.loadRes(dets)
     ev = COCOeval(gt, dt, "keypoints")
     ev._prepare()

@@ -29,16 +29,19 @@ def brute_nms(boxes, scores, thr):
     keep = []
     for i in order:
         xywh_i = [boxes[i][0], boxes[i][1], boxes[i][2] - boxes[i][0], boxes[i][3] - boxes[i][1]]
-        if all(iou_xywh(xywh_i, [boxes[k][0], boxes[k][1], boxes[k][2] - boxes[k][0], boxes[k][3] - boxes[k][1]])
-               <= thr for k in keep):
+        if all(
+            iou_xywh(xywh_i, [boxes[k][0], boxes[k][1], boxes[k][2] - boxes[k][0], boxes[k][3] - boxes[k][1]]) <= thr
+            for k in keep
+        ):
             keep.append(i)
     return keep
 
 
 @pytest.mark.parametrize("size,expected", [(192, 10), (320, 11)])
 def test_picodet_matches_coco_persons(shared, coco_dir, size, expected):
-    det = OnnxDetector(shared / "models" / f"picodet_s_{size}_pedestrian.onnx", score_thr=0.5, iou_thr=0.5,
-                       intra_op_threads=1)
+    det = OnnxDetector(
+        shared / "models" / f"picodet_s_{size}_pedestrian.onnx", score_thr=0.5, iou_thr=0.5, intra_op_threads=1
+    )
     assert det.layout == "picodet" and det.input_hw == (size, size)
     ds = load_coco(coco_dir / "test_coco.json")
     matched, total = 0, 0
@@ -75,8 +78,7 @@ def test_nms_matches_greedy_reference():
 def const_model(path: Path, out: np.ndarray, input_hw=(64, 64), names=("output0",)) -> Path:
     """A real ONNX model: `image` -> the constant tensor(s) `out` (plus 0 x mean(image), so the input is used)."""
     outs = out if isinstance(out, tuple) else (out,)
-    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=0),
-             helper.make_node("Mul", ["m", "zero"], ["z"])]
+    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=0), helper.make_node("Mul", ["m", "zero"], ["z"])]
     inits = [numpy_helper.from_array(np.zeros((), np.float32), "zero")]
     outputs = []
     for i, (arr, name) in enumerate(zip(outs, names, strict=True)):

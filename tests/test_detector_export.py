@@ -13,12 +13,15 @@ from dynpose.engines.manifest import Manifest
 from dynpose.runtime.pipeline import Pipeline
 
 
-def test_registered_detector_feeds_the_pipeline(tinypose_engine_dir: Path, shared: Path, coco_dir: Path,
-                                                tmp_path: Path) -> None:
+def test_registered_detector_feeds_the_pipeline(
+    tinypose_engine_dir: Path, shared: Path, coco_dir: Path, tmp_path: Path
+) -> None:
     engines = tmp_path / "engines"
     shutil.copytree(tinypose_engine_dir, engines)
-    r = CliRunner().invoke(export_main, ["--detector", str(shared / "models" / "picodet_s_192_pedestrian.onnx"),
-                                         "--engine-dir", str(engines), "--quiet"])
+    r = CliRunner().invoke(
+        export_main,
+        ["--detector", str(shared / "models" / "picodet_s_192_pedestrian.onnx"), "--engine-dir", str(engines), "--quiet"],
+    )
     assert r.exit_code == 0, r.output
     m = Manifest.load(engines)
     det = m.require("detector")

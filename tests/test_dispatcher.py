@@ -43,9 +43,14 @@ def coco_frames(coco_dir: Path):
 
 def make_dispatcher(models, policy: str, flip: bool = False) -> Dispatcher:
     return Dispatcher(
-        small=models["small"][0], large=models["large"][0], small_card=models["small"][1],
-        large_card=models["large"][1], router=models["router"][0], router_card=models["router"][1],
-        policy=policy, flip=flip,
+        small=models["small"][0],
+        large=models["large"][0],
+        small_card=models["small"][1],
+        large_card=models["large"][1],
+        router=models["router"][0],
+        router_card=models["router"][1],
+        policy=policy,
+        flip=flip,
     )
 
 

@@ -73,8 +73,9 @@ def direct_pycocotools(gt: Path, results: list[dict], crowdpose: bool = False) -
         cd = cg.loadRes(copy.deepcopy(results))
         ev = COCOeval(cg, cd, "keypoints")
         if crowdpose:
-            ev.params.kpt_oks_sigmas = np.array([.79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89, .79,
-                                                 .79]) / 10.0
+            ev.params.kpt_oks_sigmas = (
+                np.array([0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89, 0.79, 0.79]) / 10.0
+            )
             ev.params.areaRng, ev.params.areaRngLbl = [[0, 1e10]], ["all"]
         ev.evaluate()
         ev.accumulate()
@@ -221,8 +222,7 @@ def test_cli_eval(coco_gt: Path, mpii_gt: Path, tmp_path: Path) -> None:
     res = perturbed(gt_as_results(coco_gt))
     (tmp_path / "res.json").write_text(json.dumps(res))
     out = tmp_path / "out" / "ap.json"
-    run = CliRunner().invoke(eval_main, ["--gt", str(coco_gt), "--results", str(tmp_path / "res.json"),
-                                         "--json", str(out)])
+    run = CliRunner().invoke(eval_main, ["--gt", str(coco_gt), "--results", str(tmp_path / "res.json"), "--json", str(out)])
     assert run.exit_code == 0, run.output
     assert "AP50" in run.stdout and "ARl" in run.stdout
     saved = json.loads(out.read_text())

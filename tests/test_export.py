@@ -19,9 +19,16 @@ from dynpose.export.onnx_export import read_card
 from dynpose.export.verify import ort_session, run_ort
 from dynpose.models.card import ModelCard
 
-TP128_CARD = {"name": "tinypose_128x96", "input_width": 96, "input_height": 128, "color_order": "rgb",
-              "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "keypoints": "coco17",
-              "decoder": "msra"}
+TP128_CARD = {
+    "name": "tinypose_128x96",
+    "input_width": 96,
+    "input_height": 128,
+    "color_order": "rgb",
+    "mean": [123.675, 116.28, 103.53],
+    "std": [58.395, 57.12, 57.375],
+    "keypoints": "coco17",
+    "decoder": "msra",
+}
 
 
 @pytest.fixture()
@@ -61,7 +68,8 @@ def test_register_user_onnx_manifest_round_trip(tmp_path: Path, tinypose_128: Pa
     register_onnx(tinypose_128, card128.with_(name="again"), eng, role="small", progress=False)
     m = Manifest.load(eng)
     assert sorted((e.role, e.model) for e in m.entries) == [("small", "again"), ("large", "other")] or sorted(
-        (e.role, e.model) for e in m.entries) == [("large", "other"), ("small", "again")]
+        (e.role, e.model) for e in m.entries
+    ) == [("large", "other"), ("small", "again")]
     assert not [p for p in eng.iterdir() if p.name.startswith(".staging")]
 
 
@@ -79,8 +87,9 @@ def test_manifest_refuses_tampered_or_missing_files(tmp_path: Path, tinypose_128
         Manifest.load(eng)
 
 
-def test_failed_export_leaves_previous_dir_intact(tmp_path: Path, tinypose_128: Path, tinypose_256: Path,
-                                                  card128: ModelCard) -> None:
+def test_failed_export_leaves_previous_dir_intact(
+    tmp_path: Path, tinypose_128: Path, tinypose_256: Path, card128: ModelCard
+) -> None:
     eng = tmp_path / "eng"
     register_onnx(tinypose_128, card128, eng, role="small", progress=False)
     before = _snapshot(eng)
@@ -100,8 +109,10 @@ def test_fp16_tinypose_keeps_keypoints(tmp_path: Path, tinypose_128: Path, card1
     entries = register_onnx(tinypose_128, card128, eng, role="small", precision="fp16", progress=False)
     e = entries[0]
     assert e.file == "small.fp16.onnx" and e.precision == "fp16"
-    print(f"fp16 vs fp32 on {e.checks['fp16_crops']} COCO crops: mean OKS {e.checks['fp16_oks']:.4f}, "
-          f"heatmap rel L2 {e.checks['fp16_heatmap_rel_l2']:.2e}")
+    print(
+        f"fp16 vs fp32 on {e.checks['fp16_crops']} COCO crops: mean OKS {e.checks['fp16_oks']:.4f}, "
+        f"heatmap rel L2 {e.checks['fp16_heatmap_rel_l2']:.2e}"
+    )
     assert e.checks["fp16_oks"] >= 0.95
     m = onnx.load(str(eng / e.file))
     # fp16 weights inside, fp32 at the boundary.
@@ -126,8 +137,9 @@ def _run(args: list[str]) -> tuple[int, str]:
         (["--onnx", "MODEL", "--card", "CARD"], "--role"),
     ],
 )
-def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path, tinypose_128: Path, card_file: Path, args: list[str],
-                                        needle: str) -> None:
+def test_cli_bad_inputs_one_line_exit_2(
+    tmp_path: Path, tinypose_128: Path, card_file: Path, args: list[str], needle: str
+) -> None:
     args = [str(tinypose_128) if a == "MODEL" else str(card_file) if a == "CARD" else a for a in args]
     code, out = _run([*args, "--engine-dir", str(tmp_path / "eng")])
     assert code == 2, out
@@ -139,25 +151,40 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path, tinypose_128: Path, card
 def test_cli_bad_card_and_corrupt_onnx(tmp_path: Path, tinypose_128: Path, card_file: Path) -> None:
     bad_card = tmp_path / "bad.json"
     bad_card.write_text(json.dumps({**TP128_CARD, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}))
-    code, out = _run(["--onnx", str(tinypose_128), "--card", str(bad_card), "--role", "small",
-                      "--engine-dir", str(tmp_path / "eng")])
+    code, out = _run(
+        ["--onnx", str(tinypose_128), "--card", str(bad_card), "--role", "small", "--engine-dir", str(tmp_path / "eng")]
+    )
     assert code == 2 and "0-255 scale" in out and out.count("error:") == 1, out
 
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(tinypose_128.read_bytes()[:5000])
-    code, out = _run(["--onnx", str(broken), "--card", str(card_file), "--role", "small",
-                      "--engine-dir", str(tmp_path / "eng")])
+    code, out = _run(
+        ["--onnx", str(broken), "--card", str(card_file), "--role", "small", "--engine-dir", str(tmp_path / "eng")]
+    )
     assert code == 2 and "not a readable ONNX file" in out and out.count("error:") == 1, out
 
-    code, out = _run(["--onnx", str(tinypose_128), "--card", str(card_file), "--role", "small", "--precision", "int8",
-                      "--engine-dir", str(tmp_path / "eng")])
+    code, out = _run(
+        [
+            "--onnx",
+            str(tinypose_128),
+            "--card",
+            str(card_file),
+            "--role",
+            "small",
+            "--precision",
+            "int8",
+            "--engine-dir",
+            str(tmp_path / "eng"),
+        ]
+    )
     assert code == 2 and "calibration data" in out, out
 
 
 def test_cli_registers_user_onnx_with_summary(tmp_path: Path, tinypose_128: Path, card_file: Path) -> None:
     eng = tmp_path / "eng"
-    code, out = _run(["--onnx", str(tinypose_128), "--card", str(card_file), "--role", "small", "--quiet",
-                      "--engine-dir", str(eng)])
+    code, out = _run(
+        ["--onnx", str(tinypose_128), "--card", str(card_file), "--role", "small", "--quiet", "--engine-dir", str(eng)]
+    )
     assert code == 0, out
     assert "small.onnx" in out and "fp32" in out  # the summary table
     assert Manifest.load(eng).require("small").file == "small.onnx"

@@ -163,8 +163,9 @@ def test_warp_matrix_picks_by_decoder():
     udp = CARD.with_(decoder="udp")
     np.testing.assert_allclose(warp_matrix(c[0], s[0], udp), get_udp_warp_matrix(c[0], s[0], (192, 256)))
     for dec in ("msra", "dark"):
-        np.testing.assert_allclose(warp_matrix(c[0], s[0], CARD.with_(decoder=dec)),
-                                   get_affine_transform(c[0], s[0], (192, 256)))
+        np.testing.assert_allclose(
+            warp_matrix(c[0], s[0], CARD.with_(decoder=dec)), get_affine_transform(c[0], s[0], (192, 256))
+        )
 
 
 def test_crop_batch_uses_the_cards_warp():
@@ -175,8 +176,11 @@ def test_crop_batch_uses_the_cards_warp():
         batch = crop_batch(image, c, s, card)
         assert batch.shape == (4, 3, 256, 192) and batch.dtype == np.float32
         for i in range(4):
-            m = ref_udp_warp(c[i], s[i], 0, (192, 256)) if card.decoder == "udp" else \
-                ref_get_affine_transform(c[i], s[i] / 200.0, 0, (192, 256))
+            m = (
+                ref_udp_warp(c[i], s[i], 0, (192, 256))
+                if card.decoder == "udp"
+                else ref_get_affine_transform(c[i], s[i] / 200.0, 0, (192, 256))
+            )
             ref = normalize(cv2.warpAffine(image, m, (192, 256), flags=cv2.INTER_LINEAR)[None], card)[0]
             # matrices agree to float32 precision; bilinear sampling may differ by a rounding step
             assert np.abs(batch[i] - ref).mean() < 0.01

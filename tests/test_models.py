@@ -138,8 +138,14 @@ def test_onnx_export_with_free_batch(tmp_path: Path, name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            m, (torch.randn(1, 3, 256, 192),), str(path), dynamo=False, opset_version=17,
-            input_names=["image"], output_names=["out"], dynamic_axes={"image": {0: "batch"}, "out": {0: "batch"}},
+            m,
+            (torch.randn(1, 3, 256, 192),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["image"],
+            output_names=["out"],
+            dynamic_axes={"image": {0: "batch"}, "out": {0: "batch"}},
         )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.randn(2, 3, 256, 192)  # a batch size the export never saw

@@ -114,16 +114,18 @@ def test_gt_boxes_skip_nms_and_detection_scores_enable_it(pipe: Pipeline, coco) 
 
 
 def test_clean_boxes_drops_and_counts() -> None:
-    boxes = np.array([
-        [10, 10, 50, 80, 0.9],  # fine
-        [-20, -20, 40, 40, 0.8],  # partly outside: kept
-        [10, 10, 0, 50, 0.9],  # zero width
-        [10, 10, 30, -5, 0.9],  # negative height
-        [500, 10, 30, 30, 0.9],  # right of a 200 px wide image
-        [10, -100, 30, 50, 0.9],  # above it
-        [10, 10, 30, 30, np.nan],  # NaN score
-        [np.nan, 10, 30, 30, 0.9],  # NaN coordinate
-    ])
+    boxes = np.array(
+        [
+            [10, 10, 50, 80, 0.9],  # fine
+            [-20, -20, 40, 40, 0.8],  # partly outside: kept
+            [10, 10, 0, 50, 0.9],  # zero width
+            [10, 10, 30, -5, 0.9],  # negative height
+            [500, 10, 30, 30, 0.9],  # right of a 200 px wide image
+            [10, -100, 30, 50, 0.9],  # above it
+            [10, 10, 30, 30, np.nan],  # NaN score
+            [np.nan, 10, 30, 30, 0.9],  # NaN coordinate
+        ]
+    )
     kept, dropped = clean_boxes(boxes, (100, 200, 3))
     assert dropped == 6 and kept[:, 4].tolist() == [0.9, 0.8]
     kept, dropped = clean_boxes(boxes[:2, :4], (100, 200, 3))

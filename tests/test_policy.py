@@ -38,8 +38,21 @@ def test_parse(text: str, expected: Policy) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "band", "band:0.7,0.6", "band:0.5", "band:a,b", "threshold:", "fraction:1.5", "fraction:-0.1",
-     "box:-1", "all-small:3", "median:0.5", "threshold:nan", "threshold:0.1,0.2"],
+    [
+        "",
+        "band",
+        "band:0.7,0.6",
+        "band:0.5",
+        "band:a,b",
+        "threshold:",
+        "fraction:1.5",
+        "fraction:-0.1",
+        "box:-1",
+        "all-small:3",
+        "median:0.5",
+        "threshold:nan",
+        "threshold:0.1,0.2",
+    ],
 )
 def test_parse_errors_are_one_line(text: str) -> None:
     with pytest.raises(DynPoseError) as e:

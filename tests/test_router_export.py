@@ -48,10 +48,12 @@ def _calib(coco_dir: Path) -> CalibSpec:
 
 def _print_checks(e) -> None:
     c = e.checks
-    print(f"router {e.precision}: decision agreement {c['router_decision_agreement']:.3f} under "
-          f"{c['router_gate_policy']} on {c['router_gate_crops']} crops, score |diff| max "
-          f"{c['router_score_max_abs_diff']:.2e} mean {c['router_score_mean_abs_diff']:.2e}, "
-          f"{c[e.precision + '_speedup_b8']:.2f}x vs fp32 (ORT CPU, batch 8)")
+    print(
+        f"router {e.precision}: decision agreement {c['router_decision_agreement']:.3f} under "
+        f"{c['router_gate_policy']} on {c['router_gate_crops']} crops, score |diff| max "
+        f"{c['router_score_max_abs_diff']:.2e} mean {c['router_score_mean_abs_diff']:.2e}, "
+        f"{c[e.precision + '_speedup_b8']:.2f}x vs fp32 (ORT CPU, batch 8)"
+    )
 
 
 def test_router_fp16_and_int8_gated_on_decisions(tmp_path: Path, coco_dir: Path, spread_router: Path) -> None:
@@ -69,8 +71,9 @@ def test_router_fp16_and_int8_gated_on_decisions(tmp_path: Path, coco_dir: Path,
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in half.graph.initializer)
     assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
-    (e8, _) = export_model("router", eng, weights=str(spread_router), precision="int8", calib=_calib(coco_dir),
-                           progress=False)
+    (e8, _) = export_model(
+        "router", eng, weights=str(spread_router), precision="int8", calib=_calib(coco_dir), progress=False
+    )
     _print_checks(e8)
     assert e8.file == "router.int8.onnx" and e8.checks["int8_calib_crops"] > 0
     assert e8.checks["router_decision_agreement"] >= 0.95 and e8.checks["router_score_max_abs_diff"] < 0.05

@@ -111,8 +111,25 @@ def test_train_end_to_end_from_release_checkpoint(engine_dir: Path, coco_dir: Pa
 
     out = tmp_path / "trained.pth"
     old_router = Manifest.load(engine_dir).require("router", "onnx").sha256
-    r = _cli("--engine-dir", str(engine_dir), "--ann", str(coco_dir / "test_coco.json"), "--images", str(coco_dir),
-             "--epochs", "4", "--batch", "12", "--lr", "2e-3", "--out", str(out), "--init", str(init), "--quiet")
+    r = _cli(
+        "--engine-dir",
+        str(engine_dir),
+        "--ann",
+        str(coco_dir / "test_coco.json"),
+        "--images",
+        str(coco_dir),
+        "--epochs",
+        "4",
+        "--batch",
+        "12",
+        "--lr",
+        "2e-3",
+        "--out",
+        str(out),
+        "--init",
+        str(init),
+        "--quiet",
+    )
     assert r.exit_code == 0, r.stderr
     # the per-epoch loss table: the loss falls
     rows = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("│")]
@@ -196,8 +213,18 @@ def test_calibrate_hits_target_fraction(engine_dir: Path, coco_dir: Path, fracti
     from dynpose.runtime.policy import parse_policy
 
     ann = coco_dir / "test_coco.json"
-    r = _cli("--calibrate", "--engine-dir", str(engine_dir), "--ann", str(ann), "--images", str(coco_dir),
-             "--target-fraction", fraction, "--quiet")
+    r = _cli(
+        "--calibrate",
+        "--engine-dir",
+        str(engine_dir),
+        "--ann",
+        str(ann),
+        "--images",
+        str(coco_dir),
+        "--target-fraction",
+        fraction,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.stderr
     assert "policy threshold:" in r.stdout and "AP " in r.stdout
     m = Manifest.load(engine_dir)
@@ -236,8 +263,17 @@ def test_calibrate_ap_drop(engine_dir: Path, coco_dir: Path):
     ],
 )
 def test_cli_errors(engine_dir: Path, coco_dir: Path, tmp_path: Path, extra: list[str], needle: str):
-    args = ["--engine-dir", str(engine_dir), "--ann", str(coco_dir / "test_coco.json"), "--images", str(coco_dir),
-            "--quiet", "--out", str(tmp_path / "r.pth")]
+    args = [
+        "--engine-dir",
+        str(engine_dir),
+        "--ann",
+        str(coco_dir / "test_coco.json"),
+        "--images",
+        str(coco_dir),
+        "--quiet",
+        "--out",
+        str(tmp_path / "r.pth"),
+    ]
     args += [a.replace("{tmp}", str(tmp_path)) for a in extra]
     r = _cli(*args)
     assert r.exit_code == 2, (r.stdout, r.stderr)

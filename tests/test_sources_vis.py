@@ -100,8 +100,11 @@ def test_draw_persons(coco_dir, tmp_path):
     bad = kp.copy()
     bad[3] = [np.nan, np.inf, 0.9]
     bad[5, 2] = 0.1
-    persons = [P((250, 40, 160, 370), 0.93, kp, "small"), P((np.nan, 0, 10, 10), 0.5, bad, "large"),
-               P((10, 10, -5, 30), 0.2, bad, "hrnet_w32")]
+    persons = [
+        P((250, 40, 160, 370), 0.93, kp, "small"),
+        P((np.nan, 0, 10, 10), 0.5, bad, "large"),
+        P((10, 10, -5, 30), 0.2, bad, "hrnet_w32"),
+    ]
     out = draw_persons(img, persons, "coco17")
     assert out.shape == img.shape and out.dtype == np.uint8
     assert not np.array_equal(out, img)

@@ -79,7 +79,8 @@ def test_strong_typing_by_version() -> None:
 
 def _tiny_graph(tmp_path: Path, name: str, nodes: list, inits: list, elem: int = TensorProto.FLOAT) -> Path:
     g = helper.make_graph(
-        nodes, name,
+        nodes,
+        name,
         [helper.make_tensor_value_info("x", elem, ["N", 2])],
         [helper.make_tensor_value_info("y", elem, ["N", 2])],
         initializer=inits,
@@ -96,10 +97,15 @@ def test_onnx_precisions(tmp_path: Path, tinypose_256: Path) -> None:
     assert onnx_precisions(fp16) == {"fp16"}
     scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
     zero = numpy_helper.from_array(np.array(0, np.int8), "z")
-    qdq = _tiny_graph(tmp_path, "qdq", [
-        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
-    ], [scale, zero])
+    qdq = _tiny_graph(
+        tmp_path,
+        "qdq",
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        [scale, zero],
+    )
     assert onnx_precisions(qdq) == {"int8"}
 
 
@@ -124,8 +130,16 @@ def _plan_entry(engine_dir: Path, meta: dict | None, write: bool = True) -> Entr
     if write:  # a stand-in file for the tests that fail before deserialising
         (engine_dir / "small.plan").write_bytes(b"plan bytes")
     return Entry(
-        role="small", model="tinypose", file="small.plan", format="tensorrt", precision="fp16", card=_card(),
-        input_name="image", output_name="heatmaps", max_batch=8, tensorrt=meta,
+        role="small",
+        model="tinypose",
+        file="small.plan",
+        format="tensorrt",
+        precision="fp16",
+        card=_card(),
+        input_name="image",
+        output_name="heatmaps",
+        max_batch=8,
+        tensorrt=meta,
         **describe_file(engine_dir, "small.plan"),
     )
 
@@ -199,18 +213,27 @@ def test_build_and_run_matches_onnx_runtime(tmp_path: Path, tinypose_256: Path) 
 
     cache = tmp_path / "timing.cache"
     cold = build_engine(
-        tinypose_256, tmp_path / "cold.plan", input_name="image", input_chw=(3, 256, 192), max_batch=8,
-        timing_cache=cache, progress=False,
+        tinypose_256,
+        tmp_path / "cold.plan",
+        input_name="image",
+        input_chw=(3, 256, 192),
+        max_batch=8,
+        timing_cache=cache,
+        progress=False,
     )
     assert cache.stat().st_size > 0
     # The second build reads the timing cache the first one saved (its build_s is printed, not asserted).
     meta = build_engine(
-        tinypose_256, tmp_path / "small.plan", input_name="image", input_chw=(3, 256, 192), max_batch=8,
-        timing_cache=cache, progress=False,
+        tinypose_256,
+        tmp_path / "small.plan",
+        input_name="image",
+        input_chw=(3, 256, 192),
+        max_batch=8,
+        timing_cache=cache,
+        progress=False,
     )
     print(f"build_s cold {cold['build_s']} warm {meta['build_s']}")
-    assert meta["profile"] == {"input": "image", "min": [1, 3, 256, 192], "opt": [4, 3, 256, 192],
-                               "max": [8, 3, 256, 192]}
+    assert meta["profile"] == {"input": "image", "min": [1, 3, 256, 192], "opt": [4, 3, 256, 192], "max": [8, 3, 256, 192]}
     assert meta["tensorrt_version"] and "." in meta["compute_capability"]
     m = Manifest(entries=[_plan_entry(tmp_path, meta, write=False)])
     m.save(tmp_path)
@@ -237,7 +260,8 @@ def test_build_and_run_matches_onnx_runtime(tmp_path: Path, tinypose_256: Path) 
 def test_parser_errors_are_reported(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     g = helper.make_graph(
-        [helper.make_node("NoSuchOp", ["image"], ["y"], domain="nowhere")], "bad",
+        [helper.make_node("NoSuchOp", ["image"], ["y"], domain="nowhere")],
+        "bad",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
     )

@@ -70,8 +70,14 @@ def test_cpu_fp16_returns_fp32_close_to_fp32(router: torch.nn.Module) -> None:
 def _torch_entry(engine_dir: Path, model: torch.nn.Module, role: str, file: str) -> Entry:
     torch.save(model.state_dict(), engine_dir / file)
     return Entry(
-        role=role, model=model.card.name, file=file, format="torch", precision="fp32", card=model.card,
-        max_batch=4, **describe_file(engine_dir, file),
+        role=role,
+        model=model.card.name,
+        file=file,
+        format="torch",
+        precision="fp32",
+        card=model.card,
+        max_batch=4,
+        **describe_file(engine_dir, file),
     )
 
 

@@ -26,8 +26,10 @@ from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, normaliz
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_TARGETS = ("ort", "tensorrt")
-NEEDS_CALIB = ("int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
-               "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR")
+NEEDS_CALIB = (
+    "int8 needs calibration data: pass --calib-ann COCO.json --calib-images DIR, "
+    "--calib-dets DETS.json --calib-images DIR, or --calib-root DIR"
+)
 
 
 @dataclass
@@ -123,8 +125,15 @@ class CropSet:
         return len(self.x)
 
     def subset(self, idx: np.ndarray) -> CropSet:
-        return CropSet(self.x[idx], self.centers[idx], self.scales[idx], self.areas[idx], self.mask[idx],
-                       self.gate[idx], self.flipped[idx])
+        return CropSet(
+            self.x[idx],
+            self.centers[idx],
+            self.scales[idx],
+            self.areas[idx],
+            self.mask[idx],
+            self.gate[idx],
+            self.flipped[idx],
+        )
 
     @property
     def calib(self) -> CropSet:
@@ -209,16 +218,18 @@ def _spec_key(spec: CalibSpec, card: ModelCard) -> str:
     return h.hexdigest()[:16]
 
 
-def _crop(card: ModelCard, boxes: list[_Box], jitter: int = 0,
-          rng: np.random.Generator | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _crop(
+    card: ModelCard, boxes: list[_Box], jitter: int = 0, rng: np.random.Generator | None = None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """uint8 NHWC crops (un-normalised) plus centres/scales of `boxes`: one pass as boxed, then `jitter` passes with
     randomly shifted/scaled boxes. Each image is decoded once for all passes (decoding costs far more than a warp)."""
     by_image: dict[Path, list[int]] = {}
     for i, b in enumerate(boxes):
         by_image.setdefault(b.image, []).append(i)
     n = len(boxes)
-    c0, s0 = box_to_center_scale(np.stack([b.box for b in boxes]) if boxes else np.empty((0, 4)), card.aspect_ratio,
-                                 card.padding)
+    c0, s0 = box_to_center_scale(
+        np.stack([b.box for b in boxes]) if boxes else np.empty((0, 4)), card.aspect_ratio, card.padding
+    )
     centers, scales = [c0], [s0]
     for _ in range(jitter):
         assert rng is not None
@@ -253,8 +264,9 @@ def _keypoint_mask(boxes: list[_Box], k: int) -> np.ndarray:
     return m
 
 
-def build_crop_set(spec: CalibSpec, card: ModelCard, cache_dir: str | os.PathLike | None = None,
-                   progress: bool = False) -> CropSet:
+def build_crop_set(
+    spec: CalibSpec, card: ModelCard, cache_dir: str | os.PathLike | None = None, progress: bool = False
+) -> CropSet:
     """Crop every box of the spec (plus flips and jittered copies for calibration), cached by content hash."""
     spec.validate()
     key = _spec_key(spec, card)
@@ -295,8 +307,12 @@ def build_crop_set(spec: CalibSpec, card: ModelCard, cache_dir: str | os.PathLik
             gates.append(np.zeros(n, bool))
             flips.append(np.ones(n, bool))
     arrays = {
-        "u8": np.concatenate(u8s), "centers": np.concatenate(cs), "scales": np.concatenate(ss),
-        "areas": np.concatenate(areas), "mask": np.concatenate(masks), "gate": np.concatenate(gates),
+        "u8": np.concatenate(u8s),
+        "centers": np.concatenate(cs),
+        "scales": np.concatenate(ss),
+        "areas": np.concatenate(areas),
+        "mask": np.concatenate(masks),
+        "gate": np.concatenate(gates),
         "flipped": np.concatenate(flips),
     }
     # Cap the calibration part only; the gate set stays whole so its figure is comparable across runs.
@@ -319,8 +335,15 @@ def _load(path: Path, card: ModelCard) -> CropSet:
 
 
 def _from_arrays(a: dict[str, np.ndarray], card: ModelCard) -> CropSet:
-    return CropSet(normalize(np.ascontiguousarray(a["u8"]), card), a["centers"], a["scales"], a["areas"],
-                   a["mask"].astype(bool), a["gate"].astype(bool), a["flipped"].astype(bool))
+    return CropSet(
+        normalize(np.ascontiguousarray(a["u8"]), card),
+        a["centers"],
+        a["scales"],
+        a["areas"],
+        a["mask"].astype(bool),
+        a["gate"].astype(bool),
+        a["flipped"].astype(bool),
+    )
 
 
 def coco_person_crops(coco: str | os.PathLike, card: ModelCard, min_keypoints: int = 5) -> CropSet | None:
@@ -339,8 +362,9 @@ def coco_person_crops(coco: str | os.PathLike, card: ModelCard, min_keypoints: i
     ds = load_coco(anns[0])
     boxes = []
     for iid, box, person in gt_boxes(ds, min_keypoints=min_keypoints):
-        boxes.append(_Box(_find_image(ds.images[iid].file_name, coco_dir, spec), box, person.area,
-                          person.keypoints[:, 2] > 0))
+        boxes.append(
+            _Box(_find_image(ds.images[iid].file_name, coco_dir, spec), box, person.area, person.keypoints[:, 2] > 0)
+        )
     if not boxes:
         return None
     ((u8, c, s),) = _crop(card, boxes)

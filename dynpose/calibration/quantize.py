@@ -93,11 +93,19 @@ def _ort_quant() -> Any:
 
 def _settings(target: str, method: str) -> dict[str, Any]:
     q = _ort_quant()
-    methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
-               "percentile": q.CalibrationMethod.Percentile}
-    common = {"quant_format": q.QuantFormat.QDQ, "per_channel": True, "reduce_range": False,
-              "calibrate_method": methods[method], "weight_type": q.QuantType.QInt8,
-              "op_types_to_quantize": list(OP_TYPES[target])}
+    methods = {
+        "minmax": q.CalibrationMethod.MinMax,
+        "entropy": q.CalibrationMethod.Entropy,
+        "percentile": q.CalibrationMethod.Percentile,
+    }
+    common = {
+        "quant_format": q.QuantFormat.QDQ,
+        "per_channel": True,
+        "reduce_range": False,
+        "calibrate_method": methods[method],
+        "weight_type": q.QuantType.QInt8,
+        "op_types_to_quantize": list(OP_TYPES[target]),
+    }
     # Strided min/max: ranges are computed per batch and merged, instead of holding every activation of every
     # calibration crop in memory (gigabytes for HRNet).
     extra: dict[str, Any] = {"CalibStridedMinMax": 1} if method == "minmax" else {}
@@ -142,8 +150,16 @@ def _prepare(src: Path, dst: Path) -> onnx.ModelProto:
     return model
 
 
-def _quantize(prepared: Path, out: Path, calib: np.ndarray, input_name: str, settings: dict[str, Any],
-              ranges: Path, exclude: list[str], progress: bool = False) -> None:
+def _quantize(
+    prepared: Path,
+    out: Path,
+    calib: np.ndarray,
+    input_name: str,
+    settings: dict[str, Any],
+    ranges: Path,
+    exclude: list[str],
+    progress: bool = False,
+) -> None:
     q = _ort_quant()
     bar = None
     if progress and not ranges.is_file():  # only the first call calibrates; later ones reuse the cached ranges
@@ -151,8 +167,14 @@ def _quantize(prepared: Path, out: Path, calib: np.ndarray, input_name: str, set
 
         bar = tqdm(total=len(calib), desc="calibrating", unit="crop", leave=False)
     try:
-        q.quantize_static(str(prepared), str(out), _Reader(input_name, calib, on_batch=bar.update if bar else None),
-                          nodes_to_exclude=list(exclude), calibration_cache_path=str(ranges), **settings)
+        q.quantize_static(
+            str(prepared),
+            str(out),
+            _Reader(input_name, calib, on_batch=bar.update if bar else None),
+            nodes_to_exclude=list(exclude),
+            calibration_cache_path=str(ranges),
+            **settings,
+        )
     except DynPoseError:
         raise
     except Exception as e:
@@ -184,8 +206,9 @@ def _weight_noise(w: np.ndarray, axis: int = 0) -> float:
     return float(((w2 - y) ** 2).sum() / max(float((w2**2).sum()), 1e-12))
 
 
-def rank_sensitive(prepared: Path, model: onnx.ModelProto, ranges: Path, sample: np.ndarray, op_types: tuple[str, ...],
-                   symmetric: bool) -> list[str]:
+def rank_sensitive(
+    prepared: Path, model: onnx.ModelProto, ranges: Path, sample: np.ndarray, op_types: tuple[str, ...], symmetric: bool
+) -> list[str]:
     """Quantizable nodes, most sensitive first: the ones producing graph outputs, then by injected noise (all their
     float inputs and their output fake-quantized with the calibrated ranges, plus per-channel weight noise)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
@@ -226,8 +249,9 @@ def rank_sensitive(prepared: Path, model: onnx.ModelProto, ranges: Path, sample:
     return heads + rest
 
 
-def measure_speedup(fp32: Path, int8: Path, x: np.ndarray, batch: int = SPEED_BATCH, repeats: int = 5,
-                    threads: int = 0) -> dict[str, float]:
+def measure_speedup(
+    fp32: Path, int8: Path, x: np.ndarray, batch: int = SPEED_BATCH, repeats: int = 5, threads: int = 0
+) -> dict[str, float]:
     """fp32 vs int8 time per batch on ORT CPU, interleaved (a, b, a, b, ...) so load changes hit both; medians."""
     xb = np.ascontiguousarray(x[np.arange(batch) % len(x)], np.float32)
     sa, sb = ort_session(fp32, threads), ort_session(int8, threads)
@@ -246,8 +270,10 @@ def measure_speedup(fp32: Path, int8: Path, x: np.ndarray, batch: int = SPEED_BA
 
 def log_speedup(speed: dict[str, float], precision: str, name: str, log: Log, hint: str) -> None:
     """One line with `measure_speedup`'s figures; a warning with `hint` when the lower precision does not pay."""
-    msg = (f"{name}: {precision} vs fp32 on ONNX Runtime CPU at batch {speed['batch']}: {speed['speedup']:.2f}x "
-           f"({speed['fp32_ms']:.1f} ms -> {speed['int8_ms']:.1f} ms)")
+    msg = (
+        f"{name}: {precision} vs fp32 on ONNX Runtime CPU at batch {speed['batch']}: {speed['speedup']:.2f}x "
+        f"({speed['fp32_ms']:.1f} ms -> {speed['int8_ms']:.1f} ms)"
+    )
     if speed["speedup"] < WARN_SPEEDUP:
         log(f"[yellow]warning[/]: {msg}: {precision} does not pay on this backend; {hint}")
     else:
@@ -261,8 +287,9 @@ def _ranges_path(cache_dir: Path, src: Path, crops_key: str, target: str, method
     return cache_dir / f"ranges-{h}.json"
 
 
-def _prepare_with_ranges(src: Path, tmp: Path, cache: Path | None, crops: CropSet, target: str,
-                         method: str) -> tuple[Path, onnx.ModelProto, Path]:
+def _prepare_with_ranges(
+    src: Path, tmp: Path, cache: Path | None, crops: CropSet, target: str, method: str
+) -> tuple[Path, onnx.ModelProto, Path]:
     """(prepared graph in `tmp`, its proto, where the calibration ranges live): in the cache dir when there is one,
     so a later export of the same model on the same crops skips calibration, else beside the graph."""
     prepared = tmp / "prepared.onnx"
@@ -280,9 +307,19 @@ def _calibration_split(spec: CalibSpec, card: ModelCard, cache: Path | None, log
     return crops, crops.calib, crops.held_out
 
 
-def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCard, spec: CalibSpec, *,
-                  target: str = "ort", min_oks: float = 0.95, cache_dir: str | os.PathLike | None = None,
-                  log: Log = _console_log, progress: bool = True, max_steps: int = MAX_STEPS) -> dict[str, Any]:
+def quantize_int8(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    card: ModelCard,
+    spec: CalibSpec,
+    *,
+    target: str = "ort",
+    min_oks: float = 0.95,
+    cache_dir: str | os.PathLike | None = None,
+    log: Log = _console_log,
+    progress: bool = True,
+    max_steps: int = MAX_STEPS,
+) -> dict[str, Any]:
     """Calibrate on real crops, quantize to Q/DQ, search the fp32 exclusions that keep the OKS gate; write `dst`.
 
     Returns the figures stored in the manifest's `checks`: gate OKS (mean/min), layers kept in fp32, the search's
@@ -308,8 +345,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCar
             _quantize(prepared, out, cal.x, in_name, settings, ranges, exclude, progress)
             sess = ort_session(out)
             g = keypoint_agreement(run_ort(sess, gate.x), ref_gate, gate, card)
-            return {"gate": g["oks_mean"], "gate_min": g["oks_min"], "rel_l2": g["heatmap_rel_l2"],
-                    "finite": g["finite"]}
+            return {"gate": g["oks_mean"], "gate_min": g["oks_min"], "rel_l2": g["heatmap_rel_l2"], "finite": g["finite"]}
 
         log(f"{card.name}: calibrating int8 ({target}, {spec.method}) on {len(cal)} crops; gate: {len(gate)} held-out crops")
         t0 = time.perf_counter()
@@ -326,7 +362,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCar
         chosen: tuple[list[str], Path, dict[str, float]] | None = ([], candidate, r) if holds(r) else None
         best = (r["gate"], [], candidate)
         if chosen is None:
-            sample = cal.x[np.flatnonzero(~cal.flipped)][:16 if src.stat().st_size < 20e6 else 4]
+            sample = cal.x[np.flatnonzero(~cal.flipped)][: 16 if src.stat().st_size < 20e6 else 4]
             order = rank_sensitive(prepared, model, ranges, sample, OP_TYPES[target], symmetric)
             n_all = len(order)
             # Start at ~6% of the layers: single layers rarely fix a heatmap model and each try costs a quantization
@@ -371,15 +407,26 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCar
         speed = measure_speedup(src, dst, gate.x)
 
     n_q = sum(1 for n in model.graph.node if n.op_type in OP_TYPES[target]) - len(excluded)
-    log(f"{card.name}: int8 gate mean OKS vs fp32 {res['gate']:.4f} (min {res['gate_min']:.4f}) on {len(gate)} held-out "
-        f"crops; {len(excluded)} layers kept fp32, {n_q} int8; search took {time.perf_counter() - t_start:.0f}s")
+    log(
+        f"{card.name}: int8 gate mean OKS vs fp32 {res['gate']:.4f} (min {res['gate_min']:.4f}) on {len(gate)} held-out "
+        f"crops; {len(excluded)} layers kept fp32, {n_q} int8; search took {time.perf_counter() - t_start:.0f}s"
+    )
     log_speedup(speed, "int8", card.name, log, "consider fp32/fp16 here")
     return {
-        "int8_target": target, "int8_method": spec.method, "int8_calib_crops": len(cal), "int8_gate_crops": len(gate),
-        "int8_oks": res["gate"], "int8_oks_min": res["gate_min"],
-        "int8_heatmap_rel_l2": res["rel_l2"], "int8_min_oks": min_oks, "int8_fp32_layers": excluded,
-        "int8_quantized_layers": n_q, "int8_search_steps": steps,
-        "int8_speedup_b8": speed["speedup"], "int8_ms_b8": speed["int8_ms"], "fp32_ms_b8": speed["fp32_ms"],
+        "int8_target": target,
+        "int8_method": spec.method,
+        "int8_calib_crops": len(cal),
+        "int8_gate_crops": len(gate),
+        "int8_oks": res["gate"],
+        "int8_oks_min": res["gate_min"],
+        "int8_heatmap_rel_l2": res["rel_l2"],
+        "int8_min_oks": min_oks,
+        "int8_fp32_layers": excluded,
+        "int8_quantized_layers": n_q,
+        "int8_search_steps": steps,
+        "int8_speedup_b8": speed["speedup"],
+        "int8_ms_b8": speed["int8_ms"],
+        "fp32_ms_b8": speed["fp32_ms"],
     }
 
 
@@ -391,9 +438,17 @@ def _save_with_metadata(qpath: Path, src: Path, dst: Path) -> None:
         onnx.save(qmodel, str(out_tmp))
 
 
-def quantize_router_int8(src: str | os.PathLike, dst: str | os.PathLike, card: ModelCard, spec: CalibSpec, *,
-                         target: str = "ort", cache_dir: str | os.PathLike | None = None, log: Log = _console_log,
-                         progress: bool = True) -> tuple[dict[str, Any], CropSet]:
+def quantize_router_int8(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    card: ModelCard,
+    spec: CalibSpec,
+    *,
+    target: str = "ort",
+    cache_dir: str | os.PathLike | None = None,
+    log: Log = _console_log,
+    progress: bool = True,
+) -> tuple[dict[str, Any], CropSet]:
     """INT8 Q/DQ router: calibrate on the spec's crops made under the router's card and quantize once; write `dst`.
 
     No layer search: the router's output is three scores, not heatmaps, and the caller judges the result by routing
@@ -411,8 +466,14 @@ def quantize_router_int8(src: str | os.PathLike, dst: str | os.PathLike, card: M
         _quantize(prepared, tmp / "q.onnx", cal.x, io_names(model)[0], settings, ranges, [], progress)
         _save_with_metadata(tmp / "q.onnx", src, dst)
     n_q = sum(1 for n in model.graph.node if n.op_type in OP_TYPES[target])
-    return {"int8_target": target, "int8_method": spec.method, "int8_calib_crops": len(cal),
-            "int8_gate_crops": len(gate), "int8_quantized_layers": n_q, "int8_fp32_layers": []}, gate
+    return {
+        "int8_target": target,
+        "int8_method": spec.method,
+        "int8_calib_crops": len(cal),
+        "int8_gate_crops": len(gate),
+        "int8_quantized_layers": n_q,
+        "int8_fp32_layers": [],
+    }, gate
 
 
 def _crop_key(crops: CropSet) -> str:

@@ -50,8 +50,12 @@ CUDA: --batch 1,8,32,64 --repeats 20 --warmup 5. Fractions 0,0.1,0.3,0.5,0.7,0.9
 @click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch", "batch", default=None, help="Comma-separated batch sizes (crops per call).")
-@click.option("--fractions", default="0,0.1,0.3,0.5,0.7,0.9,1", show_default=True,
-              help="Shares of crops sent to the large model (DynPose with policy fraction:F).")
+@click.option(
+    "--fractions",
+    default="0,0.1,0.3,0.5,0.7,0.9,1",
+    show_default=True,
+    help="Shares of crops sent to the large model (DynPose with policy fraction:F).",
+)
 @click.option("--images", type=click.Path(path_type=Path), help="Images folder for the end-to-end pipeline part.")
 @click.option("--detections", type=click.Path(path_type=Path), help="COCO-format person detections for --images.")
 @click.option("--route", default=None, help="Routing policy of the pipeline part (default: the manifest's).")
@@ -61,9 +65,21 @@ CUDA: --batch 1,8,32,64 --repeats 20 --warmup 5. Fractions 0,0.1,0.3,0.5,0.7,0.9
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write all figures to this JSON (atomic).")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write crops/s vs fraction as PNG.")
 @user_errors
-def main(engine_dir: Path, backend: str, device: str, batch: str | None, fractions: str, images: Path | None,
-         detections: Path | None, route: str | None, threads: int | None, repeats: int | None, warmup: int | None,
-         json_out: Path | None, plot_out: Path | None) -> None:
+def main(
+    engine_dir: Path,
+    backend: str,
+    device: str,
+    batch: str | None,
+    fractions: str,
+    images: Path | None,
+    detections: Path | None,
+    route: str | None,
+    threads: int | None,
+    repeats: int | None,
+    warmup: int | None,
+    json_out: Path | None,
+    plot_out: Path | None,
+) -> None:
     """Throughput of large-only, small-only and DynPose at routing fractions (crops/s, p50/p95 latency), and
     end-to-end pipeline frames/s with a per-stage breakdown on real images."""
     bench = load_bench()
@@ -76,9 +92,20 @@ def main(engine_dir: Path, backend: str, device: str, batch: str | None, fractio
 
         parse_policy(route)
     result = bench.run_benchmark(
-        engine_dir, backend=backend, device=device, batches=batches, fractions=fracs, repeats=repeats,
-        warmup=warmup, images=images, detections=detections, route=route, threads=threads, json_out=json_out,
-        plot_out=plot_out, log=lambda m: click.echo(m, err=True),
+        engine_dir,
+        backend=backend,
+        device=device,
+        batches=batches,
+        fractions=fracs,
+        repeats=repeats,
+        warmup=warmup,
+        images=images,
+        detections=detections,
+        route=route,
+        threads=threads,
+        json_out=json_out,
+        plot_out=plot_out,
+        log=lambda m: click.echo(m, err=True),
     )
     for line in bench.summary_lines(result):
         click.echo(line)

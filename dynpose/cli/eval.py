@@ -60,11 +60,17 @@ MPII predictions: (N,16,2) joints in annotation order, as .npy or a JSON list (o
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
-@click.option("--gt", "gt", required=True, type=click.Path(path_type=Path),
-              help="Annotation file (COCO format or MPII JSON).")
+@click.option(
+    "--gt", "gt", required=True, type=click.Path(path_type=Path), help="Annotation file (COCO format or MPII JSON)."
+)
 @click.option("--results", required=True, type=click.Path(path_type=Path), help="Results / predictions file.")
-@click.option("--kind", type=click.Choice(["auto", "coco", "crowdpose", "mpii"]), default="auto", show_default=True,
-              help="Metric; auto picks by the annotation file (17 kpts: COCO, 14: CrowdPose, JSON list: MPII).")
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "coco", "crowdpose", "mpii"]),
+    default="auto",
+    show_default=True,
+    help="Metric; auto picks by the annotation file (17 kpts: COCO, 14: CrowdPose, JSON list: MPII).",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the figures to this JSON file.")
 @click.option("-v", "--verbose", is_flag=True, help="Show pycocotools' own output.")
 @user_errors
@@ -82,4 +88,3 @@ def main(gt: Path, results: Path, kind: str, json_out: Path | None, verbose: boo
     if json_out is not None:
         write_json_atomic(json_out, res | {"gt": str(gt), "results": str(results)})
         click.echo(f"wrote {json_out}")
-

@@ -29,8 +29,16 @@ Examples:
 """
 
 
-def _calib_spec(ann: str | None, dets: str | None, images: str | None, root: str | None, gate_ann: str | None,
-                method: str, target: str | None, max_crops: int) -> CalibSpec | None:
+def _calib_spec(
+    ann: str | None,
+    dets: str | None,
+    images: str | None,
+    root: str | None,
+    gate_ann: str | None,
+    method: str,
+    target: str | None,
+    max_crops: int,
+) -> CalibSpec | None:
     from dynpose.calibration.crops import CalibSpec, Source
 
     if root is None and ann is None and dets is None:
@@ -88,12 +96,25 @@ def _summary(entries: list, engine_dir: Path) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EXAMPLES)
-@click.option("--model", "model", metavar="NAME", help="Zoo model (hrnet_w32, resnet_50, router, ...) or `all` for "
-              "the DynPose set: router, resnet_50 as small, hrnet_w32 as large.")
-@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), help="Register your own ONNX heatmap model "
-              "instead of a zoo model (needs --card and --role).")
-@click.option("--card", "card_file", type=click.Path(dir_okay=False), help="Model card JSON for --onnx (name, "
-              "input_width, input_height, color_order, mean, std (0-255), keypoints, decoder).")
+@click.option(
+    "--model",
+    "model",
+    metavar="NAME",
+    help="Zoo model (hrnet_w32, resnet_50, router, ...) or `all` for "
+    "the DynPose set: router, resnet_50 as small, hrnet_w32 as large.",
+)
+@click.option(
+    "--onnx",
+    "onnx_file",
+    type=click.Path(dir_okay=False),
+    help="Register your own ONNX heatmap model instead of a zoo model (needs --card and --role).",
+)
+@click.option(
+    "--card",
+    "card_file",
+    type=click.Path(dir_okay=False),
+    help="Model card JSON for --onnx (name, input_width, input_height, color_order, mean, std (0-255), keypoints, decoder).",
+)
 @click.option("--checkpoint", help="Weights: a path, an http(s) URL, or an alias (mmpose, official, dynpose).")
 @click.option("--weights", type=click.Choice(["random"]), help="Random weights (pipeline tests and speed only).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled checkpoints (only for files you trust).")
@@ -101,42 +122,89 @@ def _summary(entries: list, engine_dir: Path) -> None:
 @click.option("--calib-ann", type=click.Path(dir_okay=False), help="INT8 calibration: COCO keypoint annotations.")
 @click.option("--calib-dets", type=click.Path(dir_okay=False), help="INT8 calibration: COCO-format detections.")
 @click.option("--calib-images", type=click.Path(file_okay=False), help="Images of --calib-ann / --calib-dets.")
-@click.option("--calib-root", type=click.Path(file_okay=False), help="INT8 calibration: every annotation, detection "
-              "and MPII JSON under this folder, each with the images beside it.")
-@click.option("--gate-ann", type=click.Path(dir_okay=False), help="COCO annotations whose labelled persons form the "
-              "INT8 accuracy gate (their images are kept out of calibration). Default: a quarter of the images.")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True)
+@click.option(
+    "--calib-root",
+    type=click.Path(file_okay=False),
+    help="INT8 calibration: every annotation, detection and MPII JSON under this folder, each with the images beside it.",
+)
+@click.option(
+    "--gate-ann",
+    type=click.Path(dir_okay=False),
+    help="COCO annotations whose labelled persons form the "
+    "INT8 accuracy gate (their images are kept out of calibration). Default: a quarter of the images.",
+)
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
 @click.option("--calib-max-crops", type=int, default=256, show_default=True, help="Cap on calibration crops.")
-@click.option("--int8-target", type=click.Choice(["ort", "tensorrt"]), help="Q/DQ flavour: ort (uint8 activations, "
-              "int8 per-channel weights) or tensorrt (symmetric int8). Default: from --format.")
-@click.option("--role", type=click.Choice(["router", "small", "large"]), help="Role in the engine dir (default: "
-              "router for router, large for hrnet_*, small otherwise; required with --onnx).")
+@click.option(
+    "--int8-target",
+    type=click.Choice(["ort", "tensorrt"]),
+    help="Q/DQ flavour: ort (uint8 activations, "
+    "int8 per-channel weights) or tensorrt (symmetric int8). Default: from --format.",
+)
+@click.option(
+    "--role",
+    type=click.Choice(["router", "small", "large"]),
+    help="Role in the engine dir (default: router for router, large for hrnet_*, small otherwise; required with --onnx).",
+)
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
 @click.option("--max-batch", type=int, default=64, show_default=True)
 @click.option("--opt-batch", type=int, help="TensorRT profile's optimal batch (default: the builder's choice).")
 @click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimisation level.")
-@click.option("--min-oks", type=float, default=0.95, show_default=True, help="fp16/int8 gate: mean keypoint OKS vs "
-              "fp32 on held-out crops (for the router: the fraction of crops routed as fp32 routes them); 0 disables "
-              "it (e.g. random weights).")
+@click.option(
+    "--min-oks",
+    type=float,
+    default=0.95,
+    show_default=True,
+    help="fp16/int8 gate: mean keypoint OKS vs "
+    "fp32 on held-out crops (for the router: the fraction of crops routed as fp32 routes them); 0 disables "
+    "it (e.g. random weights).",
+)
 @click.option("--engine-dir", type=click.Path(file_okay=False), default="engines", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress lines, only the summary table.")
-@click.option("--detector", "detector", type=click.Path(path_type=str), default=None,
-              help="Register an ONNX person detector (PicoDet, YOLOv5/v8 layouts) as the engine dir's detector.")
+@click.option(
+    "--detector",
+    "detector",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Register an ONNX person detector (PicoDet, YOLOv5/v8 layouts) as the engine dir's detector.",
+)
 @user_errors
-def main(model: str | None, onnx_file: str | None, card_file: str | None, checkpoint: str | None, weights: str | None,
-         trust_checkpoint: bool, precision: str, calib_ann: str | None, calib_dets: str | None, calib_images: str | None,
-         calib_root: str | None, gate_ann: str | None, calib_method: str, calib_max_crops: int, int8_target: str | None,
-         role: str | None, fmt: str, max_batch: int, opt_batch: int | None, opt_level: int, min_oks: float,
-         engine_dir: str, quiet: bool, detector: str | None) -> None:
+def main(
+    model: str | None,
+    onnx_file: str | None,
+    card_file: str | None,
+    checkpoint: str | None,
+    weights: str | None,
+    trust_checkpoint: bool,
+    precision: str,
+    calib_ann: str | None,
+    calib_dets: str | None,
+    calib_images: str | None,
+    calib_root: str | None,
+    gate_ann: str | None,
+    calib_method: str,
+    calib_max_crops: int,
+    int8_target: str | None,
+    role: str | None,
+    fmt: str,
+    max_batch: int,
+    opt_batch: int | None,
+    opt_level: int,
+    min_oks: float,
+    engine_dir: str,
+    quiet: bool,
+    detector: str | None,
+) -> None:
     """Export pose models to ONNX (fp32/fp16/INT8 Q/DQ) or TensorRT, verify them, and record them in the engine
     directory's manifest.json."""
     from dynpose.export.api import export_all, export_model, register_onnx
     from dynpose.models.card import ModelCard
 
     if sum(x is not None for x in (model, onnx_file, detector)) != 1:
-        raise DynPoseError("pass exactly one of --model NAME (zoo), --onnx FILE --card CARD.json (your pose model) or "
-                           "--detector FILE.onnx (a person detector)")
+        raise DynPoseError(
+            "pass exactly one of --model NAME (zoo), --onnx FILE --card CARD.json (your pose model) or "
+            "--detector FILE.onnx (a person detector)"
+        )
     if detector is not None:
         from dynpose.export.api import register_detector
 
@@ -144,10 +212,19 @@ def main(model: str | None, onnx_file: str | None, card_file: str | None, checkp
         return
     if not 0.0 <= min_oks <= 1.0:
         raise DynPoseError(f"--min-oks {min_oks}: must be between 0 and 1")
-    calib = _calib_spec(calib_ann, calib_dets, calib_images, calib_root, gate_ann, calib_method, int8_target,
-                        calib_max_crops)
-    common = dict(precision=precision, max_batch=max_batch, calib=calib, min_oks=min_oks, fmt=fmt,
-                  progress=not quiet, opt_batch=opt_batch, opt_level=opt_level)
+    calib = _calib_spec(
+        calib_ann, calib_dets, calib_images, calib_root, gate_ann, calib_method, int8_target, calib_max_crops
+    )
+    common = dict(
+        precision=precision,
+        max_batch=max_batch,
+        calib=calib,
+        min_oks=min_oks,
+        fmt=fmt,
+        progress=not quiet,
+        opt_batch=opt_batch,
+        opt_level=opt_level,
+    )
     engine = Path(engine_dir)
     if onnx_file is not None:
         if card_file is None:

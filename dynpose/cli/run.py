@@ -55,38 +55,95 @@ def _frame_path(source: str, name: str) -> Path:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EPILOG)
 @click.option("--engine-dir", required=True, type=click.Path(path_type=str), help="Engine dir with manifest.json.")
 @click.option("--source", required=True, help="An image, a folder of images, a video file, or a webcam index (0).")
-@click.option("--detections", type=click.Path(path_type=str), default=None,
-              help="COCO-format person detections JSON (boxes named by image id).")
-@click.option("--ann", type=click.Path(path_type=str), default=None,
-              help="COCO annotation file mapping image ids to file names (else numeric file stems are the ids).")
-@click.option("--det-score", type=float, default=None,
-              help="Minimum box score: for --detections (default 0.0) or the detector (default 0.5).")
+@click.option(
+    "--detections",
+    type=click.Path(path_type=str),
+    default=None,
+    help="COCO-format person detections JSON (boxes named by image id).",
+)
+@click.option(
+    "--ann",
+    type=click.Path(path_type=str),
+    default=None,
+    help="COCO annotation file mapping image ids to file names (else numeric file stems are the ids).",
+)
+@click.option(
+    "--det-score",
+    type=float,
+    default=None,
+    help="Minimum box score: for --detections (default 0.0) or the detector (default 0.5).",
+)
 @click.option("--detector", type=click.Path(path_type=str), default=None, help="ONNX person detector (e.g. PicoDet).")
-@click.option("--gt-boxes", type=click.Path(path_type=str), default=None,
-              help="COCO annotation file: crop its annotated person boxes instead of detections (isolates pose "
-                   "accuracy from the detector; also maps image ids to files).")
+@click.option(
+    "--gt-boxes",
+    type=click.Path(path_type=str),
+    default=None,
+    help="COCO annotation file: crop its annotated person boxes instead of detections (isolates pose "
+    "accuracy from the detector; also maps image ids to files).",
+)
 @click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--route", default=None, help="Routing policy (see below); default: the manifest's.")
 @click.option("--flip", is_flag=True, help="Flip test: average with the mirrored crop (twice the pose work).")
-@click.option("--max-batch", type=int, default=64, show_default=True,
-              help="Micro-batch: collect frames until this many crops, then dispatch them together.")
-@click.option("--max-latency-ms", type=float, default=None,
-              help="Micro-batch time cap: dispatch once the oldest waiting frame is this old (use for live video).")
+@click.option(
+    "--max-batch",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Micro-batch: collect frames until this many crops, then dispatch them together.",
+)
+@click.option(
+    "--max-latency-ms",
+    type=float,
+    default=None,
+    help="Micro-batch time cap: dispatch once the oldest waiting frame is this old (use for live video).",
+)
 @click.option("--threads", type=int, default=None, help="CPU cores shared by the two pose models (default: all).")
-@click.option("--out", type=click.Path(path_type=str), default=None,
-              help="Results: .json (COCO keypoint results) or .jsonl (one JSON line per frame).")
-@click.option("--vis", type=click.Path(path_type=str), default=None,
-              help="Folder for drawn skeletons (images keep their names; a video or webcam gives an .mp4).")
-@click.option("--vis-score", type=float, default=0.3, show_default=True,
-              help="Draw only persons scoring at least this (results files keep every person, as COCO eval needs).")
-@click.option("--eval", "eval_gt", type=click.Path(path_type=str), default=None,
-              help="COCO annotation file: print keypoint AP of the results against it.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Results: .json (COCO keypoint results) or .jsonl (one JSON line per frame).",
+)
+@click.option(
+    "--vis",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Folder for drawn skeletons (images keep their names; a video or webcam gives an .mp4).",
+)
+@click.option(
+    "--vis-score",
+    type=float,
+    default=0.3,
+    show_default=True,
+    help="Draw only persons scoring at least this (results files keep every person, as COCO eval needs).",
+)
+@click.option(
+    "--eval",
+    "eval_gt",
+    type=click.Path(path_type=str),
+    default=None,
+    help="COCO annotation file: print keypoint AP of the results against it.",
+)
 @user_errors
 def main(
-    engine_dir: str, source: str, detections: str | None, ann: str | None, det_score: float | None,
-    detector: str | None, gt_boxes: str | None, backend: str, device: str, route: str | None, flip: bool, max_batch: int,
-    max_latency_ms: float | None, threads: int | None, out: str | None, vis: str | None, vis_score: float,
+    engine_dir: str,
+    source: str,
+    detections: str | None,
+    ann: str | None,
+    det_score: float | None,
+    detector: str | None,
+    gt_boxes: str | None,
+    backend: str,
+    device: str,
+    route: str | None,
+    flip: bool,
+    max_batch: int,
+    max_latency_ms: float | None,
+    threads: int | None,
+    out: str | None,
+    vis: str | None,
+    vis_score: float,
     eval_gt: str | None,
 ) -> None:
     """Estimate human poses with the DynPose router + small/large models of an engine dir."""
@@ -138,16 +195,25 @@ def main(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe = Pipeline.from_engine_dir(
-            engine_dir, backend=backend, device=device, route=route, flip=flip, max_batch=max_batch,
-            detector=detector, det_score=0.5 if det_score is None else det_score, threads=threads,
+            engine_dir,
+            backend=backend,
+            device=device,
+            route=route,
+            flip=flip,
+            max_batch=max_batch,
+            detector=detector,
+            det_score=0.5 if det_score is None else det_score,
+            threads=threads,
         )
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     if dets is None and pipe.detector is None:
         pipe.close()
-        raise DynPoseError("no person boxes: pass --detections DETS.json, --gt-boxes GT.json or --detector FILE.onnx "
-                           "(or export a detector into the engine dir)")
+        raise DynPoseError(
+            "no person boxes: pass --detections DETS.json, --gt-boxes GT.json or --detector FILE.onnx "
+            "(or export a detector into the engine dir)"
+        )
 
     no_id: list[str] = []
     matched = [0]  # frames whose image id has detections
@@ -187,8 +253,7 @@ def main(
             # streamed (a long video's lines never sit in memory) into a temp file renamed onto --out at the end
             lines_file = stack.enter_context(open(stack.enter_context(atomic_path(out)), "w"))
         try:
-            bar = stack.enter_context(tqdm(total=src.total, unit="frame", desc="dynpose-run", disable=None,
-                                           leave=False))
+            bar = stack.enter_context(tqdm(total=src.total, unit="frame", desc="dynpose-run", disable=None, leave=False))
             for frame, persons in pipe.run_many(items(), max_batch=max_batch, max_latency_ms=max_latency_ms):
                 bar.update(1)
                 if frame.image_id is not None:
@@ -196,8 +261,17 @@ def main(
                 elif not video and dets is None:
                     no_id.append(frame.name)
                 if lines_file is not None:
-                    lines_file.write(json.dumps({"frame": frame.index, "name": frame.name, "image_id": frame.image_id,
-                                                 "persons": [p.to_dict() for p in persons]}) + "\n")
+                    lines_file.write(
+                        json.dumps(
+                            {
+                                "frame": frame.index,
+                                "name": frame.name,
+                                "image_id": frame.image_id,
+                                "persons": [p.to_dict() for p in persons],
+                            }
+                        )
+                        + "\n"
+                    )
                     num_lines += 1
                 if vis is not None:
                     shown = [p for p in persons if p.score >= vis_score]
@@ -211,18 +285,26 @@ def main(
         if writer is not None:
             writer.close()
         if pipe.stats.frames == 0 and src.skipped:
-            raise DynPoseError(f"source {source}: no readable image ({src.skipped} file(s) could not be decoded); "
-                               "check the files are images OpenCV reads (.jpg, .png, ...)")
+            raise DynPoseError(
+                f"source {source}: no readable image ({src.skipped} file(s) could not be decoded); "
+                "check the files are images OpenCV reads (.jpg, .png, ...)"
+            )
     wall = time.perf_counter() - t0
     st = pipe.stats
     if out is not None and not jsonl:
         write_json_atomic(out, results)
     if no_id and (out is not None and not jsonl or eval_gt):
-        click.echo(f"warning: {len(no_id)} image(s) have no COCO image id (e.g. {no_id[0]}); they get no COCO "
-                   "results (name files by numeric id or pass --ann)", err=True)
+        click.echo(
+            f"warning: {len(no_id)} image(s) have no COCO image id (e.g. {no_id[0]}); they get no COCO "
+            "results (name files by numeric id or pass --ann)",
+            err=True,
+        )
     if dets is not None and st.frames and not matched[0]:
-        click.echo(f"warning: no image of {source} has boxes in {detections or gt_boxes}; check the file names / ids "
-                   "(or pass --ann)", err=True)
+        click.echo(
+            f"warning: no image of {source} has boxes in {detections or gt_boxes}; check the file names / ids "
+            "(or pass --ann)",
+            err=True,
+        )
     if src.skipped:
         click.echo(f"warning: {src.skipped} unreadable image(s) skipped", err=True)
     fps = st.frames / wall if wall > 0 else 0.0

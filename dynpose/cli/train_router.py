@@ -36,34 +36,81 @@ def _finite(name: str, v: float | None) -> None:
 @click.option("--batch", default=16, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--out", default="router.pth", show_default=True, type=click.Path(dir_okay=False),
-              help="Checkpoint (DynPose release format, `backbone.` keys); the loss curve goes beside it.")
-@click.option("--init", "init", default=None, type=click.Path(dir_okay=False),
-              help="Router checkpoint to start from (e.g. DynPose's backbone.pth).")
+@click.option(
+    "--out",
+    default="router.pth",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Checkpoint (DynPose release format, `backbone.` keys); the loss curve goes beside it.",
+)
+@click.option(
+    "--init",
+    "init",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Router checkpoint to start from (e.g. DynPose's backbone.pth).",
+)
 @click.option("--trust-checkpoint", is_flag=True, help="Allow an --init checkpoint that needs pickle (trusted only).")
 @click.option("--no-flip", is_flag=True, help="Do not add mirrored crops.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "tensorrt", "torch"]))
-@click.option("--device", default="cpu", show_default=True,
-              help="Where the pose models (and, for --calibrate, the router) run: cpu | cuda (| trt with ort).")
-@click.option("--train-device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Where the router trains (PyTorch); auto = cuda when PyTorch sees a GPU.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
-              help="Precision of the exported router.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the pose models (and, for --calibrate, the router) run: cpu | cuda (| trt with ort).",
+)
+@click.option(
+    "--train-device",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Where the router trains (PyTorch); auto = cuda when PyTorch sees a GPU.",
+)
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    help="Precision of the exported router.",
+)
 @click.option("--no-export", is_flag=True, help="Only write the checkpoint; leave the engine dir as it is.")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-              help="Where the per-crop model outputs are cached [default: ENGINE_DIR/cache].")
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where the per-crop model outputs are cached [default: ENGINE_DIR/cache].",
+)
 @click.option("--no-cache", is_flag=True, help="Re-run the pose models; neither read nor write the cache.")
 @click.option("--calibrate", is_flag=True, help="Choose the routing policy instead of training.")
 @click.option("--target-fraction", default=None, type=float, help="Calibrate: share of crops for the large model.")
-@click.option("--target-ap-drop", default=None, type=float,
-              help="Calibrate: largest AP loss against large-only (0.01 = one AP point).")
+@click.option(
+    "--target-ap-drop", default=None, type=float, help="Calibrate: largest AP loss against large-only (0.01 = one AP point)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def main(
-    engine_dir: str, ann: str, images: str, epochs: int, batch: int, lr: float, seed: int, out: str,
-    init: str | None, trust_checkpoint: bool, no_flip: bool, backend: str, device: str, train_device: str, precision: str,
-    no_export: bool, cache_dir: str | None, no_cache: bool, calibrate: bool, target_fraction: float | None,
-    target_ap_drop: float | None, quiet: bool,
+    engine_dir: str,
+    ann: str,
+    images: str,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    out: str,
+    init: str | None,
+    trust_checkpoint: bool,
+    no_flip: bool,
+    backend: str,
+    device: str,
+    train_device: str,
+    precision: str,
+    no_export: bool,
+    cache_dir: str | None,
+    no_cache: bool,
+    calibrate: bool,
+    target_fraction: float | None,
+    target_ap_drop: float | None,
+    quiet: bool,
 ) -> None:
     """Train the DynPose router on the engine dir's small/large pair, or (--calibrate) choose its routing policy."""
     from rich.console import Console
@@ -75,12 +122,22 @@ def main(
     if calibrate:
         from dynpose.router.calibrate import calibrate as run_calibration
 
-        res = run_calibration(engine_dir, ann, images, target_fraction=target_fraction, target_ap_drop=target_ap_drop,
-                              backend=backend, device=device, cache_dir=cache_dir, progress=not quiet)
-        console.print(f"policy {res.policy} ({res.target}): {res.fraction:.1%} of {res.num_crops} crops to the large "
-                      f"model")
-        console.print(f"AP {res.ap:.4f} (small-only {res.ap_small:.4f}, large-only {res.ap_large:.4f}); "
-                      f"stored as the default route in {engine_dir}/manifest.json")
+        res = run_calibration(
+            engine_dir,
+            ann,
+            images,
+            target_fraction=target_fraction,
+            target_ap_drop=target_ap_drop,
+            backend=backend,
+            device=device,
+            cache_dir=cache_dir,
+            progress=not quiet,
+        )
+        console.print(f"policy {res.policy} ({res.target}): {res.fraction:.1%} of {res.num_crops} crops to the large model")
+        console.print(
+            f"AP {res.ap:.4f} (small-only {res.ap_small:.4f}, large-only {res.ap_large:.4f}); "
+            f"stored as the default route in {engine_dir}/manifest.json"
+        )
         return
     if target_fraction is not None or target_ap_drop is not None:
         raise DynPoseError("--target-fraction/--target-ap-drop choose a policy: add --calibrate")
@@ -97,9 +154,20 @@ def main(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rep = train_from_engine_dir(
-            engine_dir, ann, images, out=out, init=init, config=cfg, backend=backend, device=device,
-            precision=precision, cache_dir=cache_dir, use_cache=not no_cache, export=not no_export,
-            trust_pickle=trust_checkpoint, progress=not quiet,
+            engine_dir,
+            ann,
+            images,
+            out=out,
+            init=init,
+            config=cfg,
+            backend=backend,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+            use_cache=not no_cache,
+            export=not no_export,
+            trust_pickle=trust_checkpoint,
+            progress=not quiet,
         )
     for w in caught:
         if str(w.message).startswith("router targets"):
@@ -117,9 +185,11 @@ def main(
     console.print(f"checkpoint {rep.checkpoint}  loss curve {rep.loss_png}")
     if rep.exported:
         console.print(rep.route_note)
-        console.print(f"exported into {engine_dir}: {', '.join(rep.exported)}; choose the policy for it with "
-                      f"`dynpose-train-router --calibrate --engine-dir {engine_dir} --ann VAL.json --images DIR "
-                      "--target-fraction F`")
+        console.print(
+            f"exported into {engine_dir}: {', '.join(rep.exported)}; choose the policy for it with "
+            f"`dynpose-train-router --calibrate --engine-dir {engine_dir} --ann VAL.json --images DIR "
+            "--target-fraction F`"
+        )
 
 
 if __name__ == "__main__":

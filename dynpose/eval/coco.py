@@ -38,7 +38,6 @@ CROWDPOSE_AREA_FACTOR = 0.53
 KINDS = ("auto", "coco", "crowdpose")
 
 
-
 def _num_keypoints(gt: dict, where: str) -> int:
     for c in gt.get("categories", []):
         if c.get("keypoints"):
@@ -107,8 +106,13 @@ def _load_results(coco_gt: Any, results: list[dict]) -> Any:
         return coco_gt.loadRes(results)
     # pycocotools' loadRes indexes results[0]; an empty result set is a COCO object with no annotations instead,
     # which COCOeval scores as it would any image without detections (AP 0 where there is GT, -1 where none).
-    return _coco_api({"images": list(coco_gt.dataset["images"]), "annotations": [],
-                      "categories": copy.deepcopy(coco_gt.dataset.get("categories", []))})
+    return _coco_api(
+        {
+            "images": list(coco_gt.dataset["images"]),
+            "annotations": [],
+            "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
+        }
+    )
 
 
 def _crowdpose_gt(gt: dict) -> dict:
@@ -139,8 +143,9 @@ def _cocoeval(coco_gt: Any, coco_dt: Any, kind: str, img_ids: list | None = None
 def _crowd_type_results(coco_gt: Any, coco_dt: Any, gt: dict) -> list[float]:
     missing = [im["id"] for im in gt["images"] if "crowdIndex" not in im]
     if missing:
-        warnings.warn(f"{len(missing)} image(s) lack 'crowdIndex' (e.g. {missing[0]}); AP(easy/medium/hard) set to -1",
-                      stacklevel=3)
+        warnings.warn(
+            f"{len(missing)} image(s) lack 'crowdIndex' (e.g. {missing[0]}); AP(easy/medium/hard) set to -1", stacklevel=3
+        )
         return [-1.0, -1.0, -1.0]
     lo, hi = CROWD_SPLIT
     subsets: list[list] = [[], [], []]
@@ -179,12 +184,14 @@ def evaluate_results(
     num_kpts = COCO17.num if kind == "coco" else CROWDPOSE14.num
     res = _check_results(raw, gt_data, num_kpts, where)
     if not res:
-        warnings.warn(f"{where}: no results; every AP/AR is 0 (or -1 where the ground truth has no persons)",
-                      stacklevel=2)
+        warnings.warn(f"{where}: no results; every AP/AR is 0 (or -1 where the ground truth has no persons)", stacklevel=2)
 
     if any(a.get("id") == 0 for a in gt_data["annotations"]):
-        warnings.warn(f"ground truth {gt}: an annotation has id 0, which pycocotools reads as 'unmatched'; its matches "
-                      "count as false positives (renumber annotation ids from 1 to avoid this)", stacklevel=2)
+        warnings.warn(
+            f"ground truth {gt}: an annotation has id 0, which pycocotools reads as 'unmatched'; its matches "
+            "count as false positives (renumber annotation ids from 1 to avoid this)",
+            stacklevel=2,
+        )
     gt_eval = _crowdpose_gt(gt_data) if kind == "crowdpose" else gt_data
     out_buf = io.StringIO()
     sink: Any = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(out_buf)
@@ -213,6 +220,5 @@ def evaluate_results(
     if verbose:
         print(summary, end="")
     out: dict[str, Any] = {"kind": kind, **dict(zip(names, stats, strict=True))}
-    out.update(names=list(names), stats=stats, summary=summary, num_results=len(res),
-               num_images=len(gt_data["images"]))
+    out.update(names=list(names), stats=stats, summary=summary, num_results=len(res), num_images=len(gt_data["images"]))
     return out

@@ -33,10 +33,16 @@ NUM_JOINTS = 16
 HEAD_TOP, UPPER_NECK = 9, 8
 PELVIS, THORAX = 6, 7
 # (name, joint ids) in MPII order, as the official table pairs them
-GROUPS = (("Head", (9,)), ("Shoulder", (13, 12)), ("Elbow", (14, 11)), ("Wrist", (15, 10)), ("Hip", (3, 2)),
-          ("Knee", (4, 1)), ("Ankle", (5, 0)))
+GROUPS = (
+    ("Head", (9,)),
+    ("Shoulder", (13, 12)),
+    ("Elbow", (14, 11)),
+    ("Wrist", (15, 10)),
+    ("Hip", (3, 2)),
+    ("Knee", (4, 1)),
+    ("Ankle", (5, 0)),
+)
 NAMES = tuple(g[0] for g in GROUPS) + ("Mean", "Mean@0.1")
-
 
 
 def load_mpii(path: str | os.PathLike) -> list[dict]:
@@ -109,8 +115,9 @@ def pckh(
     size = head_sizes(anns)
     bad = ~np.isfinite(size) | (size <= 0)
     if bad.any():
-        warnings.warn(f"{int(bad.sum())} person(s) without a head box or labelled head top/upper neck are left out",
-                      stacklevel=2)
+        warnings.warn(
+            f"{int(bad.sum())} person(s) without a head box or labelled head top/upper neck are left out", stacklevel=2
+        )
         visible[bad] = False
         size[bad] = 1.0
     err = np.linalg.norm(p - gt, axis=2) / size[:, None]  # (N,16)
@@ -130,7 +137,14 @@ def pckh(
     out: dict[str, Any] = {name: float(np.mean(at_thr[list(ids)])) for name, ids in GROUPS}
     out["Mean"] = float(np.sum(at_thr * weight))
     out["Mean@0.1"] = float(np.sum(at_01 * weight))
-    out.update(kind="mpii", names=list(NAMES), stats=[out[n] for n in NAMES], per_joint=at_thr.tolist(),
-               thr=thr, num_persons=len(anns), num_scored=int((~bad).sum()))
+    out.update(
+        kind="mpii",
+        names=list(NAMES),
+        stats=[out[n] for n in NAMES],
+        per_joint=at_thr.tolist(),
+        thr=thr,
+        num_persons=len(anns),
+        num_scored=int((~bad).sum()),
+    )
     out["summary"] = " | ".join(f"{n} {out[n]:.2f}" for n in NAMES) + "\n"
     return out

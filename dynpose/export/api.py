@@ -97,18 +97,26 @@ def default_route(manifest: Manifest, router_weights_kind: str) -> tuple[str, st
     if router_weights_kind not in ROUTER_WEIGHTS:
         raise DynPoseError(f"router weights kind {router_weights_kind!r}: use one of {ROUTER_WEIGHTS}")
     if manifest.notes.get("router_calibration"):
-        return manifest.route, (f"route {manifest.route} kept: chosen by `dynpose-train-router --calibrate` (re-run it "
-                                "when the router's weights change)")
+        return manifest.route, (
+            f"route {manifest.route} kept: chosen by `dynpose-train-router --calibrate` (re-run it "
+            "when the router's weights change)"
+        )
     if router_weights_kind == "random":
-        return UNTUNED_ROUTE, (f"route {UNTUNED_ROUTE}: the router has random weights, and DynPose's band "
-                               f"{DEFAULT_ROUTE.partition(':')[2]} (tuned to the released router) would send every crop "
-                               "to the small model")
+        return UNTUNED_ROUTE, (
+            f"route {UNTUNED_ROUTE}: the router has random weights, and DynPose's band "
+            f"{DEFAULT_ROUTE.partition(':')[2]} (tuned to the released router) would send every crop "
+            "to the small model"
+        )
     if router_weights_kind == "trained":
-        return UNTUNED_ROUTE, (f"route {UNTUNED_ROUTE} for the freshly trained router until `dynpose-train-router "
-                               f"--calibrate` chooses one (DynPose's band {DEFAULT_ROUTE.partition(':')[2]} fits the "
-                               "released router's scores, not a retrained one's)")
-    return DEFAULT_ROUTE, (f"route {DEFAULT_ROUTE}: DynPose's release rule (tuned to the released router; "
-                           "`dynpose-train-router --calibrate` chooses one for another router)")
+        return UNTUNED_ROUTE, (
+            f"route {UNTUNED_ROUTE} for the freshly trained router until `dynpose-train-router "
+            f"--calibrate` chooses one (DynPose's band {DEFAULT_ROUTE.partition(':')[2]} fits the "
+            "released router's scores, not a retrained one's)"
+        )
+    return DEFAULT_ROUTE, (
+        f"route {DEFAULT_ROUTE}: DynPose's release rule (tuned to the released router; "
+        "`dynpose-train-router --calibrate` chooses one for another router)"
+    )
 
 
 # -- staging and commit ------------------------------------------------------------------------------------------------
@@ -136,8 +144,9 @@ def _existing_manifest(engine_dir: Path, log: Log) -> Manifest:
         return Manifest()
 
 
-def commit(stage: Path, engine_dir: str | os.PathLike, entries: list[Entry], log: Log = print,
-           router_weights: str | None = None) -> list[Entry]:
+def commit(
+    stage: Path, engine_dir: str | os.PathLike, entries: list[Entry], log: Log = print, router_weights: str | None = None
+) -> list[Entry]:
     """Hash the staged files, move them in, merge into the manifest (same role+format replaced), write it last.
 
     When a router entry is among `entries` and `router_weights` (a `ROUTER_WEIGHTS` kind) is given, the manifest's
@@ -179,14 +188,27 @@ def _speed_check(src: Path, out: Path, x: np.ndarray, precision: str, name: str,
     from dynpose.calibration.quantize import log_speedup, measure_speedup
 
     sp = measure_speedup(src, out, x)
-    log_speedup(sp, precision, name, log,
-                "it is meant for GPUs (TensorRT, CUDA)" if precision == "fp16" else "consider fp32 here")
+    log_speedup(
+        sp, precision, name, log, "it is meant for GPUs (TensorRT, CUDA)" if precision == "fp16" else "consider fp32 here"
+    )
     return {f"{precision}_speedup_b8": sp["speedup"], f"{precision}_ms_b8": sp["int8_ms"], "fp32_ms_b8": sp["fp32_ms"]}
 
 
-def _router_lower(stage: Path, role: str, card: ModelCard, src: Path, precision: str, fmt: str, calib: CalibSpec | None,
-                  min_oks: float, real: CropSet | None, route: str, engine_dir: Path, log: Log,
-                  progress: bool) -> tuple[str, dict[str, Any]]:
+def _router_lower(
+    stage: Path,
+    role: str,
+    card: ModelCard,
+    src: Path,
+    precision: str,
+    fmt: str,
+    calib: CalibSpec | None,
+    min_oks: float,
+    real: CropSet | None,
+    route: str,
+    engine_dir: Path,
+    log: Log,
+    progress: bool,
+) -> tuple[str, dict[str, Any]]:
     """fp16/int8 router, judged by routing: scores and decisions vs fp32 on held-out real crops under `route`.
 
     fp16 is checked on the same real crops as pose models' fp16; int8 on its calibration set's held-out crops (as
@@ -203,23 +225,42 @@ def _router_lower(stage: Path, role: str, card: ModelCard, src: Path, precision:
         from dynpose.calibration.quantize import quantize_router_int8
 
         assert calib is not None  # checked by the callers
-        checks, gate = quantize_router_int8(src, stage / out, card, calib, target=_int8_target(calib, fmt),
-                                            cache_dir=engine_dir / "cache", log=log, progress=progress)
+        checks, gate = quantize_router_int8(
+            src,
+            stage / out,
+            card,
+            calib,
+            target=_int8_target(calib, fmt),
+            cache_dir=engine_dir / "cache",
+            log=log,
+            progress=progress,
+        )
     if gate is None or len(gate) == 0:  # no real crops here: at least the scores must stay finite
         x = np.random.default_rng(0).standard_normal((8, 3, card.input_height, card.input_width)).astype(np.float32)
         if not np.isfinite(run_ort(ort_session(stage / out), x)).all():
             raise DynPoseError(f"{precision} check failed for {card.name}: NaN/inf in the router scores")
-        log(f"[yellow]warning[/]: {card.name}: no real crops to compare {precision} routing with fp32 "
-            "(set DYNPOSE_VERIFY_COCO or pass --gate-ann)")
+        log(
+            f"[yellow]warning[/]: {card.name}: no real crops to compare {precision} routing with fp32 "
+            "(set DYNPOSE_VERIFY_COCO or pass --gate-ann)"
+        )
         return out, {**checks, f"{precision}_finite": True, **_speed_check(src, stage / out, x, precision, card.name, log)}
     a = router_agreement(run_ort(ort_session(stage / out), gate.x), run_ort(ort_session(src), gate.x), route)
     if not a["finite"]:
         raise DynPoseError(f"{precision} check failed for {card.name}: NaN/inf in the router scores on real crops")
-    checks.update({"router_score_max_abs_diff": a["max_abs_diff"], "router_score_mean_abs_diff": a["mean_abs_diff"],
-                   "router_decision_agreement": a["agreement"], "router_gate_policy": a["policy"],
-                   "router_gate_crops": a["crops"], "router_min_agreement": min_oks})
-    log(f"{card.name}: {precision} vs fp32 on {a['crops']} real crops: score |diff| max {a['max_abs_diff']:.2e} mean "
-        f"{a['mean_abs_diff']:.2e}; same decision under {a['policy']} for {a['agreement']:.1%} of crops")
+    checks.update(
+        {
+            "router_score_max_abs_diff": a["max_abs_diff"],
+            "router_score_mean_abs_diff": a["mean_abs_diff"],
+            "router_decision_agreement": a["agreement"],
+            "router_gate_policy": a["policy"],
+            "router_gate_crops": a["crops"],
+            "router_min_agreement": min_oks,
+        }
+    )
+    log(
+        f"{card.name}: {precision} vs fp32 on {a['crops']} real crops: score |diff| max {a['max_abs_diff']:.2e} mean "
+        f"{a['mean_abs_diff']:.2e}; same decision under {a['policy']} for {a['agreement']:.1%} of crops"
+    )
     if min_oks > 0 and a["agreement"] < min_oks:
         raise DynPoseError(
             f"{precision} check failed for {card.name}: {a['agreement']:.1%} of {a['crops']} crops routed as in fp32 "
@@ -230,9 +271,21 @@ def _router_lower(stage: Path, role: str, card: ModelCard, src: Path, precision:
     return out, checks
 
 
-def _lower_precision(stage: Path, role: str, card: ModelCard, fp32_file: str, precision: str, fmt: str,
-                     calib: CalibSpec | None, min_oks: float, real: CropSet | None, engine_dir: Path,
-                     log: Log, progress: bool, router_weights: str = "checkpoint") -> tuple[str, dict[str, Any]]:
+def _lower_precision(
+    stage: Path,
+    role: str,
+    card: ModelCard,
+    fp32_file: str,
+    precision: str,
+    fmt: str,
+    calib: CalibSpec | None,
+    min_oks: float,
+    real: CropSet | None,
+    engine_dir: Path,
+    log: Log,
+    progress: bool,
+    router_weights: str = "checkpoint",
+) -> tuple[str, dict[str, Any]]:
     """Make `<role>.fp16.onnx` or `<role>.int8.onnx` beside the fp32 file and check it; returns (file, checks)."""
     if precision == "fp32":
         return fp32_file, {}
@@ -240,8 +293,7 @@ def _lower_precision(stage: Path, role: str, card: ModelCard, fp32_file: str, pr
     if card.task == "router":
         # Judge under the route the engine dir will have once this router is in (what `commit` sets).
         route, _ = default_route(_existing_manifest(engine_dir, log), router_weights)
-        return _router_lower(stage, role, card, src, precision, fmt, calib, min_oks, real, route, engine_dir, log,
-                             progress)
+        return _router_lower(stage, role, card, src, precision, fmt, calib, min_oks, real, route, engine_dir, log, progress)
     if precision == "fp16":
         from dynpose.export.fp16 import convert_fp16
 
@@ -255,8 +307,14 @@ def _lower_precision(stage: Path, role: str, card: ModelCard, fp32_file: str, pr
             agree = keypoint_agreement(got, ref, real, card)
             if not agree["finite"]:
                 raise DynPoseError(f"fp16 check failed for {card.name}: NaN/inf in the outputs on real crops")
-            checks.update({"fp16_oks": agree["oks_mean"], "fp16_oks_min": agree["oks_min"],
-                           "fp16_heatmap_rel_l2": agree["heatmap_rel_l2"], "fp16_crops": agree["crops"]})
+            checks.update(
+                {
+                    "fp16_oks": agree["oks_mean"],
+                    "fp16_oks_min": agree["oks_min"],
+                    "fp16_heatmap_rel_l2": agree["heatmap_rel_l2"],
+                    "fp16_crops": agree["crops"],
+                }
+            )
             log(f"{card.name}: fp16 vs fp32 mean keypoint OKS {agree['oks_mean']:.4f} on {agree['crops']} real crops")
             if agree["oks_mean"] < min_oks:
                 raise DynPoseError(
@@ -273,13 +331,23 @@ def _lower_precision(stage: Path, role: str, card: ModelCard, fp32_file: str, pr
 
     assert calib is not None  # checked by the callers
     out = f"{role}.int8.onnx"
-    checks = quantize_int8(src, stage / out, card, calib, target=_int8_target(calib, fmt), min_oks=min_oks,
-                           cache_dir=engine_dir / "cache", log=log, progress=progress)
+    checks = quantize_int8(
+        src,
+        stage / out,
+        card,
+        calib,
+        target=_int8_target(calib, fmt),
+        min_oks=min_oks,
+        cache_dir=engine_dir / "cache",
+        log=log,
+        progress=progress,
+    )
     return out, checks
 
 
-def _tensorrt_entry(stage: Path, engine_dir: Path, onnx_entry: Entry, opt_batch: int | None, opt_level: int,
-                    log: Log, progress: bool) -> Entry:
+def _tensorrt_entry(
+    stage: Path, engine_dir: Path, onnx_entry: Entry, opt_batch: int | None, opt_level: int, log: Log, progress: bool
+) -> Entry:
     try:
         from dynpose.engines.tensorrt_build import build_engine
     except ImportError:
@@ -287,30 +355,75 @@ def _tensorrt_entry(stage: Path, engine_dir: Path, onnx_entry: Entry, opt_batch:
     plan = f"{onnx_entry.role}.plan"
     log(f"{onnx_entry.model}: building a TensorRT plan from {onnx_entry.file}")
     info = build_engine(
-        stage / onnx_entry.file, stage / plan, input_name=onnx_entry.input_name,
-        input_chw=(3, onnx_entry.card.input_height, onnx_entry.card.input_width), max_batch=onnx_entry.max_batch,
-        opt_batch=opt_batch, timing_cache=engine_dir / "timing.cache", opt_level=opt_level, progress=progress,
+        stage / onnx_entry.file,
+        stage / plan,
+        input_name=onnx_entry.input_name,
+        input_chw=(3, onnx_entry.card.input_height, onnx_entry.card.input_width),
+        max_batch=onnx_entry.max_batch,
+        opt_batch=opt_batch,
+        timing_cache=engine_dir / "timing.cache",
+        opt_level=opt_level,
+        progress=progress,
     )
     return Entry(
-        role=onnx_entry.role, model=onnx_entry.model, file=plan, format="tensorrt", precision=onnx_entry.precision,
-        card=onnx_entry.card, input_name=onnx_entry.input_name, output_name=onnx_entry.output_name,
-        min_batch=1, max_batch=onnx_entry.max_batch, checkpoint_sha256=onnx_entry.checkpoint_sha256,
-        checks=dict(onnx_entry.checks), versions=tool_versions(), tensorrt=dict(info), source=onnx_entry.file,
+        role=onnx_entry.role,
+        model=onnx_entry.model,
+        file=plan,
+        format="tensorrt",
+        precision=onnx_entry.precision,
+        card=onnx_entry.card,
+        input_name=onnx_entry.input_name,
+        output_name=onnx_entry.output_name,
+        min_batch=1,
+        max_batch=onnx_entry.max_batch,
+        checkpoint_sha256=onnx_entry.checkpoint_sha256,
+        checks=dict(onnx_entry.checks),
+        versions=tool_versions(),
+        tensorrt=dict(info),
+        source=onnx_entry.file,
     )
 
 
-def _finish(stage: Path, engine_dir: Path, role: str, model_name: str, card: ModelCard, fp32_file: str,
-            fp32_checks: dict[str, Any], precision: str, fmt: str, calib: CalibSpec | None, min_oks: float,
-            max_batch: int, checkpoint_sha: str | None, real: CropSet | None, log: Log, progress: bool,
-            opt_batch: int | None, opt_level: int, extra: list[Entry],
-            router_weights: str = "checkpoint") -> list[Entry]:
-    file, checks = _lower_precision(stage, role, card, fp32_file, precision, fmt, calib, min_oks, real, engine_dir,
-                                    log, progress, router_weights)
+def _finish(
+    stage: Path,
+    engine_dir: Path,
+    role: str,
+    model_name: str,
+    card: ModelCard,
+    fp32_file: str,
+    fp32_checks: dict[str, Any],
+    precision: str,
+    fmt: str,
+    calib: CalibSpec | None,
+    min_oks: float,
+    max_batch: int,
+    checkpoint_sha: str | None,
+    real: CropSet | None,
+    log: Log,
+    progress: bool,
+    opt_batch: int | None,
+    opt_level: int,
+    extra: list[Entry],
+    router_weights: str = "checkpoint",
+) -> list[Entry]:
+    file, checks = _lower_precision(
+        stage, role, card, fp32_file, precision, fmt, calib, min_oks, real, engine_dir, log, progress, router_weights
+    )
     in_name, out_name = io_names(onnx.load(str(stage / file), load_external_data=False))
     entry = Entry(
-        role=role, model=model_name, file=file, format="onnx", precision=precision, card=card,
-        input_name=in_name, output_name=out_name, min_batch=1, max_batch=max_batch,
-        checkpoint_sha256=checkpoint_sha, checks={**fp32_checks, **checks}, versions=tool_versions(),
+        role=role,
+        model=model_name,
+        file=file,
+        format="onnx",
+        precision=precision,
+        card=card,
+        input_name=in_name,
+        output_name=out_name,
+        min_batch=1,
+        max_batch=max_batch,
+        checkpoint_sha256=checkpoint_sha,
+        checks={**fp32_checks, **checks},
+        versions=tool_versions(),
     )
     entries = [entry, *extra]
     if fmt == "tensorrt":
@@ -319,10 +432,21 @@ def _finish(stage: Path, engine_dir: Path, role: str, model_name: str, card: Mod
 
 
 # -- public API --------------------------------------------------------------------------------------------------
-def register_onnx(onnx_path: str | os.PathLike, card: ModelCard, engine_dir: str | os.PathLike, *, role: str,
-                  precision: str = "fp32", calib: CalibSpec | None = None, min_oks: float = 0.95, fmt: str = "onnx",
-                  max_batch: int = 64, progress: bool = True, opt_batch: int | None = None,
-                  opt_level: int = 3) -> list[Entry]:
+def register_onnx(
+    onnx_path: str | os.PathLike,
+    card: ModelCard,
+    engine_dir: str | os.PathLike,
+    *,
+    role: str,
+    precision: str = "fp32",
+    calib: CalibSpec | None = None,
+    min_oks: float = 0.95,
+    fmt: str = "onnx",
+    max_batch: int = 64,
+    progress: bool = True,
+    opt_batch: int | None = None,
+    opt_level: int = 3,
+) -> list[Entry]:
     """Register a user's ONNX heatmap model (names in its graph are kept and recorded) under `role`.
 
     The file is checked (onnx.checker, single input matching the card, dynamic batch: batch 5 == 5 x batch 1, finite
@@ -348,14 +472,46 @@ def register_onnx(onnx_path: str | os.PathLike, card: ModelCard, engine_dir: str
         real = _real_crops(card, calib)
         checks = verify_onnx_batches(stage / fp32_file, card, real)
         log(f"{card.name}: ONNX checks passed (batch 5 vs 5 x batch 1 relative L2 {checks['batch5_vs_batch1_rel_l2']:.2e})")
-        return _finish(stage, engine_dir, role, card.name, card, fp32_file, checks, precision, fmt, calib, min_oks,
-                       max_batch, checkpoint_sha, real, log, progress, opt_batch, opt_level, [])
+        return _finish(
+            stage,
+            engine_dir,
+            role,
+            card.name,
+            card,
+            fp32_file,
+            checks,
+            precision,
+            fmt,
+            calib,
+            min_oks,
+            max_batch,
+            checkpoint_sha,
+            real,
+            log,
+            progress,
+            opt_batch,
+            opt_level,
+            [],
+        )
 
 
-def export_model(name: str, engine_dir: str | os.PathLike, *, role: str | None = None, weights: str = "random",
-                 precision: str = "fp32", max_batch: int = 64, calib: CalibSpec | None = None, min_oks: float = 0.95,
-                 fmt: str = "onnx", trust_pickle: bool = False, progress: bool = True, opt_batch: int | None = None,
-                 opt_level: int = 3, router_weights: str | None = None) -> list[Entry]:
+def export_model(
+    name: str,
+    engine_dir: str | os.PathLike,
+    *,
+    role: str | None = None,
+    weights: str = "random",
+    precision: str = "fp32",
+    max_batch: int = 64,
+    calib: CalibSpec | None = None,
+    min_oks: float = 0.95,
+    fmt: str = "onnx",
+    trust_pickle: bool = False,
+    progress: bool = True,
+    opt_batch: int | None = None,
+    opt_level: int = 3,
+    router_weights: str | None = None,
+) -> list[Entry]:
     """Export zoo model `name` (weights: "random", a path, URL or alias) to ONNX + a `torch` state_dict entry.
 
     For the router, `router_weights` ("random", "checkpoint" or "trained"; default from `weights`) sets the engine
@@ -390,24 +546,65 @@ def export_model(name: str, engine_dir: str | os.PathLike, *, role: str | None =
         from dynpose.export.verify import verify_torch_vs_onnx
 
         checks = verify_torch_vs_onnx(model, stage / fp32_file, card, real)
-        log(f"{name}: ONNX Runtime vs PyTorch relative L2 {checks['fp32_rel_l2']:.2e} (batch 1 and 5, random"
-            f"{' and real' if real is not None else ''} crops)")
+        log(
+            f"{name}: ONNX Runtime vs PyTorch relative L2 {checks['fp32_rel_l2']:.2e} (batch 1 and 5, random"
+            f"{' and real' if real is not None else ''} crops)"
+        )
         pt = f"{role}.pt"
         torch.save(model.state_dict(), stage / pt)
         torch_entry = Entry(
-            role=role, model=name, file=pt, format="torch", precision="fp32", card=card, input_name="input",
-            output_name="output", min_batch=1, max_batch=max_batch, checkpoint_sha256=checkpoint_sha,
-            checks=dict(checks), versions=tool_versions(),
+            role=role,
+            model=name,
+            file=pt,
+            format="torch",
+            precision="fp32",
+            card=card,
+            input_name="input",
+            output_name="output",
+            min_batch=1,
+            max_batch=max_batch,
+            checkpoint_sha256=checkpoint_sha,
+            checks=dict(checks),
+            versions=tool_versions(),
         )
-        return _finish(stage, engine_dir, role, name, card, fp32_file, checks, precision, fmt, calib, min_oks,
-                       max_batch, checkpoint_sha, real, log, progress, opt_batch, opt_level, [torch_entry],
-                       router_weights)
+        return _finish(
+            stage,
+            engine_dir,
+            role,
+            name,
+            card,
+            fp32_file,
+            checks,
+            precision,
+            fmt,
+            calib,
+            min_oks,
+            max_batch,
+            checkpoint_sha,
+            real,
+            log,
+            progress,
+            opt_batch,
+            opt_level,
+            [torch_entry],
+            router_weights,
+        )
 
 
-def export_all(engine_dir: str | os.PathLike, *, weights: dict[str, str] | None = None, precision: str = "fp32",
-               max_batch: int = 64, calib: CalibSpec | None = None, min_oks: float = 0.95, fmt: str = "onnx",
-               trust_pickle: bool = False, progress: bool = True, opt_batch: int | None = None,
-               opt_level: int = 3) -> list[Entry]:
+def export_all(
+    engine_dir: str | os.PathLike,
+    *,
+    weights: dict[str, str] | None = None,
+    precision: str = "fp32",
+    max_batch: int = 64,
+    calib: CalibSpec | None = None,
+    min_oks: float = 0.95,
+    fmt: str = "onnx",
+    trust_pickle: bool = False,
+    progress: bool = True,
+    opt_batch: int | None = None,
+    opt_level: int = 3,
+) -> list[Entry]:
     """The DynPose set: router, resnet_50 as small, hrnet_w32 as large (the router always in fp32: at 0.85 M
     parameters a lower precision saves nothing worth a routing change; `export_model("router", precision=...)` does it).
 
@@ -418,15 +615,36 @@ def export_all(engine_dir: str | os.PathLike, *, weights: dict[str, str] | None 
     out: list[Entry] = []
     for name, role in DYNPOSE_SET:
         out += export_model(
-            name, engine_dir, role=role, weights=weights.get(name, "random"),
-            precision="fp32" if role == "router" else precision, max_batch=max_batch, calib=calib, min_oks=min_oks,
-            fmt=fmt, trust_pickle=trust_pickle, progress=progress, opt_batch=opt_batch, opt_level=opt_level,
+            name,
+            engine_dir,
+            role=role,
+            weights=weights.get(name, "random"),
+            precision="fp32" if role == "router" else precision,
+            max_batch=max_batch,
+            calib=calib,
+            min_oks=min_oks,
+            fmt=fmt,
+            trust_pickle=trust_pickle,
+            progress=progress,
+            opt_batch=opt_batch,
+            opt_level=opt_level,
         )
     return out
 
 
-__all__ = ["CalibSpec", "ROLES", "ROUTER_WEIGHTS", "commit", "default_role", "default_route", "export_all", "export_model",
-           "register_detector", "register_onnx", "staging"]
+__all__ = [
+    "CalibSpec",
+    "ROLES",
+    "ROUTER_WEIGHTS",
+    "commit",
+    "default_role",
+    "default_route",
+    "export_all",
+    "export_model",
+    "register_detector",
+    "register_onnx",
+    "staging",
+]
 
 
 def register_detector(onnx_path: str | os.PathLike, engine_dir: str | os.PathLike, *, progress: bool = True) -> list[Entry]:
@@ -449,7 +667,19 @@ def register_detector(onnx_path: str | os.PathLike, engine_dir: str | os.PathLik
     out_name = det.session.get_outputs()[0].name
     with staging(engine_dir) as stage:
         shutil.copyfile(src, stage / "detector.onnx")
-        entry = Entry(role="detector", model=src.stem, file="detector.onnx", format="onnx", precision="fp32", card=card,
-                      input_name=in_name, output_name=out_name, min_batch=1, max_batch=1,
-                      checkpoint_sha256=sha256_file(src), checks={"layout": det.layout}, versions=tool_versions())
+        entry = Entry(
+            role="detector",
+            model=src.stem,
+            file="detector.onnx",
+            format="onnx",
+            precision="fp32",
+            card=card,
+            input_name=in_name,
+            output_name=out_name,
+            min_batch=1,
+            max_batch=1,
+            checkpoint_sha256=sha256_file(src),
+            checks={"layout": det.layout},
+            versions=tool_versions(),
+        )
         return commit(stage, engine_dir, [entry], log)

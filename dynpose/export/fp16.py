@@ -19,8 +19,20 @@ from dynpose.export.onnx_export import copy_metadata, load_onnx, name_nodes
 # Half of fp16's largest finite value: leaves room for the next op (an Add of two such tensors) not to overflow.
 OVERFLOW = 32000.0
 # Ops that onnxconverter-common keeps fp32 anyway plus reductions whose sums overflow easily in fp16.
-OP_BLOCK_LIST = ["Resize", "Upsample", "TopK", "NonMaxSuppression", "RoiAlign", "Range", "CumSum", "ReduceSum",
-                 "ReduceMean", "Softmax", "Exp", "Pow"]
+OP_BLOCK_LIST = [
+    "Resize",
+    "Upsample",
+    "TopK",
+    "NonMaxSuppression",
+    "RoiAlign",
+    "Range",
+    "CumSum",
+    "ReduceSum",
+    "ReduceMean",
+    "Softmax",
+    "Exp",
+    "Pow",
+]
 
 
 def overflowing_nodes(model: onnx.ModelProto, x: np.ndarray, limit: float = OVERFLOW) -> list[str]:
@@ -59,9 +71,13 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, sample: np.ndar
     model = name_nodes(load_onnx(src))
     blocked = overflowing_nodes(model, sample) if sample is not None and len(sample) else []
     half = float16.convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=OP_BLOCK_LIST, node_block_list=blocked or None,
+        model,
+        keep_io_types=True,
+        op_block_list=OP_BLOCK_LIST,
+        node_block_list=blocked or None,
         # Values past fp16 range are clamped rather than turned into inf.
-        max_finite_val=65504.0, min_positive_val=1e-7,
+        max_finite_val=65504.0,
+        min_positive_val=1e-7,
     )
     # The converter leaves a stale fp32 value_info on the output of a Cast it inserts after a blocked node that reads
     # the graph input (the router's first ReduceMean); ONNX Runtime then refuses the model. A Cast's output type is

@@ -112,8 +112,15 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy_metadata(model, out)
 
 
-def export_torch(model: Any, path: str | os.PathLike, card: ModelCard, *, opset: int = OPSET,
-                 input_name: str = "input", output_name: str = "output") -> Path:
+def export_torch(
+    model: Any,
+    path: str | os.PathLike,
+    card: ModelCard,
+    *,
+    opset: int = OPSET,
+    input_name: str = "input",
+    output_name: str = "output",
+) -> Path:
     """Trace `model` (eval mode, CPU) at the card's input size with a symbolic batch axis; slim, check, save."""
     import torch
 
@@ -127,8 +134,14 @@ def export_torch(model: Any, path: str | os.PathLike, card: ModelCard, *, opset:
             # deprecation notice is not the user's concern.
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
-                model, (dummy,), str(tmp), dynamo=False, opset_version=opset, input_names=[input_name],
-                output_names=[output_name], dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                model,
+                (dummy,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
                 do_constant_folding=True,
             )
         proto = onnx.load(str(tmp))

@@ -44,8 +44,9 @@ def run_ort(sess: Any, x: np.ndarray, batch: int = 8) -> np.ndarray:
     """First output of `sess` on `x`, fed `batch` crops at a time."""
     name = sess.get_inputs()[0].name
     out_name = sess.get_outputs()[0].name
-    parts = [sess.run([out_name], {name: np.ascontiguousarray(x[i : i + batch], np.float32)})[0]
-             for i in range(0, len(x), batch)]
+    parts = [
+        sess.run([out_name], {name: np.ascontiguousarray(x[i : i + batch], np.float32)})[0] for i in range(0, len(x), batch)
+    ]
     return np.concatenate(parts).astype(np.float32)
 
 
@@ -56,8 +57,9 @@ def decode_keypoints(heatmaps: np.ndarray, centers: np.ndarray, scales: np.ndarr
     return np.asarray(decode_heatmaps(heatmaps, centers, scales, card))[..., :2]
 
 
-def oks_between(test_xy: np.ndarray, ref_xy: np.ndarray, areas: np.ndarray, sigmas: np.ndarray,
-                mask: np.ndarray | None = None) -> np.ndarray:
+def oks_between(
+    test_xy: np.ndarray, ref_xy: np.ndarray, areas: np.ndarray, sigmas: np.ndarray, mask: np.ndarray | None = None
+) -> np.ndarray:
     """Per-crop OKS of `test_xy` against `ref_xy` (N,K,2) as ground truth, over the keypoints in `mask`."""
     from dynpose.runtime.postprocess import oks
 
@@ -74,8 +76,13 @@ def keypoint_agreement(test_out: np.ndarray, ref_out: np.ndarray, crops: Any, ca
     a = decode_keypoints(test_out, crops.centers, crops.scales, card)
     b = decode_keypoints(ref_out, crops.centers, crops.scales, card)
     o = oks_between(a, b, crops.areas, np.asarray(card.keypoint_set.sigmas), crops.mask)
-    return {"finite": True, "oks_mean": float(o.mean()), "oks_min": float(o.min()),
-            "heatmap_rel_l2": rel_l2(test_out, ref_out), "crops": len(o)}
+    return {
+        "finite": True,
+        "oks_mean": float(o.mean()),
+        "oks_min": float(o.min()),
+        "heatmap_rel_l2": rel_l2(test_out, ref_out),
+        "crops": len(o),
+    }
 
 
 def gate_policy(route: str) -> str:
@@ -101,12 +108,19 @@ def router_agreement(test_out: np.ndarray, ref_out: np.ndarray, route: str) -> d
     boxes = np.zeros((len(ref), 4))  # only box: policies read boxes, and those are replaced above
     p = parse_policy(policy)
     same = p.decide(test, boxes).large == p.decide(ref, boxes).large
-    return {"finite": True, "policy": policy, "crops": len(ref), "max_abs_diff": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()), "agreement": float(same.mean())}
+    return {
+        "finite": True,
+        "policy": policy,
+        "crops": len(ref),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "agreement": float(same.mean()),
+    }
 
 
-def verify_torch_vs_onnx(model: Any, onnx_path: str | os.PathLike, card: ModelCard, real: Any | None,
-                         tol: float = FP32_TOL, seed: int = 0) -> dict[str, Any]:
+def verify_torch_vs_onnx(
+    model: Any, onnx_path: str | os.PathLike, card: ModelCard, real: Any | None, tol: float = FP32_TOL, seed: int = 0
+) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch at batch 1 and 5 on random crops and (when given) real crops; raises above `tol`."""
     import torch
 
@@ -142,8 +156,11 @@ def verify_onnx_batches(onnx_path: str | os.PathLike, card: ModelCard, real: Any
             f"ONNX model {onnx_path}: input shape {shape} does not match the card ({card.input_height}x{card.input_width}, "
             "3 channels, NCHW); fix the card's input_width/input_height"
         )
-    x = real.x[:5] if real is not None and len(real) >= 5 else np.random.default_rng(0).standard_normal(
-        (5, 3, card.input_height, card.input_width)).astype(np.float32)
+    x = (
+        real.x[:5]
+        if real is not None and len(real) >= 5
+        else np.random.default_rng(0).standard_normal((5, 3, card.input_height, card.input_width)).astype(np.float32)
+    )
     try:
         big = run_ort(sess, x, batch=5)
     except Exception as e:

@@ -14,8 +14,13 @@ if TYPE_CHECKING:
 # The runtime imports `dynpose.models.card` (which runs this file) on machines that may have no torch, and a
 # deployed pipeline should not pay torch's import time: the zoo is imported on first use only.
 _LAZY = {
-    "LoadedCheckpoint": "weights", "cache_dir": "weights", "download": "weights", "load_weights": "weights",
-    "create_model": "zoo", "get_card": "zoo", "list_models": "zoo",
+    "LoadedCheckpoint": "weights",
+    "cache_dir": "weights",
+    "download": "weights",
+    "load_weights": "weights",
+    "create_model": "zoo",
+    "get_card": "zoo",
+    "list_models": "zoo",
 }
 
 

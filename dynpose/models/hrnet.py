@@ -51,20 +51,20 @@ class HighResolutionModule(nn.Module):
     def __init__(self, channels: list[int], num_blocks: int, multi_scale_output: bool = True) -> None:
         super().__init__()
         self.num_branches = len(channels)
-        self.branches = nn.ModuleList(
-            nn.Sequential(*[BasicBlock(c, c) for _ in range(num_blocks)]) for c in channels
-        )
+        self.branches = nn.ModuleList(nn.Sequential(*[BasicBlock(c, c) for _ in range(num_blocks)]) for c in channels)
         n_out = self.num_branches if multi_scale_output else 1
         fuse_layers = []
         for i in range(n_out):
             row: list[nn.Module | None] = []
             for j in range(self.num_branches):
                 if j > i:  # lower resolution: 1x1 conv to the width, then nearest upsampling
-                    row.append(nn.Sequential(
-                        nn.Conv2d(channels[j], channels[i], kernel_size=1, bias=False),
-                        nn.BatchNorm2d(channels[i]),
-                        nn.Upsample(scale_factor=2 ** (j - i), mode="nearest"),
-                    ))
+                    row.append(
+                        nn.Sequential(
+                            nn.Conv2d(channels[j], channels[i], kernel_size=1, bias=False),
+                            nn.BatchNorm2d(channels[i]),
+                            nn.Upsample(scale_factor=2 ** (j - i), mode="nearest"),
+                        )
+                    )
                 elif j == i:
                     row.append(None)
                 else:  # higher resolution: a chain of stride-2 3x3 convs; only the last changes width, no ReLU
@@ -134,9 +134,6 @@ class PoseHighResolutionNet(nn.Module):
         xs = [x]
         for stage, transition in ((2, self.transition1), (3, self.transition2), (4, self.transition3)):
             # Existing branches pass through (or get re-widthed); a new branch grows from the lowest resolution.
-            xs = [
-                xs[i] if t is None else t(xs[i] if i < len(xs) else xs[-1])
-                for i, t in enumerate(transition)
-            ]
+            xs = [xs[i] if t is None else t(xs[i] if i < len(xs) else xs[-1]) for i, t in enumerate(transition)]
             xs = getattr(self, f"stage{stage}")(xs)
         return self.final_layer(xs[0])

@@ -118,10 +118,17 @@ def _download(url: str, sha256: str | None, progress: bool, timeout: float) -> t
             total = int(resp.headers.get("Content-Length") or 0) or None
             h = hashlib.sha256()
             size = 0
-            with open(tmp, "wb") as f, tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                disable=None if progress else True,
-            ) as bar:
+            with (
+                open(tmp, "wb") as f,
+                tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    disable=None if progress else True,
+                ) as bar,
+            ):
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
                     h.update(chunk)
@@ -181,9 +188,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             ) from None
         raise DynPoseError(f"checkpoint {path} is not a readable PyTorch checkpoint ({e})") from None
     except Exception as e:  # a damaged or foreign file fails deep inside the unpickler with any error type
-        raise DynPoseError(
-            f"checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})"
-        ) from None
+        raise DynPoseError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -238,7 +243,7 @@ def convert_state_dict(sd: StateDict, router: bool = False) -> tuple[StateDict, 
     for k, v in sd.items():
         for p in prefixes:
             if k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
                 break
         out[k] = v
     return out, fmt, data_parallel, ignored
@@ -251,7 +256,8 @@ def _mismatch_message(model_sd: dict[str, torch.Tensor], sd: dict[str, torch.Ten
     unexpected = [k for k in sd if k not in model_sd]
     wrong = [
         f"{k} (checkpoint {list(sd[k].shape)}, model {list(v.shape)})"
-        for k, v in model_sd.items() if k in sd and sd[k].shape != v.shape
+        for k, v in model_sd.items()
+        if k in sd and sd[k].shape != v.shape
     ]
 
     def few(items: list[str]) -> str:
@@ -294,8 +300,14 @@ def _resolve(
     return path, None, None, None
 
 
-def load_weights(model: nn.Module, source: str | os.PathLike, trust_pickle: bool = False, *,
-                 color_order: str | None = None, progress: bool = True) -> LoadedCheckpoint:
+def load_weights(
+    model: nn.Module,
+    source: str | os.PathLike,
+    trust_pickle: bool = False,
+    *,
+    color_order: str | None = None,
+    progress: bool = True,
+) -> LoadedCheckpoint:
     """Load a checkpoint into a zoo model, strictly, and set `model.card`'s colour order for it.
 
     source: a local path, an http(s) URL (downloaded once into `cache_dir()`), or an alias from `model.card.sources`
@@ -333,9 +345,18 @@ def load_weights(model: nn.Module, source: str | os.PathLike, trust_pickle: bool
     if card is not None:
         model.card = card.with_(color_order=color_order)
     loaded = LoadedCheckpoint(
-        format=fmt, path=path, sha256=digest or sha256_file(path), source=str(source), url=url, alias=alias,
-        wrapper=wrapper, data_parallel=data_parallel, missing_num_batches_tracked=missing_nbt, ignored=ignored,
-        num_tensors=len(sd), color_order=color_order,
+        format=fmt,
+        path=path,
+        sha256=digest or sha256_file(path),
+        source=str(source),
+        url=url,
+        alias=alias,
+        wrapper=wrapper,
+        data_parallel=data_parallel,
+        missing_num_batches_tracked=missing_nbt,
+        ignored=ignored,
+        num_tensors=len(sd),
+        color_order=color_order,
     )
     model.checkpoint = loaded
     model.weights_source = str(source)

@@ -43,52 +43,104 @@ def _official(where: str, file: str, color_order: str) -> dict[str, Any]:
 
 def _pose_card(name: str, sources: dict[str, dict[str, Any]]) -> ModelCard:
     return ModelCard(
-        name=name, arch=name, input_width=192, input_height=256, color_order="rgb",
-        mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255, keypoints="coco17", decoder="msra", task="pose",
+        name=name,
+        arch=name,
+        input_width=192,
+        input_height=256,
+        color_order="rgb",
+        mean=IMAGENET_MEAN_255,
+        std=IMAGENET_STD_255,
+        keypoints="coco17",
+        decoder="msra",
+        task="pose",
         sources=sources,
     )
 
 
 # name -> (builder, card). The only registry in the package; add a model by adding a row.
 MODELS: dict[str, tuple[Callable[..., nn.Module], ModelCard]] = {
-    "hrnet_w32": (lambda **kw: PoseHighResolutionNet(width=32, **kw), _pose_card("hrnet_w32", {
-        "mmpose": _mmpose("td-hm_hrnet-w32_8xb64-210e_coco-256x192-81c58e40_20220909.pth"),
-        "official": _official(HRNET_OFFICIAL, "pose_hrnet_w32_256x192.pth", "rgb"),
-    })),
-    "hrnet_w48": (lambda **kw: PoseHighResolutionNet(width=48, **kw), _pose_card("hrnet_w48", {
-        "mmpose": _mmpose("td-hm_hrnet-w48_8xb32-210e_coco-256x192-0e67c616_20220913.pth"),
-        "official": _official(HRNET_OFFICIAL, "pose_hrnet_w48_256x192.pth", "rgb"),
-    })),
-    "resnet_50": (lambda **kw: PoseResNet(depth=50, **kw), _pose_card("resnet_50", {
-        "mmpose": _mmpose("td-hm_res50_8xb64-210e_coco-256x192-04af38ce_20220923.pth"),
-        "official": _official(SIMPLEBASELINE_OFFICIAL, "pose_resnet_50_256x192.pth.tar", "bgr"),
-    })),
-    "resnet_101": (lambda **kw: PoseResNet(depth=101, **kw), _pose_card("resnet_101", {
-        "mmpose": _mmpose("td-hm_res101_8xb64-210e_coco-256x192-065d3625_20220926.pth"),
-        "official": _official(SIMPLEBASELINE_OFFICIAL, "pose_resnet_101_256x192.pth.tar", "bgr"),
-    })),
-    "resnet_152": (lambda **kw: PoseResNet(depth=152, **kw), _pose_card("resnet_152", {
-        # URL as listed in MMPose's ResNet COCO model-zoo table (configs/.../coco/resnet_coco.md).
-        "mmpose": _mmpose("td-hm_res152_8xb32-210e_coco-256x192-0345f330_20220928.pth"),
-        "official": _official(SIMPLEBASELINE_OFFICIAL, "pose_resnet_152_256x192.pth.tar", "bgr"),
-    })),
-    "router": (DynPoseRouter, ModelCard(
-        # DynPose trains the router inside MMPose with the pose models' data preprocessor (bgr_to_rgb, ImageNet
-        # mean/std), so it is fed exactly the crop the pose models get.
-        name="router", arch="router", input_width=192, input_height=256, color_order="rgb",
-        mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255, keypoints="coco17", decoder="msra", task="router",
-        sources={
-            "dynpose": {
-                # `backbone.pth` at the root of the authors' repository; raw/HEAD follows its default branch.
-                "url": "https://github.com/Aritoria/DynPose/raw/HEAD/backbone.pth",
-                "color_order": "rgb", "format": "dynpose_router",
+    "hrnet_w32": (
+        lambda **kw: PoseHighResolutionNet(width=32, **kw),
+        _pose_card(
+            "hrnet_w32",
+            {
+                "mmpose": _mmpose("td-hm_hrnet-w32_8xb64-210e_coco-256x192-81c58e40_20220909.pth"),
+                "official": _official(HRNET_OFFICIAL, "pose_hrnet_w32_256x192.pth", "rgb"),
             },
-            "official": {
-                "url": None, "color_order": "rgb", "format": "dynpose_router",
-                "manual": "the DynPose repository (https://github.com/Aritoria/DynPose, file backbone.pth)",
+        ),
+    ),
+    "hrnet_w48": (
+        lambda **kw: PoseHighResolutionNet(width=48, **kw),
+        _pose_card(
+            "hrnet_w48",
+            {
+                "mmpose": _mmpose("td-hm_hrnet-w48_8xb32-210e_coco-256x192-0e67c616_20220913.pth"),
+                "official": _official(HRNET_OFFICIAL, "pose_hrnet_w48_256x192.pth", "rgb"),
             },
-        },
-    )),
+        ),
+    ),
+    "resnet_50": (
+        lambda **kw: PoseResNet(depth=50, **kw),
+        _pose_card(
+            "resnet_50",
+            {
+                "mmpose": _mmpose("td-hm_res50_8xb64-210e_coco-256x192-04af38ce_20220923.pth"),
+                "official": _official(SIMPLEBASELINE_OFFICIAL, "pose_resnet_50_256x192.pth.tar", "bgr"),
+            },
+        ),
+    ),
+    "resnet_101": (
+        lambda **kw: PoseResNet(depth=101, **kw),
+        _pose_card(
+            "resnet_101",
+            {
+                "mmpose": _mmpose("td-hm_res101_8xb64-210e_coco-256x192-065d3625_20220926.pth"),
+                "official": _official(SIMPLEBASELINE_OFFICIAL, "pose_resnet_101_256x192.pth.tar", "bgr"),
+            },
+        ),
+    ),
+    "resnet_152": (
+        lambda **kw: PoseResNet(depth=152, **kw),
+        _pose_card(
+            "resnet_152",
+            {
+                # URL as listed in MMPose's ResNet COCO model-zoo table (configs/.../coco/resnet_coco.md).
+                "mmpose": _mmpose("td-hm_res152_8xb32-210e_coco-256x192-0345f330_20220928.pth"),
+                "official": _official(SIMPLEBASELINE_OFFICIAL, "pose_resnet_152_256x192.pth.tar", "bgr"),
+            },
+        ),
+    ),
+    "router": (
+        DynPoseRouter,
+        ModelCard(
+            # DynPose trains the router inside MMPose with the pose models' data preprocessor (bgr_to_rgb, ImageNet
+            # mean/std), so it is fed exactly the crop the pose models get.
+            name="router",
+            arch="router",
+            input_width=192,
+            input_height=256,
+            color_order="rgb",
+            mean=IMAGENET_MEAN_255,
+            std=IMAGENET_STD_255,
+            keypoints="coco17",
+            decoder="msra",
+            task="router",
+            sources={
+                "dynpose": {
+                    # `backbone.pth` at the root of the authors' repository; raw/HEAD follows its default branch.
+                    "url": "https://github.com/Aritoria/DynPose/raw/HEAD/backbone.pth",
+                    "color_order": "rgb",
+                    "format": "dynpose_router",
+                },
+                "official": {
+                    "url": None,
+                    "color_order": "rgb",
+                    "format": "dynpose_router",
+                    "manual": "the DynPose repository (https://github.com/Aritoria/DynPose, file backbone.pth)",
+                },
+            },
+        ),
+    ),
 }
 
 
@@ -109,8 +161,9 @@ def _entry(name: str) -> tuple[Callable[..., nn.Module], ModelCard]:
         raise DynPoseError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
 
 
-def create_model(name: str, weights: str | os.PathLike | None = None, *, keypoints: str = "coco17",
-                 trust_pickle: bool = False, **kw: Any) -> nn.Module:
+def create_model(
+    name: str, weights: str | os.PathLike | None = None, *, keypoints: str = "coco17", trust_pickle: bool = False, **kw: Any
+) -> nn.Module:
     """Build zoo model `name` in eval mode, with its card attached as `model.card`.
 
     weights:
@@ -141,7 +194,8 @@ def create_model(name: str, weights: str | os.PathLike | None = None, *, keypoin
     elif isinstance(weights, str) and weights == "random":
         warnings.warn(
             f"{name}: random weights; its outputs are meaningless (use a checkpoint for real predictions)",
-            UserWarning, stacklevel=2,
+            UserWarning,
+            stacklevel=2,
         )
         model.weights_source = "random"
     else:

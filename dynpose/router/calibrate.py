@@ -104,8 +104,12 @@ def coco_results(out: CropOutputs, large: np.ndarray) -> list[dict[str, Any]]:
     kp = np.where(np.asarray(large)[:, None, None], out.kpts_large, out.kpts_small)
     scores = rescore(kp, np.ones(len(kp)))
     return [
-        {"image_id": int(out.image_ids[i]), "category_id": 1, "keypoints": kp[i].reshape(-1).round(3).tolist(),
-         "score": float(scores[i])}
+        {
+            "image_id": int(out.image_ids[i]),
+            "category_id": 1,
+            "keypoints": kp[i].reshape(-1).round(3).tolist(),
+            "score": float(scores[i]),
+        }
         for i in range(len(kp))
     ]
 
@@ -160,12 +164,15 @@ def calibrate(
         check_fraction(target_fraction)
     else:
         check_ap_drop(target_ap_drop)  # type: ignore[arg-type]
-    out, crops = collect_outputs(engine_dir, ann_path, images_dir, backend=backend, device=device,
-                                 cache_dir=cache_dir, progress=progress)
+    out, crops = collect_outputs(
+        engine_dir, ann_path, images_dir, backend=backend, device=device, cache_dir=cache_dir, progress=progress
+    )
     s1 = router_scores(engine_dir, crops, backend=backend, device=device)[:, 1].astype(np.float64)
     if not np.isfinite(s1).all():
-        raise DynPoseError(f"engine dir {engine_dir}: the router gave non-finite scores on {int((~np.isfinite(s1)).sum())} "
-                           "crops; re-export or retrain it")
+        raise DynPoseError(
+            f"engine dir {engine_dir}: the router gave non-finite scores on {int((~np.isfinite(s1)).sum())} "
+            "crops; re-export or retrain it"
+        )
     n = len(s1)
     ap_small = routed_ap(out, np.zeros(n, bool), ann_path)
     ap_large = routed_ap(out, np.ones(n, bool), ann_path)
@@ -190,8 +197,15 @@ def calibrate(
     from dynpose.runtime.policy import parse_policy
 
     large = parse_policy(policy).decide(np.stack([s1, s1, s1], axis=1), np.zeros((n, 4))).large
-    result = Calibration(policy=policy, fraction=achieved, num_crops=n, ap=routed_ap(out, large, ann_path),
-                         ap_small=ap_small, ap_large=ap_large, target=target)
+    result = Calibration(
+        policy=policy,
+        fraction=achieved,
+        num_crops=n,
+        ap=routed_ap(out, large, ann_path),
+        ap_small=ap_small,
+        ap_large=ap_large,
+        target=target,
+    )
     if save:
         manifest = Manifest.load(engine_dir)
         manifest.route = policy

@@ -137,8 +137,9 @@ def pose_entries(manifest: Manifest, engine_dir: str | os.PathLike, backend: str
     return manifest.require("small", fmt, engine_dir), manifest.require("large", fmt, engine_dir)
 
 
-def cache_key(small: Entry, large: Entry, backend: str, ann_path: str | os.PathLike, crops: Crops,
-              min_keypoints: int) -> str:
+def cache_key(
+    small: Entry, large: Entry, backend: str, ann_path: str | os.PathLike, crops: Crops, min_keypoints: int
+) -> str:
     """sha256 over everything that determines the outputs."""
     spec: dict[str, Any] = {
         "version": CACHE_VERSION,
@@ -226,9 +227,20 @@ def collect_outputs(
     d_s = joint_distances(kp_s, crops.gt, crop_wh)
     d_l = joint_distances(kp_l, crops.gt, crop_wh)
     out = CropOutputs(
-        image_ids=crops.image_ids, ann_ids=crops.ann_ids, boxes=crops.boxes, areas=crops.areas, gt=crops.gt,
-        crop_wh=crop_wh, kpts_small=kp_s, kpts_large=kp_l, oks_small=oks_s, oks_large=oks_l,
-        dist_small=d_s, dist_large=d_l, err_small=crop_error(d_s, sig), err_large=crop_error(d_l, sig),
+        image_ids=crops.image_ids,
+        ann_ids=crops.ann_ids,
+        boxes=crops.boxes,
+        areas=crops.areas,
+        gt=crops.gt,
+        crop_wh=crop_wh,
+        kpts_small=kp_s,
+        kpts_large=kp_l,
+        oks_small=oks_s,
+        oks_large=oks_l,
+        dist_small=d_s,
+        dist_large=d_l,
+        err_small=crop_error(d_s, sig),
+        err_large=crop_error(d_l, sig),
     )
     if use_cache:
         out.save(cache_file, key)
@@ -276,9 +288,7 @@ def _warp(img: np.ndarray, center: np.ndarray, scale: np.ndarray, card: ModelCar
     return cv2.warpAffine(img, warp_matrix(center, scale, card), (w, h), flags=cv2.INTER_LINEAR)
 
 
-def router_crops(
-    crops: Crops, card: ModelCard, max_bytes: int = ROUTER_CROPS_IN_MEMORY
-) -> np.ndarray | LazyRouterCrops:
+def router_crops(crops: Crops, card: ModelCard, max_bytes: int = ROUTER_CROPS_IN_MEMORY) -> np.ndarray | LazyRouterCrops:
     """(N,H,W,3) uint8 crops at the router's input size, in its colour order (normalised later, per batch): an
     array when they fit in `max_bytes`, else a `LazyRouterCrops` that cuts them per batch."""
     w, h = card.input_size

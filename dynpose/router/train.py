@@ -60,8 +60,14 @@ class TrainResult:
     samples_per_epoch: int = 0
 
 
-def _batch_tensor(crops: np.ndarray | LazyRouterCrops, idx: np.ndarray, flipped: np.ndarray, mean: torch.Tensor,
-                  inv_std: torch.Tensor, device: str) -> torch.Tensor:
+def _batch_tensor(
+    crops: np.ndarray | LazyRouterCrops,
+    idx: np.ndarray,
+    flipped: np.ndarray,
+    mean: torch.Tensor,
+    inv_std: torch.Tensor,
+    device: str,
+) -> torch.Tensor:
     import torch
 
     x = crops[idx].astype(np.float32)  # (B,H,W,3)
@@ -260,8 +266,16 @@ def train_from_engine_dir(
         raise DynPoseError(f"--precision must be fp32, fp16 or int8, got {precision!r}")
     if init is not None and not Path(init).is_file():
         raise DynPoseError(f"--init {init}: file not found; pass a router checkpoint (e.g. DynPose's backbone.pth)")
-    outputs, crops = collect_outputs(engine_dir, ann_path, images_dir, backend=backend, device=device,
-                                     cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    outputs, crops = collect_outputs(
+        engine_dir,
+        ann_path,
+        images_dir,
+        backend=backend,
+        device=device,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        progress=progress,
+    )
     targets = make_targets(outputs.err_small, outputs.err_large, outputs.oks_small, outputs.oks_large)
     # start from the given checkpoint, else PyTorch's default initialisation (training replaces it)
     model = create_model("router", weights=None if init is None else str(init), trust_pickle=trust_pickle)
@@ -291,14 +305,25 @@ def train_from_engine_dir(
             # "random weights" warning would be wrong here
             warnings.filterwarnings("ignore", message=".*random weights.*")
             try:
-                entries = export_model("router", engine_dir, role="router", weights=str(checkpoint),
-                                       precision=precision, calib=calib, min_oks=0.0, fmt=fmt, progress=progress,
-                                       router_weights="trained")
+                entries = export_model(
+                    "router",
+                    engine_dir,
+                    role="router",
+                    weights=str(checkpoint),
+                    precision=precision,
+                    calib=calib,
+                    min_oks=0.0,
+                    fmt=fmt,
+                    progress=progress,
+                    router_weights="trained",
+                )
             except DynPoseError as e:
                 # the training is not lost: say where the checkpoint is and how to export it later
-                raise DynPoseError(f"trained router saved to {checkpoint}, but its export failed: {e} (export it with "
-                                   f"`dynpose-export --model router --checkpoint {checkpoint} --engine-dir "
-                                   f"{engine_dir}`)") from None
+                raise DynPoseError(
+                    f"trained router saved to {checkpoint}, but its export failed: {e} (export it with "
+                    f"`dynpose-export --model router --checkpoint {checkpoint} --engine-dir "
+                    f"{engine_dir}`)"
+                ) from None
         exported = [e.file for e in entries]
         from dynpose.engines.manifest import Manifest
         from dynpose.export.api import default_route

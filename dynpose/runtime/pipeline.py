@@ -75,9 +75,13 @@ class RunStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "frames": self.frames, "persons": self.persons, "crops": dict(self.crops),
-            "dropped_boxes": self.dropped_boxes, "nan_router_scores": self.nan_router_scores,
-            "dispatches": self.dispatches, "seconds": round(self.seconds, 3),
+            "frames": self.frames,
+            "persons": self.persons,
+            "crops": dict(self.crops),
+            "dropped_boxes": self.dropped_boxes,
+            "nan_router_scores": self.nan_router_scores,
+            "dispatches": self.dispatches,
+            "seconds": round(self.seconds, 3),
         }
 
 
@@ -229,8 +233,14 @@ class Pipeline:
                 cards[role] = entry.card
                 loaded[role] = f"{entry.model} ({entry.format}, {entry.precision}, {be} on {dev})"
             dispatcher = Dispatcher(
-                small=runners["small"], large=runners["large"], small_card=cards["small"], large_card=cards["large"],
-                router=runners.get("router"), router_card=cards.get("router"), policy=policy, flip=flip,
+                small=runners["small"],
+                large=runners["large"],
+                small_card=cards["small"],
+                large_card=cards["large"],
+                router=runners.get("router"),
+                router_card=cards.get("router"),
+                policy=policy,
+                flip=flip,
             )
             det = None
             det_path = Path(detector) if detector is not None else None
@@ -246,8 +256,14 @@ class Pipeline:
             for r in runners.values():
                 r.close()
             raise
-        info = {"engine_dir": str(engine_dir), "backend": backend, "device": device, "route": str(policy),
-                "flip": flip, "models": loaded}
+        info = {
+            "engine_dir": str(engine_dir),
+            "backend": backend,
+            "device": device,
+            "route": str(policy),
+            "flip": flip,
+            "models": loaded,
+        }
         return cls(dispatcher, detector=det, max_batch=max_batch, owned=list(runners.values()), info=info)
 
     # -- calls -----------------------------------------------------------------------------------------------------
@@ -333,8 +349,11 @@ class Pipeline:
             keep = oks_nms(kps, scores, areas, thr=OKS_NMS_THR, sigmas=sigmas) if p.nms else range(len(kps))
             frame = [
                 PersonPose(
-                    box=p.boxes[i, :4].copy(), score=float(scores[i]), keypoints=kps[i].copy(),
-                    model=names[sl.start + i], router_score=float(res.router_scores[sl.start + i]),
+                    box=p.boxes[i, :4].copy(),
+                    score=float(scores[i]),
+                    keypoints=kps[i].copy(),
+                    model=names[sl.start + i],
+                    router_score=float(res.router_scores[sl.start + i]),
                 )
                 for i in keep
             ]
@@ -367,7 +386,5 @@ class Pipeline:
     def __enter__(self) -> Pipeline:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()

@@ -12,9 +12,7 @@ import numpy as np
 from dynpose.models.card import ModelCard
 
 
-def box_to_center_scale(
-    boxes_xywh: np.ndarray, aspect_ratio: float, padding: float = 1.25
-) -> tuple[np.ndarray, np.ndarray]:
+def box_to_center_scale(boxes_xywh: np.ndarray, aspect_ratio: float, padding: float = 1.25) -> tuple[np.ndarray, np.ndarray]:
     """(N,4) x,y,w,h boxes -> centres (N,2) and scales (N,2) in pixels, as official HRNet `_box2cs` (x200)."""
     b = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
     x, y, w, h = b[:, 0], b[:, 1], b[:, 2].copy(), b[:, 3].copy()
@@ -71,9 +69,7 @@ def get_affine_transform(
     return cv2.getAffineTransform(src, dst)
 
 
-def get_udp_warp_matrix(
-    center: np.ndarray, scale: np.ndarray, output_size: tuple[int, int], rot: float = 0.0
-) -> np.ndarray:
+def get_udp_warp_matrix(center: np.ndarray, scale: np.ndarray, output_size: tuple[int, int], rot: float = 0.0) -> np.ndarray:
     """2x3 UDP warp (Huang et al., MMPose `get_udp_warp_matrix`): maps the box's [0, scale] extent onto
     [0, output_size - 1] pixel centres, so the crop is unbiased and flip-symmetric. `scale` in pixels."""
     cx, cy = (float(v) for v in np.asarray(center, dtype=np.float64).reshape(2))
@@ -116,9 +112,7 @@ def normalize(crops_hwc: np.ndarray, card: ModelCard) -> np.ndarray:
     return x
 
 
-def crop_batch(
-    image: np.ndarray, centers: np.ndarray, scales: np.ndarray, card: ModelCard
-) -> np.ndarray:
+def crop_batch(image: np.ndarray, centers: np.ndarray, scales: np.ndarray, card: ModelCard) -> np.ndarray:
     """Warp each (centre, scale) box of `image` (already in the card's colour order) to the card's input size and
     normalise: returns an (N,3,H,W) fp32 batch."""
     w, h = card.input_size

@@ -66,8 +66,9 @@ def draw_persons(
             (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
             ty = int(max(th + base, y))
             cv2.rectangle(img, (int(x), ty - th - base), (int(x) + tw, ty), color, -1)
-            cv2.putText(img, label, (int(x), ty - base), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thick,
-                        cv2.LINE_AA)
+            cv2.putText(
+                img, label, (int(x), ty - base), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thick, cv2.LINE_AA
+            )
         kp = np.asarray(p.keypoints, dtype=np.float64).reshape(-1, 3)
         if len(kp) != ks.num:
             raise DynPoseError(f"draw_persons: {len(kp)} keypoints but keypoint set {ks.name} has {ks.num}")
@@ -152,9 +153,7 @@ class VideoWriter:
     def __enter__(self) -> VideoWriter:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:

@@ -94,9 +94,7 @@ class OrtRunner(Runner):
         self.session = None  # type: ignore[assignment]
 
 
-def load_ort(
-    engine_dir: str | os.PathLike, entry: Entry, device: str = "cpu", intra_op_threads: int = 0
-) -> OrtRunner:
+def load_ort(engine_dir: str | os.PathLike, entry: Entry, device: str = "cpu", intra_op_threads: int = 0) -> OrtRunner:
     """Loader: a manifest entry (format onnx) -> runner."""
     if entry.format != "onnx":
         raise DynPoseError(f"{entry.role}: the ort backend runs ONNX files, this entry is {entry.format}")
