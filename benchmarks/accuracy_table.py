@@ -114,6 +114,7 @@ def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float]
     from dynpose.eval.coco import evaluate_results
     from dynpose.runtime.backends import load_runner
     from dynpose.runtime.dispatcher import Dispatcher
+    from dynpose.runtime.model import PoseModel, Router
     from dynpose.runtime.postprocess import rescore
     from dynpose.runtime.sources import read_image
 
@@ -131,21 +132,15 @@ def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float]
             if role == "router"
             else next(e for e in m.entries if e.role == role and e.format == "onnx" and e.precision == precision)
         )
-        runners[role] = (load_runner("ort", engine_dir, entry, device="cpu"), entry.card)
+        # this precision's entry of each role (an EngineSet opens the manifest's preferred one per role)
+        runner = load_runner("ort", engine_dir, entry, device="cpu").activate()
+        runners[role] = (Router if role == "router" else PoseModel)(runner, entry.card)
     policies = {"large only": "all-large", "small only": "all-small"}
     policies.update({f"DynPose {f:.0%} large": f"fraction:{f:g}" for f in fractions})
     out: dict[str, float] = {}
     try:
         for name, pol in policies.items():
-            with Dispatcher(
-                runners["small"][0],
-                runners["large"][0],
-                runners["small"][1],
-                runners["large"][1],
-                router=runners["router"][0],
-                router_card=runners["router"][1],
-                policy=pol,
-            ) as d:
+            with Dispatcher(runners["small"], runners["large"], router=runners["router"], policy=pol) as d:
                 r = d.run(images, boxes)
             scores = rescore(r.keypoints, np.ones(len(r.keypoints)))
             frame_ids = np.asarray(ids)[r.frame_index]
@@ -160,8 +155,8 @@ def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float]
             ]
             out[name] = evaluate_results(results, gt)["AP"]
     finally:
-        for runner, _ in runners.values():
-            runner.close()
+        for handle in runners.values():
+            handle.runner.deactivate()
     return out
 
 

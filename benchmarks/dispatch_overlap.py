@@ -41,9 +41,8 @@ def main() -> None:
     from dynpose.data import gt_boxes, load_coco
     from dynpose.models.card import ModelCard
     from dynpose.runtime.backends.ort import OrtRunner
-    from dynpose.runtime.decode import decode_heatmaps
-    from dynpose.runtime.dispatcher import Dispatcher, crop_boxes
-    from dynpose.runtime.preprocess import box_to_center_scale
+    from dynpose.runtime.dispatcher import Dispatcher
+    from dynpose.runtime.model import PoseModel
 
     cards, runners = {}, {}
     for role, (w, h) in (("small", (96, 128)), ("large", (192, 256))):
@@ -54,9 +53,10 @@ def main() -> None:
             mean=(123.675, 116.28, 103.53),
             std=(58.395, 57.12, 57.375),
         )
-        runners[role] = OrtRunner(
+        runner = OrtRunner(
             SHARED / "models" / f"tinypose_{h}x{w}.onnx", intra_op_threads=max(1, args.threads // 2), name=role
         )
+        runners[role] = PoseModel(runner.activate(), cards[role])
     coco = SHARED / "data" / "coco"
     ds = load_coco(coco / "test_coco.json")
     iid, _, _ = gt_boxes(ds)[0]
@@ -73,16 +73,14 @@ def main() -> None:
         route = f"box:{cut}"
     else:
         route = args.route
-    disp = Dispatcher(runners["small"], runners["large"], cards["small"], cards["large"], policy=route)
+    disp = Dispatcher(runners["small"], runners["large"], policy=route)
     large = disp.policy.decide(None, boxes).large
 
     def serial() -> float:
         t0 = time.perf_counter()
         for m, idx in (("small", np.flatnonzero(~large)), ("large", np.flatnonzero(large))):
             if idx.size:
-                c, s = box_to_center_scale(boxes[idx], cards[m].aspect_ratio, cards[m].padding)
-                batch = crop_boxes([image], np.zeros(idx.size, np.int64), c, s, cards[m])
-                decode_heatmaps(runners[m].infer(batch), c, s, cards[m])
+                runners[m](image, boxes[idx])
         return time.perf_counter() - t0
 
     overlaps: list[float] = []

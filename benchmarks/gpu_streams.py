@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random weights: timing only
-        small = TorchRunner.from_module(create_model(args.small, weights="random"), "cuda", args.fp16, args.batch)
-        large = TorchRunner.from_module(create_model(args.large, weights="random"), "cuda", args.fp16, args.batch)
+        small = TorchRunner.from_module(create_model(args.small, weights="random"), "cuda", args.fp16, args.batch).activate()
+        large = TorchRunner.from_module(create_model(args.large, weights="random"), "cuda", args.fp16, args.batch).activate()
     rng = np.random.default_rng(0)
     xs = rng.standard_normal((args.batch, 3, 256, 192), dtype=np.float32)
     xl = rng.standard_normal((args.batch, 3, 256, 192), dtype=np.float32)

@@ -23,8 +23,8 @@ import numpy as np
 from dynpose.calibration.crops import CalibSpec, coco_person_crops
 from dynpose.engines.manifest import Manifest
 from dynpose.export.api import export_model, register_onnx
-from dynpose.export.verify import ort_session
 from dynpose.models.card import ModelCard
+from dynpose.onnx_utils import open_session
 
 TINYPOSE_CARD = {
     "name": "tinypose_256x192",
@@ -96,7 +96,7 @@ def main() -> None:
         i8, e8 = _onnx_entry(eng / "int8")
         crops = coco_person_crops(args.data / "coco", e8.card)
         x = np.ascontiguousarray(crops.x[np.arange(args.batch) % len(crops.x)], np.float32)
-        sa, sb = ort_session(f32, args.threads), ort_session(i8, args.threads)
+        sa, sb = open_session(f32, threads=args.threads), open_session(i8, threads=args.threads)
         feed = {sa.get_inputs()[0].name: x}
         sa.run(None, feed)
         sb.run(None, feed)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dynpose.cli.bench import load_bench
+from dynpose import bench
 from dynpose.cli.bench import main as bench_main
 from dynpose.errors import DynPoseError
 
@@ -45,7 +45,6 @@ def test_missing_engine_dir_and_half_pipeline_args(tmp_path: Path, tinypose_engi
 
 
 def test_parsers() -> None:
-    bench = load_bench()
     assert bench.parse_batches("8, 1,8") == [1, 8]
     assert bench.parse_fractions("1,0,0.5") == [0.0, 0.5, 1.0]
     with pytest.raises(DynPoseError):

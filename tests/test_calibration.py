@@ -18,7 +18,7 @@ from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.api import register_onnx
 from dynpose.models.card import ModelCard
-from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, to_model_colors
+from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
 
 CARD = {
     "color_order": "rgb",
@@ -45,12 +45,12 @@ def test_crop_set_split_cache_and_runtime_preprocessing(tmp_path: Path, shared: 
     assert not any(tuple(np.round(c, 3)) in coco_centres for c in crops.calib.centers)
     assert len(crops.calib) >= 80 and crops.calib.flipped.any()
 
-    # The crops are exactly what the runtime feeds: crop_batch on the image with the card.
+    # The crops are exactly what the runtime feeds: the crop primitive on the image with the card.
     ds = load_coco(shared / "data" / "coco" / "test_coco.json")
     iid, box, _ = [b for b in gt_boxes(ds, min_keypoints=5)][0]
-    img = to_model_colors(cv2.imread(str(shared / "data" / "coco" / ds.images[iid].file_name)), CARD128)
+    img = cv2.imread(str(shared / "data" / "coco" / ds.images[iid].file_name))
     c, s = box_to_center_scale(box[None], CARD128.aspect_ratio, CARD128.padding)
-    want = crop_batch(np.ascontiguousarray(img), c, s, CARD128)[0]
+    want = normalize(crop([img], np.zeros(1, np.int64), c, s, CARD128), CARD128)[0]
     np.testing.assert_allclose(gate.x[0], want, atol=1e-5)
 
     # Cached by content: one npz, reused; another card (size) gets its own.

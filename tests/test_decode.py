@@ -16,7 +16,7 @@ from dynpose.models.card import ModelCard
 from dynpose.runtime.backends.ort.runner import OrtRunner
 from dynpose.runtime.decode import average_flip, blur_kernel_size, decode_heatmaps, flip_back, get_max_preds
 from dynpose.runtime.postprocess import oks, oks_matrix, oks_nms, rescore
-from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, to_model_colors
+from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
 
 # -- official HRNet lib/core/inference.py -------------------------------------------------------------------------
 
@@ -407,7 +407,7 @@ def _mean_oks(model_path, card, coco_persons, flip=False):
     with OrtRunner(model_path, intra_op_threads=1) as runner:
         for iid, box, person in items:
             c, s = box_to_center_scale(box[None], card.aspect_ratio, card.padding)
-            batch = crop_batch(to_model_colors(images[iid], card), c, s, card)
+            batch = normalize(crop([images[iid]], np.zeros(len(c), np.int64), c, s, card), card)
             hm = runner.infer(batch)
             if flip:
                 hm = average_flip(hm, runner.infer(batch[..., ::-1]), COCO17.flip_index())

@@ -13,8 +13,9 @@ from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.runtime.backends.ort import OrtRunner
 from dynpose.runtime.decode import average_flip, decode_heatmaps
-from dynpose.runtime.dispatcher import Dispatcher, crop_boxes, same_crop
-from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, to_model_colors
+from dynpose.runtime.dispatcher import Dispatcher
+from dynpose.runtime.model import PoseModel, Router
+from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize, to_model_colors, warp_matrix
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,11 @@ def models(tinypose_engine_dir: Path):
     out = {}
     for role in ("router", "small", "large"):
         e = m.require(role)
-        out[role] = (OrtRunner(tinypose_engine_dir / e.file, intra_op_threads=1, name=role), e.card)
+        runner = OrtRunner(tinypose_engine_dir / e.file, intra_op_threads=1, name=role).activate()
+        out[role] = (Router if role == "router" else PoseModel)(runner, e.card)
     yield out
-    for r, _ in out.values():
-        r.close()
+    for h in out.values():
+        h.runner.deactivate()
 
 
 @pytest.fixture(scope="module")
@@ -42,38 +44,32 @@ def coco_frames(coco_dir: Path):
 
 
 def make_dispatcher(models, policy: str, flip: bool = False) -> Dispatcher:
-    return Dispatcher(
-        small=models["small"][0],
-        large=models["large"][0],
-        small_card=models["small"][1],
-        large_card=models["large"][1],
-        router=models["router"][0],
-        router_card=models["router"][1],
-        policy=policy,
-        flip=flip,
-    )
+    return Dispatcher(models["small"], models["large"], router=models["router"], policy=policy, flip=flip)
 
 
-def alone(runner: OrtRunner, card, image: np.ndarray, boxes: np.ndarray, flip: bool = False) -> np.ndarray:
-    """The reference: one model alone, cropped with the existing preprocess functions."""
+def alone(model: PoseModel, image: np.ndarray, boxes: np.ndarray, flip: bool = False) -> np.ndarray:
+    """The reference: one model alone, cropped with the plain preprocess functions."""
+    runner, card = model.runner, model.card
     c, s = box_to_center_scale(boxes, card.aspect_ratio, card.padding)
-    batch = crop_batch(np.ascontiguousarray(to_model_colors(image, card)), c, s, card)
+    batch = normalize(crop([image], np.zeros(len(c), np.int64), c, s, card), card)
     hm = runner.infer(batch)
     if flip:
         hm = average_flip(hm, runner.infer(batch[..., ::-1]), card.keypoint_set.flip_index())
     return decode_heatmaps(hm, c, s, card)
 
 
-def test_crop_boxes_matches_crop_batch(models, coco_frames) -> None:
+def test_crop_is_the_warp_of_the_image_in_model_colours(models, coco_frames) -> None:
     images, boxes = coco_frames
-    card = models["small"][1]
+    card = models["small"].card
     c, s = box_to_center_scale(boxes[0], card.aspect_ratio, card.padding)
-    ref = crop_batch(np.ascontiguousarray(to_model_colors(images[0], card)), c, s, card)
-    got = crop_boxes(images, np.zeros(len(c), dtype=np.int64), c, s, card)
+    rgb = np.ascontiguousarray(to_model_colors(images[0], card))
+    ref = np.stack([cv2.warpAffine(rgb, warp_matrix(c[i], s[i], card), card.input_size) for i in range(len(c))])
+    got = crop(images, np.zeros(len(c), dtype=np.int64), c, s, card)
+    assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, ref)
     # the router card crops like the large TinyPose card, so the dispatcher reuses its crops
-    assert same_crop(models["router"][1], models["large"][1])
-    assert not same_crop(models["router"][1], models["small"][1])
+    assert models["router"].same_crop(models["large"])
+    assert not models["router"].same_crop(models["small"])
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -88,8 +84,8 @@ def test_results_in_input_order_equal_each_model_alone(models, coco_frames, flip
     # the routed half are the crops with the highest router score[1]
     assert res.router_scores[res.large].min() >= res.router_scores[~res.large].max()
     for i, sl in enumerate(res.frame_slices(len(images))):
-        ref_small = alone(*models["small"], images[i], boxes[i], flip)
-        ref_large = alone(*models["large"], images[i], boxes[i], flip)
+        ref_small = alone(models["small"], images[i], boxes[i], flip)
+        ref_large = alone(models["large"], images[i], boxes[i], flip)
         want = np.where(res.large[sl][:, None, None], ref_large, ref_small)
         np.testing.assert_allclose(res.keypoints[sl], want, atol=1e-3)
         assert (res.frame_index[sl] == i).all()
@@ -124,7 +120,7 @@ def test_empty_and_bad_input(models, coco_frames) -> None:
         with pytest.raises(DynPoseError, match="boxes must be"):
             d(images[0], np.zeros((3, 2)))
     with pytest.raises(DynPoseError, match="needs the router"):
-        Dispatcher(models["small"][0], models["large"][0], models["small"][1], models["large"][1], policy="threshold:0.5")
+        Dispatcher(models["small"], models["large"], policy="threshold:0.5")
 
 
 def test_small_and_large_workers_overlap(models, coco_frames) -> None:

@@ -15,9 +15,8 @@ from dynpose.cli.export import main as export_cli
 from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.api import register_onnx
-from dynpose.export.onnx_export import read_card
-from dynpose.export.verify import ort_session, run_ort
 from dynpose.models.card import ModelCard
+from dynpose.onnx_utils import open_session, read_card, run_session
 
 TP128_CARD = {
     "name": "tinypose_128x96",
@@ -59,9 +58,9 @@ def test_register_user_onnx_manifest_round_trip(tmp_path: Path, tinypose_128: Pa
     assert loaded.checks["batch5_vs_batch1_rel_l2"] <= 1e-4
     assert read_card(eng / "small.onnx") == card128  # the card travels inside the ONNX file too
     # Dynamic batch: the registered file runs at 1 and 5 and agrees.
-    sess = ort_session(eng / "small.onnx")
+    sess = open_session(eng / "small.onnx")
     x = np.random.default_rng(0).standard_normal((5, 3, 128, 96)).astype(np.float32)
-    np.testing.assert_allclose(run_ort(sess, x, batch=5), run_ort(sess, x, batch=1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_session(sess, x, batch=5), run_session(sess, x, batch=1), rtol=1e-4, atol=1e-5)
 
     # Merge: another role is added, the same role+format replaced; the manifest keeps both roles.
     register_onnx(tinypose_128, card128.with_(name="other"), eng, role="large", progress=False)

@@ -15,7 +15,7 @@ from dynpose.models.card import ModelCard
 from dynpose.runtime.decode import decode_heatmaps
 from dynpose.runtime.preprocess import (
     box_to_center_scale,
-    crop_batch,
+    crop,
     get_affine_transform,
     get_udp_warp_matrix,
     normalize,
@@ -168,12 +168,12 @@ def test_warp_matrix_picks_by_decoder():
         )
 
 
-def test_crop_batch_uses_the_cards_warp():
+def test_crop_uses_the_cards_warp():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
     c, s = box_to_center_scale(BOXES[:4], 0.75)
-    for card in (CARD, CARD.with_(decoder="udp")):
-        batch = crop_batch(image, c, s, card)
+    for card in (CARD.with_(color_order="bgr"), CARD.with_(decoder="udp", color_order="bgr")):
+        batch = normalize(crop([image], np.zeros(4, np.int64), c, s, card), card)
         assert batch.shape == (4, 3, 256, 192) and batch.dtype == np.float32
         for i in range(4):
             m = (

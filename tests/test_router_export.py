@@ -17,7 +17,8 @@ from dynpose.cli.export import main as export_cli
 from dynpose.engines.manifest import DEFAULT_ROUTE, Manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.api import default_route, export_model
-from dynpose.export.verify import ort_session, router_agreement, run_ort
+from dynpose.export.verify import router_agreement
+from dynpose.onnx_utils import open_session, run_session
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_router_fp16_and_int8_gated_on_decisions(tmp_path: Path, coco_dir: Path,
 
     real = coco_person_crops(coco_dir, e8.card)
     assert real is not None
-    got = run_ort(ort_session(eng / e8.file), real.x)
+    got = run_session(open_session(eng / e8.file), real.x)
     assert got.shape == (12, 3) and np.isfinite(got).all()
 
 

@@ -9,21 +9,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from dynpose.engines.manifest import Entry, Manifest, describe_file
-from dynpose.engines.tensorrt_build import (
-    INSTALL_HINT,
-    build_engine,
-    onnx_precisions,
-    tensorrt_available,
-    uses_strong_typing,
-    version_tuple,
-)
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.runtime.backends.tensorrt import check_plan_metadata, load_trt
 from dynpose.runtime.backends.tensorrt import cuda_utils as cu
+from dynpose.runtime.backends.tensorrt.builder import INSTALL_HINT, build_engine, tensorrt_available
+from dynpose.runtime.backends.tensorrt.runner import buffer_nbytes
 
 HAS_TRT_MODULE = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA_PYTHON = importlib.util.find_spec("cuda") is not None and (
@@ -68,13 +62,12 @@ def test_build_rejects_bad_arguments_before_touching_tensorrt(tmp_path: Path, ti
         build_engine(tinypose_256, plan, input_name="image", input_chw=(3, 256, 192), max_batch=8, opt_level=7)
 
 
-def test_strong_typing_by_version() -> None:
-    assert version_tuple("10.12.0.36") == (10, 12)
-    assert version_tuple("11") == (11, 0)
-    assert not uses_strong_typing("10.0.1.6")
-    assert not uses_strong_typing("10.11.0.33")
-    assert uses_strong_typing("10.12.0.36")
-    assert uses_strong_typing("11.3.0.1")
+def test_buffer_sizes_refuse_data_dependent_shapes() -> None:
+    assert buffer_nbytes((8, 17, 64, 48), np.dtype(np.float32), "heatmaps", "plan") == 8 * 17 * 64 * 48 * 4
+    assert buffer_nbytes((8, 17, 64, 48), cu.BF16, "heatmaps", "plan") == 8 * 17 * 64 * 48 * 2
+    with pytest.raises(DynPoseError, match="data-dependent shape") as e:
+        buffer_nbytes((8, -1, 4), np.dtype(np.float32), "boxes", "TensorRT plan x.plan")
+    assert "\n" not in str(e.value) and "'boxes'" in str(e.value)
 
 
 def _tiny_graph(tmp_path: Path, name: str, nodes: list, inits: list, elem: int = TensorProto.FLOAT) -> Path:
@@ -88,25 +81,6 @@ def _tiny_graph(tmp_path: Path, name: str, nodes: list, inits: list, elem: int =
     path = tmp_path / f"{name}.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
-
-
-def test_onnx_precisions(tmp_path: Path, tinypose_256: Path) -> None:
-    assert onnx_precisions(tinypose_256) == set()
-    w16 = numpy_helper.from_array(np.ones(2, np.float16), "w")
-    fp16 = _tiny_graph(tmp_path, "fp16", [helper.make_node("Add", ["x", "w"], ["y"])], [w16], TensorProto.FLOAT16)
-    assert onnx_precisions(fp16) == {"fp16"}
-    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
-    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
-    qdq = _tiny_graph(
-        tmp_path,
-        "qdq",
-        [
-            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
-        ],
-        [scale, zero],
-    )
-    assert onnx_precisions(qdq) == {"int8"}
 
 
 def test_plan_metadata_check() -> None:

@@ -1,10 +1,10 @@
 """Calibration crop sets: real person crops made with exactly the runtime's preprocessing.
 
 Boxes come from COCO-format keypoint annotations, COCO-format detection files or MPII-style lists (center/scale);
-each box is cropped with `dynpose.runtime.preprocess.crop_batch` under the model's card, so INT8 ranges are measured
-on the inputs the runtime will feed. The set is split by image: crops of *gate* images never calibrate, they only
-judge the quantized model. Crops are cached as uint8 (the exact pre-normalisation pixels) in the engine dir's cache
-folder, keyed by a hash of the input files and the card fields that change a crop.
+each box is cropped with the runtime's one crop primitive (`dynpose.runtime.preprocess.crop`) under the model's card,
+so INT8 ranges are measured on the inputs the runtime will feed. The set is split by image: crops of *gate* images
+never calibrate, they only judge the quantized model. Crops are cached as the primitive's uint8 pixels in the engine
+dir's cache folder, keyed by a hash of the input files and the card fields that change a crop.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dynpose.data import gt_boxes, image_id_map, load_coco, load_detections, res
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
-from dynpose.runtime.preprocess import box_to_center_scale, crop_batch, normalize, to_model_colors
+from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_TARGETS = ("ort", "tensorrt")
@@ -241,16 +241,17 @@ def _crop(
         scales.append(s)
     passes = len(centers)
     crops = np.empty((passes, n, card.input_height, card.input_width, 3), np.uint8)
-    mean = np.asarray(card.mean, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(card.std, np.float32).reshape(1, 3, 1, 1)
     for img_path, idx in by_image.items():
         img = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
         if img is None:
             raise DynPoseError(f"calibration image {img_path}: cannot be read as an image")
-        img = np.ascontiguousarray(to_model_colors(img, card))
-        x = crop_batch(img, np.concatenate([c[idx] for c in centers]), np.concatenate([s[idx] for s in scales]), card)
-        # Undo the normalisation to store the exact uint8 pixels the runtime produced (round trip is exact).
-        u8 = np.clip(np.rint(x * std + mean), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        u8 = crop(
+            [img],
+            np.zeros(passes * len(idx), np.int64),
+            np.concatenate([c[idx] for c in centers]),
+            np.concatenate([s[idx] for s in scales]),
+            card,
+        )
         crops[:, idx] = u8.reshape(passes, len(idx), *u8.shape[1:])
     return [(crops[p], centers[p], scales[p]) for p in range(passes)]
 

@@ -29,10 +29,10 @@ from onnx import numpy_helper
 
 from dynpose.calibration.crops import CalibSpec, CropSet, build_crop_set
 from dynpose.errors import DynPoseError
-from dynpose.export.onnx_export import copy_metadata, io_names, load_onnx, name_nodes
-from dynpose.export.verify import keypoint_agreement, ort_session, run_ort
+from dynpose.export.verify import keypoint_agreement
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
+from dynpose.onnx_utils import copy_metadata, io_names, load_onnx, name_nodes, open_session, run_session
 
 WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Which ops get Q/DQ, per target. ORT CPU: also the glue between convolutions, so tensors stay uint8 across the
@@ -225,7 +225,7 @@ def rank_sensitive(
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "watch.onnx"
         onnx.save(m, str(p))
-        sess = ort_session(p)
+        sess = open_session(p)
         names = [o.name for o in sess.get_outputs()]
         acts = dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: sample}), strict=True))
 
@@ -254,7 +254,7 @@ def measure_speedup(
 ) -> dict[str, float]:
     """fp32 vs int8 time per batch on ORT CPU, interleaved (a, b, a, b, ...) so load changes hit both; medians."""
     xb = np.ascontiguousarray(x[np.arange(batch) % len(x)], np.float32)
-    sa, sb = ort_session(fp32, threads), ort_session(int8, threads)
+    sa, sb = open_session(fp32, threads=threads), open_session(int8, threads=threads)
     name = sa.get_inputs()[0].name
     for s in (sa, sb):
         s.run(None, {name: xb})  # warm-up: first runs allocate and pick kernels
@@ -337,14 +337,14 @@ def quantize_int8(
         tmp = Path(tmp_s)
         prepared, model, ranges = _prepare_with_ranges(src, tmp, cache, crops, target, spec.method)
         in_name, _ = io_names(model)
-        ref_sess = ort_session(prepared)
-        ref_gate = run_ort(ref_sess, gate.x)
+        ref_sess = open_session(prepared)
+        ref_gate = run_session(ref_sess, gate.x)
         del ref_sess
 
         def evaluate(exclude: list[str], out: Path) -> dict[str, float]:
             _quantize(prepared, out, cal.x, in_name, settings, ranges, exclude, progress)
-            sess = ort_session(out)
-            g = keypoint_agreement(run_ort(sess, gate.x), ref_gate, gate, card)
+            sess = open_session(out)
+            g = keypoint_agreement(run_session(sess, gate.x), ref_gate, gate, card)
             return {"gate": g["oks_mean"], "gate_min": g["oks_min"], "rel_l2": g["heatmap_rel_l2"], "finite": g["finite"]}
 
         log(f"{card.name}: calibrating int8 ({target}, {spec.method}) on {len(cal)} crops; gate: {len(gate)} held-out crops")

@@ -1,36 +1,13 @@
-"""`dynpose-bench`: thin command line over `benchmarks/bench.py` (the benchmark code lives beside its README)."""
+"""`dynpose-bench`: thin command line over `dynpose.bench` (the benchmark code; results and scripts in benchmarks/)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import click
 
 from dynpose.cli.common import user_errors
 from dynpose.errors import DynPoseError
-
-BENCH_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
-
-
-def load_bench() -> ModuleType:
-    """benchmarks/bench.py of this source checkout, imported by path (it is not part of the installed package)."""
-    name = "dynpose_benchmarks_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    if not BENCH_FILE.is_file():
-        raise DynPoseError(
-            f"{BENCH_FILE} not found: dynpose-bench runs from a source checkout (pip install -e .), not a wheel"
-        )
-    spec = importlib.util.spec_from_file_location(name, BENCH_FILE)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 EPILOG = """\b
 Examples:
@@ -59,7 +36,7 @@ CUDA: --batch 1,8,32,64 --repeats 20 --warmup 5. Fractions 0,0.1,0.3,0.5,0.7,0.9
 @click.option("--images", type=click.Path(path_type=Path), help="Images folder for the end-to-end pipeline part.")
 @click.option("--detections", type=click.Path(path_type=Path), help="COCO-format person detections for --images.")
 @click.option("--route", default=None, help="Routing policy of the pipeline part (default: the manifest's).")
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads per model (default: cores/2 each).")
+@click.option("--threads", type=int, default=None, help="CPU cores to use (default: all); the two pose models share them.")
 @click.option("--repeats", type=int, default=None, help="Timed rounds per configuration (round-robin).")
 @click.option("--warmup", type=int, default=None, help="Untimed calls per configuration before timing.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write all figures to this JSON (atomic).")
@@ -82,7 +59,8 @@ def main(
 ) -> None:
     """Throughput of large-only, small-only and DynPose at routing fractions (crops/s, p50/p95 latency), and
     end-to-end pipeline frames/s with a per-stage breakdown on real images."""
-    bench = load_bench()
+    from dynpose import bench
+
     batches = bench.parse_batches(batch) if batch is not None else None
     fracs = bench.parse_fractions(fractions)
     if threads is not None and threads < 1:

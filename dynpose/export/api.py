@@ -23,17 +23,11 @@ import onnx
 from dynpose.calibration.crops import NEEDS_CALIB, CalibSpec, CropSet, coco_person_crops
 from dynpose.engines.manifest import DEFAULT_ROUTE, PRECISIONS, ROLES, Entry, Manifest, describe_file, tool_versions
 from dynpose.errors import DynPoseError
-from dynpose.export.onnx_export import check_onnx, export_torch, io_names, load_onnx, opset_of, set_card
-from dynpose.export.verify import (
-    default_verify_dir,
-    keypoint_agreement,
-    ort_session,
-    router_agreement,
-    run_ort,
-    verify_onnx_batches,
-)
+from dynpose.export.onnx_export import export_torch
+from dynpose.export.verify import default_verify_dir, keypoint_agreement, router_agreement, verify_onnx_batches
 from dynpose.fileio import sha256_file
 from dynpose.models.card import ModelCard
+from dynpose.onnx_utils import check_onnx, io_names, load_onnx, open_session, opset_of, run_session, set_card
 
 FORMATS = ("onnx", "tensorrt")
 EXPORT_ROLES = ("router", "small", "large")
@@ -237,14 +231,14 @@ def _router_lower(
         )
     if gate is None or len(gate) == 0:  # no real crops here: at least the scores must stay finite
         x = np.random.default_rng(0).standard_normal((8, 3, card.input_height, card.input_width)).astype(np.float32)
-        if not np.isfinite(run_ort(ort_session(stage / out), x)).all():
+        if not np.isfinite(run_session(open_session(stage / out), x)).all():
             raise DynPoseError(f"{precision} check failed for {card.name}: NaN/inf in the router scores")
         log(
             f"[yellow]warning[/]: {card.name}: no real crops to compare {precision} routing with fp32 "
             "(set DYNPOSE_VERIFY_COCO or pass --gate-ann)"
         )
         return out, {**checks, f"{precision}_finite": True, **_speed_check(src, stage / out, x, precision, card.name, log)}
-    a = router_agreement(run_ort(ort_session(stage / out), gate.x), run_ort(ort_session(src), gate.x), route)
+    a = router_agreement(run_session(open_session(stage / out), gate.x), run_session(open_session(src), gate.x), route)
     if not a["finite"]:
         raise DynPoseError(f"{precision} check failed for {card.name}: NaN/inf in the router scores on real crops")
     checks.update(
@@ -302,8 +296,8 @@ def _lower_precision(
         info = convert_fp16(src, stage / out, real.x if real is not None else None)
         checks: dict[str, Any] = dict(info)
         if real is not None:
-            ref = run_ort(ort_session(src), real.x)
-            got = run_ort(ort_session(stage / out), real.x)
+            ref = run_session(open_session(src), real.x)
+            got = run_session(open_session(stage / out), real.x)
             agree = keypoint_agreement(got, ref, real, card)
             if not agree["finite"]:
                 raise DynPoseError(f"fp16 check failed for {card.name}: NaN/inf in the outputs on real crops")
@@ -322,7 +316,7 @@ def _lower_precision(
                 )
         else:  # no real crops here: at least the outputs must stay finite
             x = np.random.default_rng(0).standard_normal((2, 3, card.input_height, card.input_width)).astype(np.float32)
-            if not np.isfinite(run_ort(ort_session(stage / out), x)).all():
+            if not np.isfinite(run_session(open_session(stage / out), x)).all():
                 raise DynPoseError(f"fp16 check failed for {card.name}: NaN/inf in the outputs")
             checks["fp16_finite"] = True
         return out, checks
@@ -348,10 +342,8 @@ def _lower_precision(
 def _tensorrt_entry(
     stage: Path, engine_dir: Path, onnx_entry: Entry, opt_batch: int | None, opt_level: int, log: Log, progress: bool
 ) -> Entry:
-    try:
-        from dynpose.engines.tensorrt_build import build_engine
-    except ImportError:
-        raise DynPoseError("--format tensorrt: dynpose.engines.tensorrt_build is not available in this install") from None
+    from dynpose.runtime.backends.tensorrt.builder import build_engine
+
     plan = f"{onnx_entry.role}.plan"
     log(f"{onnx_entry.model}: building a TensorRT plan from {onnx_entry.file}")
     info = build_engine(
@@ -409,7 +401,8 @@ def _finish(
     file, checks = _lower_precision(
         stage, role, card, fp32_file, precision, fmt, calib, min_oks, real, engine_dir, log, progress, router_weights
     )
-    in_name, out_name = io_names(onnx.load(str(stage / file), load_external_data=False))
+    in_name, out_names = io_names(onnx.load(str(stage / file), load_external_data=False))
+    out_name = out_names[0]
     entry = Entry(
         role=role,
         model=model_name,

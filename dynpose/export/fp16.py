@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from dynpose.export.onnx_export import copy_metadata, load_onnx, name_nodes
+from dynpose.onnx_utils import copy_metadata, load_onnx, name_nodes, open_session
 
 # Half of fp16's largest finite value: leaves room for the next op (an Add of two such tensors) not to overflow.
 OVERFLOW = 32000.0
@@ -37,8 +37,6 @@ OP_BLOCK_LIST = [
 
 def overflowing_nodes(model: onnx.ModelProto, x: np.ndarray, limit: float = OVERFLOW) -> list[str]:
     """Names of nodes whose float outputs exceed `limit` in magnitude on the input batch `x`."""
-    from dynpose.export.verify import ort_session
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
     name_nodes(m)
@@ -52,7 +50,7 @@ def overflowing_nodes(model: onnx.ModelProto, x: np.ndarray, limit: float = OVER
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "all_outputs.onnx"
         onnx.save(m, str(p))
-        sess = ort_session(p)
+        sess = open_session(p)
         names = [o.name for o in sess.get_outputs()]
         outs = sess.run(names, {sess.get_inputs()[0].name: x.astype(np.float32)})
     bad = set()

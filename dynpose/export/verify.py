@@ -14,40 +14,9 @@ import numpy as np
 
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
+from dynpose.onnx_utils import open_session, rel_l2, run_session
 
 FP32_TOL = 1e-4
-
-
-def rel_l2(test: np.ndarray, ref: np.ndarray) -> float:
-    """||test - ref|| / ||ref|| (0 when both are zero)."""
-    ref = np.asarray(ref, np.float64)
-    num = float(np.linalg.norm(np.asarray(test, np.float64) - ref))
-    den = float(np.linalg.norm(ref))
-    return num / den if den > 0 else num
-
-
-def ort_session(path: str | os.PathLike, threads: int = 0) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DynPoseError(f"ONNX model {path}: ONNX Runtime cannot load it ({first})") from None
-
-
-def run_ort(sess: Any, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    """First output of `sess` on `x`, fed `batch` crops at a time."""
-    name = sess.get_inputs()[0].name
-    out_name = sess.get_outputs()[0].name
-    parts = [
-        sess.run([out_name], {name: np.ascontiguousarray(x[i : i + batch], np.float32)})[0] for i in range(0, len(x), batch)
-    ]
-    return np.concatenate(parts).astype(np.float32)
 
 
 def decode_keypoints(heatmaps: np.ndarray, centers: np.ndarray, scales: np.ndarray, card: ModelCard) -> np.ndarray:
@@ -124,7 +93,7 @@ def verify_torch_vs_onnx(
     """ONNX Runtime vs PyTorch at batch 1 and 5 on random crops and (when given) real crops; raises above `tol`."""
     import torch
 
-    sess = ort_session(onnx_path)
+    sess = open_session(onnx_path)
     rng = np.random.default_rng(seed)
     sets = {"random": rng.standard_normal((5, 3, card.input_height, card.input_width)).astype(np.float32)}
     if real is not None and len(real):
@@ -135,7 +104,7 @@ def verify_torch_vs_onnx(
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
         for bs in (1, 5):
-            got = run_ort(sess, x[:bs], batch=bs)
+            got = run_session(sess, x[:bs], batch=bs)
             err = rel_l2(got, ref[:bs])
             checks[f"fp32_rel_l2_{kind}_b{bs}"] = err
             if not np.isfinite(err) or err > tol:
@@ -149,7 +118,7 @@ def verify_torch_vs_onnx(
 
 def verify_onnx_batches(onnx_path: str | os.PathLike, card: ModelCard, real: Any | None) -> dict[str, Any]:
     """For a user's ONNX: batch 5 must equal five batch-1 runs (dynamic batch works) and outputs be finite."""
-    sess = ort_session(onnx_path)
+    sess = open_session(onnx_path)
     shape = sess.get_inputs()[0].shape
     if len(shape) != 4 or list(shape[1:]) != [3, card.input_height, card.input_width]:
         raise DynPoseError(
@@ -162,11 +131,11 @@ def verify_onnx_batches(onnx_path: str | os.PathLike, card: ModelCard, real: Any
         else np.random.default_rng(0).standard_normal((5, 3, card.input_height, card.input_width)).astype(np.float32)
     )
     try:
-        big = run_ort(sess, x, batch=5)
+        big = run_session(sess, x, batch=5)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DynPoseError(f"ONNX model {onnx_path}: batch 5 fails ({first}); export it with a dynamic batch axis") from None
-    ones = run_ort(sess, x, batch=1)
+    ones = run_session(sess, x, batch=1)
     if not np.isfinite(big).all():
         raise DynPoseError(f"ONNX model {onnx_path}: outputs contain NaN/inf on real crops")
     err = rel_l2(big, ones)

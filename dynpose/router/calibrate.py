@@ -128,20 +128,17 @@ def router_scores(
     engine_dir: str | os.PathLike, crops: Crops, *, backend: str = "ort", device: str = "cpu", chunk: int = 64
 ) -> np.ndarray:
     """(N,3) scores of the engine dir's router on the crops (chunked so memory stays flat)."""
-    from dynpose.runtime.backends import BACKEND_FORMAT, load_runner
-    from dynpose.runtime.preprocess import normalize
+    from dynpose.runtime.engine_set import EngineSet
 
-    manifest = Manifest.load(engine_dir)
-    entry = manifest.require("router", BACKEND_FORMAT.get(backend), engine_dir)
-    images = router_crops(crops, entry.card)
-    parts = []
-    with load_runner(backend, engine_dir, entry, device) as runner:
-        for a in range(0, len(images), chunk):
-            parts.append(runner.infer(normalize(images[np.arange(a, min(a + chunk, len(images)))], entry.card)))
-    scores = np.concatenate(parts, axis=0)
-    if scores.ndim != 2 or scores.shape[1] < 2:
-        raise DynPoseError(f"engine dir {engine_dir}: router output has shape {scores.shape}, expected (N,3)")
-    return scores
+    with EngineSet.load(engine_dir, backend, device, roles=("router",)) as engines:
+        router = engines.router
+        assert router is not None
+        images = router_crops(crops, router.card)
+        parts = [
+            router.scores(router.inputs(images[np.arange(a, min(a + chunk, len(images)))]))
+            for a in range(0, len(images), chunk)
+        ]
+    return np.concatenate(parts, axis=0)
 
 
 def calibrate(

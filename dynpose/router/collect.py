@@ -1,8 +1,8 @@
 """Per-crop outputs of the engine dir's small and large pose models on ground-truth boxes, cached.
 
 For every annotated (non-crowd, >= 1 labelled keypoint) person: crop the box for each model at that model's own
-input size (`dispatcher.crop_boxes` with its card, as the runtime crops), run the model (any backend), decode the
-keypoints to image pixels (`decode.decode_heatmaps`), and record each model's OKS against the ground truth and its
+input size and run it (the runtime's own `PoseModel` handles from `EngineSet.load`, any backend), decode the
+keypoints to image pixels, and record each model's OKS against the ground truth and its
 per-joint normalised distances (`targets.joint_distances`, normalised by the large model's crop size). Running the
 pose models is the expensive part of router training, so the arrays are cached in an npz keyed by a hash of what
 determines them: the small and large entries' sha256 (the exact files), the backend, the annotation file's sha256
@@ -29,8 +29,7 @@ from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.router.targets import crop_error, joint_distances
-from dynpose.runtime.dispatcher import crop_boxes
-from dynpose.runtime.preprocess import box_to_center_scale, to_model_colors, warp_matrix
+from dynpose.runtime.preprocess import box_to_center_scale, crop
 
 CACHE_VERSION = 1
 CACHE_DIRNAME = "cache"  # inside the engine dir unless --cache-dir says otherwise
@@ -154,16 +153,6 @@ def cache_key(
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def _run_pose(runner: Any, card: ModelCard, image_bgr: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints (M,K,3) in image pixels and the crop sizes (M,2) of one model on one image's boxes."""
-    from dynpose.runtime.decode import decode_heatmaps
-
-    centers, scales = box_to_center_scale(boxes, card.aspect_ratio, card.padding)
-    batch = crop_boxes([image_bgr], np.zeros(len(boxes), dtype=np.int64), centers, scales, card)
-    heatmaps = runner.infer(batch)
-    return decode_heatmaps(heatmaps, centers, scales, card), scales
-
-
 def collect_outputs(
     engine_dir: str | os.PathLike,
     ann_path: str | os.PathLike,
@@ -177,7 +166,7 @@ def collect_outputs(
     progress: bool = True,
 ) -> tuple[CropOutputs, Crops]:
     """Run the engine dir's small and large models on every ground-truth crop (or load the cached result)."""
-    from dynpose.runtime.backends import load_runner
+    from dynpose.runtime.engine_set import EngineSet
     from dynpose.runtime.postprocess import oks
 
     manifest = Manifest.load(engine_dir)
@@ -211,10 +200,12 @@ def collect_outputs(
 
         bar = tqdm(total=len(crops.paths), desc="run small + large", unit="img", leave=False)
     try:
-        with load_runner(backend, engine_dir, small, device) as rs, load_runner(backend, engine_dir, large, device) as rl:
+        with EngineSet.load(engine_dir, backend, device, roles=("small", "large")) as engines:
+            ms, ml = engines.pose_models
             for _, img, idx in crops.by_image():
-                kp_s[idx], _ = _run_pose(rs, small.card, img, crops.boxes[idx])
-                kp_l[idx], crop_wh[idx] = _run_pose(rl, large.card, img, crops.boxes[idx])
+                kp_s[idx] = ms(img, crops.boxes[idx])
+                kp_l[idx] = ml(img, crops.boxes[idx])
+                crop_wh[idx] = ml.geometry(crops.boxes[idx])[1]
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -268,10 +259,9 @@ class LazyRouterCrops:
         out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
         ids = self.crops.image_ids[idx]
         for iid in dict.fromkeys(ids.tolist()):
+            js = np.flatnonzero(ids == iid)
             img = _read_image(self.crops.paths[iid])
-            img = np.ascontiguousarray(to_model_colors(img, self.card))
-            for j in np.flatnonzero(ids == iid):
-                out[j] = _warp(img, self.centers[idx[j]], self.scales[idx[j]], self.card)
+            out[js] = crop([img], np.zeros(len(js), np.int64), self.centers[idx[js]], self.scales[idx[js]], self.card)
         return out
 
 
@@ -282,22 +272,15 @@ def _read_image(path: Path) -> np.ndarray:
     return img
 
 
-def _warp(img: np.ndarray, center: np.ndarray, scale: np.ndarray, card: ModelCard) -> np.ndarray:
-    # warp_matrix, as the runtime's crop_boxes: the router trains on the exact pixels it is fed at run time
-    w, h = card.input_size
-    return cv2.warpAffine(img, warp_matrix(center, scale, card), (w, h), flags=cv2.INTER_LINEAR)
-
-
 def router_crops(crops: Crops, card: ModelCard, max_bytes: int = ROUTER_CROPS_IN_MEMORY) -> np.ndarray | LazyRouterCrops:
-    """(N,H,W,3) uint8 crops at the router's input size, in its colour order (normalised later, per batch): an
-    array when they fit in `max_bytes`, else a `LazyRouterCrops` that cuts them per batch."""
+    """(N,H,W,3) uint8 crops at the router's input size, in its colour order (normalised later, per batch), made
+    with the runtime's own crop primitive so the router trains on the exact pixels it is fed at run time: an array
+    when they fit in `max_bytes`, else a `LazyRouterCrops` that cuts them per batch."""
     w, h = card.input_size
     if len(crops) * h * w * 3 > max_bytes:
         return LazyRouterCrops(crops, card)
     out = np.empty((len(crops), h, w, 3), dtype=np.uint8)
     centers, scales = box_to_center_scale(crops.boxes, card.aspect_ratio, card.padding)
     for _, img, idx in crops.by_image():
-        img = np.ascontiguousarray(to_model_colors(img, card))
-        for i in idx:
-            out[i] = _warp(img, centers[i], scales[i], card)
+        out[idx] = crop([img], np.zeros(len(idx), np.int64), centers[idx], scales[idx], card)
     return out

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from dynpose.errors import DynPoseError
-from dynpose.runtime.backends.ort.runner import open_session
+from dynpose.onnx_utils import open_session
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255.0
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255.0
@@ -158,6 +158,8 @@ class OnnxDetector:
             raise DynPoseError(f"detector: expected an H x W x 3 BGR image, got shape {img.shape}")
         if img.dtype != np.uint8:
             img = np.clip(img, 0, 255).astype(np.uint8)
+        if self.session is None:
+            raise DynPoseError(f"detector {self.path}: closed")
         x, scale, offset = self.preprocess(img)
         boxes, scores = self._raw(x)
         boxes = (boxes - offset) * scale
@@ -171,3 +173,7 @@ class OnnxDetector:
         idx = nms(boxes, scores, self.iou_thr)
         b = boxes[idx]
         return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2], scores[idx, None]], axis=1).reshape(-1, 5)
+
+    def close(self) -> None:
+        """Release the ONNX Runtime session (later calls fail with a DynPoseError)."""
+        self.session = None  # type: ignore[assignment]

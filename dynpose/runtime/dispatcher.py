@@ -12,27 +12,24 @@ One call takes the boxes of one frame or of many (a micro-batch) and does, in th
 
 Each model has its own single worker thread (`ThreadPoolExecutor(max_workers=1)`): on CPU the two ONNX Runtime
 sessions then run in parallel on their own share of the cores; GPU runners each own a CUDA stream, so the two
-workers' launches overlap on the device. Each call records its workers' start/end times (`time.perf_counter`) so
-overlap can be shown, and how many crops went to each model.
+workers' launches overlap on the device. Each call records its models' inference spans (start/end as the runners
+timed them) so overlap can be shown, and how many crops went to each model.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 
-import cv2
 import numpy as np
 
+from dynpose.engines.manifest import DEFAULT_ROUTE
 from dynpose.errors import DynPoseError
-from dynpose.models.card import ModelCard
 from dynpose.runtime.backends.base import Runner
-from dynpose.runtime.decode import average_flip, decode_heatmaps
+from dynpose.runtime.model import PoseModel, Router
 from dynpose.runtime.policy import Policy, parse_policy
-from dynpose.runtime.preprocess import box_to_center_scale, normalize, warp_matrix
 
 MODELS = ("small", "large")
 
@@ -74,35 +71,6 @@ class DispatchResult:
         return [slice(int(bounds[i]), int(bounds[i + 1])) for i in range(num_frames)]
 
 
-def same_crop(a: ModelCard, b: ModelCard) -> bool:
-    """Two models see identical input tensors for a box, so one crop serves both."""
-    return (
-        a.input_size == b.input_size
-        and a.color_order == b.color_order
-        and a.mean == b.mean
-        and a.std == b.std
-        and a.padding == b.padding
-        and (a.decoder == "udp") == (b.decoder == "udp")
-    )
-
-
-def crop_boxes(
-    images: Sequence[np.ndarray], frame_index: np.ndarray, centers: np.ndarray, scales: np.ndarray, card: ModelCard
-) -> np.ndarray:
-    """Warp each box of its BGR frame to the card's input size and normalise -> (n,3,H,W) fp32.
-
-    Warping is per channel, so the BGR frame is warped as is and only the small crops are put into the card's
-    colour order (cheaper than converting whole frames, and no full-frame copy per model)."""
-    w, h = card.input_size
-    out = np.empty((len(centers), h, w, 3), dtype=np.uint8)
-    for j in range(len(centers)):
-        m = warp_matrix(centers[j], scales[j], card)
-        out[j] = cv2.warpAffine(images[frame_index[j]], m, (w, h), flags=cv2.INTER_LINEAR)
-    if card.color_order == "rgb":
-        out = out[..., ::-1]
-    return normalize(out, card)
-
-
 def _xywh(boxes: np.ndarray) -> np.ndarray:
     b = np.asarray(boxes, dtype=np.float64)
     if b.size == 0:
@@ -112,47 +80,69 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
     return b[:, :4]
 
 
-class Dispatcher:
-    """Router + policy + small and large runners, each pose model on its own worker thread.
+def _check_images(images: Sequence[np.ndarray]) -> None:
+    for i, im in enumerate(images):
+        if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            what = f"{im.dtype} {im.shape}" if isinstance(im, np.ndarray) else type(im).__name__
+            raise DynPoseError(f"dispatcher: image {i} must be an H x W x 3 uint8 BGR array, got {what}")
 
-    The dispatcher owns its worker threads (closed by `close()`), not the runners: whoever loaded them closes them.
-    Calls are thread-safe: concurrent calls queue on the per-model workers and never share mutable state.
+
+def _span(model: str, runner: Runner, count: int) -> WorkerSpan:
+    start, end = runner.last_inference or (0.0, 0.0)
+    return WorkerSpan(model, start, end, count)
+
+
+@dataclass
+class _Call:
+    """One `run`'s inputs and its growing result."""
+
+    images: Sequence[np.ndarray]
+    frame_index: np.ndarray
+    boxes: np.ndarray
+    res: DispatchResult
+    geometry: dict[str, tuple[np.ndarray, np.ndarray]]
+    router_x: np.ndarray | None = None  # the router's normalised crops, kept when they can serve the large model
+
+
+class Dispatcher:
+    """Router + policy + small and large pose models, each pose model on its own worker thread.
+
+    The dispatcher owns its worker threads (closed by `close()`), not the models' runners: whoever loaded them
+    (an `EngineSet`) closes them. Calls are thread-safe: concurrent calls queue on the per-model workers and never
+    share mutable state. A call's boxes are worked through in windows of the models' max batch, so memory stays
+    bounded whatever the number of boxes; the routing policy still sees all of them at once.
     """
 
     def __init__(
         self,
-        small: Runner,
-        large: Runner,
-        small_card: ModelCard,
-        large_card: ModelCard,
-        router: Runner | None = None,
-        router_card: ModelCard | None = None,
-        policy: str | Policy = "band:0.59,0.69",
+        small: PoseModel,
+        large: PoseModel,
+        router: Router | None = None,
+        policy: str | Policy = DEFAULT_ROUTE,
         flip: bool = False,
     ) -> None:
         self.policy = parse_policy(policy)
-        if self.policy.needs_router and (router is None or router_card is None):
+        if self.policy.needs_router and router is None:
             raise DynPoseError(
                 f"routing policy {self.policy} needs the router, but none was loaded; export a router into the engine "
                 "dir or use a router-free policy (all-small, all-large, box:AREA)"
             )
-        if small_card.keypoints != large_card.keypoints:
+        if small.card.keypoints != large.card.keypoints:
             raise DynPoseError(
-                f"small model {small_card.name!r} predicts {small_card.keypoints} but large model {large_card.name!r} "
-                f"predicts {large_card.keypoints}; both must use the same keypoint set"
+                f"small model {small.card.name!r} predicts {small.card.keypoints} but large model {large.card.name!r} "
+                f"predicts {large.card.keypoints}; both must use the same keypoint set"
             )
-        self.runners = {"small": small, "large": large}
-        self.cards = {"small": small_card, "large": large_card}
-        self.router, self.router_card = router, router_card
+        self.models = {"small": small, "large": large}
+        self.router = router
         self.flip = flip
-        self.flip_index = large_card.keypoint_set.flip_index()
-        self.reuse_router_crop = router_card is not None and same_crop(router_card, large_card)
+        self.reuse_router_crop = router is not None and router.same_crop(large)
+        self.window = max(small.runner.max_batch, large.runner.max_batch)
         self._workers = {m: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dynpose-{m}") for m in MODELS}
         self._closed = False
 
     @property
     def keypoint_set(self) -> str:
-        return self.cards["large"].keypoints
+        return self.models["large"].card.keypoints
 
     # -- one call --------------------------------------------------------------------------------------------------
     def __call__(self, image_bgr: np.ndarray, boxes_xywh: np.ndarray) -> DispatchResult:
@@ -166,16 +156,24 @@ class Dispatcher:
             raise DynPoseError("dispatcher is closed")
         if len(images) != len(boxes):
             raise DynPoseError(f"dispatcher: {len(images)} images but {len(boxes)} box arrays")
-        for i, im in enumerate(images):
-            if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
-                what = f"{im.dtype} {im.shape}" if isinstance(im, np.ndarray) else type(im).__name__
-                raise DynPoseError(f"dispatcher: image {i} must be an H x W x 3 uint8 BGR array, got {what}")
+        _check_images(images)
         parts = [_xywh(b) for b in boxes]
         frame_index = np.repeat(np.arange(len(parts), dtype=np.int64), [len(b) for b in parts])
         all_boxes = np.concatenate(parts) if parts else np.zeros((0, 4))
-        n = len(all_boxes)
-        k = self.cards["large"].keypoint_set.num
-        res = DispatchResult(
+        call = _Call(images, frame_index, all_boxes, self._empty_result(len(all_boxes), frame_index), {})
+        if len(all_boxes) == 0:
+            return call.res
+        call.geometry = {m: model.geometry(all_boxes) for m, model in self.models.items()}
+        scores = self._route_scores(call) if self.policy.needs_router else None
+        decision = self.policy.decide(scores, all_boxes)
+        call.res.large[:] = decision.large
+        call.res.nan_scores = decision.nan
+        self._run_pose(call)
+        return call.res
+
+    def _empty_result(self, n: int, frame_index: np.ndarray) -> DispatchResult:
+        k = self.models["large"].card.keypoint_set.num
+        return DispatchResult(
             keypoints=np.zeros((n, k, 3), dtype=np.float32),
             large=np.zeros(n, dtype=bool),
             router_scores=np.full(n, np.nan, dtype=np.float32),
@@ -183,62 +181,73 @@ class Dispatcher:
             scales=np.zeros((n, 2)),
             frame_index=frame_index,
         )
-        if n == 0:
-            return res
 
-        geometry = {m: box_to_center_scale(all_boxes, c.aspect_ratio, c.padding) for m, c in self.cards.items()}
-        router_crops = None
-        scores = None
-        if self.policy.needs_router:
-            assert self.router is not None and self.router_card is not None
-            rc, rs = (
-                geometry["large"]
-                if self.reuse_router_crop
-                else box_to_center_scale(all_boxes, self.router_card.aspect_ratio, self.router_card.padding)
-            )
-            router_crops = crop_boxes(images, frame_index, rc, rs, self.router_card)
-            t0 = time.perf_counter()
-            scores = self.router.infer(router_crops)
-            res.spans.append(WorkerSpan("router", t0, time.perf_counter(), n))
-            res.router_scores[:] = scores[:, 1]
-        decision = self.policy.decide(scores, all_boxes)
-        res.large[:] = decision.large
-        res.nan_scores = decision.nan
+    def _route_scores(self, call: _Call) -> np.ndarray:
+        """Router scores of every box, a window at a time (its crops are kept for the large model when the whole
+        call is one window and the two crop alike)."""
+        router = self.router
+        assert router is not None
+        n = len(call.boxes)
+        rc, rs = call.geometry["large"] if self.reuse_router_crop else router.geometry(call.boxes)
+        parts = []
+        for a in range(0, n, router.runner.max_batch):
+            sl = slice(a, min(a + router.runner.max_batch, n))
+            x = router.inputs(router.crop(call.images, call.frame_index[sl], rc[sl], rs[sl]))
+            parts.append(router.scores(x))
+            call.res.spans.append(_span("router", router.runner, len(x)))
+            if self.reuse_router_crop and n <= self.window:
+                call.router_x = x
+        scores = np.concatenate(parts)
+        call.res.router_scores[:] = scores[:, 1]
+        return scores
 
+    def _run_pose(self, call: _Call) -> None:
+        """Crop and submit each window's boxes to their model's worker; crop the next window while the workers run
+        this one, then collect it (at most two windows of crops in memory)."""
+        n = len(call.boxes)
+        pending: list[list[tuple[np.ndarray, Future]]] = []
+        for a in range(0, n, self.window):
+            pending.append(self._submit_window(call, np.arange(a, min(a + self.window, n))))
+            if len(pending) > 1:
+                self._collect(call, pending.pop(0))
+        for p in pending:
+            self._collect(call, p)
+
+    def _submit_window(self, call: _Call, window: np.ndarray) -> list[tuple[np.ndarray, Future]]:
+        res = call.res
         # Large first when its crops are free (reused from the router), otherwise small first: the first model
         # submitted runs while the second one's crops are made.
-        order = ("large", "small") if self.reuse_router_crop and router_crops is not None else ("small", "large")
-        futures: dict[str, tuple[np.ndarray, Future]] = {}
+        order = ("large", "small") if call.router_x is not None else ("small", "large")
+        futures = []
         for m in order:
-            idx = np.flatnonzero(res.large if m == "large" else ~res.large)
+            idx = window[res.large[window]] if m == "large" else window[~res.large[window]]
             if idx.size == 0:
                 continue
-            centers, scales = geometry[m][0][idx], geometry[m][1][idx]
+            model = self.models[m]
+            centers, scales = call.geometry[m][0][idx], call.geometry[m][1][idx]
             res.centers[idx], res.scales[idx] = centers, scales
-            if m == "large" and self.reuse_router_crop and router_crops is not None:
-                batch = router_crops[idx]
+            if m == "large" and call.router_x is not None:
+                x = call.router_x[idx]
             else:
-                batch = crop_boxes(images, frame_index[idx], centers, scales, self.cards[m])
-            futures[m] = (idx, self._workers[m].submit(self._work, m, batch, centers, scales))
-        for idx, fut in futures.values():
-            kps, span = fut.result()
-            res.keypoints[idx] = kps
-            res.spans.append(span)
-        return res
+                x = model.inputs(model.crop(call.images, call.frame_index[idx], centers, scales))
+            try:
+                fut = self._workers[m].submit(self._work, m, x, centers, scales)
+            except RuntimeError:  # the executor was shut down by a concurrent close()
+                raise DynPoseError("dispatcher is closed") from None
+            futures.append((idx, fut))
+        return futures
 
-    def _work(self, model: str, batch: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, WorkerSpan]:
+    def _collect(self, call: _Call, futures: list[tuple[np.ndarray, Future]]) -> None:
+        for idx, fut in futures:
+            kps, span = fut.result()
+            call.res.keypoints[idx] = kps
+            call.res.spans.append(span)
+
+    def _work(self, m: str, x: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, WorkerSpan]:
         """Runs on the model's worker thread: infer (and the mirrored batch), then decode to image pixels."""
-        t0 = time.perf_counter()
-        runner, card = self.runners[model], self.cards[model]
-        n = len(batch)
-        if self.flip:
-            # One call for both passes: a GPU gets one bigger batch, and the runner splits it if over max_batch.
-            out = runner.infer(np.concatenate([batch, batch[..., ::-1]]))
-            heatmaps = average_flip(out[:n], out[n:], self.flip_index, shift=card.decoder != "udp")
-        else:
-            heatmaps = runner.infer(batch)
-        kps = decode_heatmaps(heatmaps, centers, scales, card)
-        return np.asarray(kps, dtype=np.float32), WorkerSpan(model, t0, time.perf_counter(), n)
+        model = self.models[m]
+        kps = model.decode(model.infer(x, self.flip), centers, scales)
+        return kps, _span(m, model.runner, len(x))
 
     # -- lifetime --------------------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -13,18 +13,16 @@ from __future__ import annotations
 import os
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from dynpose.errors import DynPoseError
-from dynpose.runtime.backends import BACKEND_FORMAT, BACKENDS, Runner, load_runner
 from dynpose.runtime.dispatcher import Dispatcher, DispatchResult
+from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.policy import parse_policy
 
 # Official HRNet / MMPose evaluation settings.
@@ -123,36 +121,6 @@ def _check_image(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _ort_device(device: str) -> str:
-    """Where ONNX Runtime can run a helper model (router fallback, detector): the GPU if this ORT has CUDA."""
-    if device != "cuda":
-        return "cpu"
-    import onnxruntime as ort
-
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-
-
-def _pick_entry(manifest: Any, engine_dir: Path, role: str, backend: str, device: str) -> tuple[Any, str, str]:
-    """(entry, backend, device) for a role: the entry in the backend's own format. Only the router, which is cheap,
-    may fall back to its ONNX run by ONNX Runtime (a TensorRT engine dir whose router has no plan still runs), on
-    the GPU when ORT has CUDA, else on the CPU; a pose model missing in the asked format is an error."""
-    fmt = BACKEND_FORMAT[backend]
-    entry = manifest.get(role, fmt)
-    if entry is not None:
-        return entry, backend, device
-    onnx_entry = manifest.get(role, "onnx")
-    if role != "router" or onnx_entry is None:
-        have = sorted({e.format for e in manifest.entries if e.role == role})
-        raise DynPoseError(
-            f"engine dir {engine_dir}: no {fmt} '{role}' entry for --backend {backend} (it has: {', '.join(have) or 'none'})"
-            f"; export the {role} model for that backend with dynpose-export, or pick the backend that runs what is "
-            "there (onnx: --backend ort, tensorrt: --backend tensorrt, torch: --backend torch)"
-        )
-    dev = _ort_device(device)
-    warnings.warn(f"router: no {fmt} entry in {engine_dir}; running its ONNX with ONNX Runtime on {dev}", stacklevel=3)
-    return onnx_entry, "ort", dev
-
-
 @dataclass
 class _Prepared:
     image: np.ndarray
@@ -162,109 +130,83 @@ class _Prepared:
 
 
 class Pipeline:
-    """Detector (optional) + Dispatcher + rescoring and OKS-NMS. Thread-safe; close it (or use `with`)."""
+    """Detector (optional) + Dispatcher + rescoring and OKS-NMS. Thread-safe; close it (or use `with`).
+
+    Build one with `Pipeline.from_engine_dir(...)` (it then owns the opened `EngineSet`), or from models you opened:
+    `Pipeline(Dispatcher(small, large, router, policy), detector=...)` (you close the models)."""
 
     def __init__(
         self,
         dispatcher: Dispatcher,
         detector: Any = None,
         max_batch: int = 64,
-        owned: Sequence[Runner] = (),
+        engines: EngineSet | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.detector = detector
         self.max_batch = max_batch
-        self.keypoint_set = dispatcher.cards["large"].keypoint_set
+        self.keypoint_set = dispatcher.models["large"].card.keypoint_set
+        self.engines = engines
         self.info = info or {}
         self.stats = RunStats()
-        self._owned = list(owned)
         self._lock = threading.Lock()
         self._closed = False
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod
+    def from_engine_set(
+        cls, engines: EngineSet, route: str | None = None, flip: bool = False, max_batch: int = 64, own: bool = False
+    ) -> Pipeline:
+        """A pipeline over opened models. route: a policy string (`band:LO,HI`, `threshold:T`, `fraction:F`,
+        `all-small`, `all-large`, `box:AREA`); None takes the manifest's. own: close `engines` with the pipeline."""
+        policy = parse_policy(route if route is not None else engines.manifest.route)
+        if policy.needs_router and engines.router is None:
+            raise DynPoseError(
+                f"engine dir {engines.engine_dir}: routing policy {policy} needs a router but the manifest has none; "
+                "export one (`dynpose-export --role router`) or pick --route all-large / all-small / box:AREA"
+            )
+        small, large = engines.pose_models
+        dispatcher = Dispatcher(
+            small, large, router=engines.router if policy.needs_router else None, policy=policy, flip=flip
+        )
+        info = {
+            "engine_dir": str(engines.engine_dir),
+            "backend": engines.backend,
+            "device": engines.device,
+            "route": str(policy),
+            "flip": flip,
+            "models": dict(engines.loaded),
+        }
+        return cls(dispatcher, detector=engines.detector, max_batch=max_batch, engines=engines if own else None, info=info)
+
+    @classmethod
     def from_engine_dir(
         cls,
         engine_dir: str | os.PathLike,
-        backend: str = "ort",
-        device: str = "cpu",
         route: str | None = None,
         flip: bool = False,
         max_batch: int = 64,
-        detector: str | os.PathLike | None = None,
-        det_score: float = 0.5,
-        det_iou: float = 0.5,
-        threads: int | None = None,
+        **load: Any,
     ) -> Pipeline:
-        """Load the router, small and large models of an engine dir (verified against its manifest).
+        """Load the router, small and large models (and detector) of an engine dir, verified against its manifest.
 
-        route: a policy string (`band:LO,HI`, `threshold:T`, `fraction:F`, `all-small`, `all-large`, `box:AREA`);
-        None takes the manifest's. detector: an ONNX detector file; None uses the manifest's detector entry if it
-        has one (otherwise boxes must be passed to each call). threads: CPU cores to share between the two pose
-        models (default: all).
-        """
+        route: the routing policy (None: the manifest's); the router is only opened when the policy reads it.
+        load: `EngineSet.load` options: backend ("ort" | "tensorrt" | "torch"), device ("cpu" | "cuda"), threads
+        (CPU cores to use, default all), detector (an ONNX detector file; default: the manifest's detector entry,
+        else boxes must be passed to each call), det_score, det_iou."""
         from dynpose.engines.manifest import Manifest
 
-        if backend not in BACKENDS:
-            raise DynPoseError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        engine_dir = Path(engine_dir)
-        manifest = Manifest.load(engine_dir, verify=True)
-        policy = parse_policy(route if route is not None else manifest.route)
+        if engine_dir is None:
+            raise DynPoseError("engine dir: none given; pass the folder dynpose-export wrote (e.g. engines/)")
+        policy = parse_policy(route if route is not None else Manifest.load(engine_dir, verify=False).route)
         roles = ["small", "large"] + (["router"] if policy.needs_router else [])
-        if policy.needs_router and manifest.get("router") is None:
-            raise DynPoseError(
-                f"engine dir {engine_dir}: routing policy {policy} needs a router but the manifest has none; export "
-                "one (`dynpose-export --role router`) or pick --route all-large / all-small / box:AREA"
-            )
-        cores = threads or os.cpu_count() or 1
-        runners: dict[str, Runner] = {}
-        cards: dict[str, Any] = {}
-        loaded: dict[str, str] = {}
+        engines = EngineSet.load(engine_dir, roles=roles, **load)
         try:
-            for role in roles:
-                entry, be, dev = _pick_entry(manifest, engine_dir, role, backend, device)
-                opts: dict[str, Any] = {}
-                if be == "ort" and dev == "cpu":
-                    # the two pose models run at once: each gets half the cores so they do not oversubscribe; the
-                    # router runs alone before them and gets all of them
-                    opts["intra_op_threads"] = cores if role == "router" else max(1, cores // 2)
-                runners[role] = load_runner(be, engine_dir, entry, dev, **opts)
-                cards[role] = entry.card
-                loaded[role] = f"{entry.model} ({entry.format}, {entry.precision}, {be} on {dev})"
-            dispatcher = Dispatcher(
-                small=runners["small"],
-                large=runners["large"],
-                small_card=cards["small"],
-                large_card=cards["large"],
-                router=runners.get("router"),
-                router_card=cards.get("router"),
-                policy=policy,
-                flip=flip,
-            )
-            det = None
-            det_path = Path(detector) if detector is not None else None
-            if det_path is None and manifest.get("detector") is not None:
-                det_path = engine_dir / manifest.require("detector").file
-            if det_path is not None:
-                from dynpose.runtime.detector import OnnxDetector
-
-                det_dev = _ort_device(device)
-                det = OnnxDetector(det_path, score_thr=det_score, iou_thr=det_iou, device=det_dev)
-                loaded["detector"] = f"{det_path} (ort on {det_dev})"
+            return cls.from_engine_set(engines, route=str(policy), flip=flip, max_batch=max_batch, own=True)
         except BaseException:
-            for r in runners.values():
-                r.close()
+            engines.close()
             raise
-        info = {
-            "engine_dir": str(engine_dir),
-            "backend": backend,
-            "device": device,
-            "route": str(policy),
-            "flip": flip,
-            "models": loaded,
-        }
-        return cls(dispatcher, detector=det, max_batch=max_batch, owned=list(runners.values()), info=info)
 
     # -- calls -----------------------------------------------------------------------------------------------------
     def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray | None = None, nms: bool | None = None) -> list[PersonPose]:
@@ -377,11 +319,8 @@ class Pipeline:
             return
         self._closed = True
         self.dispatcher.close()
-        for r in self._owned:
-            r.close()
-        close_det = getattr(self.detector, "close", None)
-        if callable(close_det):
-            close_det()
+        if self.engines is not None:
+            self.engines.close()
 
     def __enter__(self) -> Pipeline:
         return self

@@ -6,6 +6,8 @@ kept in pixels (MMPose 1.x) rather than the official code's pixels/200, which is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
@@ -94,8 +96,26 @@ def warp_matrix(center: np.ndarray, scale: np.ndarray, card: ModelCard) -> np.nd
 
 
 def to_model_colors(image_bgr: np.ndarray, card: ModelCard) -> np.ndarray:
-    """OpenCV images are BGR; convert once per image to the order the weights expect."""
+    """OpenCV images are BGR; a view in the order the weights expect."""
     return image_bgr[..., ::-1] if card.color_order == "rgb" else image_bgr
+
+
+def crop(
+    images: Sequence[np.ndarray], frame_index: np.ndarray, centers: np.ndarray, scales: np.ndarray, card: ModelCard
+) -> np.ndarray:
+    """The one crop primitive: box j of `images[frame_index[j]]` (uint8 BGR, as OpenCV reads it), given as
+    centre/scale in pixels, warped with the card's transform to its input size -> (n,H,W,3) uint8 in the card's
+    colour order.
+
+    Warping is per channel, so each BGR frame is warped as is and only the small crops are put into the card's
+    colour order (cheaper than converting whole frames, and no full-frame copy per model). uint8 out: the runtime
+    normalises it next (`normalize`), calibration and router training store it as it is."""
+    w, h = card.input_size
+    out = np.empty((len(centers), h, w, 3), dtype=np.uint8)
+    for j in range(len(centers)):
+        m = warp_matrix(centers[j], scales[j], card)
+        out[j] = cv2.warpAffine(images[int(frame_index[j])], m, (w, h), flags=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(out[..., ::-1]) if card.color_order == "rgb" else out
 
 
 def normalize(crops_hwc: np.ndarray, card: ModelCard) -> np.ndarray:
@@ -110,15 +130,3 @@ def normalize(crops_hwc: np.ndarray, card: ModelCard) -> np.ndarray:
     x -= mean
     x *= inv_std
     return x
-
-
-def crop_batch(image: np.ndarray, centers: np.ndarray, scales: np.ndarray, card: ModelCard) -> np.ndarray:
-    """Warp each (centre, scale) box of `image` (already in the card's colour order) to the card's input size and
-    normalise: returns an (N,3,H,W) fp32 batch."""
-    w, h = card.input_size
-    n = len(centers)
-    out = np.empty((n, h, w, 3), dtype=np.uint8 if image.dtype == np.uint8 else np.float32)
-    for i in range(n):
-        trans = warp_matrix(centers[i], scales[i], card)
-        out[i] = cv2.warpAffine(image, trans, (w, h), flags=cv2.INTER_LINEAR)
-    return normalize(out, card)

@@ -1,48 +1,45 @@
-"""Backends: one loader per runtime, picked by a plain if/elif so a reader sees every option in one place.
+"""Backends, one folder each (`ort/`, `tensorrt/`, `torch/`): that runtime's loader (and builder) beside its runner.
 
-Each backend's library is imported only when that backend is asked for, so `dynpose-run --backend ort` works on a
-machine without tensorrt or CUDA.
+`LOADERS` is the whole table: backend name -> the module and function that turn a manifest entry into a runner.
+Each backend's module is imported only when that backend is asked for, so `--backend ort` works on a machine
+without tensorrt or CUDA.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
 from dynpose.errors import DynPoseError
-from dynpose.runtime.backends.base import Runner
+from dynpose.runtime.backends.base import Runner, TensorMeta
 
 if TYPE_CHECKING:
     from dynpose.engines.manifest import Entry
 
-BACKENDS = ("ort", "tensorrt", "torch")
-# The manifest format each backend runs.
-BACKEND_FORMAT = {"ort": "onnx", "tensorrt": "tensorrt", "torch": "torch"}
+# backend -> (module, loader function, manifest format it runs)
+LOADERS: dict[str, tuple[str, str, str]] = {
+    "ort": ("dynpose.runtime.backends.ort", "load_ort", "onnx"),
+    "tensorrt": ("dynpose.runtime.backends.tensorrt", "load_trt", "tensorrt"),
+    "torch": ("dynpose.runtime.backends.torch", "load_torch", "torch"),
+}
+BACKENDS = tuple(LOADERS)
+BACKEND_FORMAT = {name: fmt for name, (_, _, fmt) in LOADERS.items()}
+
+
+def check_backend(backend: str) -> str:
+    if backend not in LOADERS:
+        raise DynPoseError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    return backend
 
 
 def load_runner(backend: str, engine_dir: str | os.PathLike, entry: Entry, device: str = "cpu", **opts: Any) -> Runner:
-    """Turn a manifest entry into a runner of the named backend. `opts` go to that backend's loader
-    (ort: intra_op_threads; torch: fp16; tensorrt: its own keywords)."""
-    if backend == "ort":
-        from dynpose.runtime.backends.ort import load_ort
-
-        return load_ort(engine_dir, entry, device=device, **opts)
-    elif backend == "tensorrt":
-        try:
-            from dynpose.runtime.backends.tensorrt import load_trt
-        except ImportError as e:
-            raise DynPoseError(
-                f"the tensorrt backend is not available here ({e}); install dynpose[gpu] on a CUDA machine or use "
-                "--backend ort"
-            ) from None
-        return load_trt(engine_dir, entry, device=device, **opts)
-    elif backend == "torch":
-        try:
-            from dynpose.runtime.backends.torch import load_torch
-        except ImportError as e:
-            raise DynPoseError(f"the torch backend is not available here ({e}); use --backend ort") from None
-        return load_torch(engine_dir, entry, device=device, **opts)
-    raise DynPoseError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    """Turn a manifest entry into an (inactive) runner of the named backend; activate it with `with` or
+    `.activate()`. `opts` go to that backend's loader (ort: intra_op_threads; torch: fp16; tensorrt: max_batch)."""
+    module, func, _ = LOADERS[check_backend(backend)]
+    loader = getattr(importlib.import_module(module), func)
+    runner: Runner = loader(engine_dir, entry, device=device, **opts)
+    return runner
 
 
-__all__ = ["BACKENDS", "BACKEND_FORMAT", "Runner", "load_runner"]
+__all__ = ["BACKENDS", "BACKEND_FORMAT", "LOADERS", "Runner", "TensorMeta", "check_backend", "load_runner"]

@@ -4,63 +4,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dynpose.errors import DynPoseError
-from dynpose.runtime.backends.base import Runner
+from dynpose.onnx_utils import open_session
+from dynpose.runtime.backends.base import Runner, TensorMeta
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
     from dynpose.engines.manifest import Entry
 
-
-def _providers(device: str) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise DynPoseError(
-                "ONNX Runtime has no CUDAExecutionProvider here; install onnxruntime-gpu (`pip install dynpose[gpu]`) "
-                "or use --device cpu"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "trt":
-        if "TensorrtExecutionProvider" not in available:
-            raise DynPoseError("ONNX Runtime has no TensorrtExecutionProvider here; use --device cuda or cpu")
-        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise DynPoseError(f"unknown device {device!r} for the ort backend; use cpu, cuda or trt")
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 
 
-def open_session(
-    path: Path, device: str = "cpu", intra_op_threads: int = 0, what: str = "ONNX model"
-) -> ort.InferenceSession:
-    """An `onnxruntime.InferenceSession` for `device`; a file ORT rejects is a one-line DynPoseError naming `what`.
-
-    intra_op_threads 0 lets ORT pick; the pipeline passes a share of the cores so the two pose models running at
-    once do not oversubscribe the CPU."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = intra_op_threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=_providers(device))
-    except DynPoseError:
-        raise
-    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DynPoseError(f"{what} {path}: ONNX Runtime cannot load it ({first})") from None
+def _meta(arg: Any) -> TensorMeta:
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in arg.shape)
+    return TensorMeta(arg.name, shape, _ORT_DTYPES.get(arg.type, arg.type))
 
 
 class OrtRunner(Runner):
-    """One InferenceSession. ORT sessions are safe to call from several threads, so no lock is taken."""
+    """One InferenceSession (made on activate). ORT sessions are safe to call from several threads."""
 
     def __init__(
         self,
@@ -70,32 +36,38 @@ class OrtRunner(Runner):
         intra_op_threads: int = 0,
         name: str | None = None,
     ) -> None:
-        super().__init__()
         path = Path(path)
+        super().__init__(name or path.stem, max_batch)
         if not path.is_file():
             raise DynPoseError(f"ONNX model {path}: file not found")
-        self.session = open_session(path, device, intra_op_threads)
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1:
-            raise DynPoseError(f"ONNX model {path}: expected one input, found {[i.name for i in inputs]}")
-        self.input_name = inputs[0].name
-        self.output_name = outputs[0].name
-        self.input_shape = inputs[0].shape
-        self.max_batch = max_batch
-        self.name = name or path.stem
         self.path = path
+        self.device = device
+        self.intra_op_threads = intra_op_threads
+        self.session: ort.InferenceSession | None = None
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run([self.output_name], {self.input_name: batch})
-        return np.asarray(out, dtype=np.float32)
+    def _activate(self) -> None:
+        sess = open_session(self.path, self.device, self.intra_op_threads)
+        if len(sess.get_inputs()) != 1:
+            raise DynPoseError(f"ONNX model {self.path}: expected one input, found {[i.name for i in sess.get_inputs()]}")
+        self.session = sess
+        self._input = sess.get_inputs()[0].name
+        self._outputs = [o.name for o in sess.get_outputs()]
 
-    def close(self) -> None:
-        super().close()
-        self.session = None  # type: ignore[assignment]
+    def _deactivate(self) -> None:
+        self.session = None
+
+    def _input_metadata(self) -> TensorMeta:
+        assert self.session is not None
+        return _meta(self.session.get_inputs()[0])
+
+    def _infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        assert self.session is not None
+        outs = self.session.run(self._outputs, {self._input: batch})
+        return [np.asarray(o, dtype=np.float32) for o in outs]
 
 
 def load_ort(engine_dir: str | os.PathLike, entry: Entry, device: str = "cpu", intra_op_threads: int = 0) -> OrtRunner:
-    """Loader: a manifest entry (format onnx) -> runner."""
+    """Loader: a manifest entry (format onnx) -> an inactive runner."""
     if entry.format != "onnx":
         raise DynPoseError(f"{entry.role}: the ort backend runs ONNX files, this entry is {entry.format}")
     return OrtRunner(

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dynpose.errors import DynPoseError
-from dynpose.runtime.backends.base import Runner
+from dynpose.runtime.backends.base import Runner, TensorMeta
 from dynpose.runtime.backends.tensorrt import cuda_utils as cu
+from dynpose.runtime.backends.tensorrt.builder import import_tensorrt
 
 if TYPE_CHECKING:
     from dynpose.engines.manifest import Entry
@@ -73,8 +75,19 @@ def _host_dtype(dtype: np.dtype | str) -> np.dtype:
     return np.dtype(np.uint16) if dtype == cu.BF16 else np.dtype(dtype)
 
 
+def buffer_nbytes(shape: tuple[int, ...], dtype: np.dtype | str, tensor: str, where: str) -> int:
+    """Bytes of an IO buffer of `shape`; a dimension TensorRT left at -1 (a data-dependent output shape) cannot be
+    sized before running, and dynpose's models have none, so it is refused here rather than reaching cudaMemcpy."""
+    if any(int(d) < 0 for d in shape):
+        raise DynPoseError(
+            f"{where}: tensor {tensor!r} has a data-dependent shape {tuple(shape)} at the max batch; dynpose runs "
+            "models whose output shapes follow from the input shape (export without data-dependent ops)"
+        )
+    return max(1, math.prod(int(d) for d in shape)) * _itemsize(dtype)
+
+
 class TrtRunner(Runner):
-    """One deserialised engine with its own context, stream and buffers."""
+    """One deserialised engine with its own context, stream, event and buffers (all made on activate)."""
 
     def __init__(
         self,
@@ -85,30 +98,45 @@ class TrtRunner(Runner):
         output_name: str | None = None,
         name: str | None = None,
     ) -> None:
-        super().__init__()
-        from dynpose.engines.tensorrt_build import import_tensorrt
-
-        trt = import_tensorrt()
-        self._rt = cu.cudart()
+        path = Path(plan_path)
+        super().__init__(name or path.stem, max_batch or 64)
+        self.path = path
         self.device_index = cu.parse_device(device)
-        self.path = Path(plan_path)
-        self.name = name or self.path.stem
-        self._host: dict[str, int] = {}
-        self._dev: dict[str, int] = {}
+        self._requested_max_batch = max_batch
+        self._output_name = output_name
+        # One execution context per runner: calls into it are serialised (a context is not re-entrant).
+        self._exec_lock = threading.Lock()
+        self._host: dict[str, Any] = {}
+        self._dev: dict[str, Any] = {}
+        self._views: dict[str, np.ndarray] = {}
         self._stream: Any = None
         self._event: Any = None
-        self._set_device()
+        self.context: Any = None
+        self.engine: Any = None
+        self._runtime: Any = None
 
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    def _activate(self) -> None:
+        trt = import_tensorrt()
+        self._rt = cu.cudart()
+        self._set_device()
         try:
             plan = self.path.read_bytes()
         except FileNotFoundError:
             raise DynPoseError(f"TensorRT plan {self.path}: file not found; {REBUILD}") from None
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise DynPoseError(f"TensorRT plan {self.path}: TensorRT {trt.__version__} cannot deserialise it; {REBUILD}")
+        try:
+            self._describe(trt)
+            self._allocate()
+        except BaseException:
+            self._deactivate()
+            raise
 
+    def _describe(self, trt: Any) -> None:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
@@ -118,56 +146,79 @@ class TrtRunner(Runner):
                 f"and outputs {self.outputs}"
             )
         self.input_name = self.inputs[0]
-        if output_name is None or (output_name not in self.outputs and len(self.outputs) == 1):
-            output_name = self.outputs[0]  # a single output needs no name (ONNX files name it freely)
-        if output_name not in self.outputs:
-            raise DynPoseError(f"TensorRT plan {self.path}: no output named {output_name!r}; it has {self.outputs}")
-        self.output_name = output_name
+        out = self._output_name
+        if out is not None and out in self.outputs:
+            # the manifest's named output first, the others after it in engine order
+            self.outputs = [out] + [o for o in self.outputs if o != out]
+        elif out is not None and len(self.outputs) > 1:
+            raise DynPoseError(f"TensorRT plan {self.path}: no output named {out!r}; it has {self.outputs}")
+        self.output_name = self.outputs[0]
         self.dtypes = {n: _np_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-
         pmin, _popt, pmax = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
         self.min_batch, profile_max = int(pmin[0]), int(pmax[0])
         self.input_chw = tuple(int(d) for d in pmax[1:])
         # Batches above the profile's max cannot run; the base class splits them.
-        self.max_batch = min(max_batch, profile_max) if max_batch else profile_max
+        req = self._requested_max_batch
+        self.max_batch = min(req, profile_max) if req else profile_max
 
-        try:
-            self._allocate(names)
-        except BaseException:
-            self.close()
-            raise
-
-    def _allocate(self, names: list[str]) -> None:
+    def _allocate(self) -> None:
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise DynPoseError(f"TensorRT plan {self.path}: cannot create an execution context (out of GPU memory?)")
         rt = self._rt
         self._stream = cu.check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
-        self._event = cu.check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
-
+        # BlockingSync: the waiting thread sleeps instead of spinning a core per worker; no timing needed.
+        flags = rt.cudaEventDisableTiming | rt.cudaEventBlockingSync
+        self._event = cu.check(rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
         # Size every buffer for the largest batch once, so a call never allocates.
         if not self.context.set_input_shape(self.input_name, (self.max_batch, *self.input_chw)):
             raise DynPoseError(f"TensorRT plan {self.path}: rejects input shape {(self.max_batch, *self.input_chw)}")
-        self._views: dict[str, np.ndarray] = {}
-        for n in names:
+        for n in [self.input_name, *self.outputs]:
             shape = tuple(self.context.get_tensor_shape(n))
-            nbytes = max(1, math.prod(shape)) * _itemsize(self.dtypes[n])
+            nbytes = buffer_nbytes(shape, self.dtypes[n], n, f"TensorRT plan {self.path}")
             self._host[n] = cu.check(rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})")
             self._dev[n] = cu.check(rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes})")
             self._views[n] = cu.host_array(self._host[n], nbytes, _host_dtype(self.dtypes[n]))
-            self.context.set_tensor_address(n, int(self._dev[n]))
+            if not self.context.set_tensor_address(n, int(self._dev[n])):
+                raise DynPoseError(f"TensorRT plan {self.path}: set_tensor_address({n!r}) was refused")
+
+    def _deactivate(self) -> None:
+        rt = getattr(self, "_rt", None)
+        if rt is None:
+            return
+        with self._exec_lock:
+            if self._stream is not None:
+                # Work still queued on the stream may read the pinned buffers: finish it before freeing them.
+                rt.cudaStreamSynchronize(self._stream)
+            self._views = {}  # drop numpy views before their memory goes; free in reverse order of creation
+            for ptr in self._dev.values():
+                rt.cudaFree(ptr)
+            for ptr in self._host.values():
+                rt.cudaFreeHost(ptr)
+            self._dev, self._host = {}, {}
+            if self._event is not None:
+                rt.cudaEventDestroy(self._event)
+            if self._stream is not None:
+                rt.cudaStreamDestroy(self._stream)
+            self._event = self._stream = None
+            self.context = self.engine = self._runtime = None
 
     def _set_device(self) -> None:
         # The current device is per host thread; the dispatcher may call from a worker thread.
         cu.check(self._rt.cudaSetDevice(self.device_index), f"cudaSetDevice({self.device_index})")
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _input_metadata(self) -> TensorMeta:
+        dt = self.dtypes[self.input_name]
+        return TensorMeta(self.input_name, (None, *self.input_chw), str(dt))
+
+    # -- one call --------------------------------------------------------------------------------------------------
+    def _infer(self, batch: np.ndarray) -> list[np.ndarray]:
         rt, n = self._rt, batch.shape[0]
         if tuple(batch.shape[1:]) != self.input_chw:
             raise DynPoseError(f"{self.name}: expected N x {' x '.join(map(str, self.input_chw))}, got {batch.shape}")
         if n < self.min_batch:
             raise DynPoseError(f"{self.name}: batch {n} is below the engine profile's minimum {self.min_batch}")
-        with self._lock:
+        with self._exec_lock:
             self._set_device()
             if not self.context.set_input_shape(self.input_name, batch.shape):
                 raise DynPoseError(f"{self.name}: engine rejects input shape {batch.shape}")
@@ -180,54 +231,26 @@ class TrtRunner(Runner):
             )
             if not self.context.execute_async_v3(int(self._stream)):
                 raise DynPoseError(f"{self.name}: TensorRT execute_async_v3 failed (see its messages above)")
-            out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-            count = math.prod(out_shape)
-            nbytes = count * _itemsize(self.dtypes[self.output_name])
-            cu.check(
-                rt.cudaMemcpyAsync(self._host[self.output_name], self._dev[self.output_name], nbytes, d2h, self._stream),
-                "cudaMemcpyAsync D2H",
-            )
+            shapes = {o: tuple(self.context.get_tensor_shape(o)) for o in self.outputs}
+            for o, shape in shapes.items():
+                nbytes = buffer_nbytes(shape, self.dtypes[o], o, self.name)
+                cu.check(rt.cudaMemcpyAsync(self._host[o], self._dev[o], nbytes, d2h, self._stream), "cudaMemcpyAsync D2H")
             cu.check(rt.cudaEventRecord(self._event, self._stream), "cudaEventRecord")
             cu.check(rt.cudaEventSynchronize(self._event), "cudaEventSynchronize")
-            out = cu.from_io_dtype(self._views[self.output_name][:count], self.dtypes[self.output_name])
-        return out.reshape(out_shape)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        super().close()
-        rt = self._rt
-        with self._lock:
-            # Drop numpy views before their memory goes; free in reverse order of creation.
-            self._views = {}
-            for ptr in self._dev.values():
-                rt.cudaFree(ptr)
-            for ptr in self._host.values():
-                rt.cudaFreeHost(ptr)
-            self._dev, self._host = {}, {}
-            if self._event is not None:
-                rt.cudaEventDestroy(self._event)
-            if self._stream is not None:
-                rt.cudaStreamDestroy(self._stream)
-            self._event = self._stream = None
-            self.context = None
-            self.engine = None
-            self._runtime = None
+            return [cu.from_io_dtype(self._views[o][: math.prod(s)], self.dtypes[o]).reshape(s) for o, s in shapes.items()]
 
     def __del__(self) -> None:
         try:
-            if not self._closed and hasattr(self, "_host"):
-                self.close()
+            if self.is_active:
+                self.deactivate()
         except Exception:  # interpreter shutdown: CUDA may already be gone
             pass
 
 
 def load_trt(engine_dir: str | os.PathLike, entry: Entry, device: str = "cuda", **kw: Any) -> TrtRunner:
-    """Loader: a manifest entry (format tensorrt) -> runner, after checking the plan fits this machine."""
+    """Loader: a manifest entry (format tensorrt) -> an inactive runner, after checking the plan fits this machine."""
     if entry.format != "tensorrt":
         raise DynPoseError(f"{entry.role}: the tensorrt backend runs plans, this entry is {entry.format}")
-    from dynpose.engines.tensorrt_build import import_tensorrt
-
     trt = import_tensorrt()
     index = cu.parse_device(device)
     gpu_name, cc = cu.device_info(index)

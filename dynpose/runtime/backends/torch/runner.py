@@ -8,13 +8,14 @@ runners called from two threads therefore overlap on the GPU (the small and the 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dynpose.errors import DynPoseError
-from dynpose.runtime.backends.base import Runner
+from dynpose.runtime.backends.base import Runner, TensorMeta
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +55,8 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 
 class TorchRunner(Runner):
-    """Runs an `nn.Module` in eval mode under `torch.inference_mode`, fp32 or fp16 (output always fp32)."""
+    """Runs an `nn.Module` in eval mode under `torch.inference_mode`, fp32 or fp16 (output always fp32). The module
+    moves to the device, and the CUDA stream and pinned buffers are made, on activate."""
 
     def __init__(
         self,
@@ -63,21 +65,20 @@ class TorchRunner(Runner):
         fp16: bool = False,
         max_batch: int = 64,
         name: str | None = None,
+        input_chw: tuple[int, int, int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name or type(module).__name__, max_batch)
         import torch
 
-        if max_batch < 1:
-            raise DynPoseError(f"torch runner: max_batch must be >= 1, got {max_batch}")
-        self.device = resolve_device(device)
+        self.device = resolve_device(device)  # a CUDA request without CUDA fails here, before any work
         self.fp16 = fp16
-        self.max_batch = max_batch
-        self.name = name or type(module).__name__
         self.dtype = torch.float16 if fp16 else torch.float32
-        self.module = module.to(self.device, dtype=self.dtype).eval()
+        self.module = module
+        self.input_chw = input_chw
         self.cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        # Pinned staging buffers, grown on demand (shape depends on the model's input/output).
+        self.stream: torch.cuda.Stream | None = None
+        # One set of pinned staging buffers per runner: calls are serialised around them.
+        self._exec_lock = threading.Lock()
         self._pinned_in: torch.Tensor | None = None
         self._pinned_out: torch.Tensor | None = None
 
@@ -88,6 +89,23 @@ class TorchRunner(Runner):
         """Run a module you already have (a zoo model, a fine-tuned one) without a manifest."""
         return cls(module, device=device, fp16=fp16, max_batch=max_batch, name=name)
 
+    def _activate(self) -> None:
+        import torch
+
+        self.module = self.module.to(self.device, dtype=self.dtype).eval()
+        self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+
+    def _deactivate(self) -> None:
+        with self._exec_lock:
+            if self.stream is not None:
+                self.stream.synchronize()
+            self._pinned_in = self._pinned_out = None
+            self.stream = None
+
+    def _input_metadata(self) -> TensorMeta:
+        chw = self.input_chw or (None, None, None)
+        return TensorMeta("input", (None, *chw), "float16" if self.fp16 else "float32")
+
     def _staging(self, current: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
         import torch
 
@@ -95,14 +113,14 @@ class TorchRunner(Runner):
             current = torch.empty(int(np.prod(shape)), dtype=torch.float32, pin_memory=True)
         return current
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> list[np.ndarray]:
         import torch
 
-        with self._lock, torch.inference_mode():
+        with self._exec_lock, torch.inference_mode():
             if not self.cuda:
-                x = torch.from_numpy(batch)
-                out = _first_tensor(self.module(x.to(self.dtype)))
-                return out.float().numpy().copy()
+                out = _first_tensor(self.module(torch.from_numpy(batch).to(self.dtype)))
+                return [out.float().numpy().copy()]
+            assert self.stream is not None
             # Sized for max_batch on first use so later (smaller or equal) batches reuse the same buffer.
             self._pinned_in = self._staging(self._pinned_in, (self.max_batch, *batch.shape[1:]))
             host_in = self._pinned_in[: batch.size].view(batch.shape)
@@ -115,13 +133,7 @@ class TorchRunner(Runner):
                 host_out.copy_(out, non_blocking=True)
             # Waiting on this runner's stream only: the other model's stream keeps running.
             self.stream.synchronize()
-            return host_out.numpy().copy()
-
-    def close(self) -> None:
-        super().close()
-        self._pinned_in = self._pinned_out = None
-        self.module = None  # type: ignore[assignment]
-        self.stream = None
+            return [host_out.numpy().copy()]
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -144,7 +156,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_torch(engine_dir: str | os.PathLike, entry: Entry, device: str = "cpu", fp16: bool = False) -> TorchRunner:
-    """Loader: a manifest entry (format torch: a zoo model's state_dict) -> runner."""
+    """Loader: a manifest entry (format torch: a zoo model's state_dict) -> an inactive runner."""
     if entry.format != "torch":
         raise DynPoseError(f"{entry.role}: the torch backend runs state_dict (.pt) entries, this entry is {entry.format}")
     from dynpose.models.zoo import create_model
@@ -164,7 +176,10 @@ def load_torch(engine_dir: str | os.PathLike, entry: Entry, device: str = "cpu",
     except RuntimeError as e:  # same keys, different shapes
         detail = " ".join(str(e).split())[:300]
         raise DynPoseError(f"torch weights {path}: do not fit model {entry.card.arch!r} ({detail})") from None
-    return TorchRunner(model, device=device, fp16=fp16, max_batch=entry.max_batch, name=f"{entry.role}:{entry.model}")
+    chw = (3, entry.card.input_height, entry.card.input_width)
+    return TorchRunner(
+        model, device=device, fp16=fp16, max_batch=entry.max_batch, name=f"{entry.role}:{entry.model}", input_chw=chw
+    )
 
 
 def _key_diff(expected: dict[str, Any], got: dict[str, Any]) -> tuple[list[str], list[str]]:

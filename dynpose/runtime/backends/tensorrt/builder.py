@@ -1,9 +1,9 @@
 """Build a TensorRT plan from an ONNX file (TensorRT 10.x and 11.x Python API).
 
-Precision lives in the ONNX, not in builder flags: an fp16 graph or explicit Q/DQ nodes. TensorRT 11 removed the
-FP16/INT8 builder flags and always builds strongly typed networks; TensorRT >= 10.12 supports the same mode, so we
-ask for it there. Older 10.x builds weakly typed networks, which only run an fp16 graph in fp16 (and a Q/DQ graph
-in int8) when the matching builder flag is set, so for those versions the flags are derived from the ONNX itself.
+Precision lives in the ONNX, not in builder flags: an fp16 graph or explicit Q/DQ nodes. The network is always
+created STRONGLY_TYPED (the flag exists since 10.0; 11.x ignores it and is always strongly typed): every tensor keeps
+the type the ONNX gives it, so the plan runs exactly the precision mix that `dynpose-export` verified. A weakly typed
+10.x build with the FP16 flag may run in fp16 the layers our converter kept in fp32 on purpose.
 
 One optimization profile covers batch 1..max_batch; the timing cache file is shared by all builds on one machine
 (layer timings are reused, so the second model of the same family builds much faster).
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from dynpose.errors import DynPoseError
 from dynpose.fileio import write_bytes_atomic
+from dynpose.runtime.backends.tensorrt.cuda_utils import device_info
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,6 @@ INSTALL_HINT = (
     "TensorRT is not installed: pip install --extra-index-url https://pypi.nvidia.com tensorrt "
     "(needs an NVIDIA GPU); or export --format onnx"
 )
-# Weak typing was deprecated in 10.12; from there on strongly typed networks are the supported path.
-STRONG_TYPING_FROM = (10, 12)
 
 
 def import_tensorrt() -> Any:
@@ -52,48 +50,10 @@ def tensorrt_available() -> tuple[bool, str]:
     except OSError as e:
         return False, f"tensorrt cannot load: {str(e).splitlines()[0]}"
     try:
-        from dynpose.runtime.backends.tensorrt.cuda_utils import device_info
-
         name, cc = device_info(0)
     except DynPoseError as e:
         return False, f"tensorrt {trt.__version__} installed but no usable GPU: {e}"
     return True, f"tensorrt {trt.__version__} on {name} (sm_{cc.replace('.', '')})"
-
-
-def version_tuple(version: str) -> tuple[int, int]:
-    """'10.12.0.36' -> (10, 12)."""
-    parts = [int(p) for p in re.findall(r"\d+", version)[:2]]
-    while len(parts) < 2:
-        parts.append(0)
-    return parts[0], parts[1]
-
-
-def uses_strong_typing(version: str) -> bool:
-    return version_tuple(version) >= STRONG_TYPING_FROM
-
-
-def onnx_precisions(onnx_path: str | os.PathLike) -> set[str]:
-    """Low precisions the graph asks for: 'fp16' (fp16 weights/tensors/casts), 'int8' (Q/DQ nodes).
-
-    Only weakly typed builds (TensorRT < 10.12) need this: there each needs its builder flag.
-    """
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    g = model.graph
-    fp16 = onnx.TensorProto.FLOAT16
-    found: set[str] = set()
-    if any(t.data_type == fp16 for t in g.initializer):
-        found.add("fp16")
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.type.tensor_type.elem_type == fp16:
-            found.add("fp16")
-    for node in g.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            found.add("int8")
-        elif node.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in node.attribute):
-            found.add("fp16")
-    return found
 
 
 def _parser_error_line(err: Any) -> str:
@@ -146,6 +106,61 @@ def _make_progress_monitor(trt: Any) -> Any | None:
     return _Monitor()
 
 
+def _check_build_args(
+    onnx_path: Path, input_chw: tuple[int, int, int], max_batch: int, opt_batch: int | None, opt_level: int
+) -> int:
+    """Validate before TensorRT is imported (so a bad call fails the same way on every machine); returns opt."""
+    if not onnx_path.is_file():
+        raise DynPoseError(f"ONNX model {onnx_path}: file not found; export it first with dynpose-export --format onnx")
+    if len(input_chw) != 3 or any(int(d) <= 0 for d in input_chw):
+        raise DynPoseError(f"build_engine: input_chw must be three positive sizes (C, H, W), got {input_chw}")
+    if max_batch < 1:
+        raise DynPoseError(f"build_engine: max_batch must be >= 1, got {max_batch}")
+    opt = opt_batch if opt_batch is not None else max(1, max_batch // 2)
+    if not 1 <= opt <= max_batch:
+        raise DynPoseError(f"build_engine: opt_batch must be in 1..{max_batch}, got {opt_batch}")
+    if not 0 <= opt_level <= 5:
+        raise DynPoseError(f"build_engine: opt_level must be 0..5 (TensorRT builder optimization level), got {opt_level}")
+    return opt
+
+
+def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path, input_name: str) -> tuple[Any, Any]:
+    """(network, parser): a strongly typed network parsed from the file, its input checked; parser errors become one
+    line. The parser is returned so the caller keeps it alive while building (the network refers to its weights)."""
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so ONNX files with external weights beside them load too.
+    if not parser.parse_from_file(str(onnx_path)):
+        lines = [_parser_error_line(parser.get_error(i)) for i in range(parser.num_errors)]
+        for line in lines:
+            log.error("TensorRT ONNX parser: %s", line)
+        first = lines[0] if lines else "no detail given"
+        more = f" (+{len(lines) - 1} more, logged above)" if len(lines) > 1 else ""
+        raise DynPoseError(
+            f"ONNX model {onnx_path}: TensorRT {trt.__version__} cannot parse it: {first}{more}; "
+            "check the opset/ops or use --format onnx"
+        )
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    names = [t.name for t in inputs]
+    if input_name not in names:
+        raise DynPoseError(f"ONNX model {onnx_path}: no input named {input_name!r}; its inputs are {names}")
+    rank = len(inputs[names.index(input_name)].shape)
+    if rank != 4:
+        raise DynPoseError(f"ONNX model {onnx_path}: input {input_name!r} has rank {rank}, expected N x C x H x W")
+    return network, parser
+
+
+def _attach_timing_cache(config: Any, cache_path: Path | None) -> None:
+    if cache_path is None:
+        return
+    data = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s does not match this TensorRT/GPU; starting a fresh one", cache_path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     plan_path: str | os.PathLike,
@@ -165,83 +180,25 @@ def build_engine(
     both are recorded: the runtime checks them before deserialising.
     """
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
-    if not onnx_path.is_file():
-        raise DynPoseError(f"ONNX model {onnx_path}: file not found; export it first with dynpose-export --format onnx")
-    if len(input_chw) != 3 or any(int(d) <= 0 for d in input_chw):
-        raise DynPoseError(f"build_engine: input_chw must be three positive sizes (C, H, W), got {input_chw}")
-    if max_batch < 1:
-        raise DynPoseError(f"build_engine: max_batch must be >= 1, got {max_batch}")
-    opt = opt_batch if opt_batch is not None else max(1, max_batch // 2)
-    if not 1 <= opt <= max_batch:
-        raise DynPoseError(f"build_engine: opt_batch must be in 1..{max_batch}, got {opt_batch}")
-    if not 0 <= opt_level <= 5:
-        raise DynPoseError(f"build_engine: opt_level must be 0..5 (TensorRT builder optimization level), got {opt_level}")
-
+    opt = _check_build_args(onnx_path, input_chw, max_batch, opt_batch, opt_level)
     trt = import_tensorrt()
-    from dynpose.runtime.backends.tensorrt.cuda_utils import device_info
-
     gpu_name, cc = device_info(0)
-    version = trt.__version__
-    strongly_typed = uses_strong_typing(version)
-
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if strongly_typed:
-        # Ignored (always on) in 11.x, required to opt in on 10.12+.
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    # parse_from_file (not parse(bytes)) so ONNX files with external weights beside them load too.
-    if not parser.parse_from_file(str(onnx_path)):
-        lines = [_parser_error_line(parser.get_error(i)) for i in range(parser.num_errors)]
-        for line in lines:
-            log.error("TensorRT ONNX parser: %s", line)
-        first = lines[0] if lines else "no detail given"
-        more = f" (+{len(lines) - 1} more, logged above)" if len(lines) > 1 else ""
-        raise DynPoseError(
-            f"ONNX model {onnx_path}: TensorRT {version} cannot parse it: {first}{more}; "
-            "check the opset/ops or use --format onnx"
-        )
-
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    names = [t.name for t in inputs]
-    if input_name not in names:
-        raise DynPoseError(f"ONNX model {onnx_path}: no input named {input_name!r}; its inputs are {names}")
-    rank = len(inputs[names.index(input_name)].shape)
-    if rank != 4:
-        raise DynPoseError(f"ONNX model {onnx_path}: input {input_name!r} has rank {rank}, expected N x C x H x W")
+    network, _parser = _parse_network(trt, builder, logger, onnx_path, input_name)
 
     config = builder.create_builder_config()
     config.builder_optimization_level = opt_level
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    precision_flags: list[str] = []
-    if not strongly_typed:
-        wanted = onnx_precisions(onnx_path)
-        if "fp16" in wanted:
-            config.set_flag(trt.BuilderFlag.FP16)
-            precision_flags.append("fp16")
-        if "int8" in wanted:
-            config.set_flag(trt.BuilderFlag.INT8)
-            precision_flags.append("int8")
-
     chw = tuple(int(d) for d in input_chw)
     shapes = {"min": (1, *chw), "opt": (opt, *chw), "max": (max_batch, *chw)}
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(profile)
-
+    if config.add_optimization_profile(profile) < 0:
+        raise DynPoseError(f"ONNX model {onnx_path}: TensorRT refused the optimization profile {shapes}")
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    cache = None
-    if cache_path is not None:
-        data = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(data)
-        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-            log.warning("timing cache %s does not match this TensorRT/GPU; starting a fresh one", cache_path)
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=True)
-
+    _attach_timing_cache(config, cache_path)
     monitor = _make_progress_monitor(trt) if progress else None
     if monitor is not None:
         config.progress_monitor = monitor
@@ -251,21 +208,18 @@ def build_engine(
     build_s = time.perf_counter() - t0
     if plan is None:
         raise DynPoseError(
-            f"ONNX model {onnx_path}: TensorRT {version} could not build an engine (see its messages above); "
+            f"ONNX model {onnx_path}: TensorRT {trt.__version__} could not build an engine (see its messages above); "
             "try a larger --workspace-gb, a smaller --max-batch, or --format onnx"
         )
     write_bytes_atomic(plan_path, memoryview(plan))
-
     if cache_path is not None:
         _save_timing_cache(config, cache_path)
-
     return {
-        "tensorrt_version": version,
+        "tensorrt_version": trt.__version__,
         "gpu_name": gpu_name,
         "compute_capability": cc,
         "profile": {"input": input_name, **{k: list(v) for k, v in shapes.items()}},
-        "strongly_typed": strongly_typed,
-        "precision_flags": precision_flags,
+        "strongly_typed": True,
         "opt_level": opt_level,
         "workspace_gb": workspace_gb,
         "build_s": round(build_s, 2),

@@ -1,0 +1,200 @@
+"""ONNX and ONNX Runtime helpers every layer shares: the one session opener, running a session, and the ONNX file
+utilities (reading, checking, IO names, the model card in `metadata_props`).
+
+This is a low-level module on purpose: the runtime's ONNX Runtime runner and detector, the exporters and the INT8
+calibration all import it, and it imports nothing of theirs, so none of them has to import another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dynpose.errors import DynPoseError
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
+
+    from dynpose.models.card import ModelCard
+
+CARD_KEY = "dynpose.card"
+DEVICES = ("cpu", "cuda", "trt")
+_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def providers_for(device: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Any]:
+    """The execution-provider list for `device` (cpu | cuda | trt), each accelerator backed by the ones below it;
+    `options` maps a provider name to its provider options. A provider this ONNX Runtime lacks is a one-line error."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise DynPoseError(f"unknown device {device!r} for ONNX Runtime; use {', '.join(DEVICES)}")
+    chain = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "trt": ["trt", "cuda", "cpu"]}[device]
+    wanted = _PROVIDER[device]
+    if wanted not in ort.get_available_providers():
+        hint = "use --device cpu" if device == "cuda" else "use --device cuda or cpu"
+        raise DynPoseError(
+            f"ONNX Runtime has no {wanted} here (installed: {', '.join(ort.get_available_providers())}); install "
+            f"onnxruntime-gpu in place of onnxruntime (see docs/gpu.md), or {hint}"
+        )
+    opts = options or {}
+    out: list[Any] = []
+    for d in chain:
+        name = _PROVIDER[d]
+        out.append((name, dict(opts[name])) if name in opts else name)
+    return out
+
+
+def open_session(
+    path: str | os.PathLike,
+    device: str = "cpu",
+    threads: int = 0,
+    what: str = "ONNX model",
+    provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+    optimized_model_path: str | os.PathLike | None = None,
+    level: str = "all",
+) -> ort.InferenceSession:
+    """An `onnxruntime.InferenceSession` for `device`; a file ONNX Runtime rejects is a one-line DynPoseError naming
+    `what`. threads: intra-op threads (0 lets ORT pick; the runtime gives each concurrently running model a share
+    of the cores). level: graph optimisations, "all" or "basic" (what the INT8 quantizer wants to see)."""
+    import onnxruntime as ort
+
+    p = Path(path)
+    if not p.is_file():
+        raise DynPoseError(f"{what} {p}: file not found")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if level == "basic" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    providers = providers_for(device, provider_options)
+    try:
+        sess = ort.InferenceSession(str(p), sess_options=so, providers=providers)
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+        raise DynPoseError(f"{what} {p}: ONNX Runtime cannot load it ({_first_line(e)})") from None
+    wanted = _PROVIDER[device]
+    got = sess.get_providers()[0] if sess.get_providers() else "none"
+    if got != wanted:  # ORT falls back to the next provider silently (e.g. a CUDA library missing)
+        raise DynPoseError(
+            f"{what} {p}: ONNX Runtime fell back to {got} instead of {wanted} (a CUDA/TensorRT library may be "
+            "missing; see its log above); fix the install or use --device cpu"
+        )
+    return sess
+
+
+def run_session(sess: ort.InferenceSession, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    """First output of `sess` on `x`, fed `batch` items at a time (memory stays one batch deep)."""
+    name = sess.get_inputs()[0].name
+    out_name = sess.get_outputs()[0].name
+    parts = [
+        sess.run([out_name], {name: np.ascontiguousarray(x[i : i + batch], np.float32)})[0] for i in range(0, len(x), batch)
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def rel_l2(test: np.ndarray, ref: np.ndarray) -> float:
+    """||test - ref|| / ||ref|| (the absolute norm when ref is zero)."""
+    r = np.asarray(ref, np.float64)
+    num = float(np.linalg.norm(np.asarray(test, np.float64) - r))
+    den = float(np.linalg.norm(r))
+    return num / den if den > 0 else num
+
+
+# -- ONNX files --------------------------------------------------------------------------------------------------------
+def load_onnx(path: str | os.PathLike, what: str = "ONNX model", external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file, turning every protobuf/IO failure into one line."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise DynPoseError(f"{what} {p}: file not found")
+    try:
+        return onnx.load(str(p), load_external_data=external_data)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise DynPoseError(
+            f"{what} {p}: not a readable ONNX file ({_first_line(e)}); re-export it or pass the right file"
+        ) from None
+
+
+def check_onnx(model: onnx.ModelProto, where: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise DynPoseError(f"{where}: onnx.checker rejects the graph ({_first_line(e)})") from None
+
+
+def io_names(model: onnx.ModelProto, where: str = "ONNX model") -> tuple[str, list[str]]:
+    """(input name, output names) of a single-input model; initializers listed as inputs are skipped."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    outputs = [o.name for o in model.graph.output]
+    if len(inputs) != 1:
+        raise DynPoseError(f"{where}: expected exactly one input, found {inputs}; dynpose runs single-input models")
+    if not outputs:
+        raise DynPoseError(f"{where}: the graph has no outputs")
+    return inputs[0], outputs
+
+
+def input_shape(model: onnx.ModelProto) -> list[int | str]:
+    name, _ = io_names(model)
+    (vi,) = [i for i in model.graph.input if i.name == name]
+    return [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def set_card(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
+    """Store the card as JSON under `dynpose.card`, replacing an older one."""
+    keep = [p for p in model.metadata_props if p.key != CARD_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    model.metadata_props.add(key=CARD_KEY, value=card.to_json())
+    return model
+
+
+def read_card(path: str | os.PathLike) -> ModelCard | None:
+    """The card stored in an ONNX file by dynpose, or None."""
+    from dynpose.models.card import ModelCard
+
+    m = load_onnx(path, external_data=False)
+    for p in m.metadata_props:
+        if p.key == CARD_KEY:
+            return ModelCard.from_dict(json.loads(p.value), where=f"{path} metadata card")
+    return None
+
+
+def copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace `dst`'s metadata_props with `src`'s (converters and quantizers drop them; our card lives there)."""
+    props = [(p.key, p.value) for p in src.metadata_props]
+    del dst.metadata_props[:]
+    for k, v in props:
+        dst.metadata_props.add(key=k, value=v)
+    return dst
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed node the name `<op>_<index>`: fp16 block lists and INT8 exclusions refer to nodes by name,
+    so every tool that reads the graph must see the same names."""
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    return model

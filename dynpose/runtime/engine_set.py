@@ -1,0 +1,189 @@
+"""`EngineSet.load`: the one way to open an engine dir.
+
+It checks the manifest (every file's size and sha256), picks each role's entry for the backend, loads and activates
+the router, small and large runners and the detector once, checks each model's input against its card, and closes
+all of them together. The Pipeline, the benchmark, router training and calibration (and the service) all start here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from dynpose.engines.manifest import Entry, Manifest
+from dynpose.errors import DynPoseError
+from dynpose.runtime.backends import BACKEND_FORMAT, check_backend, load_runner
+from dynpose.runtime.backends.base import Runner
+from dynpose.runtime.model import CropModel, PoseModel, Router
+
+if TYPE_CHECKING:
+    from dynpose.runtime.detector import OnnxDetector
+
+log = logging.getLogger(__name__)
+
+MODEL_ROLES = ("router", "small", "large")
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def ort_device(device: str) -> str:
+    """Where ONNX Runtime can run a helper model (router fallback, detector): the GPU if this ORT has CUDA."""
+    if device == "cpu":
+        return "cpu"
+    import onnxruntime as ort
+
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def pick_entry(manifest: Manifest, engine_dir: Path, role: str, backend: str, device: str) -> tuple[Entry, str, str]:
+    """(entry, backend, device) for a role: the entry in the backend's own format. Only the router, which is cheap,
+    may fall back to its ONNX run by ONNX Runtime (a TensorRT engine dir whose router has no plan still runs), on
+    the GPU when ORT has CUDA, else on the CPU; a pose model missing in the asked format is an error."""
+    fmt = BACKEND_FORMAT[backend]
+    entry = manifest.get(role, fmt)
+    if entry is not None:
+        return entry, backend, device
+    onnx_entry = manifest.get(role, "onnx")
+    if role != "router" or onnx_entry is None:
+        have = sorted({e.format for e in manifest.entries if e.role == role})
+        raise DynPoseError(
+            f"engine dir {engine_dir}: no {fmt} '{role}' entry for --backend {backend} (it has: "
+            f"{', '.join(have) or 'none'}); export the {role} model for that backend with dynpose-export, or pick the "
+            "backend that runs what is there (onnx: --backend ort, tensorrt: --backend tensorrt, torch: --backend torch)"
+        )
+    dev = ort_device(device)
+    log.warning("router: no %s entry in %s; running its ONNX with ONNX Runtime on %s", fmt, engine_dir, dev)
+    return onnx_entry, "ort", dev
+
+
+def thread_share(role: str, backend: str, device: str, threads: int | None) -> dict[str, Any]:
+    """ONNX Runtime CPU threads for a role. `threads` is the number of CPU cores dynpose may use (default: all):
+    small and large run at the same time, so each gets half; the router runs alone before them and gets all."""
+    if backend != "ort" or device != "cpu":
+        return {}
+    cores = threads or usable_cores()
+    return {"intra_op_threads": cores if role == "router" else max(1, cores // 2)}
+
+
+def check_input(model: CropModel, where: str) -> None:
+    """The active runner's input must be what the card crops: N x 3 x H x W (dynamic dims pass)."""
+    meta = model.runner.input_metadata()
+    want = (3, model.card.input_height, model.card.input_width)
+    got = meta.shape[1:]
+    if len(meta.shape) != 4 or any(g is not None and g != w for g, w in zip(got, want, strict=True)):
+        raise DynPoseError(
+            f"{where}: the model's input {meta.name!r} is {list(meta.shape)} but its card says N x 3 x "
+            f"{model.card.input_height} x {model.card.input_width}; fix the card's input_width/input_height or "
+            "re-export the model"
+        )
+
+
+@dataclass
+class EngineSet:
+    """The opened models of one engine dir (runners active until `close`)."""
+
+    engine_dir: Path
+    manifest: Manifest
+    small: PoseModel | None = None
+    large: PoseModel | None = None
+    router: Router | None = None
+    detector: OnnxDetector | None = None
+    backend: str = "ort"
+    device: str = "cpu"
+    loaded: dict[str, str] = field(default_factory=dict)  # role -> what was loaded, for summaries
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        engine_dir: str | os.PathLike,
+        backend: str = "ort",
+        device: str = "cpu",
+        threads: int | None = None,
+        roles: Sequence[str] | None = None,
+        detector: str | os.PathLike | None = None,
+        det_score: float = 0.5,
+        det_iou: float = 0.5,
+    ) -> EngineSet:
+        """Open the engine dir's models for `backend` on `device`.
+
+        roles: which of router / small / large to open (default: those the manifest has). detector: an ONNX
+        detector file to use instead of the manifest's detector entry (which is opened when present)."""
+        check_backend(backend)
+        if engine_dir is None or str(engine_dir) == "":
+            raise DynPoseError("engine dir: none given; pass the folder dynpose-export wrote (e.g. engines/)")
+        root = Path(engine_dir)
+        manifest = Manifest.load(root, verify=True)
+        wanted = [r for r in MODEL_ROLES if manifest.get(r) is not None] if roles is None else list(roles)
+        unknown = sorted(set(wanted) - set(MODEL_ROLES))
+        if unknown:
+            raise DynPoseError(f"EngineSet.load: unknown role(s) {unknown}; use {', '.join(MODEL_ROLES)}")
+        es = cls(root, manifest, backend=backend, device=device)
+        try:
+            for role in wanted:
+                es._open_model(role, threads)
+            es._open_detector(detector, det_score, det_iou)
+        except BaseException:
+            es.close()
+            raise
+        return es
+
+    def _open_model(self, role: str, threads: int | None) -> None:
+        entry, be, dev = pick_entry(self.manifest, self.engine_dir, role, self.backend, self.device)
+        runner: Runner = load_runner(be, self.engine_dir, entry, dev, **thread_share(role, be, dev, threads))
+        handle: CropModel = Router(runner, entry.card) if role == "router" else PoseModel(runner, entry.card)
+        setattr(self, role, handle)  # set before activating, so a failure below still closes it
+        runner.activate()
+        check_input(handle, f"engine dir {self.engine_dir}: {role} entry {entry.file}")
+        self.entries[role] = entry
+        self.loaded[role] = f"{entry.model} ({entry.format}, {entry.precision}, {be} on {dev})"
+
+    def _open_detector(self, path: str | os.PathLike | None, det_score: float, det_iou: float) -> None:
+        det_path = Path(path) if path is not None else None
+        if det_path is None and self.manifest.get("detector") is not None:
+            det_path = self.engine_dir / self.manifest.require("detector").file
+        if det_path is None:
+            return
+        from dynpose.runtime.detector import OnnxDetector
+
+        dev = ort_device(self.device)
+        self.detector = OnnxDetector(det_path, score_thr=det_score, iou_thr=det_iou, device=dev)
+        self.loaded["detector"] = f"{det_path} (ort on {dev})"
+
+    # -- use -------------------------------------------------------------------------------------------------------
+    def require(self, role: str) -> CropModel:
+        """The opened handle of a role, or a one-line error saying it is not there."""
+        handle = getattr(self, role, None) if role in MODEL_ROLES else None
+        if handle is None:
+            raise DynPoseError(
+                f"engine dir {self.engine_dir}: no {role} model opened; export one (`dynpose-export --role {role}`)"
+            )
+        return handle  # type: ignore[no-any-return]
+
+    @property
+    def pose_models(self) -> tuple[PoseModel, PoseModel]:
+        """(small, large), both required."""
+        small, large = self.require("small"), self.require("large")
+        assert isinstance(small, PoseModel) and isinstance(large, PoseModel)
+        return small, large
+
+    def close(self) -> None:
+        for role in MODEL_ROLES:
+            handle = getattr(self, role)
+            if handle is not None:
+                handle.runner.deactivate()
+        if self.detector is not None:
+            self.detector.close()
+
+    def __enter__(self) -> EngineSet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
