@@ -31,23 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->"
-TINYPOSE_MEAN = (123.675, 116.28, 103.53)
-TINYPOSE_STD = (58.395, 57.12, 57.375)
+CARDS = REPO / "examples" / "cards"
 
 
 def tinypose_card(width: int, height: int) -> Any:
+    """The shipped example card of a TinyPose fixture."""
     from dynpose.models.card import ModelCard
 
-    return ModelCard(
-        name=f"tinypose_{height}x{width}",
-        input_width=width,
-        input_height=height,
-        color_order="rgb",
-        mean=TINYPOSE_MEAN,
-        std=TINYPOSE_STD,
-        keypoints="coco17",
-        decoder="msra",
-    )
+    return ModelCard.from_json_file(CARDS / f"tinypose_{height}x{width}.json")
 
 
 def calib_spec(shared: Path) -> Any:

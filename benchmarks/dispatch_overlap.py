@@ -46,13 +46,7 @@ def main() -> None:
 
     cards, runners = {}, {}
     for role, (w, h) in (("small", (96, 128)), ("large", (192, 256))):
-        cards[role] = ModelCard(
-            name=f"tinypose_{h}x{w}",
-            input_width=w,
-            input_height=h,
-            mean=(123.675, 116.28, 103.53),
-            std=(58.395, 57.12, 57.375),
-        )
+        cards[role] = ModelCard.from_json_file(REPO / "examples" / "cards" / f"tinypose_{h}x{w}.json")
         runner = OrtRunner(
             SHARED / "models" / f"tinypose_{h}x{w}.onnx", intra_op_threads=max(1, args.threads // 2), name=role
         )

@@ -35,22 +35,13 @@ def coco_dir(shared: Path) -> Path:
     return shared / "data" / "coco"
 
 
-TINYPOSE_MEAN = (123.675, 116.28, 103.53)
-TINYPOSE_STD = (58.395, 57.12, 57.375)
+CARDS = REPO / "examples" / "cards"
 
 
 def tinypose_card(width: int, height: int) -> ModelCard:
-    """The card of the PP-TinyPose fixtures (RGB, ImageNet mean/std on the 0-255 scale, COCO-17, MSRA decoding)."""
-    return ModelCard(
-        name=f"tinypose_{height}x{width}",
-        input_width=width,
-        input_height=height,
-        color_order="rgb",
-        mean=TINYPOSE_MEAN,
-        std=TINYPOSE_STD,
-        keypoints="coco17",
-        decoder="msra",
-    )
+    """The card of a PP-TinyPose fixture as users get it: `examples/cards/tinypose_<h>x<w>.json` (RGB, ImageNet
+    mean/std on the 0-255 scale, COCO-17, MSRA decoding)."""
+    return ModelCard.from_json_file(CARDS / f"tinypose_{height}x{width}.json")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import tinypose_card
 
 from dynpose.calibration.crops import CalibSpec, build_crop_set
 from dynpose.calibration.quantize import quantize_int8
@@ -17,18 +18,10 @@ from dynpose.data import gt_boxes, load_coco
 from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.api import register_onnx
-from dynpose.models.card import ModelCard
 from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
 
-CARD = {
-    "color_order": "rgb",
-    "mean": [123.675, 116.28, 103.53],
-    "std": [58.395, 57.12, 57.375],
-    "keypoints": "coco17",
-    "decoder": "msra",
-}
-CARD128 = ModelCard.from_dict({"name": "tinypose_128x96", "input_width": 96, "input_height": 128, **CARD})
-CARD256 = ModelCard.from_dict({"name": "tinypose_256x192", "input_width": 192, "input_height": 256, **CARD})
+CARD128 = tinypose_card(96, 128)
+CARD256 = tinypose_card(192, 256)
 
 
 def _spec(shared: Path, **kw: object) -> CalibSpec:

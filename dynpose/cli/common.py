@@ -1,8 +1,16 @@
-"""What every CLI shares: one-line errors and a non-zero exit for user mistakes."""
+"""What every CLI shares: one-line errors with a non-zero exit for user mistakes, and one logging setup.
+
+Library code logs with `logging.getLogger(__name__)` under the `dynpose` logger and never touches the root logger;
+a CLI attaches one rich handler to `dynpose` (stderr), so progress notes and warnings read the same in every
+command and a host application embedding the library keeps control of its own logging.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
+import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -12,6 +20,7 @@ import click
 from dynpose.errors import DynPoseError
 
 F = TypeVar("F", bound=Callable[..., Any])
+_HANDLER_FLAG = "_dynpose_cli_handler"
 
 
 def user_errors(fn: F) -> F:
@@ -26,3 +35,51 @@ def user_errors(fn: F) -> F:
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(quiet: bool = False) -> logging.Logger:
+    """Send the `dynpose` loggers to stderr through rich: INFO and up (WARNING and up when `quiet`). Idempotent:
+    a second call only changes the level."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("dynpose")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(getattr(h, _HANDLER_FLAG, False) for h in logger.handlers):
+        handler = RichHandler(
+            console=Console(stderr=True, highlight=False, soft_wrap=True),
+            show_time=False,
+            show_path=False,
+            markup=False,
+            rich_tracebacks=False,
+        )
+        setattr(handler, _HANDLER_FLAG, True)
+        logger.addHandler(handler)
+        logger.propagate = False  # the host's root handlers would print every line twice
+    return logger
+
+
+def check_threads(threads: int | None, flag: str = "--threads") -> int | None:
+    """`--threads N`: CPU cores dynpose may use (the same meaning in every command). Refuses N < 1; above the
+    usable cores it is capped with a warning (oversubscribed ONNX Runtime pools crawl)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise DynPoseError(f"{flag} {threads}: must be an integer >= 1 (CPU cores to use)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads > cores:
+        logging.getLogger("dynpose.cli").warning(
+            "%s %d: this machine has %d usable cores; using %d", flag, threads, cores, cores
+        )
+        return cores
+    return threads
+
+
+def check_finite(flag: str, value: float | None, lo: float | None = None, hi: float | None = None) -> float | None:
+    """A numeric flag must be a finite number (NaN compares false with every bound) within [lo, hi]."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f" in [{lo}, {hi}]" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise DynPoseError(f"{flag} {value}: must be a finite number{bounds}")
+    return value

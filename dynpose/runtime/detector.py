@@ -17,10 +17,11 @@ import cv2
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.models.card import IMAGENET_MEAN_255, IMAGENET_STD_255
 from dynpose.onnx_utils import open_session
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255.0
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255.0
+IMAGENET_MEAN = np.array(IMAGENET_MEAN_255, dtype=np.float32)
+IMAGENET_STD = np.array(IMAGENET_STD_255, dtype=np.float32)
 
 
 def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou_thr: float) -> np.ndarray:
