@@ -41,22 +41,29 @@ class PersonPose:
     router_score: float = float("nan")  # router score[1]; NaN when the policy ran no router
 
     def to_coco(self, image_id: int, category_id: int = 1) -> dict[str, Any]:
-        """A COCO keypoint result record."""
+        """A COCO keypoint result record (a non-finite score, from a broken engine, is written as 0)."""
+        kp = np.nan_to_num(self.keypoints.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         return {
             "image_id": int(image_id),
             "category_id": category_id,
-            "keypoints": [round(float(v), 3) for v in self.keypoints.reshape(-1)],
-            "score": float(self.score),
+            "keypoints": [round(float(v), 3) for v in kp.reshape(-1)],
+            "score": float(self.score) if np.isfinite(self.score) else 0.0,
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record; non-finite numbers become null (JSON has no NaN)."""
         return {
-            "box": [round(float(v), 2) for v in self.box],
-            "score": round(float(self.score), 5),
-            "keypoints": [[round(float(x), 2), round(float(y), 2), round(float(s), 4)] for x, y, s in self.keypoints],
+            "box": [_finite(v, 2) for v in self.box],
+            "score": _finite(self.score, 5),
+            "keypoints": [[_finite(x, 2), _finite(y, 2), _finite(s, 4)] for x, y, s in self.keypoints],
             "model": self.model,
-            "router_score": None if not np.isfinite(self.router_score) else round(float(self.router_score), 5),
+            "router_score": _finite(self.router_score, 5),
         }
+
+
+def _finite(v: Any, digits: int) -> float | None:
+    f = float(v)
+    return round(f, digits) if np.isfinite(f) else None
 
 
 @dataclass

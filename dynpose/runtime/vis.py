@@ -91,6 +91,17 @@ def write_image(path: str | os.PathLike, image_bgr: np.ndarray) -> None:
     write_bytes_atomic(path, buf.tobytes())
 
 
+def _count_frames(path: Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    try:
+        n = 0
+        while cap.isOpened() and cap.grab():
+            n += 1
+        return n
+    finally:
+        cap.release()
+
+
 class VideoWriter:
     """mp4 writer for annotated videos. Frames go to a temp file beside `path`, renamed onto it by `close()`, so a
     crash never leaves a half-written video under the final name. The frame size is taken from the first frame;
@@ -129,16 +140,26 @@ class VideoWriter:
         self.frames += 1
 
     def close(self) -> None:
-        """Finish the file and move it into place (a writer that got no frame leaves no file)."""
+        """Finish the file and move it into place (a writer that got no frame leaves no file). The finished file is
+        read back first: OpenCV's writer reports no error when the disk fills, so an unplayable file is refused here
+        rather than renamed into place."""
         if self._tmp is None:
             return
         if self._writer is not None:
             self._writer.release()
             self._writer = None
-        if self.frames:
-            os.replace(self._tmp, self.path)
-        else:
+        if not self.frames:
             self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+            return
+        readable = _count_frames(self._tmp)
+        if readable < self.frames:
+            self.abort()
+            raise DynPoseError(
+                f"video {self.path}: only {readable} of {self.frames} frames could be read back from the written file "
+                "(disk full, or the codec failed); nothing was written"
+            )
+        os.replace(self._tmp, self.path)
         self._tmp = None
 
     def abort(self) -> None:
