@@ -53,29 +53,97 @@ class CocoDataset:
         return resolve_image(images_dir, self.images[image_id].file_name)
 
 
+def _short(v: object) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def as_id(v: object, name: str, where: str) -> int:
+    """An integer id or count; a float only when it is integral (785.0), never 785.7, "785" or true."""
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+        raise DynPoseError(f"{where}: {name!r} must be an integer, got {_short(v)}")
+    return int(v)
+
+
+def as_number(v: object, name: str, where: str) -> float:
+    if not _is_number(v):
+        raise DynPoseError(f"{where}: {name!r} must be a number, got {_short(v)}")
+    return float(v)  # type: ignore[arg-type]
+
+
+def as_box(v: object, where: str) -> np.ndarray:
+    """x, y, w, h as 4 numbers (a string such as "1234" is not a box, though it has 4 characters)."""
+    if not isinstance(v, list | tuple) or len(v) != 4 or not all(_is_number(x) for x in v):
+        raise DynPoseError(f"{where}: 'bbox' must be a list of 4 numbers [x, y, w, h], got {_short(v)}")
+    return np.asarray(v, dtype=np.float64)
+
+
+def _record(r: object, where: str, needs: tuple[str, ...]) -> dict:
+    if not isinstance(r, dict):
+        raise DynPoseError(f"{where}: expected an object with {', '.join(needs)}, got {_short(r)}")
+    missing = [k for k in needs if k not in r]
+    if missing:
+        raise DynPoseError(f"{where}: lacks {', '.join(repr(k) for k in missing)}")
+    return r
+
+
+def _keypoints(v: object, num: int | None, where: str) -> np.ndarray:
+    """(K,3) from a flat [x, y, v] * K list; K must be the category's keypoint count when it names one."""
+    if not isinstance(v, list) or not all(_is_number(x) for x in v) or len(v) % 3:
+        raise DynPoseError(f"{where}: 'keypoints' must be a flat list of [x, y, visibility] numbers, got {_short(v)}")
+    if num is not None and v and len(v) != 3 * num:
+        raise DynPoseError(f"{where}: {len(v)} keypoint values, the category's {num} keypoints need {3 * num}")
+    return np.asarray(v, dtype=np.float64).reshape(-1, 3)
+
+
+def _coco_image(im: object, where: str) -> CocoImage:
+    im = _record(im, where, ("id", "file_name"))
+    if not isinstance(im["file_name"], str) or not im["file_name"]:
+        raise DynPoseError(f"{where}: 'file_name' must be a non-empty string, got {_short(im['file_name'])}")
+    w, h = (as_id(im.get(k, 0), k, where) for k in ("width", "height"))
+    return CocoImage(as_id(im["id"], "id", where), im["file_name"], w, h)
+
+
+def _coco_person(a: dict, num: int | None, where: str) -> Person:
+    bbox = as_box(a["bbox"], where)
+    kp = _keypoints(a.get("keypoints", []), num, where)
+    area = as_number(a["area"], "area", where) if "area" in a else float(bbox[2] * bbox[3])
+    iid = as_id(a["image_id"], "image_id", where)
+    return Person(as_id(a.get("id", 0), "id", where), iid, bbox, kp, area, as_id(a.get("iscrowd", 0), "iscrowd", where))
+
+
 def load_coco(path: str | os.PathLike) -> CocoDataset:
-    """Read a COCO keypoint annotation file (COCO, CrowdPose, OCHuman, ExLPose all use this shape)."""
+    """Read a COCO keypoint annotation file (COCO, CrowdPose, OCHuman, ExLPose all use this shape).
+
+    Ids must be integers, boxes 4 numbers and keypoints 3 numbers per keypoint of the category; anything else is a
+    one-line DynPoseError naming the file and the record."""
     d = read_json(path, "annotation file")
     if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
         raise DynPoseError(f"annotation file {path}: not COCO format (needs 'images' and 'annotations')")
+    for key in ("images", "annotations"):
+        if not isinstance(d[key], list):
+            raise DynPoseError(f"annotation file {path}: {key!r} must be a list, got {type(d[key]).__name__}")
     names: list[str] = []
     for c in d.get("categories", []):
-        if c.get("keypoints"):
-            names = list(c["keypoints"])
+        if isinstance(c, dict) and c.get("keypoints"):
+            names = [str(n) for n in c["keypoints"]]
             break
-    images = {
-        int(im["id"]): CocoImage(int(im["id"]), str(im["file_name"]), int(im.get("width", 0)), int(im.get("height", 0)))
-        for im in d["images"]
-    }
-    for a in d["annotations"]:
-        if a.get("category_id", 1) != 1 or int(a["image_id"]) not in images:
+    images = {}
+    for i, im in enumerate(d["images"]):
+        image = _coco_image(im, f"annotation file {path}: image {i}")
+        images[image.id] = image
+    for i, a in enumerate(d["annotations"]):
+        where = f"annotation file {path}: annotation {i}"
+        a = _record(a, where, ("image_id", "bbox"))
+        if as_id(a.get("category_id", 1), "category_id", where) != 1:
             continue
-        kp = np.asarray(a.get("keypoints", []), dtype=np.float64).reshape(-1, 3)
-        bbox = np.asarray(a["bbox"], dtype=np.float64)
-        area = float(a.get("area", bbox[2] * bbox[3]))
-        images[int(a["image_id"])].persons.append(
-            Person(int(a.get("id", 0)), int(a["image_id"]), bbox, kp, area, int(a.get("iscrowd", 0)))
-        )
+        p = _coco_person(a, len(names) or None, where)
+        if p.image_id in images:
+            images[p.image_id].persons.append(p)
     return CocoDataset(Path(path), images, names)
 
 
@@ -92,21 +160,21 @@ def load_detections(path: str | os.PathLike, score_thr: float = 0.0) -> dict[int
     """COCO-format detections (list of {image_id, bbox xywh, score, category_id}) -> image id -> (M,5) x,y,w,h,score.
 
     Only person detections (category 1) at or above `score_thr` are kept; non-finite or non-positive boxes are
-    dropped here so no later stage sees them.
+    dropped here so no later stage sees them. A record of the wrong shape (not an object, a string box, a
+    fractional id) is a one-line DynPoseError naming the file and the record.
     """
     d = read_json(path, "detections file")
     if not isinstance(d, list):
         raise DynPoseError(f"detections file {path}: expected a JSON list of {{image_id, bbox, score}} records")
     out: dict[int, list[list[float]]] = {}
     for i, r in enumerate(d):
-        try:
-            if r.get("category_id", 1) != 1:
-                continue
-            x, y, w, h = (float(v) for v in r["bbox"])
-            s = float(r.get("score", 1.0))
-            iid = int(r["image_id"])
-        except (KeyError, TypeError, ValueError):
-            raise DynPoseError(f"detections file {path}: record {i} lacks image_id/bbox/score") from None
+        where = f"detections file {path}: record {i}"
+        r = _record(r, where, ("image_id", "bbox"))
+        if as_id(r.get("category_id", 1), "category_id", where) != 1:
+            continue
+        x, y, w, h = as_box(r["bbox"], where)
+        s = as_number(r.get("score", 1.0), "score", where)
+        iid = as_id(r["image_id"], "image_id", where)
         if not np.isfinite([x, y, w, h, s]).all() or w <= 0 or h <= 0 or s < score_thr:
             continue
         out.setdefault(iid, []).append([x, y, w, h, s])

@@ -1,15 +1,44 @@
-"""Small file helpers shared by every part that writes: atomic writes and content hashes."""
+"""Small file helpers shared by every part that writes: atomic writes, strict JSON and content hashes.
+
+An atomic write goes to a temp file beside the destination and is renamed onto it, so readers see the old file or
+the new one, never half of one. Around that rename this module decides the cases a plain `os.replace` gets wrong:
+  - a destination that is not a regular file (a device such as /dev/full, a FIFO, a folder) is refused: renaming a
+    regular file onto it would silently replace the device node or the pipe;
+  - a symlink is kept: the new content is renamed onto the link's target, so the link still points at it;
+  - the new file gets the mode any other file gets (0666 less the process umask, or the mode of the file it
+    replaces), not mkstemp's 0600;
+  - disk full, a read-only filesystem, a file-size limit or a permission error become one-line `DynPoseError`s,
+    and the temp file is removed, so nothing partial is left.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from dynpose.errors import DynPoseError
+
+# OSErrors that mean "this destination cannot take the write"; anything else raised while writing stays as it is.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device (disk full); free some space or write elsewhere",
+    errno.EDQUOT: "disk quota exceeded; free some space or write elsewhere",
+    errno.EFBIG: "file too large for this filesystem or the process's file-size limit (ulimit -f)",
+    errno.EROFS: "read-only filesystem; write elsewhere",
+    errno.EACCES: "permission denied; write to a folder you can write to",
+    errno.EPERM: "operation not permitted; write to a folder you can write to",
+}
+# Raised while the caller fills the temp file these can only come from the write; permission errors there may come
+# from something the caller reads, so only the steps this module does itself turn those into DynPoseErrors.
+_BODY_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -21,39 +50,151 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def write_error(e: OSError, dest: str | os.PathLike) -> DynPoseError | None:
+    """The one-line DynPoseError for an OSError that means `dest` cannot be written, else None."""
+    why = _WRITE_ERRORS.get(e.errno or 0)
+    return DynPoseError(f"cannot write {dest}: {why}; nothing was written") if why else None
+
+
+def _existing_mode(target: Path, dest: Path) -> int | None:
+    """Permission bits of the regular file at `target`, None if there is none; refuse anything else."""
+    try:
+        st = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):  # nothing there yet (a file in the folder path: mkdir says so)
+        return None
+    except OSError as e:
+        raise write_error(e, dest) or e from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DynPoseError(
+            f"cannot write {dest}: it is {_kind(st.st_mode)}, not a regular file; refusing to replace it "
+            "(give the path of a file)"
+        )
+    return stat.S_IMODE(st.st_mode)
+
+
+def resolve_target(dest: str | os.PathLike) -> Path:
+    """The file a write to `dest` should replace: `dest` itself, or the final target when it is a symlink."""
+    p = Path(dest)
+    return Path(os.path.realpath(p)) if p.is_symlink() else p
+
+
+def make_temp_beside(dest: str | os.PathLike, suffix: str = ".tmp") -> tuple[Path, Path]:
+    """(temp file, target): an empty temp file in the target's folder, created with the umask's mode like any new
+    file. `target` is `dest` or its symlink's target; refuses a target that exists and is not a regular file."""
+    dest = Path(dest)
+    target = resolve_target(dest)
+    _existing_mode(target, dest)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DynPoseError(f"cannot write {dest}: {target.parent} or a folder above it exists and is not a folder") from None
+    except OSError as e:
+        raise write_error(e, dest) or e from None
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            # O_EXCL: never reuse someone else's file; mode 0o666 lets the kernel apply the umask as for any file.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise write_error(e, dest) or e from None
+        os.close(fd)
+        return tmp, target
+    raise DynPoseError(f"cannot write {dest}: no free temp name in {target.parent}")  # pragma: no cover
+
+
+def replace_into(tmp: Path, target: Path, dest: str | os.PathLike | None = None) -> None:
+    """Rename a finished temp file onto `target` (from `make_temp_beside`), keeping the mode of a file it replaces."""
+    dest = dest if dest is not None else target
+    try:
+        mode = _existing_mode(target, Path(dest))
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise write_error(e, dest) or e from None
+
+
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success it is renamed onto `dest`, on error removed.
 
     The temp file lives in the destination folder so the final `os.replace` is a same-filesystem rename, which
-    is atomic: readers see the old file or the new one, never half of it.
+    is atomic. `suffix` ends the temp name (a writer that picks its format by suffix needs `.tmp.mp4`). See the
+    module note for symlinks, non-regular destinations, modes and write errors.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp, target = make_temp_beside(dest, suffix)
     try:
-        yield tmp_path
-        os.replace(tmp_path, dest)
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno in _BODY_ERRORS:
+                raise write_error(e, dest) or e from None
+            raise
+        replace_into(tmp, target, dest)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:
+def write_bytes_atomic(dest: str | os.PathLike, data: bytes | memoryview) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)
 
 
+def _nonfinite_at(obj: Any, where: str = "") -> tuple[str, float] | None:
+    """Where the first NaN or infinity sits in a JSON-like object (as `[3]['keypoints'][7]`), else None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (where or "the value", obj)
+    if isinstance(obj, dict):
+        items: Any = ((f"{where}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, list | tuple):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for w, v in items:
+        found = _nonfinite_at(v, w)
+        if found is not None:
+            return found
+    return None
+
+
+def dumps_json(obj: Any, indent: int | None = None, what: str = "JSON") -> str:
+    """json.dumps that refuses NaN and infinities (JSON has no such numbers; Python would write `NaN`, which
+    other readers reject) with a DynPoseError naming where the value sits."""
+    try:
+        return json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError:
+        found = _nonfinite_at(obj)
+        if found is None:
+            raise
+        where, v = found
+        raise DynPoseError(
+            f"{what}: {where} is {v}, which JSON cannot hold; nothing was written (a non-finite value "
+            "upstream: check the inputs that produced it)"
+        ) from None
+
+
 def write_json_atomic(dest: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(dest, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Write `obj` as indented JSON, atomically; refuses NaN/infinity (see `dumps_json`) before touching `dest`."""
+    write_bytes_atomic(dest, (dumps_json(obj, indent=2, what=f"cannot write {dest}") + "\n").encode())
 
 
 def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
     """Parse a JSON file, or raise a one-line DynPoseError naming the kind of file (`what`) and where it broke."""
-    from dynpose.errors import DynPoseError
-
     p = Path(path)
     if not p.is_file():
         raise DynPoseError(f"{what} {p}: file not found")

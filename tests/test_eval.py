@@ -164,8 +164,11 @@ def test_bad_results_are_one_clear_error(coco_gt: Path, crowd_gt: Path, tmp_path
     bad = [{**r, "image_id": 900000 + i} for i, r in enumerate(res)]
     with pytest.raises(DynPoseError, match=r"12 image id\(s\) not in the ground truth \(900000, 900001, .*\.\.\.\)"):
         evaluate_results(bad + res, coco_gt)
-    with pytest.raises(DynPoseError, match="42 keypoint values|needs 42"):
+    # COCO-17 results on CrowdPose are mapped to its 14 joints (so these fail on their COCO image ids instead)
+    with pytest.raises(DynPoseError, match=r"image id\(s\) not in the ground truth"):
         evaluate_results(res, crowd_gt)
+    with pytest.raises(DynPoseError, match=r"30 keypoint values, the ground truth needs 42 \(14 keypoints x 3\)"):
+        evaluate_results([{**res[0], "keypoints": [1.0] * 30}], crowd_gt)
     with pytest.raises(DynPoseError, match="kind 'crowdpose' needs 14"):
         evaluate_results(res, coco_gt, kind="crowdpose")
     with pytest.raises(DynPoseError, match="file not found"):
@@ -265,3 +268,96 @@ def test_real_model_results_match_pycocotools(tinypose_engine_dir: Path, coco_gt
     got = evaluate_results(results, coco_gt)
     assert got["stats"] == want.tolist()
     assert got["AP"] > 0.7  # TinyPose-256 on GT boxes (0.81 measured); a broken crop or decode falls far below
+
+
+def as_jsonl(results: list[dict], path: Path, names: dict[int, str] | None = None) -> Path:
+    """The `.jsonl` `dynpose-run --out` writes (one line per frame) holding these COCO records, plus a frame without
+    an image id as a video or a non-COCO file name gives."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        kp = np.asarray(r["keypoints"], dtype=np.float64).reshape(-1, 3).tolist()
+        by_image.setdefault(r["image_id"], []).append({"box": [0, 0, 1, 1], "score": r["score"], "keypoints": kp})
+    lines = [
+        {"frame": i, "name": (names or {}).get(iid, f"{iid}.jpg"), "image_id": iid, "persons": persons}
+        for i, (iid, persons) in enumerate(sorted(by_image.items()))
+    ]
+    lines.append({"frame": len(lines), "name": "holiday.jpg", "image_id": None, "persons": []})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_dynpose_run_jsonl_scores_as_its_coco_records(coco_gt: Path, tmp_path: Path) -> None:
+    res = perturbed(gt_as_results(coco_gt))
+    want = evaluate_results(res, coco_gt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = evaluate_results(as_jsonl(res, tmp_path / "run.jsonl"), coco_gt)
+        sniffed = evaluate_results(as_jsonl(res, tmp_path / "run_lines.json"), coco_gt)  # lines, whatever the suffix
+    assert got["stats"] == want["stats"] == sniffed["stats"] and got["num_results"] == len(res)
+    assert any("1 frame(s) have no image id (e.g. holiday.jpg)" in str(w.message) for w in caught)
+    r = CliRunner().invoke(eval_main, ["--gt", str(coco_gt), "--results", str(tmp_path / "run.jsonl")])
+    assert r.exit_code == 0 and "COCO keypoint AP/AR" in r.stdout, r.output
+
+
+def test_real_dynpose_run_jsonl_is_accepted(tinypose_engine_dir: Path, coco_dir: Path, tmp_path: Path) -> None:
+    """What dynpose-run really writes: its .jsonl and its .json give the same AP (to the .jsonl's rounding)."""
+    from dynpose.cli.run import main as run_main
+
+    args = ["--engine-dir", str(tinypose_engine_dir), "--source", str(coco_dir), "--route", "fraction:0.5"]
+    args += ["--detections", str(coco_dir / "test_coco_det_AP_H_56.json")]
+    for out in ("r.json", "r.jsonl"):
+        r = CliRunner().invoke(run_main, [*args, "--out", str(tmp_path / out)])
+        assert r.exit_code == 0, r.output
+    a = evaluate_results(tmp_path / "r.json", coco_gt := coco_dir / "test_coco.json")
+    b = evaluate_results(tmp_path / "r.jsonl", coco_gt)
+    assert a["num_results"] == b["num_results"] > 0 and 0.2 < a["AP"]
+    assert np.allclose(a["stats"], b["stats"], atol=0.01)
+
+
+def coco17_from(gt: Path, mapping: tuple) -> list[dict]:
+    """COCO-17 results placing each GT joint where a COCO-17 model would put it (joints COCO lacks: score 0)."""
+    out = []
+    for a in json.loads(gt.read_text())["annotations"]:
+        k = np.asarray(a["keypoints"], dtype=np.float64).reshape(-1, 3)
+        if a.get("iscrowd") or not (k[[j for j, s in enumerate(mapping) if s is not None], 2] > 0).any():
+            continue
+        c = np.zeros((17, 3))
+        for j, src in enumerate(mapping):
+            if src is not None:
+                c[src] = (k[j, 0], k[j, 1], 1.0)
+        out.append({"image_id": a["image_id"], "category_id": 1, "keypoints": c.ravel().tolist(), "score": 1.0})
+    return out
+
+
+def test_coco17_results_on_crowdpose_are_mapped(crowd_gt: Path) -> None:
+    from dynpose.keypoints import COCO17_TO_CROWDPOSE14
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = evaluate_results(coco17_from(crowd_gt, COCO17_TO_CROWDPOSE14), crowd_gt)
+    assert r["kind"] == "crowdpose" and r["mapped_from"] == "coco17" and r["joints_scored"] == 12
+    assert r["AP"] == 1.0  # the 12 limb joints exactly right; head and neck not held against it
+    assert any("head and neck have no COCO joint" in str(w.message) for w in caught)
+    mixed = coco17_from(crowd_gt, COCO17_TO_CROWDPOSE14)[:1] + gt_as_results(crowd_gt)[:1]
+    with pytest.raises(DynPoseError, match="mapped to CrowdPose-14 only when every record has 51 values"):
+        evaluate_results(mixed, crowd_gt)
+
+
+def test_coco17_predictions_on_mpii_are_mapped(mpii_gt: Path) -> None:
+    from dynpose.keypoints import COCO17_TO_MPII16
+
+    anns = load_mpii(mpii_gt)
+    joints = np.asarray([a["joints"] for a in anns], dtype=np.float64)
+    coco = np.zeros((len(anns), 17, 3))
+    for j, src in enumerate(COCO17_TO_MPII16):
+        if src is not None:
+            coco[:, src, :2] = joints[:, j]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = pckh(coco, anns)
+    assert r["Head"] == -1.0 and r["joints_scored"] == 12
+    assert all(r[n] == 100.0 for n in ("Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean", "Mean@0.1"))
+    assert [v for v in r["per_joint"] if v == -1.0] == [-1.0] * 4
+    assert any("no prediction for pelvis, thorax, upper_neck, head_top" in str(w.message) for w in caught)
+    with pytest.raises(DynPoseError, match="cannot be matched to that order"):
+        pckh(mpii_gt.with_suffix(".jsonl"), anns)

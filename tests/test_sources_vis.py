@@ -118,3 +118,50 @@ def test_draw_persons(coco_dir, tmp_path):
         draw_persons(img, [P((0, 0, 5, 5), 1.0, kp[:14], "small")], COCO17)
     write_image(tmp_path / "vis" / "a.jpg", out)
     assert cv2.imread(str(tmp_path / "vis" / "a.jpg")).shape == img.shape
+
+
+def test_header_sizes_match_the_decoder(coco_dir, shared, tmp_path):
+    from dynpose.runtime.sources import image_header_size
+
+    img = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    cases = {".jpg": [], ".png": [], ".bmp": [], ".tif": [], ".webp": [], "lossless.webp": [cv2.IMWRITE_WEBP_QUALITY, 101]}
+    for ext, params in cases.items():
+        ok, buf = cv2.imencode(ext[-5:] if ext.endswith("webp") else ext, img, params)
+        assert ok and image_header_size(buf.tobytes()) == (53, 37), ext
+    for f in [*shared.glob("data/*/*.jpg"), *shared.glob("data/*/*.png")]:
+        h, w = cv2.imread(str(f)).shape[:2]
+        assert image_header_size(f.read_bytes()) == (w, h), f
+    assert image_header_size(b"GIF89a....") is None and image_header_size(b"\xff\xd8\xff") is None
+
+
+def test_oversized_images_are_skipped_before_decoding(coco_dir, tmp_path, caplog):
+    from test_bad_inputs import tiny_jpeg_claiming, tiny_png_claiming
+
+    shutil.copy(coco_dir / "000000000785.jpg", tmp_path / "000000000785.jpg")
+    (tmp_path / "bomb.jpg").write_bytes(tiny_jpeg_claiming(65000, 65000))  # 629 bytes
+    (tmp_path / "blank.png").write_bytes(tiny_png_claiming(20000, 20000))
+    with caplog.at_level(logging.WARNING):
+        src = open_source(str(tmp_path))
+        frames = list(src)
+    assert [f.name for f in frames] == ["000000000785.jpg"] and src.skipped == 2
+    warned = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(warned) == 2 and all("over the limit of 50,000,000" in m for m in warned)
+    assert any("bomb.jpg: 65000 x 65000" in m for m in warned) and any("blank.png: 20000 x 20000" in m for m in warned)
+    # the limit is a parameter: 640 x 425 = 272,000 pixels is over 100,000
+    src = open_source(str(tmp_path / "000000000785.jpg"), max_pixels=100_000)
+    assert list(src) == [] and src.skipped == 1
+    assert len(list(open_source(str(tmp_path / "000000000785.jpg"), max_pixels=None))) == 1
+    # without a limit the 65000 x 65000 claim reaches OpenCV, whose error is a skip too, not a cv2.error
+    src = open_source(str(tmp_path), max_pixels=None)
+    assert [f.name for f in src] == ["000000000785.jpg"] and src.skipped == 2
+
+
+def test_read_image_returns_none_and_says_why(tmp_path, caplog):
+    from test_bad_inputs import tiny_jpeg_claiming
+
+    from dynpose.runtime.sources import read_image
+
+    (tmp_path / "bomb.jpg").write_bytes(tiny_jpeg_claiming(65000, 65000))
+    with caplog.at_level(logging.WARNING):
+        assert read_image(tmp_path / "bomb.jpg") is None
+    assert "over the limit" in caplog.text

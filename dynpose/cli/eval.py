@@ -54,7 +54,7 @@ Examples:
   dynpose-eval --gt mpii/annot/valid.json --results preds.npy --kind mpii
 
 \b
-Results: COCO result records [{image_id, category_id, keypoints [x,y,s]*K, score}, ...].
+Results: COCO result records [{image_id, category_id, keypoints [x,y,s]*K, score}, ...], or the .jsonl dynpose-run writes.
 MPII predictions: (N,16,2) joints in annotation order, as .npy or a JSON list (or {"preds": ...}).
 """
 

@@ -3,19 +3,35 @@
 `manifest.json` lists one entry per role (router, small, large, optionally detector). Each entry carries the model
 card, the file's size and sha256, the export checks' figures and the tool versions. Loading re-hashes every file and
 refuses a directory whose files are missing or altered, so a plan copied from elsewhere is checked before use.
+An ONNX entry whose weights live in external data files (`*.onnx.data`, any `location` in its tensors) lists them
+in `data_files` with their size and sha256, and they are checked the same way.
+
+`commit_staged` changes the files and the manifest together: new files come in under new, content-derived names
+(`large.<sha12>.onnx`), the manifest naming them is written atomically, and only then are the files nobody names
+any more removed. A crash at any point leaves the old manifest with its old files, or the new one with its new
+files; both load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import platform
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 from dynpose.errors import DynPoseError
-from dynpose.fileio import read_json, sha256_file, write_json_atomic
+from dynpose.fileio import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from dynpose.models.card import ModelCard
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "dynpose.manifest"
 SCHEMA_VERSION = 1
@@ -25,6 +41,72 @@ ROLES = ("router", "small", "large", "detector")
 FORMATS = ("onnx", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_ROUTE = "band:0.59,0.69"
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _short(v: object) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _check_rel(rel: object, what: str, where: str) -> str:
+    """A path inside the engine dir: a non-empty relative path without `..` (an entry cannot name files elsewhere)."""
+    if not isinstance(rel, str) or not rel:
+        raise DynPoseError(f"{where}: {what} must be a non-empty relative path, got {_short(rel)}")
+    p = PurePosixPath(rel.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or Path(rel).is_absolute():
+        raise DynPoseError(f"{where}: {what} {rel!r} points outside the engine dir; refused")
+    return rel
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_file_info(info: object, where: str) -> None:
+    """{size, sha256} as `describe_file` writes them."""
+    if not isinstance(info, dict) or not _is_int(info.get("size")) or info["size"] < 0:
+        raise DynPoseError(f"{where}: needs {{'size': bytes, 'sha256': hex}}, got {_short(info)}")
+    if not isinstance(info.get("sha256"), str) or not _SHA256.match(info["sha256"]):
+        raise DynPoseError(f"{where}: 'sha256' must be 64 hex digits, got {_short(info.get('sha256'))}")
+
+
+# Field -> type of the JSON value (None allowed where the dataclass default is None).
+_STR_FIELDS = ("role", "model", "file", "format", "precision", "input_name", "output_name")
+_DICT_FIELDS = ("checks", "versions", "data_files")
+_OPTIONAL_FIELDS = {"checkpoint_sha256": str, "tensorrt": dict, "source": str}
+
+
+def _check_fields(d: dict[str, Any], where: str) -> None:
+    """Types and ranges of an entry's JSON fields, each a one-line error naming the field."""
+    for k in _STR_FIELDS:
+        if k in d and (not isinstance(d[k], str) or not d[k]):
+            raise DynPoseError(f"{where}: {k!r} must be a non-empty string, got {_short(d[k])}")
+    for k in _DICT_FIELDS:
+        if k in d and not isinstance(d[k], dict):
+            raise DynPoseError(f"{where}: {k!r} must be an object, got {_short(d[k])}")
+    for k, t in _OPTIONAL_FIELDS.items():
+        if d.get(k) is not None and not isinstance(d[k], t):
+            kind = "a string" if t is str else "an object"
+            raise DynPoseError(f"{where}: {k!r} must be {kind} or null, got {_short(d[k])}")
+    for k in ("min_batch", "max_batch"):
+        if k in d and (not _is_int(d[k]) or d[k] < 1):
+            raise DynPoseError(f"{where}: {k!r} must be an integer >= 1, got {_short(d[k])}")
+    if d.get("min_batch", 1) > d.get("max_batch", 64):
+        raise DynPoseError(f"{where}: 'min_batch' {d.get('min_batch', 1)} is above 'max_batch' {d.get('max_batch', 64)}")
+    if "size" in d and (not _is_int(d["size"]) or d["size"] < 0):
+        raise DynPoseError(f"{where}: 'size' must be a byte count (integer >= 0), got {_short(d['size'])}")
+    if "sha256" in d and (not isinstance(d["sha256"], str) or not _SHA256.match(d["sha256"])):
+        raise DynPoseError(f"{where}: 'sha256' must be 64 hex digits, got {_short(d['sha256'])}")
+    if "file" in d:
+        _check_rel(d["file"], "'file'", where)
+    if d.get("source") is not None:
+        _check_rel(d["source"], "'source'", where)
+    for name, info in d.get("data_files", {}).items():
+        _check_rel(name, "data file", where)
+        _check_file_info(info, f"{where} data file {name!r}")
 
 
 @dataclass
@@ -48,15 +130,25 @@ class Entry:
     versions: dict[str, str] = field(default_factory=dict)
     tensorrt: dict[str, Any] | None = None  # plan only: version, gpu, compute capability, profile shapes
     source: str | None = None  # the ONNX this plan was built from (relative), for plans
+    # ONNX external data: engine-dir-relative path -> {"size", "sha256"}; verified on load like `file`.
+    data_files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["card"] = self.card.to_dict()
+        if not self.data_files:
+            del d["data_files"]  # manifests without external data stay as older dynpose versions wrote them
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str) -> Entry:
+    def from_dict(cls, d: Any, where: str) -> Entry:
+        if not isinstance(d, dict):
+            raise DynPoseError(f"{where}: expected an entry object {{role, model, file, ...}}, got {_short(d)}")
         d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)}, key=str)
+        if unknown:
+            raise DynPoseError(f"{where}: unknown field(s) {unknown}; written by a newer dynpose? re-export the engine dir")
+        _check_fields(d, where)
         try:
             card = ModelCard.from_dict(d.pop("card"), where=f"{where} card")
             e = cls(card=card, **d)
@@ -71,6 +163,10 @@ class Entry:
         if e.precision not in PRECISIONS:
             raise DynPoseError(f"{where}: precision must be one of {PRECISIONS}, got {e.precision!r}")
         return e
+
+    def files(self) -> list[str]:
+        """Every engine-dir file this entry needs: its `file` and its external data files."""
+        return [self.file, *self.data_files]
 
 
 def tool_versions() -> dict[str, str]:
@@ -106,7 +202,7 @@ class Manifest:
     def require(self, role: str, fmt: str | None = None, engine_dir: str | os.PathLike = "") -> Entry:
         e = self.get(role, fmt)
         if e is None:
-            what = f"a {fmt} '{role}' entry" if fmt else f"a '{role}' entry"
+            what = f"{fmt} '{role}' entry" if fmt else f"'{role}' entry"
             raise DynPoseError(
                 f"engine dir {engine_dir}: manifest has no {what}; export one with "
                 f"`dynpose-export --role {role} ... --engine-dir {engine_dir or 'engines/'}`"
@@ -156,35 +252,281 @@ class Manifest:
                 f"{path}: manifest version {d.get('version')!r}, this dynpose reads version {SCHEMA_VERSION}; "
                 "re-export with this version"
             )
-        entries = [Entry.from_dict(e, where=f"{path} entry {i}") for i, e in enumerate(d.get("entries", []))]
-        m = cls(entries=entries, route=d.get("route", DEFAULT_ROUTE), notes=d.get("notes", {}))
+        raw = d.get("entries", [])
+        if not isinstance(raw, list):
+            raise DynPoseError(f"{path}: 'entries' must be a list of entry objects, got {_short(raw)}; re-export it")
+        route, notes = d.get("route", DEFAULT_ROUTE), d.get("notes", {})
+        if not isinstance(route, str) or not route:
+            raise DynPoseError(f"{path}: 'route' must be a policy string such as {DEFAULT_ROUTE!r}, got {_short(route)}")
+        if not isinstance(notes, dict):
+            raise DynPoseError(f"{path}: 'notes' must be an object, got {_short(notes)}")
+        entries = [Entry.from_dict(e, where=f"{path} entry {i}") for i, e in enumerate(raw)]
+        m = cls(entries=entries, route=route, notes=notes)
         if verify:
             m.verify(engine_dir)
         return m
 
     def verify(self, engine_dir: str | os.PathLike) -> None:
+        """Check every named file (and external data file) by size, then sha256; an ONNX entry's file must not use
+        external data the entry does not list (its weights would go unchecked)."""
         engine_dir = Path(engine_dir)
         for e in self.entries:
-            f = engine_dir / e.file
-            if Path(e.file).is_absolute() or ".." in Path(e.file).parts:
-                raise DynPoseError(f"engine dir {engine_dir}: entry {e.role} names {e.file!r} outside the dir; refused")
-            if not f.is_file():
-                raise DynPoseError(f"engine dir {engine_dir}: {e.role} file {e.file} is missing; re-export it")
-            size = f.stat().st_size
-            if size != e.size:
-                raise DynPoseError(
-                    f"engine dir {engine_dir}: {e.file} has {size} bytes, manifest says {e.size}; the file was altered "
-                    "or replaced, re-export it"
-                )
-            digest = sha256_file(f)
-            if digest != e.sha256:
-                raise DynPoseError(
-                    f"engine dir {engine_dir}: {e.file} sha256 {digest[:12]}... does not match the manifest "
-                    f"({e.sha256[:12]}...); the file was altered, re-export it"
-                )
+            where = f"engine dir {engine_dir}"
+            _check_rel(e.file, f"entry {e.role} file", where)
+            found_location = _verify_file(engine_dir, e.file, {"size": e.size, "sha256": e.sha256}, e.role)
+            for name, info in e.data_files.items():
+                _check_rel(name, f"entry {e.role} data file", where)
+                _verify_file(engine_dir, name, info, f"{e.role} data")
+            if e.format == "onnx" and found_location:
+                undeclared = sorted(set(data_file_names(engine_dir, e.file)) - set(e.data_files))
+                if undeclared:
+                    raise DynPoseError(
+                        f"{where}: {e.file} reads external data {undeclared} that the manifest does not list, so "
+                        "its weights cannot be checked; re-export it with this dynpose"
+                    )
+
+
+# The bytes an ONNX file holds when a tensor names external data: the `location` key of a StringStringEntryProto
+# (field 1, length 8). Seen while hashing, so only such files are parsed to list their data files.
+_LOCATION_KEY = b"\x0a\x08location"
+
+
+def _hash_and_find(path: Path, needle: bytes, chunk: int = 1 << 20) -> tuple[str, bool]:
+    """sha256 of a file and whether `needle` occurs in it, in one read."""
+    h = hashlib.sha256()
+    found, tail = False, b""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            found = found or needle in tail + block
+            tail = block[-(len(needle) - 1) :]
+    return h.hexdigest(), found
+
+
+def _verify_file(engine_dir: Path, rel: str, info: dict[str, Any], what: str) -> bool:
+    """Size then sha256 of one file against the manifest; returns whether it may name external data."""
+    f = engine_dir / rel
+    if not f.is_file():
+        raise DynPoseError(f"engine dir {engine_dir}: {what} file {rel} is missing; re-export it")
+    size = f.stat().st_size
+    if size != info["size"]:
+        raise DynPoseError(
+            f"engine dir {engine_dir}: {rel} has {size} bytes, manifest says {info['size']}; the file was altered "
+            "or replaced, re-export it"
+        )
+    digest, found = _hash_and_find(f, _LOCATION_KEY)
+    if digest != info["sha256"]:
+        raise DynPoseError(
+            f"engine dir {engine_dir}: {rel} sha256 {digest[:12]}... does not match the manifest "
+            f"({info['sha256'][:12]}...); the file was altered, re-export it"
+        )
+    return found
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph stores: initializers, sparse initializers, node attributes, subgraphs (If/Loop bodies)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Any) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _graph_tensors(a.g)
+            for g in a.graphs:
+                yield from _graph_tensors(g)
+
+
+def _model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _graph_tensors(model.graph)
+    for fn in model.functions:
+        yield from _node_tensors(fn.node)
+
+
+def _load_proto(path: Path) -> onnx.ModelProto:
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DynPoseError(f"ONNX model {path}: not a readable ONNX file ({first})") from None
+
+
+def onnx_external_data(path: str | os.PathLike) -> list[str]:
+    """The external data files an ONNX file reads, as its tensors' `location`s (relative to the file's folder).
+
+    A location that is absolute or climbs out of the folder (`..`) is refused: an engine dir must be self-contained
+    and every file in it hashed."""
+    import onnx
+
+    path = Path(path)
+    out: set[str] = set()
+    for t in _model_tensors(_load_proto(path)):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = {kv.key: kv.value for kv in t.external_data}.get("location", "")
+        _check_rel(loc, f"external data location of tensor {t.name!r}", f"ONNX model {path}")
+        out.add(loc)
+    return sorted(out)
+
+
+def data_file_names(base_dir: str | os.PathLike, rel: str) -> list[str]:
+    """The external data files of the ONNX file `rel` (relative to `base_dir`), as `base_dir`-relative paths."""
+    parent = PurePosixPath(rel).parent
+    return [str(parent / loc) for loc in onnx_external_data(Path(base_dir) / rel)]
 
 
 def describe_file(engine_dir: str | os.PathLike, rel: str) -> dict[str, Any]:
-    """size and sha256 of a file in the engine dir, as the manifest stores them."""
-    f = Path(engine_dir) / rel
-    return {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    """size and sha256 of a file in the engine dir, as the manifest stores them, plus `data_files` (name -> {size,
+    sha256}) for an ONNX file whose weights are external data (empty otherwise). Set both on the entry:
+    `e.size, e.sha256, e.data_files = info["size"], info["sha256"], info["data_files"]`."""
+    engine_dir = Path(engine_dir)
+    f = engine_dir / rel
+    digest, found = _hash_and_find(f, _LOCATION_KEY)
+    data: dict[str, dict[str, Any]] = {}
+    if found and f.suffix.lower() == ".onnx":
+        for name in data_file_names(engine_dir, rel):
+            d = engine_dir / name
+            if not d.is_file():
+                raise DynPoseError(f"ONNX model {f}: its external data file {name} is missing; save it beside the model")
+            data[name] = {"size": d.stat().st_size, "sha256": sha256_file(d)}
+    return {"size": f.stat().st_size, "sha256": digest, "data_files": data}
+
+
+# -- commit: files and manifest change together ---------------------------------------------------------------------
+_TAG = re.compile(r"\.[0-9a-f]{12}$")
+# Hook called before each step of `commit_staged`: ("move", name), ("manifest", "manifest.json"), ("remove", name).
+StepHook = Callable[[str, str], None]
+
+
+def content_name(rel: str, sha256: str) -> str:
+    """`large.onnx` -> `large.<first 12 hex of sha256>.onnx` (`.onnx.data` counts as one suffix). Names that depend
+    on the content never collide with a different file, so a commit never overwrites a file the old state uses."""
+    p = PurePosixPath(rel)
+    suffix = ".onnx.data" if p.name.endswith(".onnx.data") else p.suffix
+    stem = p.name[: len(p.name) - len(suffix)] if suffix else p.name
+    stem = _TAG.sub("", stem)  # a committed name re-staged keeps one tag
+    return str(p.with_name(f"{stem}.{sha256[:12]}{suffix}"))
+
+
+def _relocate(onnx_path: Path, renames: dict[str, str]) -> None:
+    """Point the ONNX file's external-data `location`s at the renamed data files (rewritten in place, atomically)."""
+    import onnx
+
+    model = _load_proto(onnx_path)
+    for t in _model_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for kv in t.external_data:
+                if kv.key == "location" and kv.value in renames:
+                    kv.value = renames[kv.value]
+    write_bytes_atomic(onnx_path, model.SerializeToString())
+
+
+def _name_staged(stage: Path, e: Entry) -> list[tuple[str, str]]:
+    """Give a staged entry its final names and hashes (data files first, then the file that reads them); returns the
+    (staged name, final name) moves, data files first."""
+    moves: list[tuple[str, str]] = []
+    data: dict[str, dict[str, Any]] = {}
+    if (stage / e.file).suffix.lower() == ".onnx":
+        parent = PurePosixPath(e.file).parent
+        renames = {}
+        for loc in onnx_external_data(stage / e.file):
+            staged = str(parent / loc)
+            if not (stage / staged).is_file():
+                raise DynPoseError(f"ONNX model {stage / e.file}: its external data file {loc} is missing beside it")
+            digest = sha256_file(stage / staged)
+            info = {"size": (stage / staged).stat().st_size, "sha256": digest}
+            final = content_name(staged, digest)
+            renames[loc] = str(PurePosixPath(loc).with_name(PurePosixPath(final).name))  # relative to the ONNX
+            data[final] = info
+            moves.append((staged, final))
+        if any(k != v for k, v in renames.items()):
+            _relocate(stage / e.file, renames)
+    sha = sha256_file(stage / e.file)
+    final = content_name(e.file, sha)
+    moves.append((e.file, final))
+    e.file, e.size, e.sha256, e.data_files = final, (stage / e.file).stat().st_size, sha, data
+    return moves
+
+
+def _named_files(engine_dir: Path) -> set[str]:
+    """Files the engine dir's current manifest names (empty when there is none or it is unreadable: then nothing
+    is known to be ours, and nothing is removed)."""
+    try:
+        return {f for e in Manifest.load(engine_dir, verify=False).entries for f in e.files()}
+    except DynPoseError:
+        return set()
+
+
+def _current_manifest(engine_dir: Path) -> Manifest:
+    if not (engine_dir / MANIFEST_NAME).is_file():
+        return Manifest()
+    try:
+        return Manifest.load(engine_dir, verify=False)
+    except DynPoseError as err:
+        log.warning("replacing an unreadable manifest (%s)", err)
+        return Manifest()
+
+
+def commit_staged(
+    engine_dir: str | os.PathLike,
+    stage: str | os.PathLike,
+    entries: Sequence[Entry],
+    manifest: Manifest | None = None,
+    on_step: StepHook | None = None,
+) -> Manifest:
+    """Move staged files into the engine dir and switch the manifest to them, so any crash leaves a loadable dir.
+
+    `entries` name their files relative to `stage` (a folder inside `engine_dir`: the moves are same-filesystem
+    renames). Each file, and each external data file an ONNX reads, comes in under a new content name
+    (`content_name`); the entries get those names, sizes, sha256s and `data_files`, and a plan's `source` follows
+    a renamed ONNX. The entries are put into `manifest` (default: the engine dir's current one; same role+format
+    replaced), it is written atomically, and only then are the files the previous manifest named and the new one
+    does not removed. A failure before the manifest is written removes the files this call moved in, so the old
+    state stays as it was; `on_step(step, name)` runs before every move, the manifest write and every removal
+    (tests raise from it to stand for a crash there). Returns the manifest written.
+    """
+    engine_dir, stage = Path(engine_dir), Path(stage)
+    hook = on_step or (lambda step, name: None)
+    previous = _named_files(engine_dir)
+    manifest = manifest if manifest is not None else _current_manifest(engine_dir)
+    staged_names = {e.file: e for e in entries}
+    moves: list[tuple[str, str]] = []
+    for e in entries:
+        moves += _name_staged(stage, e)
+    renamed = dict(moves)
+    for e in entries:
+        if e.source is not None and e.source in staged_names:
+            e.source = renamed[e.source]
+    moved: list[str] = []
+    try:
+        for src, dst in moves:
+            hook("move", dst)
+            (engine_dir / dst).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / src, engine_dir / dst)
+            moved.append(dst)
+        for e in entries:
+            manifest.put(e)
+        hook("manifest", MANIFEST_NAME)
+        manifest.save(engine_dir)
+    except BaseException:
+        for dst in moved:
+            if dst not in previous:  # a same-content file the old manifest names stays
+                (engine_dir / dst).unlink(missing_ok=True)
+        raise
+    still_named = {f for e in manifest.entries for f in e.files()}
+    for f in sorted(previous - still_named):
+        hook("remove", f)
+        try:
+            (engine_dir / f).unlink(missing_ok=True)
+        except OSError as err:  # the new state is in place; a leftover file only takes space
+            log.warning("could not remove %s, which the manifest no longer names: %s", engine_dir / f, err)
+    return manifest

@@ -13,6 +13,14 @@ run plain pycocotools with those four differences set as data, so no fork is nee
      crowdposetools' `summarize` uses: `get_type_result(first=0.2, second=0.8)`; the CrowdPose paper describes
      0.1/0.8, the code uses 0.2), each subset is evaluated on its own, and the figure is
      round(mean(precision[:, :, :, area 'all', :]), 4) over all entries, as crowdposetools computes it.
+
+Results come as COCO result records (a JSON list) or as the `.jsonl` `dynpose-run --out` writes (one frame per
+line, persons with [[x, y, score], ...] keypoints), converted here to COCO records.
+
+A COCO-17 model on CrowdPose: its 51-value results are mapped to CrowdPose-14 (`dynpose.keypoints.
+COCO17_TO_CROWDPOSE14`). CrowdPose's head and neck have no COCO joint; they are not guessed but left out of the
+scoring (the ground truth's head and neck are set unlabelled in the copy that is evaluated), so the figures are
+CrowdPose AP over the twelve limb joints, reported with `mapped_from: coco17` and a warning.
 """
 
 from __future__ import annotations
@@ -20,15 +28,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dynpose.data import as_id, as_number
 from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json
-from dynpose.keypoints import COCO17, CROWDPOSE14
+from dynpose.keypoints import COCO17, COCO17_TO_CROWDPOSE14, CROWDPOSE14, map_keypoints
 
 COCO_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 CROWDPOSE_NAMES = ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP(easy)", "AP(medium)", "AP(hard)")
@@ -64,23 +75,102 @@ def resolve_kind(gt: dict, kind: str, where: str = "ground truth") -> str:
     return kind
 
 
-def _check_results(results: list, gt: dict, num_kpts: int, where: str) -> list[dict]:
+def _frame_results(rec: Any, where: str) -> list[dict]:
+    """COCO records of one `dynpose-run` JSON line ({frame, name, image_id, persons: [{score, keypoints}]})."""
+    if not isinstance(rec, dict) or "image_id" not in rec or not isinstance(rec.get("persons"), list):
+        raise DynPoseError(f"{where}: expected a dynpose-run frame {{frame, name, image_id, persons: [...]}}")
+    iid = as_id(rec["image_id"], "image_id", where)
+    out = []
+    for j, p in enumerate(rec["persons"]):
+        pw = f"{where} person {j}"
+        if not isinstance(p, dict) or "keypoints" not in p or "score" not in p:
+            raise DynPoseError(f"{pw}: needs keypoints and score")
+        kp = p["keypoints"]
+        if not isinstance(kp, list) or not all(isinstance(k, list) and len(k) == 3 for k in kp):
+            raise DynPoseError(f"{pw}: 'keypoints' must be a list of [x, y, score] triples")
+        flat = [as_number(v, "keypoints", pw) for k in kp for v in k]
+        out.append({"image_id": iid, "category_id": 1, "keypoints": flat, "score": as_number(p["score"], "score", pw)})
+    return out
+
+
+def jsonl_results(path: str | os.PathLike) -> list[dict]:
+    """COCO result records from the `.jsonl` that `dynpose-run --out` writes. Frames without an image id (a video,
+    images not named by their COCO id) cannot be matched to the ground truth: they are left out with a warning."""
+    p = Path(path)
+    if not p.is_file():
+        raise DynPoseError(f"results {p}: file not found")
+    out: list[dict] = []
+    no_id: list[str] = []
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                why = f"line {n} is not valid JSON ({e.msg}); is this dynpose-run's .jsonl?"
+                raise DynPoseError(f"results {p}: {why}") from None
+            if isinstance(rec, dict) and rec.get("image_id", 0) is None:
+                no_id.append(str(rec.get("name", f"line {n}")))
+                continue
+            out += _frame_results(rec, f"results {p}: line {n}")
+    if no_id:
+        warnings.warn(
+            f"results {p}: {len(no_id)} frame(s) have no image id (e.g. {no_id[0]}) and are not scored; name images "
+            "by their numeric COCO id (000000000785.jpg) or run with --ann",
+            stacklevel=2,
+        )
+    return out
+
+
+def load_results(results: list | str | os.PathLike) -> list:
+    """Result records from a list, a COCO results JSON file, or dynpose-run's `.jsonl` (by suffix, or a file whose
+    first character opens an object rather than a list)."""
+    if isinstance(results, list):
+        return results
+    p = Path(results)
+    if p.suffix.lower() == ".jsonl":
+        return jsonl_results(p)
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4096).lstrip().startswith(b"{"):
+                return jsonl_results(p)
+    return read_json(p, "results", hint="pass a COCO results file or dynpose-run's .jsonl")
+
+
+def _check_record(r: Any, i: int, where: str) -> dict:
+    if not isinstance(r, dict) or "image_id" not in r or "keypoints" not in r or "score" not in r:
+        raise DynPoseError(f"{where}: record {i} needs image_id, keypoints and score")
+    rw = f"{where}: record {i}"
+    kp = r["keypoints"]
+    if not isinstance(kp, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in kp):
+        raise DynPoseError(f"{rw}: 'keypoints' must be a flat list of numbers [x, y, score] * K")
+    r = dict(r)
+    r["image_id"] = as_id(r["image_id"], "image_id", rw)
+    as_number(r["score"], "score", rw)
+    r.setdefault("category_id", 1)
+    return r
+
+
+def _check_results(results: list, gt: dict, num_kpts: int, where: str) -> tuple[list[dict], bool]:
     """Validate and copy results (pycocotools' loadRes writes area/id/bbox into each record, only at the top level, so a
-    shallow copy keeps the caller's records intact); give a DynPoseError where pycocotools would assert."""
+    shallow copy keeps the caller's records intact); give a DynPoseError where pycocotools would assert. COCO-17
+    records against CrowdPose-14 ground truth are mapped (module note); returns (records, mapped)."""
     if not isinstance(results, list):
         raise DynPoseError(f"{where}: expected a JSON list of {{image_id, category_id, keypoints, score}} records")
     gt_ids = {int(im["id"]) for im in gt["images"]}
-    out = []
-    for i, r in enumerate(results):
-        if not isinstance(r, dict) or "image_id" not in r or "keypoints" not in r or "score" not in r:
-            raise DynPoseError(f"{where}: record {i} needs image_id, keypoints and score")
-        kp = r["keypoints"]
-        if not isinstance(kp, list) or len(kp) != num_kpts * 3:
-            n = len(kp) if isinstance(kp, list) else type(kp).__name__
-            raise DynPoseError(f"{where}: record {i} has {n} keypoint values, the ground truth needs {num_kpts * 3}")
-        r = dict(r)
-        r.setdefault("category_id", 1)
-        out.append(r)
+    out = [_check_record(r, i, where) for i, r in enumerate(results)]
+    mapped = num_kpts == CROWDPOSE14.num and bool(out) and all(len(r["keypoints"]) == 3 * COCO17.num for r in out)
+    for i, r in enumerate(out):
+        if mapped:
+            kp = map_keypoints(np.asarray(r["keypoints"]).reshape(COCO17.num, 3), COCO17_TO_CROWDPOSE14, fill=0.0)
+            r["keypoints"] = kp.reshape(-1).tolist()
+        elif len(r["keypoints"]) != num_kpts * 3:
+            n = len(r["keypoints"])
+            raise DynPoseError(
+                f"{where}: record {i} has {n} keypoint values, the ground truth needs {num_kpts * 3} ({num_kpts} "
+                f"keypoints x 3){_count_hint(n, num_kpts)}"
+            )
     foreign = sorted({r["image_id"] for r in out} - gt_ids, key=str)
     if foreign:
         few = ", ".join(str(x) for x in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
@@ -88,7 +178,27 @@ def _check_results(results: list, gt: dict, num_kpts: int, where: str) -> list[d
             f"{where}: {len(foreign)} image id(s) not in the ground truth ({few}); evaluate against the annotation "
             "file the results were made from"
         )
-    return out
+    return out, mapped
+
+
+def _count_hint(n: int, num_kpts: int) -> str:
+    if n == 3 * CROWDPOSE14.num and num_kpts == COCO17.num:
+        return "; these are CrowdPose-14 results, which COCO-17 ground truth cannot score"
+    if n == 3 * COCO17.num:
+        return "; COCO-17 results are mapped to CrowdPose-14 only when every record has 51 values"
+    return ""
+
+
+def _mask_unmapped(gt: dict) -> dict:
+    """The CrowdPose GT with the joints COCO-17 lacks (head, neck) set unlabelled, so OKS is over the 12 it has."""
+    unmapped = [j for j, src in enumerate(COCO17_TO_CROWDPOSE14) if src is None]
+    for a in gt["annotations"]:
+        kp = list(a["keypoints"])
+        for j in unmapped:
+            kp[3 * j : 3 * j + 3] = [0, 0, 0]
+        a["keypoints"] = kp
+        a["num_keypoints"] = int(np.count_nonzero(np.asarray(kp[2::3]) > 0))
+    return gt
 
 
 def _coco_api(dataset: dict) -> Any:
@@ -180,9 +290,15 @@ def evaluate_results(
         raise DynPoseError(f"ground truth {gt}: not COCO format (needs 'images' and 'annotations')")
     kind = resolve_kind(gt_data, kind, f"ground truth {gt}")
     where = f"results {results}" if not isinstance(results, list) else "results"
-    raw = read_json(results, "results", hint="pass a COCO-format file") if not isinstance(results, list) else results
+    raw = load_results(results)
     num_kpts = COCO17.num if kind == "coco" else CROWDPOSE14.num
-    res = _check_results(raw, gt_data, num_kpts, where)
+    res, mapped = _check_results(raw, gt_data, num_kpts, where)
+    if mapped:
+        warnings.warn(
+            f"{where}: COCO-17 results mapped to CrowdPose-14; CrowdPose's head and neck have no COCO joint and are "
+            "left out, so these figures are over the 12 limb joints (not comparable to a CrowdPose-14 model's)",
+            stacklevel=2,
+        )
     if not res:
         warnings.warn(f"{where}: no results; every AP/AR is 0 (or -1 where the ground truth has no persons)", stacklevel=2)
 
@@ -193,6 +309,8 @@ def evaluate_results(
             stacklevel=2,
         )
     gt_eval = _crowdpose_gt(gt_data) if kind == "crowdpose" else gt_data
+    if mapped:
+        gt_eval = _mask_unmapped(gt_eval)
     out_buf = io.StringIO()
     sink: Any = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(out_buf)
     with sink:
@@ -205,6 +323,7 @@ def evaluate_results(
         with contextlib.redirect_stdout(summary_buf):
             ev.summarize()
     s = [float(v) for v in ev.stats]
+    names: tuple[str, ...]
     if kind == "coco":
         names, stats = COCO_NAMES, s
         summary = summary_buf.getvalue()
@@ -221,4 +340,6 @@ def evaluate_results(
         print(summary, end="")
     out: dict[str, Any] = {"kind": kind, **dict(zip(names, stats, strict=True))}
     out.update(names=list(names), stats=stats, summary=summary, num_results=len(res), num_images=len(gt_data["images"]))
+    if mapped:
+        out.update(mapped_from="coco17", joints_scored=sum(src is not None for src in COCO17_TO_CROWDPOSE14))
     return out

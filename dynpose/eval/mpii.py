@@ -14,6 +14,12 @@ Figures are per joint pair as the HRNet README table: Head, Shoulder, Elbow, Wri
 and right), Mean (pelvis and thorax excluded, weighted by labelled-joint counts) and Mean@0.1. Mean@0.1 is at
 threshold 0.1 as MMPose 1.x computes it (`pckAll[10]`); HRNet's and MMPose 0.x's code index `pckAll[11]`, which is
 threshold 0.11, so their Mean@0.1 reads slightly higher than this one on the same predictions.
+
+A COCO-17 model's predictions ((N,17,2|3)) are mapped to MPII-16 (`dynpose.keypoints.COCO17_TO_MPII16`): the twelve
+limb joints exist in both. Pelvis, thorax, upper neck and head top have no COCO joint and are not guessed: they are
+not scored (per-joint figure -1, Head -1), and Mean / Mean@0.1 are over the twelve limb joints (the official Mean
+also leaves out pelvis and thorax; here upper neck and head top are out too). The result says `mapped_from: coco17`
+and a warning says the figures are not comparable to a 16-joint model's.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 
 from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json
+from dynpose.keypoints import COCO17, COCO17_TO_MPII16, MPII16_NAMES, map_keypoints
 
 SC_BIAS = 0.6
 NUM_JOINTS = 16
@@ -60,9 +67,15 @@ def load_mpii(path: str | os.PathLike) -> list[dict]:
 
 def load_predictions(preds: np.ndarray | list | str | os.PathLike) -> np.ndarray:
     """(N,16,2) predictions from an array, a nested list, a .npy file, or a JSON file holding a list of (16,2|3)
-    per-person joints or {"preds": ...}; a third column (scores) is dropped."""
+    per-person joints or {"preds": ...}; a third column (scores) is dropped. COCO-17 joints ((N,17,2|3)) are mapped
+    to MPII order with NaN where COCO has no joint (see the module note)."""
     if isinstance(preds, str | os.PathLike):
         p = Path(preds)
+        if p.suffix.lower() == ".jsonl":
+            raise DynPoseError(
+                f"predictions {p}: MPII predictions are one (16,2) list per annotated person, in the annotation "
+                "file's order; dynpose-run's .jsonl lists persons per frame and cannot be matched to that order"
+            )
         if p.suffix == ".npy":
             if not p.is_file():
                 raise DynPoseError(f"predictions {p}: file not found")
@@ -76,10 +89,12 @@ def load_predictions(preds: np.ndarray | list | str | os.PathLike) -> np.ndarray
         a = np.asarray(preds, dtype=np.float64)
     except (TypeError, ValueError):
         raise DynPoseError("predictions: not a numeric (N,16,2) array; write one (16,2) list per person") from None
-    if a.ndim == 2 and a.shape[1] in (NUM_JOINTS * 2, NUM_JOINTS * 3):
-        a = a.reshape(len(a), NUM_JOINTS, -1)
+    if a.ndim == 2 and a.shape[1] in (NUM_JOINTS * 2, NUM_JOINTS * 3, COCO17.num * 2, COCO17.num * 3):
+        a = a.reshape(len(a), NUM_JOINTS if a.shape[1] in (NUM_JOINTS * 2, NUM_JOINTS * 3) else COCO17.num, -1)
+    if a.ndim == 3 and a.shape[1] == COCO17.num and a.shape[2] in (2, 3):
+        a = map_keypoints(a, COCO17_TO_MPII16)
     if a.ndim != 3 or a.shape[1] != NUM_JOINTS or a.shape[2] not in (2, 3):
-        raise DynPoseError(f"predictions: shape {a.shape}, expected (N,16,2) in MPII joint order")
+        raise DynPoseError(f"predictions: shape {a.shape}, expected (N,16,2) in MPII joint order (or (N,17,2) COCO-17)")
     return a[:, :, :2]
 
 
@@ -120,6 +135,18 @@ def pckh(
         )
         visible[bad] = False
         size[bad] = 1.0
+    # A joint predicted for nobody (NaN throughout: what a COCO-17 model mapped to MPII lacks) is not scored; a NaN
+    # for one person is that person's miss.
+    scored = ~np.isnan(p).all(axis=(0, 2))
+    if not scored.all():
+        missing = ", ".join(MPII16_NAMES[j] for j in np.flatnonzero(~scored))
+        in_mean = sum(bool(scored[j]) for j in range(NUM_JOINTS) if j not in (PELVIS, THORAX))
+        warnings.warn(
+            f"predictions: no prediction for {missing} (a COCO-17 model mapped to MPII-16 has no such joints); "
+            f"they are not scored (-1) and Mean is over {in_mean} joints, not comparable to a 16-joint model's Mean",
+            stacklevel=2,
+        )
+        visible[:, ~scored] = False
     err = np.linalg.norm(p - gt, axis=2) / size[:, None]  # (N,16)
     count = visible.sum(axis=0)  # per joint
 
@@ -128,13 +155,17 @@ def pckh(
         return np.where(count > 0, 100.0 * hit / np.maximum(count, 1), 0.0)
 
     at_thr, at_01 = rate(thr), rate(0.1)
+    at_thr[~scored] = -1.0  # -1, as pycocotools marks a figure with nothing to score
     # official: pelvis and thorax excluded from the mean, joints weighted by how often they are labelled
     weight = count.astype(np.float64)
     weight[[PELVIS, THORAX]] = 0
+    weight[~scored] = 0
     if weight.sum() == 0:
         raise DynPoseError("MPII annotations: no labelled joints to score")
     weight /= weight.sum()
-    out: dict[str, Any] = {name: float(np.mean(at_thr[list(ids)])) for name, ids in GROUPS}
+    out: dict[str, Any] = {
+        name: float(np.mean(at_thr[list(ids)])) if scored[list(ids)].all() else -1.0 for name, ids in GROUPS
+    }
     out["Mean"] = float(np.sum(at_thr * weight))
     out["Mean@0.1"] = float(np.sum(at_01 * weight))
     out.update(
@@ -146,5 +177,7 @@ def pckh(
         num_persons=len(anns),
         num_scored=int((~bad).sum()),
     )
+    if not scored.all():
+        out["joints_scored"] = int(scored.sum())
     out["summary"] = " | ".join(f"{n} {out[n]:.2f}" for n in NAMES) + "\n"
     return out

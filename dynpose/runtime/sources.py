@@ -1,14 +1,19 @@
 """Frame sources: an image, a folder of images (recursive, sorted), a video file or a webcam index.
 
-`open_source` checks the source up front (missing path, unreadable video -> DynPoseError) and returns an iterator
-of `Frame`s. Unreadable images inside a folder are skipped with a warning and counted in `skipped`, so one bad file
-does not stop a long run.
+`open_source` checks the source up front (empty or missing path, unreadable video -> DynPoseError) and returns an
+iterator of `Frame`s. Unreadable images inside a folder are skipped with a warning and counted in `skipped`, so one
+bad file does not stop a long run.
+
+Image size is checked from the file's header before decoding (JPEG SOF, PNG IHDR, BMP, WebP, TIFF): a 629-byte
+JPEG can claim 65000 x 65000 pixels, and decoding even a 20000 x 20000 claim allocates 1.2 GB for a blank frame.
+Images over `max_pixels` (default `MAX_PIXELS`, 50 MP) are skipped with a warning naming the file and the limit.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,10 @@ from dynpose.data import IMAGE_SUFFIXES
 from dynpose.errors import DynPoseError
 
 log = logging.getLogger(__name__)
+
+# Largest image decoded by default (width x height): 50 MP holds any camera photo (a 48 MP phone sensor, 8K video
+# frames are 33 MP) and bounds a decoded frame at 150 MB.
+MAX_PIXELS = 50_000_000
 
 
 @dataclass
@@ -38,24 +47,141 @@ def _image_id(path: Path) -> int | None:
     return int(path.stem) if path.stem.isdigit() else None
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray | None:
-    """BGR uint8 image, or None when the file cannot be decoded. Reads bytes first so non-ASCII paths work."""
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first SOFn marker; markers before it are skipped by their lengths."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            if i + 9 > len(data):
+                return None
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return (w, h) if w and h else None  # height 0: defined later by a DNL marker, let the decoder judge
+        i += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth (256) and ImageLength (257) from the first IFD."""
+    order = "<" if data[:2] == b"II" else ">"
+    if len(data) < 8:
+        return None
+    (ifd,) = struct.unpack(order + "I", data[4:8])
+    if ifd + 2 > len(data):
+        return None
+    (n,) = struct.unpack(order + "H", data[ifd : ifd + 2])
+    found: dict[int, int] = {}
+    for k in range(n):
+        off = ifd + 2 + 12 * k
+        if off + 12 > len(data):
+            break
+        tag, typ = struct.unpack(order + "HH", data[off : off + 4])
+        if tag in (256, 257):
+            fmt = "H" if typ == 3 else "I"
+            found[tag] = struct.unpack(order + fmt, data[off + 8 : off + 8 + struct.calcsize(fmt)])[0]
+    return (found[256], found[257]) if 256 in found and 257 in found else None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8L" and len(data) >= 25:
+        b = int.from_bytes(data[21:25], "little")
+        return 1 + (b & 0x3FFF), 1 + ((b >> 14) & 0x3FFF)
+    if chunk == b"VP8 " and len(data) >= 30:
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    return None
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) an image file's header claims, read without decoding; None when the format is not one
+    parsed here or the header is cut short (the decoder then decides)."""
+    try:
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+            w, h = struct.unpack(">II", data[16:24])
+            return int(w), int(h)
+        if data[:2] == b"BM" and len(data) >= 26:
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)  # negative height: rows stored top-down
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _webp_size(data)
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """BGR uint8 image, or a one-line DynPoseError saying why not (unreadable, not an image, over `max_pixels` by
+    its header, which is checked before any decoding; None: no limit). Reads bytes first so non-ASCII paths work."""
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError:
-        return None
+    except OSError as e:
+        raise DynPoseError(f"image {path}: cannot be read ({e.strerror or e})") from None
     if data.size == 0:
+        raise DynPoseError(f"image {path}: empty file")
+    size = image_header_size(data[: 1 << 16].tobytes())
+    if max_pixels is not None and size is not None and size[0] * size[1] > max_pixels:
+        raise DynPoseError(
+            f"image {path}: {size[0]} x {size[1]} pixels by its header, over the limit of {max_pixels:,} "
+            "(max_pixels; raise it for such images)"
+        )
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error as e:  # e.g. a header beyond OpenCV's own pixel limit
+        why = (str(e).strip().splitlines() or ["cv2.error"])[-1].rpartition(" error: ")[2].strip()
+        raise DynPoseError(f"image {path}: not a readable image (OpenCV: {why})") from None
+    if img is None or img.size == 0:
+        raise DynPoseError(f"image {path}: not a readable image")
+    return img
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> np.ndarray | None:
+    """BGR uint8 image, or None when the file cannot be decoded or is over `max_pixels` (logged as a warning with
+    the reason)."""
+    try:
+        return decode_image(path, max_pixels)
+    except DynPoseError as e:
+        log.warning("%s", e)
         return None
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    return img if img is not None and img.size > 0 else None
+
+
+def _check_max_pixels(max_pixels: object) -> int | None:
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise DynPoseError(f"max_pixels {max_pixels!r}: must be a positive integer (width x height), or None for no limit")
+    return max_pixels
 
 
 class FrameSource(Iterator[Frame]):
     """Iterator of frames with what a caller needs around it: `kind` (image|folder|video|webcam), `fps` (videos),
     `skipped` (unreadable images so far) and `close()` (releases a capture; also a context manager)."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, max_pixels: int | None = MAX_PIXELS) -> None:
         self.source = str(source)
+        if not self.source.strip():
+            raise DynPoseError(
+                "source is empty; give an image, a folder of images, a video, or a webcam index such as 0 "
+                "(use '.' for the current folder)"
+            )
+        self.max_pixels = _check_max_pixels(max_pixels)
         self.skipped = 0
         self.fps: float | None = None
         self._cap: cv2.VideoCapture | None = None
@@ -124,10 +250,11 @@ class FrameSource(Iterator[Frame]):
             return
         index = 0
         for p in self._files:
-            img = read_image(p)
-            if img is None:
+            try:
+                img = decode_image(p, self.max_pixels)
+            except DynPoseError as e:
                 self.skipped += 1
-                log.warning("skipping %s: not a readable image (%d skipped so far)", p, self.skipped)
+                log.warning("skipping %s (%d skipped so far)", e, self.skipped)
                 continue
             name = p.relative_to(self._root).as_posix() if self._root is not None else p.name
             yield Frame(index, name, img, _image_id(p))
@@ -159,6 +286,7 @@ class FrameSource(Iterator[Frame]):
         self.close()
 
 
-def open_source(source: str | os.PathLike) -> FrameSource:
-    """An image file, a folder of images (sorted, sub-folders too), a video file, or a webcam index ("0")."""
-    return FrameSource(str(source))
+def open_source(source: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> FrameSource:
+    """An image file, a folder of images (sorted, sub-folders too), a video file, or a webcam index ("0").
+    Images over `max_pixels` (by their header) are skipped with a warning; None: no limit."""
+    return FrameSource(str(source), max_pixels)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ import cv2
 import numpy as np
 
 from dynpose.errors import DynPoseError
-from dynpose.fileio import write_bytes_atomic
+from dynpose.fileio import make_temp_beside, replace_into, write_bytes_atomic
 from dynpose.keypoints import KeypointSet, get_keypoint_set
 
 # BGR. The two DynPose roles get fixed, easily told apart colours; any other model name gets a stable colour.
@@ -114,11 +113,9 @@ class VideoWriter:
         self.frames = 0
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # the container is chosen from the suffix, so the temp name must end with it
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".tmp{self.path.suffix}", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        tmp, self._target = make_temp_beside(self.path, suffix=f".tmp{self.path.suffix}")
+        self._tmp: Path | None = tmp
 
     def write(self, image_bgr: np.ndarray) -> None:
         if self._tmp is None:
@@ -128,7 +125,7 @@ class VideoWriter:
             raise DynPoseError(f"video {self.path}: frames must be H x W x 3 BGR, got shape {img.shape}")
         if self._writer is None:
             self._size = (img.shape[1], img.shape[0])
-            self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, self._size)
+            self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter.fourcc(*self.fourcc), self.fps, self._size)
             if not self._writer.isOpened():
                 self.abort()
                 raise DynPoseError(
@@ -148,19 +145,18 @@ class VideoWriter:
         if self._writer is not None:
             self._writer.release()
             self._writer = None
-        if not self.frames:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
-            return
-        readable = _count_frames(self._tmp)
-        if readable < self.frames:
-            self.abort()
-            raise DynPoseError(
-                f"video {self.path}: only {readable} of {self.frames} frames could be read back from the written file "
-                "(disk full, or the codec failed); nothing was written"
-            )
-        os.replace(self._tmp, self.path)
-        self._tmp = None
+        tmp, self._tmp = self._tmp, None
+        try:
+            if self.frames:
+                readable = _count_frames(tmp)
+                if readable < self.frames:
+                    raise DynPoseError(
+                        f"video {self.path}: only {readable} of {self.frames} frames could be read back from the "
+                        "written file (disk full, or the codec failed); nothing was written"
+                    )
+                replace_into(tmp, self._target, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)  # gone after a rename; removed when there was nothing to keep or it failed
 
     def abort(self) -> None:
         """Drop the partial file."""
