@@ -101,11 +101,9 @@ def lowering_notes(engine_dir: Path, precision: str) -> list[str]:
 def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float], shared: Path) -> dict[str, float]:
     """config name -> COCO AP on the sample's GT boxes."""
     from dynpose.data import gt_boxes, load_coco, resolve_image
-    from dynpose.engines.manifest import Manifest
     from dynpose.eval.coco import evaluate_results
-    from dynpose.runtime.backends import load_runner
     from dynpose.runtime.dispatcher import Dispatcher
-    from dynpose.runtime.model import PoseModel, Router
+    from dynpose.runtime.engine_set import EngineSet
     from dynpose.runtime.postprocess import rescore
     from dynpose.runtime.sources import read_image
 
@@ -115,23 +113,15 @@ def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float]
     ids = sorted({iid for iid, _, _ in persons})
     images = [read_image(resolve_image(gt.parent, ds.images[i].file_name)) for i in ids]
     boxes = [np.asarray([b for iid, b, _ in persons if iid == i]) for i in ids]
-    m = Manifest.load(engine_dir)
-    runners = {}
-    for role in ("router", "small", "large"):
-        entry = (
-            m.get(role, "onnx")
-            if role == "router"
-            else next(e for e in m.entries if e.role == role and e.format == "onnx" and e.precision == precision)
-        )
-        # this precision's entry of each role (an EngineSet opens the manifest's preferred one per role)
-        runner = load_runner("ort", engine_dir, entry, device="cpu").activate()
-        runners[role] = (Router if role == "router" else PoseModel)(runner, entry.card)
+    engines = EngineSet.load(engine_dir, "ort", "cpu")
+    got = {e.precision for role, e in engines.entries.items() if role != "router"}
+    assert got == {precision}, f"{engine_dir} holds {got} pose models, expected {precision}"
     policies = {"large only": "all-large", "small only": "all-small"}
     policies.update({f"DynPose {f:.0%} large": f"fraction:{f:g}" for f in fractions})
     out: dict[str, float] = {}
     try:
         for name, pol in policies.items():
-            with Dispatcher(runners["small"], runners["large"], router=runners["router"], policy=pol) as d:
+            with Dispatcher(*engines.pose_models, router=engines.router, policy=pol) as d:
                 r = d.run(images, boxes)
             scores = rescore(r.keypoints, np.ones(len(r.keypoints)))
             frame_ids = np.asarray(ids)[r.frame_index]
@@ -146,8 +136,7 @@ def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float]
             ]
             out[name] = evaluate_results(results, gt)["AP"]
     finally:
-        for handle in runners.values():
-            handle.runner.deactivate()
+        engines.close()
     return out
 
 

@@ -101,20 +101,6 @@ def test_file_size_limit_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> 
     assert dest.read_bytes() == b"previous" and leftovers(tmp_path) == []
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs: a filesystem that really fills up."""
-    mnt = tmp_path / "small_fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_disk_full_is_a_clear_error_and_leaves_nothing(tmpfs: Path) -> None:
     dest = tmpfs / "results.json"
     write_json_atomic(dest, {"kept": 1})

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -62,19 +61,10 @@ def setup_logging(quiet: bool = False) -> logging.Logger:
 
 
 def check_threads(threads: int | None, flag: str = "--threads") -> int | None:
-    """`--threads N`: CPU cores dynpose may use (the same meaning in every command). Refuses N < 1; above the
-    usable cores it is capped with a warning (oversubscribed ONNX Runtime pools crawl)."""
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise DynPoseError(f"{flag} {threads}: must be an integer >= 1 (CPU cores to use)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if threads > cores:
-        logging.getLogger("dynpose.cli").warning(
-            "%s %d: this machine has %d usable cores; using %d", flag, threads, cores, cores
-        )
-        return cores
-    return threads
+    """`--threads N`: CPU cores dynpose may use (the same meaning in every command); see `resolve_threads`."""
+    from dynpose.runtime.engine_set import resolve_threads
+
+    return resolve_threads(threads, flag)
 
 
 def check_finite(flag: str, value: float | None, lo: float | None = None, hi: float | None = None) -> float | None:

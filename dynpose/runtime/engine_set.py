@@ -63,6 +63,20 @@ def pick_entry(manifest: Manifest, engine_dir: Path, role: str, backend: str, de
     return onnx_entry, "ort", dev
 
 
+def resolve_threads(threads: int | None, flag: str = "threads") -> int | None:
+    """CPU cores dynpose may use: None (all), or an integer >= 1; above the usable cores it is capped with a
+    warning (oversubscribed ONNX Runtime thread pools crawl: 1000 threads on 2 cores all but hang)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise DynPoseError(f"{flag} {threads}: must be an integer >= 1 (CPU cores to use)")
+    cores = usable_cores()
+    if threads > cores:
+        log.warning("%s %d: this machine has %d usable cores; using %d", flag, threads, cores, cores)
+        return cores
+    return threads
+
+
 def thread_share(role: str, backend: str, device: str, threads: int | None) -> dict[str, Any]:
     """ONNX Runtime CPU threads for a role. `threads` is the number of CPU cores dynpose may use (default: all):
     small and large run at the same time, so each gets half; the router runs alone before them and gets all."""
@@ -117,6 +131,7 @@ class EngineSet:
         roles: which of router / small / large to open (default: those the manifest has). detector: an ONNX
         detector file to use instead of the manifest's detector entry (which is opened when present)."""
         check_backend(backend)
+        threads = resolve_threads(threads)
         if engine_dir is None or str(engine_dir) == "":
             raise DynPoseError("engine dir: none given; pass the folder dynpose-export wrote (e.g. engines/)")
         root = Path(engine_dir)

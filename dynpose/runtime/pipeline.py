@@ -25,6 +25,8 @@ from dynpose.runtime.dispatcher import Dispatcher, DispatchResult
 from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.policy import parse_policy
 
+# Boxes may reach past the image (the crop pads), but not by more than this many image sizes.
+MAX_BOX_FACTOR = 4.0
 # Official HRNet / MMPose evaluation settings.
 RESCORE_THR = 0.2
 OKS_NMS_THR = 0.9
@@ -93,11 +95,18 @@ class RunStats:
 def clean_boxes(boxes: np.ndarray | None, image_shape: Sequence[int]) -> tuple[np.ndarray, int]:
     """(M,4|5) x,y,w,h[,score] -> (M',5) usable boxes (score 1 where none was given) and the number dropped.
 
-    Dropped: non-finite coordinates or NaN scores, zero or negative width/height, and boxes entirely outside the
-    image; boxes partly outside are kept (the crop pads with black, as the official code does)."""
+    Dropped: non-finite coordinates or NaN scores, zero or negative width/height, boxes entirely outside the image,
+    and boxes reaching more than `MAX_BOX_FACTOR` image sizes beyond it (1e15-pixel boxes would decode to
+    keypoints no float32 holds); boxes partly outside are kept (the crop pads with black, as the official code
+    does)."""
     if boxes is None:
         return np.zeros((0, 5)), 0
-    b = np.asarray(boxes, dtype=np.float64)
+    try:
+        b = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DynPoseError(
+            "boxes must be numbers in an (M,4) or (M,5) array of x,y,w,h[,score] (every row the same length)"
+        ) from None
     if b.size == 0:
         return np.zeros((0, 5)), 0
     if b.ndim == 1 and b.shape[0] in (4, 5):
@@ -108,9 +117,11 @@ def clean_boxes(boxes: np.ndarray | None, image_shape: Sequence[int]) -> tuple[n
         b = np.concatenate([b, np.ones((len(b), 1))], axis=1)
     h_img, w_img = image_shape[:2]
     x, y, w, h = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    with np.errstate(invalid="ignore"):
+    lim_w, lim_h = MAX_BOX_FACTOR * w_img, MAX_BOX_FACTOR * h_img
+    with np.errstate(invalid="ignore", over="ignore"):
         ok = np.isfinite(b).all(axis=1) & (w > 0) & (h > 0)
         ok &= (x + w > 0) & (y + h > 0) & (x < w_img) & (y < h_img)
+        ok &= (x > -lim_w) & (y > -lim_h) & (x + w < w_img + lim_w) & (y + h < h_img + lim_h)
     return b[ok], int((~ok).sum())
 
 
@@ -275,9 +286,8 @@ class Pipeline:
                     "detector (--detector FILE.onnx)"
                 )
             boxes = self.detector(image)
-        raw = np.asarray(boxes, dtype=np.float64)
-        has_scores = raw.ndim == 2 and raw.shape[1] == 5
-        kept, dropped = clean_boxes(raw, image.shape)
+        kept, dropped = clean_boxes(boxes, image.shape)
+        has_scores = np.ndim(boxes) == 2 and np.shape(boxes)[1] == 5
         use_nms = (from_detector or has_scores) if nms is None else nms
         return _Prepared(image, kept, use_nms, dropped)
 
