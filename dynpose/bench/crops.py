@@ -47,6 +47,10 @@ def _rows(
     return rows
 
 
+def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda msg: log(prefix + msg)
+
+
 def crop_benchmark(
     engines: EngineSet,
     batches: Sequence[int],
@@ -80,7 +84,7 @@ def crop_benchmark(
 
             log(f"batch {b}: {len(dispatchers)} configurations x {repeats} rounds (+{warmup} warm-up)")
             samples = round_robin(
-                {n: call(n) for n in dispatchers}, repeats, warmup, progress=lambda m, b=b: log(f"batch {b}: {m}")
+                {n: call(n) for n in dispatchers}, repeats, warmup, progress=_prefixed(log, f"batch {b}: ")
             )
             rows += _rows(b, samples, pol, counts)
     finally:

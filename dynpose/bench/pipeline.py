@@ -4,8 +4,9 @@ same plain functions one by one (the concurrent run overlaps small and large, so
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,17 @@ class _Stages:
         self.acc = dict.fromkeys(STAGES, 0.0)
         self.routed = {"small": 0, "large": 0}
 
-    def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
         t = time.perf_counter()
-        out = fn()
-        self.acc[stage] += time.perf_counter() - t
-        return out
+        yield
+        self.acc[name] += time.perf_counter() - t
 
 
 def _sequential_frame(engines: EngineSet, policy: Policy, path: Path, raw: np.ndarray, st: _Stages) -> None:
     """One image through the same steps the Dispatcher takes, each timed on its own (runners time their inference)."""
-    img = st.timed("decode_image", lambda: _read(path))
+    with st.stage("decode_image"):
+        img = _read(path)
     boxes, _ = clean_boxes(raw, img.shape)
     xywh = boxes[:, :4]
     fi = np.zeros(len(xywh), dtype=np.int64)
@@ -57,7 +59,8 @@ def _sequential_frame(engines: EngineSet, policy: Policy, path: Path, raw: np.nd
     if policy.needs_router:
         assert router is not None
         rc, rs = router.geometry(xywh)
-        router_x = st.timed("crop", lambda: router.inputs(router.crop([img], fi, rc, rs)))
+        with st.stage("crop"):
+            router_x = router.inputs(router.crop([img], fi, rc, rs))
         scores = router.scores(router_x)
         st.acc["router"] += router.runner.last_inference_time()
     go_large = policy.decide(scores, xywh).large
@@ -71,13 +74,16 @@ def _sequential_frame(engines: EngineSet, policy: Policy, path: Path, raw: np.nd
         if m == "large" and router is not None and router_x is not None and router.same_crop(large):
             x = router_x[idx]  # as the Dispatcher: the router's crops serve the large model as they are
         else:
-            x = st.timed("crop", lambda model=model, idx=idx, c=c, s=s: model.inputs(model.crop([img], fi[idx], c, s)))
+            with st.stage("crop"):
+                x = model.inputs(model.crop([img], fi[idx], c, s))
         outs = model.infer(x)
         st.acc[m] += model.runner.last_inference_time()
-        kps[idx] = st.timed("decode_keypoints", lambda model=model, outs=outs, c=c, s=s: model.decode(outs, c, s))
+        with st.stage("decode_keypoints"):
+            kps[idx] = model.decode(outs, c, s)
         areas[idx] = np.prod(s, axis=1)
     sigmas = large.card.keypoint_set.sigmas
-    st.timed("rescore_nms", lambda: oks_nms(kps, rescore(kps, boxes[:, 4], thr=RESCORE_THR), areas, OKS_NMS_THR, sigmas))
+    with st.stage("rescore_nms"):
+        oks_nms(kps, rescore(kps, boxes[:, 4], thr=RESCORE_THR), areas, OKS_NMS_THR, sigmas)
 
 
 def pipeline_benchmark(

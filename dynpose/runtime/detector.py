@@ -177,4 +177,4 @@ class OnnxDetector:
 
     def close(self) -> None:
         """Release the ONNX Runtime session (later calls fail with a DynPoseError)."""
-        self.session = None  # type: ignore[assignment]
+        self.session = None

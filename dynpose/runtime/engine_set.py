@@ -180,7 +180,7 @@ class EngineSet:
             raise DynPoseError(
                 f"engine dir {self.engine_dir}: no {role} model opened; export one (`dynpose-export --role {role}`)"
             )
-        return handle  # type: ignore[no-any-return]
+        return handle
 
     @property
     def pose_models(self) -> tuple[PoseModel, PoseModel]:

@@ -287,7 +287,7 @@ class Pipeline:
                 )
             boxes = self.detector(image)
         kept, dropped = clean_boxes(boxes, image.shape)
-        has_scores = np.ndim(boxes) == 2 and np.shape(boxes)[1] == 5
+        has_scores = boxes is not None and np.ndim(boxes) == 2 and np.shape(boxes)[1] == 5
         use_nms = (from_detector or has_scores) if nms is None else nms
         return _Prepared(image, kept, use_nms, dropped)
 
