@@ -114,7 +114,7 @@ class ModelCard:
         if unknown:
             raise DynPoseError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
         missing = [k for k in ("name", "input_width", "input_height", "color_order", "mean", "std") if k not in d]
-        if missing and "arch" not in d:  # zoo cards fill defaults; a user's card must be explicit
+        if missing:  # the geometry and normalisation a model is fed are never guessed
             raise DynPoseError(f"{where}: missing required field(s) {missing}")
         try:
             card = cls(**d)
