@@ -207,6 +207,8 @@ MANIFEST_CASES = [
     ("format-list", _set("entries.0.format", ["onnx"]), r"'format' must be a non-empty string"),
     ("card-string", _set("entries.0.card", "tiny"), r"card: expected a JSON object"),
     ("card-missing", _del("entries.0.card"), r"missing field 'card'"),
+    # a card naming a zoo architecture is checked like any other (no field is guessed)
+    ("card-arch-no-size", _del("entries.0.card.input_width"), r"missing required field\(s\) \['input_width'\]"),
     ("checks-string", _set("entries.0.checks", "ok"), r"'checks' must be an object"),
     ("tensorrt-string", _set("entries.0.tensorrt", "10.0"), r"'tensorrt' must be an object or null"),
     ("source-climbs-out", _set("entries.0.source", "../x.onnx"), r"'source' '../x.onnx' points outside"),
