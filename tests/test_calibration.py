@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from conftest import tinypose_card
 
 from dynpose.calibration.crops import CalibSpec, build_crop_set
-from dynpose.calibration.quantize import quantize_int8
+from dynpose.calibration.quantize import quantize_int8, quiet_ort_quantization
 from dynpose.cli.export import main as export_cli
 from dynpose.data import gt_boxes, load_coco
 from dynpose.engines.manifest import Manifest
@@ -83,9 +84,7 @@ def test_calib_spec_bad_inputs(tmp_path: Path) -> None:
 def test_int8_qdq_without_gate_and_unreachable_gate(tmp_path: Path, shared: Path, tinypose_128: Path) -> None:
     spec = _spec(shared, jitter=0, max_crops=32)
     out = tmp_path / "q.onnx"
-    checks = quantize_int8(
-        tinypose_128, out, CARD128, spec, min_oks=0.0, cache_dir=tmp_path, log=lambda m: None, progress=False
-    )
+    checks = quantize_int8(tinypose_128, out, CARD128, spec, min_oks=0.0, cache_dir=tmp_path, progress=False)
     qmodel = onnx.load(str(out))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in qmodel.graph.node}
     # ORT flavour: uint8 activations (asymmetric), int8 weights.
@@ -103,7 +102,6 @@ def test_int8_qdq_without_gate_and_unreachable_gate(tmp_path: Path, shared: Path
         target="tensorrt",
         min_oks=0.0,
         cache_dir=tmp_path,
-        log=lambda m: None,
         progress=False,
     )
     zps = [i for i in onnx.load(str(out)).graph.initializer if i.name.endswith("_zero_point")]
@@ -120,10 +118,64 @@ def test_int8_qdq_without_gate_and_unreachable_gate(tmp_path: Path, shared: Path
             spec,
             min_oks=0.9999,
             cache_dir=tmp_path,
-            log=lambda m: None,
             progress=False,
             max_steps=1,
         )
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_quantization_leaves_the_root_logger_alone(tmp_path: Path, shared: Path, tinypose_128: Path) -> None:
+    """ORT's quantizer logs notes through the root logger; silencing them must not change the root logger's level,
+    handlers or filters (that would hide the host application's warnings and ours)."""
+    root = logging.getLogger()
+    seen = _Records()
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(seen)
+    try:
+        before = (root.level, list(root.handlers), list(root.filters))
+        spec = _spec(shared, jitter=0, max_crops=16)
+        quantize_int8(tinypose_128, tmp_path / "q.onnx", CARD128, spec, min_oks=0.0, cache_dir=tmp_path, progress=False)
+        assert (root.level, list(root.handlers), list(root.filters)) == before
+        assert logging.getLogger("onnxruntime.quantization").level == logging.NOTSET
+        ort_notes = [r for r in seen.records if "onnxruntime" in r.pathname and r.levelno < logging.ERROR]
+        assert not ort_notes, [r.getMessage() for r in ort_notes]
+        # our own progress lines still reach the root handlers (dynpose's logger propagates unless a CLI set it up)
+        if logging.getLogger("dynpose").propagate:
+            assert any(r.name.startswith("dynpose.calibration") for r in seen.records)
+    finally:
+        root.removeHandler(seen)
+        root.setLevel(old_level)
+
+
+def test_quiet_ort_quantization_without_root_handlers(capsys: pytest.CaptureFixture[str]) -> None:
+    """On a root logger without handlers, ORT's module-level `logging.warning` would call `basicConfig()` and leave
+    a handler behind; inside the block it does not, and other warnings still reach `logging.lastResort`."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+    from onnxruntime.quantization.quantize import check_static_quant_arguments
+
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    for h in saved:
+        root.removeHandler(h)
+    try:
+        with quiet_ort_quantization():
+            check_static_quant_arguments(QuantFormat.QOperator, QuantType.QInt8, QuantType.QInt8)  # ORT warns
+            logging.getLogger("host.app").warning("the host's warning")
+        assert root.handlers == [] and root.filters == []
+    finally:
+        for h in saved:
+            root.addHandler(h)
+    err = capsys.readouterr().err
+    assert "the host's warning" in err and "QuantFormat.QDQ" not in err
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dynpose.errors import DynPoseError
 from dynpose.export.api import register_onnx
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session, read_card, run_session
+from dynpose.runtime.compare import measure_speedup
 
 TP128_CARD = {
     "name": "tinypose_128x96",
@@ -119,6 +121,70 @@ def test_fp16_tinypose_keeps_keypoints(tmp_path: Path, tinypose_128: Path, card1
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     Manifest.load(eng)
+
+
+class _Records(logging.Handler):
+    """The records one logger emits, read directly from it (a CLI test may have turned propagation off)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(name)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> _Records:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+
+
+def test_fp16_gate_skipped_says_why(
+    tmp_path: Path, tinypose_128: Path, card128: ModelCard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No real crops anywhere: the fp16 gate cannot run, and the export says so (a WARNING naming why) and records
+    it in the entry's checks instead of passing silently."""
+    empty = tmp_path / "no_coco"
+    empty.mkdir()
+    monkeypatch.setenv("DYNPOSE_VERIFY_COCO", str(empty))
+    with _Records("dynpose.export.steps") as log:
+        (e,) = register_onnx(tinypose_128, card128, tmp_path / "eng", role="small", precision="fp16", progress=False)
+    assert e.checks["fp16_gate"].startswith("skipped: ") and str(empty) in e.checks["fp16_gate"]
+    assert e.checks["fp16_finite"] is True and "fp16_oks" not in e.checks
+    warned = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "fp16 accuracy gate skipped" in warned[0] and str(empty) in warned[0], warned
+    assert not any("[" in r.getMessage() and "[/]" in r.getMessage() for r in log.records)  # no rich markup
+
+
+def test_cli_fp16_gates_on_gate_ann(
+    tmp_path: Path, tinypose_128: Path, card_file: Path, coco_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--gate-ann is the fp16 gate's crops too (it used to be dropped unless a --calib-* option came with it)."""
+    empty = tmp_path / "no_coco"
+    empty.mkdir()
+    monkeypatch.setenv("DYNPOSE_VERIFY_COCO", str(empty))  # so only --gate-ann can supply crops
+    eng = tmp_path / "eng"
+    args = ["--onnx", str(tinypose_128), "--card", str(card_file), "--role", "small", "--precision", "fp16"]
+    code, out = _run([*args, "--gate-ann", str(coco_dir / "test_coco.json"), "--engine-dir", str(eng)])
+    assert code == 0, out
+    c = Manifest.load(eng).require("small").checks
+    assert c["fp16_crops"] == 12 and c["fp16_oks"] >= 0.95 and "fp16_gate" not in c
+    assert "fp16 vs fp32 mean keypoint OKS" in out  # the progress line, through the CLI's logging handler
+    # int8 still needs calibration data: a gate file alone is not enough
+    code, out = _run([*args[:-1], "int8", "--gate-ann", str(coco_dir / "test_coco.json"), "--engine-dir", str(eng)])
+    assert code == 2 and "calibration data" in out, out
+    code, out = _run([*args, "--gate-ann", str(tmp_path / "missing.json"), "--engine-dir", str(eng)])
+    assert code == 2 and "file not found" in out, out
+
+
+def test_speed_figures_named_by_precision(tinypose_128: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((2, 3, 128, 96)).astype(np.float32)
+    sp = measure_speedup(tinypose_128, tinypose_128, x, "fp16", repeats=1)
+    assert {"fp32_ms", "fp16_ms", "speedup", "batch"} <= set(sp) and "int8_ms" not in sp
+    assert sp["fp16_ms"] > 0 and sp["speedup"] > 0
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from dynpose.cli.export import main as export_cli
 from dynpose.engines.manifest import DEFAULT_ROUTE, Manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.api import default_route, export_model
-from dynpose.export.verify import router_agreement
 from dynpose.onnx_utils import open_session, run_session
+from dynpose.runtime.compare import router_agreement
 
 
 @pytest.fixture(scope="module")

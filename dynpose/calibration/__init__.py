@@ -1,4 +1,5 @@
-"""INT8 calibration: real person crop sets (runtime preprocessing) and Q/DQ quantization with a sensitivity search."""
+"""INT8 calibration: real person crop sets (runtime preprocessing) and Q/DQ quantization with a sensitivity search
+(`quantize`; the search's steps in `search`). Judged with `dynpose.runtime.compare`; imports nothing of export."""
 
 from dynpose.calibration.crops import CalibSpec, CropSet, Source, build_crop_set
 

@@ -326,7 +326,7 @@ def build_crop_set(
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs read any key as allow_pickle
     return _from_arrays(arrays, card)
 
 

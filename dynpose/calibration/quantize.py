@@ -2,11 +2,12 @@
 
 Heatmap models do not survive naive INT8: a heatmap's peak moves by a pixel when a few layers lose precision, and
 one pixel at 1/4 resolution is a large keypoint error. So after ONNX Runtime's `quantize_static` (Q/DQ format),
-the quantized model's keypoints are compared with fp32's on held-out crops (mean OKS), and while the gate fails the
-most sensitive layers go back to fp32 (`nodes_to_exclude`): first the heatmap head, then layers ranked by the
-quantization noise they inject on real activations (weight + input + output noise-to-signal ratio, measured with the
-calibration ranges). The number kept in fp32 doubles until the gate holds, then a short bisection trims it.
-Calibration runs once; its ranges are cached (ORT's calibration cache) so each search step only rewrites the graph.
+the quantized model is judged against fp32 on held-out crops (`dynpose.runtime.compare.PoseJudge`: mean keypoint
+OKS), and while the gate fails the most sensitive layers go back to fp32 (`nodes_to_exclude`): first the heatmap
+head, then layers ranked by the quantization noise they inject on real activations (weight + input + output
+noise-to-signal ratio, measured with the calibration ranges). The number kept in fp32 doubles until the gate holds,
+then a short bisection trims it (`dynpose.calibration.search`). Calibration runs once; its ranges are cached (ORT's
+calibration cache) so each search step only rewrites the graph.
 
 Two flavours: `ort` (uint8 asymmetric activations, int8 per-channel weights: what ORT's CPU kernels run fast) and
 `tensorrt` (int8 symmetric activations and weights, as TensorRT's explicit quantization expects).
@@ -15,11 +16,14 @@ Two flavours: `ort` (uint8 asymmetric activations, int8 per-channel weights: wha
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +32,14 @@ import onnx
 from onnx import numpy_helper
 
 from dynpose.calibration.crops import CalibSpec, CropSet, build_crop_set
+from dynpose.calibration.search import MAX_STEPS, Trial, best_trial, search_fp32_layers
 from dynpose.errors import DynPoseError
-from dynpose.export.verify import keypoint_agreement
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import copy_metadata, io_names, load_onnx, name_nodes, open_session, run_session
+from dynpose.runtime.compare import Check, PoseJudge, compare_speed
+
+log = logging.getLogger(__name__)
 
 WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Which ops get Q/DQ, per target. ORT CPU: also the glue between convolutions, so tensors stay uint8 across the
@@ -42,18 +49,20 @@ OP_TYPES = {
     "ort": WEIGHTED + ("Add", "Mul", "Relu", "Resize", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"),
     "tensorrt": WEIGHTED + ("Add",),
 }
-MAX_STEPS = 12
-SPEED_BATCH = 8
-WARN_SPEEDUP = 1.1
-
-Log = Callable[[str], None]
+# ONNX Runtime's quantization package logs through the root logger (module-level `logging.warning`) and a few
+# named loggers under this one.
+ORT_QUANT_LOGGER = "onnxruntime.quantization"
 
 
-def _console_log(msg: str) -> None:
-    """Progress lines on stderr; rich renders the [yellow] warning markup."""
-    from rich.console import Console
+@dataclass(frozen=True)
+class Int8Options:
+    """How INT8 is made: the Q/DQ flavour (ort | tensorrt), where calibration crops and ranges are cached, whether
+    a calibration progress bar shows, and the most quantizations the layer search may try."""
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(msg)
+    target: str = "ort"
+    cache_dir: Path | None = None
+    progress: bool = True
+    max_steps: int = MAX_STEPS
 
 
 class _Reader:
@@ -83,16 +92,61 @@ class _Reader:
         self.i, self.end = start_index * self.batch, min(end_index * self.batch, len(self.x))
 
 
-def _ort_quant() -> Any:
-    from onnxruntime import quantization as q
+# -- ONNX Runtime's quantizer, quietly ---------------------------------------------------------------------------------
+class _DropBelowError(logging.Filter):
+    """Drops records below ERROR logged from files under `folder` (ORT's quantization package)."""
 
-    # ORT logs "please run pre-processing" on every call; the graph is shape-inferred here already.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    return q
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.pathname.startswith(self.folder)
+
+
+class _LastResort(logging.Handler):
+    """Passes records on to `logging.lastResort`, as the logging module does when a logger has no handler."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level:
+            last.handle(record)
+
+
+@contextmanager
+def quiet_ort_quantization() -> Iterator[None]:
+    """Silence ONNX Runtime's quantization notes (warnings such as "Please consider to run pre-processing" on every
+    call; the graph is shape-inferred here already) for the block; its errors and every other record pass.
+
+    ORT logs them through the root logger, so the block adds a filter there that drops only records from ORT's
+    quantization files, and lowers nothing: the root logger's level (and what the host and dynpose log) is left
+    alone. The named `onnxruntime.quantization` loggers are set to ERROR for the block. ORT's module-level
+    `logging.warning` would also call `logging.basicConfig()` on a handler-less root logger, leaving a handler
+    behind; a stand-in handler that forwards to `logging.lastResort` prevents that. Everything is restored after.
+    """
+    from onnxruntime import quantization
+
+    root = logging.getLogger()
+    named = logging.getLogger(ORT_QUANT_LOGGER)
+    drop = _DropBelowError(os.path.dirname(os.path.abspath(quantization.__file__)))
+    stand_in = _LastResort() if not root.handlers else None
+    level = named.level
+    root.addFilter(drop)
+    named.setLevel(logging.ERROR)
+    if stand_in is not None:
+        root.addHandler(stand_in)
+    try:
+        yield
+    finally:
+        if stand_in is not None:
+            root.removeHandler(stand_in)
+        named.setLevel(level)
+        root.removeFilter(drop)
 
 
 def _settings(target: str, method: str) -> dict[str, Any]:
-    q = _ort_quant()
+    from onnxruntime import quantization as q
+
     methods = {
         "minmax": q.CalibrationMethod.MinMax,
         "entropy": q.CalibrationMethod.Entropy,
@@ -125,14 +179,8 @@ def _prepare(src: Path, dst: Path) -> onnx.ModelProto:
     TinyPose's (bias as a separate Add after every Conv) gets Q/DQ between the Conv and its bias, which blocks the
     fusion at run time and costs accuracy for nothing.
     """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = str(dst)
-    so.log_severity_level = 3
     try:
-        ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+        open_session(src, level="basic", optimized_model_path=dst)
         model = onnx.load(str(dst))
     except Exception:  # an unoptimisable graph still quantizes as it is
         model = load_onnx(src)
@@ -150,39 +198,45 @@ def _prepare(src: Path, dst: Path) -> onnx.ModelProto:
     return model
 
 
-def _quantize(
-    prepared: Path,
-    out: Path,
-    calib: np.ndarray,
-    input_name: str,
-    settings: dict[str, Any],
-    ranges: Path,
-    exclude: list[str],
-    progress: bool = False,
-) -> None:
-    q = _ort_quant()
-    bar = None
-    if progress and not ranges.is_file():  # only the first call calibrates; later ones reuse the cached ranges
-        from tqdm import tqdm
+@dataclass(frozen=True)
+class _Quantizer:
+    """Everything one `quantize_static` call needs but the exclusion list: the prepared graph, its input, the
+    calibration crops, the settings and where the ranges are cached."""
 
-        bar = tqdm(total=len(calib), desc="calibrating", unit="crop", leave=False)
-    try:
-        q.quantize_static(
-            str(prepared),
-            str(out),
-            _Reader(input_name, calib, on_batch=bar.update if bar else None),
-            nodes_to_exclude=list(exclude),
-            calibration_cache_path=str(ranges),
-            **settings,
-        )
-    except DynPoseError:
-        raise
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DynPoseError(f"int8 quantization failed ({type(e).__name__}: {first})") from None
-    finally:
-        if bar is not None:
-            bar.close()
+    prepared: Path
+    input_name: str
+    calib: np.ndarray
+    settings: dict[str, Any]
+    ranges: Path
+    progress: bool = False
+
+    def __call__(self, out: Path, exclude: list[str]) -> None:
+        """Write the Q/DQ model to `out` with the nodes in `exclude` left in fp32."""
+        from onnxruntime import quantization as q
+
+        bar = None
+        if self.progress and not self.ranges.is_file():  # only the first call calibrates; later ones reuse the ranges
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.calib), desc="calibrating", unit="crop", leave=False)
+        try:
+            with quiet_ort_quantization():
+                q.quantize_static(
+                    str(self.prepared),
+                    str(out),
+                    _Reader(self.input_name, self.calib, on_batch=bar.update if bar else None),
+                    nodes_to_exclude=list(exclude),
+                    calibration_cache_path=str(self.ranges),
+                    **self.settings,
+                )
+        except DynPoseError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DynPoseError(f"int8 quantization failed ({type(e).__name__}: {first})") from None
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 def _noise(x: np.ndarray, lo: float, hi: float, symmetric: bool) -> float:
@@ -249,37 +303,6 @@ def rank_sensitive(
     return heads + rest
 
 
-def measure_speedup(
-    fp32: Path, int8: Path, x: np.ndarray, batch: int = SPEED_BATCH, repeats: int = 5, threads: int = 0
-) -> dict[str, float]:
-    """fp32 vs int8 time per batch on ORT CPU, interleaved (a, b, a, b, ...) so load changes hit both; medians."""
-    xb = np.ascontiguousarray(x[np.arange(batch) % len(x)], np.float32)
-    sa, sb = open_session(fp32, threads=threads), open_session(int8, threads=threads)
-    name = sa.get_inputs()[0].name
-    for s in (sa, sb):
-        s.run(None, {name: xb})  # warm-up: first runs allocate and pick kernels
-    ta, tb = [], []
-    for _ in range(repeats):
-        for s, acc in ((sa, ta), (sb, tb)):
-            t0 = time.perf_counter()
-            s.run(None, {name: xb})
-            acc.append(time.perf_counter() - t0)
-    a, b = float(np.median(ta)), float(np.median(tb))
-    return {"fp32_ms": a * 1e3, "int8_ms": b * 1e3, "speedup": a / b, "batch": batch, "repeats": repeats}
-
-
-def log_speedup(speed: dict[str, float], precision: str, name: str, log: Log, hint: str) -> None:
-    """One line with `measure_speedup`'s figures; a warning with `hint` when the lower precision does not pay."""
-    msg = (
-        f"{name}: {precision} vs fp32 on ONNX Runtime CPU at batch {speed['batch']}: {speed['speedup']:.2f}x "
-        f"({speed['fp32_ms']:.1f} ms -> {speed['int8_ms']:.1f} ms)"
-    )
-    if speed["speedup"] < WARN_SPEEDUP:
-        log(f"[yellow]warning[/]: {msg}: {precision} does not pay on this backend; {hint}")
-    else:
-        log(msg)
-
-
 def _ranges_path(cache_dir: Path, src: Path, crops_key: str, target: str, method: str) -> Path:
     # "prep2": ranges name the tensors of the graph `_prepare` makes; a change there must not reuse old ranges.
     key = f"prep2|{sha256_file(src)}|{crops_key}|{target}|{method}|{OP_TYPES[target]}"
@@ -287,24 +310,154 @@ def _ranges_path(cache_dir: Path, src: Path, crops_key: str, target: str, method
     return cache_dir / f"ranges-{h}.json"
 
 
-def _prepare_with_ranges(
-    src: Path, tmp: Path, cache: Path | None, crops: CropSet, target: str, method: str
-) -> tuple[Path, onnx.ModelProto, Path]:
-    """(prepared graph in `tmp`, its proto, where the calibration ranges live): in the cache dir when there is one,
-    so a later export of the same model on the same crops skips calibration, else beside the graph."""
+def _crop_key(crops: CropSet) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(crops.x[:: max(1, len(crops) // 16)]).tobytes())
+    h.update(str(crops.x.shape).encode())
+    return h.hexdigest()[:16]
+
+
+def _calibration_split(spec: CalibSpec, card: ModelCard, options: Int8Options) -> tuple[CropSet, CropSet, CropSet]:
+    """The crop set (cached) and its calibration / held-out halves (each a copy: made once); both must be
+    non-empty."""
+    log.info("%s: building calibration crops (%d box files)", card.name, len(spec.sources))
+    crops = build_crop_set(spec, card, options.cache_dir)
+    cal, gate = crops.calib, crops.held_out
+    if len(cal) == 0 or len(gate) == 0:
+        raise DynPoseError("calibration data: need both calibration crops and held-out gate crops")
+    log.info(
+        "%s: calibrating int8 (%s, %s) on %d crops; gate: %d held-out crops",
+        *(card.name, options.target, spec.method, len(cal), len(gate)),
+    )
+    return crops, cal, gate
+
+
+def _quantizer(
+    src: Path, tmp: Path, crops: CropSet, cal: CropSet, method: str, options: Int8Options
+) -> tuple[_Quantizer, onnx.ModelProto]:
+    """The quantizer over the prepared graph in `tmp` (and that graph's proto). The calibration ranges live in the
+    cache dir when there is one, so a later export of the same model on the same crops skips calibration."""
     prepared = tmp / "prepared.onnx"
     model = _prepare(src, prepared)
-    ranges = _ranges_path(cache, src, _crop_key(crops), target, method) if cache is not None else tmp / "ranges.json"
-    return prepared, model, ranges
+    cache = options.cache_dir
+    ranges = tmp / "ranges.json" if cache is None else _ranges_path(cache, src, _crop_key(crops), options.target, method)
+    settings = _settings(options.target, method)
+    return _Quantizer(prepared, io_names(model)[0], cal.x, settings, ranges, options.progress), model
 
 
-def _calibration_split(spec: CalibSpec, card: ModelCard, cache: Path | None, log: Log) -> tuple[CropSet, CropSet, CropSet]:
-    """The crop set (cached) and its calibration / held-out halves; both halves must be non-empty."""
-    log(f"{card.name}: building calibration crops ({len(spec.sources)} box files)")
-    crops = build_crop_set(spec, card, cache)
-    if len(crops.calib) == 0 or len(crops.held_out) == 0:
-        raise DynPoseError("calibration data: need both calibration crops and held-out gate crops")
-    return crops, crops.calib, crops.held_out
+def _save_with_metadata(qpath: Path, src: Path, dst: Path) -> None:
+    """Write the quantized model to `dst` with the fp32 file's metadata (the card travels in the quantized file too;
+    the quantizer drops metadata_props)."""
+    qmodel = copy_metadata(onnx.load(str(src), load_external_data=False), onnx.load(str(qpath)))
+    with atomic_path(dst) as out_tmp:
+        onnx.save(qmodel, str(out_tmp))
+
+
+def _count(model: onnx.ModelProto, target: str) -> int:
+    return sum(1 for n in model.graph.node if n.op_type in OP_TYPES[target])
+
+
+# -- pose models: quantize + layer search ------------------------------------------------------------------------------
+def _trial_fn(quantize: _Quantizer, judge: PoseJudge, gate: CropSet, tmp: Path) -> Callable[[list[str], str], Trial]:
+    """One search step: quantize with `exclude` kept fp32, judge it on the gate crops against the prepared fp32
+    graph's outputs, log one line."""
+    ref = run_session(open_session(quantize.prepared), gate.x)
+    t0 = time.perf_counter()
+    names = itertools.count()
+
+    def trial(exclude: list[str], label: str) -> Trial:
+        out = tmp / f"q{next(names)}.onnx"
+        quantize(out, exclude)
+        got = run_session(open_session(out), gate.x)
+        check = judge(got, ref, gate, "int8")
+        log.info("  %s: gate OKS %.4f [%.0fs]", label, check.figures["int8_oks"], time.perf_counter() - t0)
+        return Trial(exclude, out, check, bool(np.isfinite(got).all()))
+
+    return trial
+
+
+def _search(
+    quantize: _Quantizer,
+    model: onnx.ModelProto,
+    judge: PoseJudge,
+    cal: CropSet,
+    gate: CropSet,
+    tmp: Path,
+    options: Int8Options,
+) -> tuple[Trial | None, list[Trial]]:
+    """Every layer INT8 first; while the gate fails, the layer search over the sensitivity ranking."""
+    trial = _trial_fn(quantize, judge, gate, tmp)
+    first = trial([], "all layers int8")
+    if first.check or options.max_steps <= 1:
+        return (first if first.check else None), [first]
+    sample = cal.x[np.flatnonzero(~cal.flipped)][: 16 if quantize.prepared.stat().st_size < 20e6 else 4]
+    symmetric = options.target == "tensorrt"
+    order = rank_sensitive(quantize.prepared, model, quantize.ranges, sample, OP_TYPES[options.target], symmetric)
+    n_all = len(order)
+    return search_fp32_layers(
+        lambda k: trial(order[:k], f"{k} of {n_all} layers kept fp32"), n_all, options.max_steps, [first]
+    )
+
+
+def _int8_figures(
+    chosen: Trial, tried: list[Trial], crops: tuple[int, int], method: str, judge: PoseJudge, target: str
+) -> dict[str, Any]:
+    """The manifest figures of a passing search; `crops`: (calibration, gate) crop counts."""
+    f = chosen.check.figures
+    return {
+        "int8_target": target,
+        "int8_method": method,
+        "int8_calib_crops": crops[0],
+        "int8_gate_crops": crops[1],
+        "int8_oks": f["int8_oks"],
+        "int8_oks_min": f["int8_oks_min"],
+        "int8_heatmap_rel_l2": f["int8_heatmap_rel_l2"],
+        "int8_min_oks": judge.min_oks,
+        "int8_fp32_layers": chosen.exclude,
+        "int8_search_steps": [t.step() for t in tried],
+    }
+
+
+def search_int8(
+    src: str | os.PathLike, dst: str | os.PathLike, spec: CalibSpec, judge: PoseJudge, options: Int8Options
+) -> Check:
+    """Calibrate on real crops under `judge.card`, quantize to Q/DQ, search the fp32 exclusions that pass `judge`
+    (mean OKS vs fp32 on the held-out crops); write `dst` when one does.
+
+    The check's figures are what the manifest keeps in `checks`: gate OKS (mean/min), layers kept in fp32, the
+    search's steps, the INT8/FP32 speed-up at batch 8 on ORT CPU. Falsy, with the best OKS reached in its message,
+    when no exclusion set passes within `options.max_steps` quantizations.
+    """
+    src, dst = Path(src), Path(dst)
+    spec.validate()
+    _settings(options.target, spec.method)  # a bad target fails before the crops are built
+    card = judge.card
+    t_start = time.perf_counter()
+    crops, cal, gate = _calibration_split(spec, card, options)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
+        quantize, model = _quantizer(src, Path(tmp_s), crops, cal, spec.method, options)
+        chosen, tried = _search(quantize, model, judge, cal, gate, Path(tmp_s), options)
+        if chosen is None:
+            best = best_trial(tried)
+            return Check(
+                "int8",
+                False,
+                {"int8_search_steps": [t.step() for t in tried]},
+                f"int8 for {card.name}: no layer set reaches mean OKS {judge.min_oks} vs fp32 (best "
+                f"{best.check.figures['int8_oks']:.4f} with {len(best.exclude)} layers kept fp32, {len(tried)} tries); "
+                "use --precision fp16, more calibration data, or lower --min-oks",
+            )
+        _save_with_metadata(chosen.path, src, dst)
+    figures = _int8_figures(chosen, tried, (len(cal), len(gate)), spec.method, judge, options.target)
+    figures["int8_quantized_layers"] = n_q = _count(model, options.target) - len(chosen.exclude)
+    log.info(
+        "%s: int8 gate mean OKS vs fp32 %.4f (min %.4f) on %d held-out crops; %d layers kept fp32, %d int8; search "
+        "took %.0fs",
+        *(card.name, figures["int8_oks"], figures["int8_oks_min"], len(gate), len(chosen.exclude), n_q),
+        time.perf_counter() - t_start,
+    )
+    speed = compare_speed(src, dst, gate.x, "int8", card.name, "consider fp32/fp16 here")
+    return Check("int8", True, {**figures, **speed.figures})
 
 
 def quantize_int8(
@@ -316,128 +469,16 @@ def quantize_int8(
     target: str = "ort",
     min_oks: float = 0.95,
     cache_dir: str | os.PathLike | None = None,
-    log: Log = _console_log,
     progress: bool = True,
     max_steps: int = MAX_STEPS,
 ) -> dict[str, Any]:
-    """Calibrate on real crops, quantize to Q/DQ, search the fp32 exclusions that keep the OKS gate; write `dst`.
-
-    Returns the figures stored in the manifest's `checks`: gate OKS (mean/min), layers kept in fp32, the search's
-    steps, and the measured INT8/FP32 speed-up at batch 8 on ORT CPU. Raises DynPoseError with the best OKS reached
-    when no exclusion set meets `min_oks` (0 disables the gate).
-    """
-    src, dst = Path(src), Path(dst)
-    spec.validate()
-    settings = _settings(target, spec.method)
-    symmetric = target == "tensorrt"
-    cache = Path(cache_dir) if cache_dir is not None else None
-    t_start = time.perf_counter()
-    crops, cal, gate = _calibration_split(spec, card, cache, log)
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
-        tmp = Path(tmp_s)
-        prepared, model, ranges = _prepare_with_ranges(src, tmp, cache, crops, target, spec.method)
-        in_name, _ = io_names(model)
-        ref_sess = open_session(prepared)
-        ref_gate = run_session(ref_sess, gate.x)
-        del ref_sess
-
-        def evaluate(exclude: list[str], out: Path) -> dict[str, float]:
-            _quantize(prepared, out, cal.x, in_name, settings, ranges, exclude, progress)
-            sess = open_session(out)
-            g = keypoint_agreement(run_session(sess, gate.x), ref_gate, gate, card)
-            return {"gate": g["oks_mean"], "gate_min": g["oks_min"], "rel_l2": g["heatmap_rel_l2"], "finite": g["finite"]}
-
-        log(f"{card.name}: calibrating int8 ({target}, {spec.method}) on {len(cal)} crops; gate: {len(gate)} held-out crops")
-        t0 = time.perf_counter()
-        steps: list[dict[str, Any]] = []
-        best: tuple[float, list[str], Path] | None = None
-        candidate = tmp / "q0.onnx"
-        r = evaluate([], candidate)
-        log(f"  all layers int8: gate OKS {r['gate']:.4f} [{time.perf_counter() - t0:.0f}s]")
-        steps.append({"fp32_layers": 0, **r})
-
-        def holds(res: dict[str, float]) -> bool:
-            return bool(res["finite"]) and res["gate"] >= min_oks
-
-        chosen: tuple[list[str], Path, dict[str, float]] | None = ([], candidate, r) if holds(r) else None
-        best = (r["gate"], [], candidate)
-        if chosen is None:
-            sample = cal.x[np.flatnonzero(~cal.flipped)][: 16 if src.stat().st_size < 20e6 else 4]
-            order = rank_sensitive(prepared, model, ranges, sample, OP_TYPES[target], symmetric)
-            n_all = len(order)
-            # Start at ~6% of the layers: single layers rarely fix a heatmap model and each try costs a quantization
-            # (ORT's quantizer takes ~10 s per graph rewrite on TinyPose's 269 convolutions).
-            k, lo_fail = max(1, n_all // 16), 0
-            step = 1
-            while chosen is None and step < max_steps:
-                k = min(k, n_all)
-                out = tmp / f"q{step}.onnx"
-                r = evaluate(order[:k], out)
-                steps.append({"fp32_layers": k, **r})
-                log(f"  {k} of {n_all} layers kept fp32: gate OKS {r['gate']:.4f} [{time.perf_counter() - t0:.0f}s]")
-                if r["gate"] > best[0]:
-                    best = (r["gate"], order[:k], out)
-                step += 1
-                if holds(r):
-                    chosen = (order[:k], out, r)
-                    break
-                if k >= n_all:
-                    break
-                lo_fail, k = k, k * 2
-            # Trim: bisect between the last failing count and the passing one until the gap is a quarter of it.
-            while chosen is not None and step < max_steps and len(chosen[0]) - lo_fail > max(2, len(chosen[0]) // 4):
-                mid = (lo_fail + len(chosen[0])) // 2
-                out = tmp / f"q{step}.onnx"
-                r = evaluate(order[:mid], out)
-                steps.append({"fp32_layers": mid, **r})
-                log(f"  {mid} of {n_all} layers kept fp32: gate OKS {r['gate']:.4f} [{time.perf_counter() - t0:.0f}s]")
-                step += 1
-                if holds(r):
-                    chosen = (order[:mid], out, r)
-                else:
-                    lo_fail = mid
-        if chosen is None:
-            raise DynPoseError(
-                f"int8 for {card.name}: no layer set reaches mean OKS {min_oks} vs fp32 (best {best[0]:.4f} with "
-                f"{len(best[1])} layers kept fp32, {len(steps)} tries); use --precision fp16, more calibration data, "
-                "or lower --min-oks"
-            )
-        excluded, qpath, res = chosen
-        _save_with_metadata(qpath, src, dst)
-        speed = measure_speedup(src, dst, gate.x)
-
-    n_q = sum(1 for n in model.graph.node if n.op_type in OP_TYPES[target]) - len(excluded)
-    log(
-        f"{card.name}: int8 gate mean OKS vs fp32 {res['gate']:.4f} (min {res['gate_min']:.4f}) on {len(gate)} held-out "
-        f"crops; {len(excluded)} layers kept fp32, {n_q} int8; search took {time.perf_counter() - t_start:.0f}s"
-    )
-    log_speedup(speed, "int8", card.name, log, "consider fp32/fp16 here")
-    return {
-        "int8_target": target,
-        "int8_method": spec.method,
-        "int8_calib_crops": len(cal),
-        "int8_gate_crops": len(gate),
-        "int8_oks": res["gate"],
-        "int8_oks_min": res["gate_min"],
-        "int8_heatmap_rel_l2": res["rel_l2"],
-        "int8_min_oks": min_oks,
-        "int8_fp32_layers": excluded,
-        "int8_quantized_layers": n_q,
-        "int8_search_steps": steps,
-        "int8_speedup_b8": speed["speedup"],
-        "int8_ms_b8": speed["int8_ms"],
-        "fp32_ms_b8": speed["fp32_ms"],
-    }
+    """`search_int8` with a `PoseJudge(card, min_oks)` (0 disables the gate): the manifest figures, or a
+    DynPoseError with the best OKS reached when no exclusion set meets `min_oks`."""
+    options = Int8Options(target, Path(cache_dir) if cache_dir is not None else None, progress, max_steps)
+    return search_int8(src, dst, spec, PoseJudge(card, min_oks), options).require().figures
 
 
-def _save_with_metadata(qpath: Path, src: Path, dst: Path) -> None:
-    """Write the quantized model to `dst` with the fp32 file's metadata (the card travels in the quantized file too;
-    the quantizer drops metadata_props)."""
-    qmodel = copy_metadata(onnx.load(str(src), load_external_data=False), onnx.load(str(qpath)))
-    with atomic_path(dst) as out_tmp:
-        onnx.save(qmodel, str(out_tmp))
-
-
+# -- the router: quantized once ----------------------------------------------------------------------------------------
 def quantize_router_int8(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -446,38 +487,27 @@ def quantize_router_int8(
     *,
     target: str = "ort",
     cache_dir: str | os.PathLike | None = None,
-    log: Log = _console_log,
     progress: bool = True,
 ) -> tuple[dict[str, Any], CropSet]:
     """INT8 Q/DQ router: calibrate on the spec's crops made under the router's card and quantize once; write `dst`.
 
     No layer search: the router's output is three scores, not heatmaps, and the caller judges the result by routing
-    decisions on the returned held-out gate crops (`dynpose.export.verify.router_agreement`). Returns (checks, gate).
+    decisions on the returned held-out gate crops (`dynpose.runtime.compare.RouterJudge`). Returns (checks, gate).
     """
     src, dst = Path(src), Path(dst)
     spec.validate()
-    settings = _settings(target, spec.method)
-    cache = Path(cache_dir) if cache_dir is not None else None
-    crops, cal, gate = _calibration_split(spec, card, cache, log)
-    log(f"{card.name}: calibrating int8 ({target}, {spec.method}) on {len(cal)} crops; gate: {len(gate)} held-out crops")
+    options = Int8Options(target, Path(cache_dir) if cache_dir is not None else None, progress)
+    _settings(target, spec.method)
+    crops, cal, gate = _calibration_split(spec, card, options)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
-        tmp = Path(tmp_s)
-        prepared, model, ranges = _prepare_with_ranges(src, tmp, cache, crops, target, spec.method)
-        _quantize(prepared, tmp / "q.onnx", cal.x, io_names(model)[0], settings, ranges, [], progress)
-        _save_with_metadata(tmp / "q.onnx", src, dst)
-    n_q = sum(1 for n in model.graph.node if n.op_type in OP_TYPES[target])
+        quantize, model = _quantizer(src, Path(tmp_s), crops, cal, spec.method, options)
+        quantize(Path(tmp_s) / "q.onnx", [])
+        _save_with_metadata(Path(tmp_s) / "q.onnx", src, dst)
     return {
         "int8_target": target,
         "int8_method": spec.method,
         "int8_calib_crops": len(cal),
         "int8_gate_crops": len(gate),
-        "int8_quantized_layers": n_q,
+        "int8_quantized_layers": _count(model, target),
         "int8_fp32_layers": [],
     }, gate
-
-
-def _crop_key(crops: CropSet) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(crops.x[:: max(1, len(crops) // 16)]).tobytes())
-    h.update(str(crops.x.shape).encode())
-    return h.hexdigest()[:16]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from dynpose.cli.common import user_errors
+from dynpose.cli.common import check_finite, setup_logging, user_errors
 from dynpose.engines.manifest import Entry
 from dynpose.errors import DynPoseError
 
@@ -39,10 +39,16 @@ def _calib_spec(
     target: str | None,
     max_crops: int,
 ) -> CalibSpec | None:
+    """The calibration spec the --calib-* options describe; with only --gate-ann, a spec holding just the gate file
+    (fp16 and fp32 checks judge on its persons; INT8 still needs calibration data); None without either."""
     from dynpose.calibration.crops import CalibSpec, Source
 
     if root is None and ann is None and dets is None:
-        return None
+        if gate_ann is None:
+            return None
+        if not Path(gate_ann).is_file():
+            raise DynPoseError(f"--gate-ann {gate_ann}: file not found")
+        return CalibSpec(gate_ann=Path(gate_ann))
     if root is not None:
         spec = CalibSpec.from_root(root)
     else:
@@ -66,6 +72,8 @@ def _check_figure(e: Entry) -> str:
         return f"built (TensorRT {(e.tensorrt or {}).get('tensorrt_version', '?')})"
     if e.format == "torch":
         return "state_dict"
+    if str(c.get(f"{e.precision}_gate", "")).startswith("skipped"):
+        return f"{e.precision} gate {c[e.precision + '_gate']}"
     if "router_decision_agreement" in c:
         return f"{c['router_decision_agreement']:.0%} same route as fp32 ({c['router_gate_policy']})"
     if e.precision == "int8" and "int8_oks" in c:
@@ -79,7 +87,7 @@ def _check_figure(e: Entry) -> str:
     return "ok"
 
 
-def _summary(entries: list, engine_dir: Path) -> None:
+def _summary(entries: list[Entry], engine_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -131,7 +139,8 @@ def _summary(entries: list, engine_dir: Path) -> None:
     "--gate-ann",
     type=click.Path(dir_okay=False),
     help="COCO annotations whose labelled persons form the "
-    "INT8 accuracy gate (their images are kept out of calibration). Default: a quarter of the images.",
+    "fp16/INT8 accuracy gate (for INT8 their images are kept out of calibration). Default: fp16 judges on "
+    "$DYNPOSE_VERIFY_COCO's persons, INT8 on a quarter of the calibration images.",
 )
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
 @click.option("--calib-max-crops", type=int, default=256, show_default=True, help="Cap on calibration crops.")
@@ -160,7 +169,7 @@ def _summary(entries: list, engine_dir: Path) -> None:
     "it (e.g. random weights).",
 )
 @click.option("--engine-dir", type=click.Path(file_okay=False), default="engines", show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress lines, only the summary table.")
+@click.option("--quiet", is_flag=True, help="No progress lines (warnings still show), only the summary table.")
 @click.option(
     "--detector",
     "detector",
@@ -197,9 +206,7 @@ def main(
 ) -> None:
     """Export pose models to ONNX (fp32/fp16/INT8 Q/DQ) or TensorRT, verify them, and record them in the engine
     directory's manifest.json."""
-    from dynpose.export.api import export_all, export_model, register_onnx
-    from dynpose.models.card import ModelCard
-
+    setup_logging(quiet)
     if sum(x is not None for x in (model, onnx_file, detector)) != 1:
         raise DynPoseError(
             "pass exactly one of --model NAME (zoo), --onnx FILE --card CARD.json (your pose model) or "
@@ -210,47 +217,67 @@ def main(
 
         _summary(register_detector(detector, Path(engine_dir), progress=not quiet), Path(engine_dir))
         return
-    if not 0.0 <= min_oks <= 1.0:
-        raise DynPoseError(f"--min-oks {min_oks}: must be between 0 and 1")
+    check_finite("--min-oks", min_oks, 0.0, 1.0)
     calib = _calib_spec(
         calib_ann, calib_dets, calib_images, calib_root, gate_ann, calib_method, int8_target, calib_max_crops
     )
-    common = dict(
-        precision=precision,
-        max_batch=max_batch,
-        calib=calib,
-        min_oks=min_oks,
-        fmt=fmt,
-        progress=not quiet,
-        opt_batch=opt_batch,
-        opt_level=opt_level,
-    )
+    common: dict[str, Any] = {
+        "precision": precision,
+        "max_batch": max_batch,
+        "calib": calib,
+        "min_oks": min_oks,
+        "fmt": fmt,
+        "progress": not quiet,
+        "opt_batch": opt_batch,
+        "opt_level": opt_level,
+    }
     engine = Path(engine_dir)
     if onnx_file is not None:
-        if card_file is None:
-            raise DynPoseError("--onnx needs --card CARD.json describing its input and keypoints")
-        if role is None:
-            raise DynPoseError("--onnx needs --role router|small|large")
-        if checkpoint or weights:
-            raise DynPoseError("--checkpoint/--weights apply to zoo models, not to --onnx")
-        entries = register_onnx(onnx_file, ModelCard.from_json_file(card_file), engine, role=role, **common)
+        entries = _register_user_onnx(onnx_file, card_file, role, checkpoint or weights, engine, common)
     else:
-        if checkpoint and weights:
-            raise DynPoseError("pass --checkpoint or --weights random, not both")
-        if not checkpoint and not weights:
-            raise DynPoseError("pass --checkpoint PATH|URL|mmpose|official, or --weights random for untrained weights")
-        source = checkpoint or "random"
-        if model == "all":
-            if role:
-                raise DynPoseError("--role does not apply to --model all (router, small and large are fixed)")
-            if checkpoint and (Path(checkpoint).exists() or "://" in checkpoint):
-                raise DynPoseError("--model all takes --checkpoint as an alias (mmpose, official), not one file")
-            from dynpose.export.api import DYNPOSE_SET
-
-            wmap = {n: source for n, _ in DYNPOSE_SET}
-            if checkpoint and checkpoint != "official":
-                wmap["router"] = "dynpose"  # the router's release has its own alias
-            entries = export_all(engine, weights=wmap, trust_pickle=trust_checkpoint, **common)
-        else:
-            entries = export_model(model, engine, role=role, weights=source, trust_pickle=trust_checkpoint, **common)
+        assert model is not None  # exactly one of the three is given
+        entries = _export_zoo(model, checkpoint, weights, role, trust_checkpoint, engine, common)
     _summary(entries, engine)
+
+
+def _register_user_onnx(
+    onnx_file: str, card_file: str | None, role: str | None, zoo_weights: str | None, engine: Path, common: dict[str, Any]
+) -> list[Entry]:
+    from dynpose.export.api import register_onnx
+    from dynpose.models.card import ModelCard
+
+    if card_file is None:
+        raise DynPoseError("--onnx needs --card CARD.json describing its input and keypoints")
+    if role is None:
+        raise DynPoseError("--onnx needs --role router|small|large")
+    if zoo_weights:
+        raise DynPoseError("--checkpoint/--weights apply to zoo models, not to --onnx")
+    return register_onnx(onnx_file, ModelCard.from_json_file(card_file), engine, role=role, **common)
+
+
+def _export_zoo(
+    model: str,
+    checkpoint: str | None,
+    weights: str | None,
+    role: str | None,
+    trust: bool,
+    engine: Path,
+    common: dict[str, Any],
+) -> list[Entry]:
+    from dynpose.export.api import DYNPOSE_SET, export_all, export_model
+
+    if checkpoint and weights:
+        raise DynPoseError("pass --checkpoint or --weights random, not both")
+    if not checkpoint and not weights:
+        raise DynPoseError("pass --checkpoint PATH|URL|mmpose|official, or --weights random for untrained weights")
+    source = checkpoint or "random"
+    if model != "all":
+        return export_model(model, engine, role=role, weights=source, trust_pickle=trust, **common)
+    if role:
+        raise DynPoseError("--role does not apply to --model all (router, small and large are fixed)")
+    if checkpoint and (Path(checkpoint).exists() or "://" in checkpoint):
+        raise DynPoseError("--model all takes --checkpoint as an alias (mmpose, official), not one file")
+    wmap = {n: source for n, _ in DYNPOSE_SET}
+    if checkpoint and checkpoint != "official":
+        wmap["router"] = "dynpose"  # the router's release has its own alias
+    return export_all(engine, weights=wmap, trust_pickle=trust, **common)

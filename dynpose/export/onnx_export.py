@@ -6,6 +6,7 @@ model card in `metadata_props["dynpose.card"]` so a file copied out of an engine
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -15,6 +16,8 @@ import onnx
 
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import check_onnx, copy_metadata, set_card
+
+log = logging.getLogger(__name__)
 
 OPSET = 17
 
@@ -26,7 +29,7 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         out = onnxslim.slim(model)
     except Exception as e:  # a graph onnxslim cannot handle is still a valid graph: keep it as is
-        warnings.warn(f"onnxslim could not simplify the graph ({type(e).__name__}: {e}); kept unsimplified", stacklevel=2)
+        log.warning("onnxslim could not simplify the graph (%s: %s); kept unsimplified", type(e).__name__, e)
         return model
     return copy_metadata(model, out)
 
