@@ -47,8 +47,10 @@ def setup_logging(quiet: bool = False) -> logging.Logger:
     logger = logging.getLogger("dynpose")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     if not any(getattr(h, _HANDLER_FLAG, False) for h in logger.handlers):
+        # Not a terminal (a pipe, a CI log): never wrap, so each message stays one greppable line.
+        width = None if sys.stderr.isatty() else 10_000
         handler = RichHandler(
-            console=Console(stderr=True, highlight=False, soft_wrap=True),
+            console=Console(stderr=True, highlight=False, soft_wrap=True, width=width),
             show_time=False,
             show_path=False,
             markup=False,
