@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,27 +33,121 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def providers_for(device: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Any]:
-    """The execution-provider list for `device` (cpu | cuda | trt), each accelerator backed by the ones below it;
-    `options` maps a provider name to its provider options. A provider this ONNX Runtime lacks is a one-line error."""
-    import onnxruntime as ort
+# cuDNN's EXHAUSTIVE search (ORT's default) benchmarks every convolution again for each new input shape, and the
+# number of person crops changes every frame, so each new batch size would stall for the search.
+CONV_ALGO_SEARCH = ("HEURISTIC", "DEFAULT", "EXHAUSTIVE")
+DEFAULT_PROVIDER_OPTIONS: dict[str, dict[str, Any]] = {"CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}}
+# ORT's TensorRT EP engine + timing caches, inside the engine dir (the manifest does not list or hash them).
+ORT_TRT_CACHE_DIR = "ort_trt_cache"
 
+
+def cuda_ep_options(conv_algo_search: str = "HEURISTIC", device_id: int = 0) -> dict[str, Any]:
+    """CUDAExecutionProvider options: cuDNN's heuristic algorithm choice (no per-shape search) on one device."""
+    if conv_algo_search not in CONV_ALGO_SEARCH:
+        raise DynPoseError(f"cudnn_conv_algo_search {conv_algo_search!r}: use one of {', '.join(CONV_ALGO_SEARCH)}")
+    return {"device_id": int(device_id), "cudnn_conv_algo_search": conv_algo_search}
+
+
+def tensorrt_ep_options(
+    input_name: str,
+    input_chw: tuple[int, int, int],
+    max_batch: int,
+    cache_dir: str | os.PathLike,
+    precision: str = "fp32",
+    device_id: int = 0,
+) -> dict[str, Any]:
+    """TensorrtExecutionProvider options: one profile over the batch axis (1, max_batch // 2, max_batch), so ORT
+    builds one engine instead of one per batch size it meets; engine and timing caches in `cache_dir`, so the next
+    session loads the engine instead of building it; fp16 / int8 kernels only for graphs exported in that precision
+    (an int8 graph carries its own Q/DQ scales, so no calibration table is involved)."""
+    if not input_name or any(c in input_name for c in ":,"):
+        raise DynPoseError(
+            f"input name {input_name!r}: ORT's TensorRT profile options cannot name it (empty, or has ':' or ','); "
+            "rename the model's input"
+        )
+    if len(input_chw) != 3 or any(int(d) <= 0 for d in input_chw):
+        raise DynPoseError(f"TensorRT EP options: input_chw must be three positive sizes, got {input_chw}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise DynPoseError(f"TensorRT EP options: max_batch must be an integer >= 1, got {max_batch!r}")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise DynPoseError(f"TensorRT EP options: precision {precision!r}: use fp32, fp16 or int8")
+    chw = "x".join(str(int(d)) for d in input_chw)
+
+    def shape(n: int) -> str:
+        return f"{input_name}:{n}x{chw}"
+
+    cache = str(cache_dir)
+    return {
+        "device_id": int(device_id),
+        "trt_profile_min_shapes": shape(1),
+        "trt_profile_opt_shapes": shape(max(1, max_batch // 2)),
+        "trt_profile_max_shapes": shape(max_batch),
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": cache,
+        "trt_fp16_enable": precision == "fp16",
+        "trt_int8_enable": precision == "int8",
+    }
+
+
+def provider_chain(device: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Any]:
+    """The execution-provider list for `device` (cpu | cuda | trt), each accelerator backed by the ones below it,
+    with `options` (provider name -> options) over `DEFAULT_PROVIDER_OPTIONS`. Pure: availability is not checked."""
     if device not in DEVICES:
         raise DynPoseError(f"unknown device {device!r} for ONNX Runtime; use {', '.join(DEVICES)}")
     chain = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "trt": ["trt", "cuda", "cpu"]}[device]
-    wanted = _PROVIDER[device]
-    if wanted not in ort.get_available_providers():
-        hint = "use --device cpu" if device == "cuda" else "use --device cuda or cpu"
-        raise DynPoseError(
-            f"ONNX Runtime has no {wanted} here (installed: {', '.join(ort.get_available_providers())}); install "
-            f"onnxruntime-gpu in place of onnxruntime (see docs/gpu.md), or {hint}"
-        )
-    opts = options or {}
+    given = options or {}
     out: list[Any] = []
     for d in chain:
         name = _PROVIDER[d]
-        out.append((name, dict(opts[name])) if name in opts else name)
+        opts = {**DEFAULT_PROVIDER_OPTIONS.get(name, {}), **dict(given.get(name, {}))}
+        out.append((name, opts) if opts else name)
     return out
+
+
+def ort_install_problem(dists: Collection[str]) -> str | None:
+    """Why this set of installed ONNX Runtime distributions hides the GPU providers (None when it does not).
+    onnxruntime and onnxruntime-gpu install the same `onnxruntime` module; whichever was installed last wins, and
+    with the CPU wheel on top the CUDA and TensorRT providers are gone."""
+    names = {d.lower().replace("_", "-") for d in dists}
+    if "onnxruntime" in names and "onnxruntime-gpu" in names:
+        return (
+            "both onnxruntime and onnxruntime-gpu are installed (one module, the CPU wheel can hide the GPU "
+            "providers): pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+        )
+    return None
+
+
+def installed_ort_dists() -> list[str]:
+    """Installed distributions that provide the `onnxruntime` module."""
+    import importlib.metadata as md
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+        found.append(dist)
+    return found
+
+
+def providers_for(device: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Any]:
+    """`provider_chain`, after checking this ONNX Runtime has the provider `device` needs (a one-line error
+    otherwise, naming a CPU/GPU wheel clash when that is the cause)."""
+    import onnxruntime as ort
+
+    chain = provider_chain(device, options)
+    wanted = _PROVIDER[device]
+    if wanted not in ort.get_available_providers():
+        hint = "use --device cpu" if device == "cuda" else "use --device cuda or cpu"
+        clash = ort_install_problem(installed_ort_dists())
+        fix = clash if clash else "install onnxruntime-gpu in place of onnxruntime (see docs/gpu.md)"
+        raise DynPoseError(
+            f"ONNX Runtime has no {wanted} here (installed: {', '.join(ort.get_available_providers())}); {fix}, or {hint}"
+        )
+    return chain
 
 
 def open_session(

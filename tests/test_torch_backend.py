@@ -12,6 +12,7 @@ import torch
 from dynpose.engines.manifest import Entry, Manifest, describe_file
 from dynpose.errors import DynPoseError
 from dynpose.models.zoo import create_model
+from dynpose.onnx_utils import rel_l2
 from dynpose.runtime.backends import load_runner
 from dynpose.runtime.backends.torch import TorchRunner, load_torch
 from dynpose.runtime.backends.torch.runner import load_state_dict_file
@@ -150,11 +151,13 @@ def test_cuda_runner_matches_cpu(resnet: torch.nn.Module) -> None:
     module = _random("resnet_50")
     module.load_state_dict(resnet.state_dict())
     with TorchRunner.from_module(module, device="cuda", max_batch=4) as r:
-        np.testing.assert_allclose(r.infer(x), want, rtol=1e-3, atol=1e-3)
+        # TF32 (torch.backends.cudnn.allow_tf32, on by default): fp32 convolutions on Ampere+ round their inputs to
+        # 10-bit mantissas, ~1e-3 relative per layer through a deep random net; compare the whole output.
+        assert rel_l2(r.infer(x), want) < 1e-2
         assert r.stream is not None and r.stream != torch.cuda.current_stream()
     module = _random("resnet_50")
     module.load_state_dict(resnet.state_dict())
     with TorchRunner.from_module(module, device="cuda", fp16=True) as r:
         got = r.infer(x)
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, want, atol=5e-2)
+    assert rel_l2(got, want) < 3e-2

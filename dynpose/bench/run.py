@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ def run_benchmark(
     detections: str | os.PathLike | None = None,
     route: str | None = None,
     threads: int | None = None,
+    backend_options: Mapping[str, Any] | None = None,
     json_out: str | os.PathLike | None = None,
     plot_out: str | os.PathLike | None = None,
     log: Callable[[str], None] = lambda m: None,
@@ -89,8 +90,9 @@ def run_benchmark(
         "repeats": repeats,
         "warmup": warmup,
         "threads": threads,
+        "backend_options": dict(backend_options or {}),
     }
-    with EngineSet.load(engine_dir, backend, device, threads=threads) as engines:
+    with EngineSet.load(engine_dir, backend, device, threads=threads, backend_options=backend_options) as engines:
         route = route or engines.manifest.route
         result = _header(engines, device, config)
         result["crops"] = crop_benchmark(engines, batches, fractions, repeats, warmup, log=log)

@@ -15,6 +15,7 @@ Examples:
   dynpose-bench --engine-dir engines/ --batch 1,8 --fractions 0,0.5,1 --repeats 3
   dynpose-bench --engine-dir engines/ --images coco/val2017 --detections dets.json
   dynpose-bench --engine-dir engines/ --backend tensorrt --device cuda --batch 1,8,32,64
+  dynpose-bench --engine-dir engines/ --backend torch --device cuda --fp16 --channels-last --cuda-graphs
 
 \b
 Defaults: CPU: --batch 1,8 --repeats 5 --warmup 1 (under 10 minutes for HRNet-W32 + ResNet-50 on 2 cores);
@@ -39,6 +40,12 @@ CUDA: --batch 1,8,32,64 --repeats 20 --warmup 5. Fractions 0,0.1,0.3,0.5,0.7,0.9
 @click.option("--threads", type=int, default=None, help="CPU cores to use (default: all); the two pose models share them.")
 @click.option("--repeats", type=int, default=None, help="Timed rounds per configuration (round-robin).")
 @click.option("--warmup", type=int, default=None, help="Untimed calls per configuration before timing.")
+@click.option("--fp16", is_flag=True, help="torch backend: run the models in half precision (outputs fp32).")
+@click.option("--channels-last", is_flag=True, help="torch backend: NHWC memory layout for models and inputs.")
+@click.option(
+    "--cuda-graphs", is_flag=True, help="torch backend, CUDA: one CUDA graph per batch bucket 1,2,4,..,max (padded)."
+)
+@click.option("--compile", "compile_", is_flag=True, help="torch backend: torch.compile the models (slow first calls).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write all figures to this JSON (atomic).")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write crops/s vs fraction as PNG.")
 @user_errors
@@ -54,6 +61,10 @@ def main(
     threads: int | None,
     repeats: int | None,
     warmup: int | None,
+    fp16: bool,
+    channels_last: bool,
+    cuda_graphs: bool,
+    compile_: bool,
     json_out: Path | None,
     plot_out: Path | None,
 ) -> None:
@@ -69,6 +80,13 @@ def main(
         from dynpose.runtime.policy import parse_policy
 
         parse_policy(route)
+    torch_opts = {"fp16": fp16, "channels_last": channels_last, "cuda_graphs": cuda_graphs, "compile": compile_}
+    backend_options = {k: True for k, v in torch_opts.items() if v}
+    if backend_options and backend != "torch":
+        flags = ", ".join("--" + k.replace("_", "-") for k in backend_options)
+        raise DynPoseError(f"{flags}: torch backend options; use --backend torch (ort/tensorrt precision is in the files)")
+    if cuda_graphs and device != "cuda":
+        raise DynPoseError("--cuda-graphs: CUDA graphs need --device cuda")
     result = bench.run_benchmark(
         engine_dir,
         backend=backend,
@@ -81,6 +99,7 @@ def main(
         detections=detections,
         route=route,
         threads=threads,
+        backend_options=backend_options,
         json_out=json_out,
         plot_out=plot_out,
         log=lambda m: click.echo(m, err=True),
@@ -90,3 +109,7 @@ def main(
     for p, what in ((json_out, "figures"), (plot_out, "plot")):
         if p is not None:
             click.echo(f"wrote {what} to {p}")
+
+
+if __name__ == "__main__":  # python -m dynpose.cli.bench (no console script needed, e.g. a --no-deps install)
+    main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -113,6 +113,7 @@ class EngineSet:
     device: str = "cpu"
     loaded: dict[str, str] = field(default_factory=dict)  # role -> what was loaded, for summaries
     entries: dict[str, Entry] = field(default_factory=dict)
+    backend_options: dict[str, Any] = field(default_factory=dict)  # to the backend's loader (torch: fp16, ...)
 
     @classmethod
     def load(
@@ -125,13 +126,21 @@ class EngineSet:
         detector: str | os.PathLike | None = None,
         det_score: float = 0.5,
         det_iou: float = 0.5,
+        backend_options: Mapping[str, Any] | None = None,
     ) -> EngineSet:
         """Open the engine dir's models for `backend` on `device`.
 
         roles: which of router / small / large to open (default: those the manifest has). detector: an ONNX
-        detector file to use instead of the manifest's detector entry (which is opened when present)."""
+        detector file to use instead of the manifest's detector entry (which is opened when present).
+        backend_options: keyword options for the backend's loader, given to every model it loads (torch: fp16,
+        channels_last, cuda_graphs, compile); a router that falls back to ONNX Runtime does not get them."""
         check_backend(backend)
         threads = resolve_threads(threads)
+        if backend_options and backend != "torch":
+            raise DynPoseError(
+                f"backend options {sorted(backend_options)} are torch backend options; --backend {backend} takes its "
+                "precision and layout from the exported files"
+            )
         if engine_dir is None or str(engine_dir) == "":
             raise DynPoseError("engine dir: none given; pass the folder dynpose-export wrote (e.g. engines/)")
         root = Path(engine_dir)
@@ -140,7 +149,7 @@ class EngineSet:
         unknown = sorted(set(wanted) - set(MODEL_ROLES))
         if unknown:
             raise DynPoseError(f"EngineSet.load: unknown role(s) {unknown}; use {', '.join(MODEL_ROLES)}")
-        es = cls(root, manifest, backend=backend, device=device)
+        es = cls(root, manifest, backend=backend, device=device, backend_options=dict(backend_options or {}))
         try:
             for role in wanted:
                 es._open_model(role, threads)
@@ -152,7 +161,8 @@ class EngineSet:
 
     def _open_model(self, role: str, threads: int | None) -> None:
         entry, be, dev = pick_entry(self.manifest, self.engine_dir, role, self.backend, self.device)
-        runner: Runner = load_runner(be, self.engine_dir, entry, dev, **thread_share(role, be, dev, threads))
+        opts = {**thread_share(role, be, dev, threads), **(self.backend_options if be == self.backend else {})}
+        runner: Runner = load_runner(be, self.engine_dir, entry, dev, **opts)
         handle: CropModel = Router(runner, entry.card) if role == "router" else PoseModel(runner, entry.card)
         setattr(self, role, handle)  # set before activating, so a failure below still closes it
         runner.activate()

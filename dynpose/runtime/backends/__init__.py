@@ -35,7 +35,8 @@ def check_backend(backend: str) -> str:
 
 def load_runner(backend: str, engine_dir: str | os.PathLike, entry: Entry, device: str = "cpu", **opts: Any) -> Runner:
     """Turn a manifest entry into an (inactive) runner of the named backend; activate it with `with` or
-    `.activate()`. `opts` go to that backend's loader (ort: intra_op_threads; torch: fp16; tensorrt: max_batch)."""
+    `.activate()`. `opts` go to that backend's loader (ort: intra_op_threads; torch: fp16, channels_last,
+    cuda_graphs, compile; tensorrt: max_batch)."""
     module, func, _ = LOADERS[check_backend(backend)]
     loader = getattr(importlib.import_module(module), func)
     runner: Runner = loader(engine_dir, entry, device=device, **opts)

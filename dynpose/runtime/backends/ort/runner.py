@@ -1,15 +1,22 @@
-"""ONNX Runtime runner and loader."""
+"""ONNX Runtime runner and loader.
+
+On a GPU the loader gives each session provider options made from the manifest entry (`ort_provider_options`):
+the CUDA provider picks cuDNN algorithms heuristically (its default exhaustive search re-runs for every new batch
+size, and the crop count changes every frame), and the TensorRT provider gets one profile over the batch axis,
+engine + timing caches inside the engine dir, and fp16/int8 kernels only for graphs exported in that precision.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dynpose.errors import DynPoseError
-from dynpose.onnx_utils import open_session
+from dynpose.onnx_utils import ORT_TRT_CACHE_DIR, cuda_ep_options, open_session, tensorrt_ep_options
 from dynpose.runtime.backends.base import Runner, TensorMeta
 
 if TYPE_CHECKING:
@@ -35,6 +42,7 @@ class OrtRunner(Runner):
         max_batch: int = 64,
         intra_op_threads: int = 0,
         name: str | None = None,
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         path = Path(path)
         super().__init__(name or path.stem, max_batch)
@@ -43,10 +51,20 @@ class OrtRunner(Runner):
         self.path = path
         self.device = device
         self.intra_op_threads = intra_op_threads
+        self.provider_options = {k: dict(v) for k, v in (provider_options or {}).items()}
         self.session: ort.InferenceSession | None = None
 
     def _activate(self) -> None:
-        sess = open_session(self.path, self.device, self.intra_op_threads)
+        cache = self.provider_options.get("TensorrtExecutionProvider", {}).get("trt_engine_cache_path")
+        if cache:
+            try:
+                Path(cache).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DynPoseError(
+                    f"ONNX model {self.path}: cannot create the TensorRT EP cache folder {cache} ({e.strerror}); make "
+                    "the engine dir writable or pass another trt_engine_cache_path"
+                ) from None
+        sess = open_session(self.path, self.device, self.intra_op_threads, provider_options=self.provider_options)
         if len(sess.get_inputs()) != 1:
             raise DynPoseError(f"ONNX model {self.path}: expected one input, found {[i.name for i in sess.get_inputs()]}")
         self.session = sess
@@ -66,8 +84,22 @@ class OrtRunner(Runner):
         return [np.asarray(o, dtype=np.float32) for o in outs]
 
 
+def ort_provider_options(device: str, entry: Entry, engine_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Provider name -> options for running `entry` on `device` (cpu | cuda | trt). Pure: nothing is opened."""
+    if device == "cpu":
+        return {}
+    opts: dict[str, dict[str, Any]] = {"CUDAExecutionProvider": cuda_ep_options("HEURISTIC")}
+    if device == "trt":
+        chw = (3, entry.card.input_height, entry.card.input_width)
+        cache = Path(engine_dir) / ORT_TRT_CACHE_DIR
+        opts["TensorrtExecutionProvider"] = tensorrt_ep_options(
+            entry.input_name, chw, entry.max_batch, cache, precision=entry.precision
+        )
+    return opts
+
+
 def load_ort(engine_dir: str | os.PathLike, entry: Entry, device: str = "cpu", intra_op_threads: int = 0) -> OrtRunner:
-    """Loader: a manifest entry (format onnx) -> an inactive runner."""
+    """Loader: a manifest entry (format onnx) -> an inactive runner, with `ort_provider_options` for `device`."""
     if entry.format != "onnx":
         raise DynPoseError(f"{entry.role}: the ort backend runs ONNX files, this entry is {entry.format}")
     return OrtRunner(
@@ -76,4 +108,5 @@ def load_ort(engine_dir: str | os.PathLike, entry: Entry, device: str = "cpu", i
         max_batch=entry.max_batch,
         intra_op_threads=intra_op_threads,
         name=f"{entry.role}:{entry.model}",
+        provider_options=ort_provider_options(device, entry, engine_dir),
     )

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from dynpose.errors import DynPoseError
 from dynpose.fileio import write_bytes_atomic
@@ -25,8 +25,8 @@ from dynpose.runtime.backends.tensorrt.cuda_utils import device_info
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "TensorRT is not installed: pip install --extra-index-url https://pypi.nvidia.com tensorrt "
-    "(needs an NVIDIA GPU); or export --format onnx"
+    "TensorRT is not installed: pip install --extra-index-url https://pypi.nvidia.com 'dynpose[gpu-cu12]' "
+    "(or gpu-cu13 on a CUDA 13 / R580+ driver; see docs/tensorrt.md; needs an NVIDIA GPU); or export --format onnx"
 )
 
 
@@ -71,37 +71,60 @@ def _parser_error_line(err: Any) -> str:
     return (" ".join(where) + ": " if where else "") + " ".join(str(desc).split())
 
 
+class PhaseBars:
+    """One tqdm bar per top-level TensorRT build phase; the logic behind the IProgressMonitor (TensorRT calls it
+    from its own builder threads, hence the lock). Nested phases only advance their parent's bar implicitly."""
+
+    def __init__(self, file: Any = None) -> None:
+        self._lock = threading.Lock()
+        self._bars: dict[str, Any] = {}
+        self._file = file
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        from tqdm import tqdm
+
+        with self._lock:
+            if parent_phase is None:
+                self._bars[phase_name] = tqdm(total=num_steps, desc=f"TensorRT: {phase_name}", leave=False, file=self._file)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        with self._lock:
+            bar = self._bars.get(phase_name)
+            if bar is not None:
+                bar.update(1)
+        return True  # False would cancel the build
+
+    def phase_finish(self, phase_name: str) -> None:
+        with self._lock:
+            bar = self._bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+    @property
+    def open_phases(self) -> list[str]:
+        with self._lock:
+            return sorted(self._bars)
+
+
 def _make_progress_monitor(trt: Any) -> Any | None:
-    """A TensorRT IProgressMonitor that drives one tqdm bar per top-level build phase (None if unsupported)."""
+    """A TensorRT IProgressMonitor forwarding to `PhaseBars` (None if this TensorRT has no IProgressMonitor)."""
     base = getattr(trt, "IProgressMonitor", None)
     if base is None:
         return None
-    from tqdm import tqdm
 
     class _Monitor(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
-            base.__init__(self)
-            # TensorRT calls back from its own threads.
-            self._lock = threading.Lock()
-            self._bars: dict[str, Any] = {}
+            super().__init__()
+            self.bars = PhaseBars()
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            with self._lock:
-                if parent_phase is None:
-                    self._bars[phase_name] = tqdm(total=num_steps, desc=f"TensorRT: {phase_name}", leave=False)
+            self.bars.phase_start(phase_name, parent_phase, num_steps)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
-            with self._lock:
-                bar = self._bars.get(phase_name)
-                if bar is not None:
-                    bar.update(1)
-            return True  # False would cancel the build
+            return self.bars.step_complete(phase_name, step)
 
         def phase_finish(self, phase_name: str) -> None:
-            with self._lock:
-                bar = self._bars.pop(phase_name, None)
-                if bar is not None:
-                    bar.close()
+            self.bars.phase_finish(phase_name)
 
     return _Monitor()
 
@@ -211,7 +234,7 @@ def build_engine(
             f"ONNX model {onnx_path}: TensorRT {trt.__version__} could not build an engine (see its messages above); "
             "try a larger --workspace-gb, a smaller --max-batch, or --format onnx"
         )
-    write_bytes_atomic(plan_path, memoryview(plan))
+    write_bytes_atomic(plan_path, cast(bytes, memoryview(plan)))  # any buffer writes; no copy
     if cache_path is not None:
         _save_timing_cache(config, cache_path)
     return {
@@ -236,4 +259,4 @@ def _save_timing_cache(config: Any, cache_path: Path) -> None:
         other = config.create_timing_cache(cache_path.read_bytes())
         if other is not None:
             cache.combine(other, False)  # False: never merge timings from another GPU
-    write_bytes_atomic(cache_path, memoryview(cache.serialize()))
+    write_bytes_atomic(cache_path, cast(bytes, memoryview(cache.serialize())))

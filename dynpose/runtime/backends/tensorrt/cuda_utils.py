@@ -3,18 +3,28 @@
 cuda-python returns `(err, value...)` tuples instead of raising; `check` turns a failed call into a one-line
 `DynPoseError` naming the CUDA error, so a missing driver or an out-of-memory reads the same as every other user
 error. Also here: pinned host views as numpy arrays and the fp16/bf16 conversions the TensorRT runner needs.
+
+cuda-python must be >= 12.9.1: older bindings hold the GIL inside every CUDA call, so one runner waiting in
+`cudaEventSynchronize` blocks the other runner's thread and the main thread, and the two engines serialise.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata as md
+import re
 from typing import Any
 
 import numpy as np
 
 from dynpose.errors import DynPoseError
 
-CUDA_PYTHON_HINT = "cuda-python is not installed: pip install cuda-python (or pip install dynpose[gpu])"
+CUDA_PYTHON_HINT = (
+    "cuda-python is not installed: pip install 'dynpose[gpu-cu12]' (CUDA 12 driver) or 'dynpose[gpu-cu13]' "
+    "(CUDA 13 driver, R580+); see docs/tensorrt.md"
+)
+# The first release whose bindings release the GIL around every CUDA call (cuda-bindings 12.9.1 release notes).
+MIN_CUDA_PYTHON = (12, 9, 1)
 
 
 def cudart() -> Any:
@@ -27,6 +37,42 @@ def cudart() -> Any:
         except ImportError:
             raise DynPoseError(CUDA_PYTHON_HINT) from None
     return runtime
+
+
+def cuda_python_version() -> str | None:
+    """The installed cuda-bindings (or, for the old single-package layout, cuda-python) version, None if neither."""
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def cuda_python_problem(version: str | None) -> str | None:
+    """Why this cuda-python version defeats concurrent runners (None when it is fine or unknown)."""
+    if version is None:
+        return None
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if m is None:
+        return None
+    got = tuple(int(g or 0) for g in m.groups())
+    if got >= MIN_CUDA_PYTHON:
+        return None
+    return (
+        f"cuda-python {version} holds the GIL inside every CUDA call, so the small and the large engine serialise; "
+        "install cuda-python>=12.9.1 (pip install 'dynpose[gpu-cu12]' or 'dynpose[gpu-cu13]')"
+    )
+
+
+def native_handle(obj: Any) -> int:
+    """The address behind a cuda-python object (a cudaStream_t for TensorRT's execute_async_v3). `int(obj)` is
+    deprecated since cuda-bindings 12.9.1 in favour of `cuda.bindings.utils.get_cuda_native_handle`."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:  # older bindings: int() is the only way
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
 
 
 def error_name(err: Any) -> str:
@@ -86,19 +132,32 @@ def host_array(ptr: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
     The view does not own the memory: the runner frees it in close() and drops its views first.
     """
     buf = (ctypes.c_uint8 * nbytes).from_address(ptr)
-    return np.frombuffer(buf, dtype=np.uint8).view(dtype)
+    return np.ctypeslib.as_array(buf).view(dtype)
 
 
 # numpy has no bfloat16: TensorRT bf16 tensors travel as uint16 bit patterns (the top half of an fp32).
 BF16 = "bfloat16"
 
 
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bit patterns (uint16), rounded to nearest even; NaN stays NaN (sign kept, quiet), inf stays inf.
+
+    The rounding add must not see a NaN: its low mantissa bits would carry into the exponent (0x7F800001 -> inf)
+    or, for a negative NaN, wrap the uint32 past the sign (0xFFFFFFFF -> +0)."""
+    f = np.ascontiguousarray(x, dtype=np.float32)
+    u = f.view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    bits = rounded.astype(np.uint16)
+    nan = np.isnan(f)
+    if nan.any():
+        bits[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return bits
+
+
 def to_io_dtype(x: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
     """fp32 batch -> the engine's input dtype (fp32, fp16, or bf16 as uint16 bits, rounded to nearest even)."""
     if dtype == BF16:
-        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-        rounded = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-        return (rounded >> np.uint32(16)).astype(np.uint16)
+        return to_bf16_bits(x)
     return np.asarray(x, dtype=dtype)
 
 

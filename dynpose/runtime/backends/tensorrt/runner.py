@@ -8,6 +8,7 @@ while each Python thread blocks only on its own work.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -23,6 +24,8 @@ from dynpose.runtime.backends.tensorrt.builder import import_tensorrt
 
 if TYPE_CHECKING:
     from dynpose.engines.manifest import Entry
+
+log = logging.getLogger(__name__)
 
 REBUILD = "rebuild with dynpose-export --format tensorrt"
 
@@ -119,6 +122,9 @@ class TrtRunner(Runner):
     def _activate(self) -> None:
         trt = import_tensorrt()
         self._rt = cu.cudart()
+        problem = cu.cuda_python_problem(cu.cuda_python_version())
+        if problem:
+            log.warning("%s: %s", self.name, problem)
         self._set_device()
         try:
             plan = self.path.read_bytes()
@@ -187,6 +193,8 @@ class TrtRunner(Runner):
         if rt is None:
             return
         with self._exec_lock:
+            # Frees and destroys act on this runner's device, whichever thread closes it.
+            rt.cudaSetDevice(self.device_index)
             if self._stream is not None:
                 # Work still queued on the stream may read the pinned buffers: finish it before freeing them.
                 rt.cudaStreamSynchronize(self._stream)
@@ -229,7 +237,7 @@ class TrtRunner(Runner):
                 rt.cudaMemcpyAsync(self._dev[self.input_name], self._host[self.input_name], x.nbytes, h2d, self._stream),
                 "cudaMemcpyAsync H2D",
             )
-            if not self.context.execute_async_v3(int(self._stream)):
+            if not self.context.execute_async_v3(cu.native_handle(self._stream)):
                 raise DynPoseError(f"{self.name}: TensorRT execute_async_v3 failed (see its messages above)")
             shapes = {o: tuple(self.context.get_tensor_shape(o)) for o in self.outputs}
             for o, shape in shapes.items():
