@@ -133,10 +133,25 @@ def installed_ort_dists() -> list[str]:
     return found
 
 
+ORT_MISSING = (
+    "ONNX Runtime is not installed: pip install 'dynpose[cpu]' (CPU), or 'dynpose[gpu-cu12]' / 'dynpose[gpu-cu13]' "
+    "on an NVIDIA machine (docs/gpu.md says which)"
+)
+
+
+def import_ort() -> Any:
+    """The `onnxruntime` module (CPU or GPU wheel: an extra brings one of them), or the install hint as one line."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DynPoseError(ORT_MISSING) from None
+    return onnxruntime
+
+
 def providers_for(device: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Any]:
     """`provider_chain`, after checking this ONNX Runtime has the provider `device` needs (a one-line error
     otherwise, naming a CPU/GPU wheel clash when that is the cause)."""
-    import onnxruntime as ort
+    ort = import_ort()
 
     chain = provider_chain(device, options)
     wanted = _PROVIDER[device]
@@ -162,7 +177,7 @@ def open_session(
     """An `onnxruntime.InferenceSession` for `device`; a file ONNX Runtime rejects is a one-line DynPoseError naming
     `what`. threads: intra-op threads (0 lets ORT pick; the runtime gives each concurrently running model a share
     of the cores). level: graph optimisations, "all" or "basic" (what the INT8 quantizer wants to see)."""
-    import onnxruntime as ort
+    ort = import_ort()
 
     p = Path(path)
     if not p.is_file():

@@ -47,6 +47,8 @@ def test_gpu_extras_pin_matching_cuda_majors() -> None:
 
 def test_no_gpu_extra_pulls_what_breaks_a_cuda12_driver_or_the_cpu_wheel() -> None:
     for name, reqs in _extras().items():
+        if name in ("cpu", "dev"):  # the CPU wheel's own extra, and the dev set that includes it
+            continue
         # `tensorrt` (metapackage) resolves to tensorrt-cu13 since 10.13.3; onnxruntime would hide the GPU providers.
         assert "tensorrt" not in reqs and "onnxruntime" not in reqs, name
         if "cuda-python" in reqs:
@@ -135,3 +137,20 @@ def test_summary_of_a_real_bench(tmp_path: Path, tinypose_engine_dir: Path) -> N
     # config, batch, large-only, small-only, dynpose@.5 crops/s, its ratio to large-only, the best fraction
     assert fields[1] == "2" and all(float(f) > 0 for f in fields[2:5]) and fields[5].endswith("x") and "x@" in fields[6]
     assert "missing modules: tensorrt" in text and (out / "gpu_check.txt").read_text() == text
+
+
+def test_onnxruntime_comes_from_exactly_one_extra() -> None:
+    """The CPU wheel is not a core dependency: a GPU extra replaces it instead of installing both."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    core = {Requirement(r).name for r in project["dependencies"]}
+    assert "onnxruntime" not in core and "onnxruntime-gpu" not in core
+    extras = _extras()
+    assert set(extras["cpu"]) == {"onnxruntime"}
+    assert any(r.startswith("dynpose[cpu") for r in project["optional-dependencies"]["dev"])
+    for gpu in ("gpu", "gpu-cu12", "gpu-cu13"):
+        assert "onnxruntime-gpu" in extras[gpu] and "onnxruntime" not in extras[gpu]

@@ -37,9 +37,9 @@ def ort_device(device: str) -> str:
     """Where ONNX Runtime can run a helper model (router fallback, detector): the GPU if this ORT has CUDA."""
     if device == "cpu":
         return "cpu"
-    import onnxruntime as ort
+    from dynpose.onnx_utils import import_ort
 
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    return "cuda" if "CUDAExecutionProvider" in import_ort().get_available_providers() else "cpu"
 
 
 def pick_entry(manifest: Manifest, engine_dir: Path, role: str, backend: str, device: str) -> tuple[Entry, str, str]:
