@@ -290,3 +290,93 @@ def test_sigterm_keeps_what_was_done_and_leaves_no_temp_files(
     cap = cv2.VideoCapture(str(vis / "clip.mp4"))
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == len(lines)
     cap.release()
+
+
+# -- dynpose-export ---------------------------------------------------------------------------------------------------
+def export_cli(*args: str | Path) -> tuple[int, str]:
+    from dynpose.cli.export import main as export_main
+
+    r = CliRunner().invoke(export_main, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.output
+
+
+EXPORT_CASES = [
+    ("missing-file-not-an-alias", ["--model", "all", "--checkpoint", "ckpt/res50.pth"], r"ckpt/res50.pth: file not found"),
+    ("role-pair-on-one-model", ["--model", "resnet_50", "--checkpoint", "small=mmpose"], r"ROLE=FILE checkpoints are for"),
+    ("pair-without-all", ["--model", "resnet_50", "--small", "resnet_50", "--weights", "random"], r"choose the pair"),
+    ("router-as-small", ["--model", "all", "--small", "router", "--weights", "random"], r"--small 'router': not a pose"),
+    ("unknown-large", ["--model", "all", "--large", "hrnet_w99", "--weights", "random"], r"unknown model 'hrnet_w99'"),
+    ("min-oks-nan", ["--model", "router", "--weights", "random", "--min-oks", "nan"], r"--min-oks nan"),
+]
+
+
+@pytest.mark.parametrize("args,match", [c[1:] for c in EXPORT_CASES], ids=[c[0] for c in EXPORT_CASES])
+def test_bad_export_arguments(tmp_path: Path, args: list[str], match: str) -> None:
+    code, out = export_cli(*args, "--engine-dir", tmp_path / "eng", "--quiet")
+    lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out, out
+    assert re.search(match, lines[0]), lines[0]
+    assert not (tmp_path / "eng" / "manifest.json").exists()
+
+
+def test_model_all_refuses_one_file_for_the_whole_set(tmp_path: Path) -> None:
+    ckpt = tmp_path / "res50.pth"
+    ckpt.write_bytes(b"x")
+    code, out = export_cli("--model", "all", "--checkpoint", ckpt, "--engine-dir", tmp_path / "eng", "--quiet")
+    assert code == 2 and "one file per role: --checkpoint small=" in out
+
+
+def test_export_into_a_read_only_or_full_dir(tmpfs: Path, tinypose_128: Path) -> None:
+    from dynpose.export.api import register_onnx
+    from dynpose.models.card import ModelCard
+
+    card = ModelCard.from_json_file(REPO / "examples" / "cards" / "tinypose_128x96.json")
+    with pytest.raises(DynPoseError, match=r"No space left on device while exporting .*left as it was"):
+        register_onnx(tinypose_128, card, tmpfs / "eng", role="small", progress=False)  # 5 MB into 256 KiB
+    assert [p.name for p in (tmpfs / "eng").iterdir()] == []  # no staging folder, no manifest
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    with pytest.raises(DynPoseError, match=r"cannot write there .*Read-only"):
+        register_onnx(tinypose_128, card, tmpfs / "eng", role="small", progress=False)
+
+
+def test_killed_exports_leave_staging_that_the_next_export_removes(tmp_path: Path, tinypose_128: Path) -> None:
+    from dynpose.engines.manifest import Manifest
+    from dynpose.export.api import register_onnx
+    from dynpose.models.card import ModelCard
+
+    eng = tmp_path / "eng"
+    card = ModelCard.from_json_file(REPO / "examples" / "cards" / "tinypose_128x96.json")
+    register_onnx(tinypose_128, card, eng, role="small", progress=False)
+    before = Manifest.load(eng).require("small").file
+    # a SIGKILLed export's folder (its process is gone), and a live one's (this process) that must stay
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (eng / f".staging-{dead.stdout.strip()}-abc").mkdir()
+    (eng / f".staging-{os.getpid()}-live").mkdir()
+    # SIGTERM during an export: like Ctrl-C, the engine dir keeps its old state and no staging folder remains
+    cmd = [
+        sys.executable,
+        "-m",
+        "dynpose.cli.export",
+        "--model",
+        "hrnet_w32",
+        "--weights",
+        "random",
+        "--role",
+        "small",
+        "--engine-dir",
+        str(eng),
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not [p for p in eng.glob(f".staging-{proc.pid}-*")]:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "interrupted: the engine dir" in out, out
+    assert sorted(p.name for p in eng.iterdir() if p.name.startswith(".staging")) == [f".staging-{os.getpid()}-live"]
+    assert Manifest.load(eng).require("small").file == before  # verified: the old state, loadable

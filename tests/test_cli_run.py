@@ -190,7 +190,9 @@ def test_errors_are_one_line_exit_2(
 
         bad = tmp_path / "engines"
         shutil.copytree(tinypose_engine_dir, bad)
-        with open(bad / "router.onnx", "r+b") as f:
+        from dynpose.engines.manifest import Manifest
+
+        with open(bad / Manifest.load(bad).require("router").file, "r+b") as f:
             f.seek(100)
             b = f.read(1)
             f.seek(100)

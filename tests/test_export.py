@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from dynpose.cli.export import main as export_cli
-from dynpose.engines.manifest import Manifest
+from dynpose.engines.manifest import Manifest, content_name
 from dynpose.errors import DynPoseError
 from dynpose.export.api import register_onnx
 from dynpose.models.card import ModelCard
@@ -51,16 +51,17 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 def test_register_user_onnx_manifest_round_trip(tmp_path: Path, tinypose_128: Path, card128: ModelCard) -> None:
     eng = tmp_path / "eng"
     (entry,) = register_onnx(tinypose_128, card128, eng, role="small", progress=False)
-    assert entry.file == "small.onnx" and entry.format == "onnx" and entry.precision == "fp32"
+    # content-named: a new export never overwrites a file the current manifest names (engines/manifest.py)
+    assert entry.file == content_name("small.onnx", entry.sha256) and entry.format == "onnx" and entry.precision == "fp32"
     # The user's graph names are kept and recorded, not renamed.
     assert (entry.input_name, entry.output_name) == ("image", "heatmaps")
     m = Manifest.load(eng)
     (loaded,) = m.entries
     assert loaded.card == card128 and loaded.checkpoint_sha256 == entry.checkpoint_sha256
     assert loaded.checks["batch5_vs_batch1_rel_l2"] <= 1e-4
-    assert read_card(eng / "small.onnx") == card128  # the card travels inside the ONNX file too
+    assert read_card(eng / entry.file) == card128  # the card travels inside the ONNX file too
     # Dynamic batch: the registered file runs at 1 and 5 and agrees.
-    sess = open_session(eng / "small.onnx")
+    sess = open_session(eng / entry.file)
     x = np.random.default_rng(0).standard_normal((5, 3, 128, 96)).astype(np.float32)
     np.testing.assert_allclose(run_session(sess, x, batch=5), run_session(sess, x, batch=1), rtol=1e-4, atol=1e-5)
 
@@ -76,8 +77,8 @@ def test_register_user_onnx_manifest_round_trip(tmp_path: Path, tinypose_128: Pa
 
 def test_manifest_refuses_tampered_or_missing_files(tmp_path: Path, tinypose_128: Path, card128: ModelCard) -> None:
     eng = tmp_path / "eng"
-    register_onnx(tinypose_128, card128, eng, role="small", progress=False)
-    f = eng / "small.onnx"
+    (entry,) = register_onnx(tinypose_128, card128, eng, role="small", progress=False)
+    f = eng / entry.file
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size, one bit changed
     f.write_bytes(bytes(data))
@@ -109,7 +110,7 @@ def test_fp16_tinypose_keeps_keypoints(tmp_path: Path, tinypose_128: Path, card1
     eng = tmp_path / "eng"
     entries = register_onnx(tinypose_128, card128, eng, role="small", precision="fp16", progress=False)
     e = entries[0]
-    assert e.file == "small.fp16.onnx" and e.precision == "fp16"
+    assert e.file == content_name("small.fp16.onnx", e.sha256) and e.precision == "fp16"
     print(
         f"fp16 vs fp32 on {e.checks['fp16_crops']} COCO crops: mean OKS {e.checks['fp16_oks']:.4f}, "
         f"heatmap rel L2 {e.checks['fp16_heatmap_rel_l2']:.2e}"
@@ -251,8 +252,9 @@ def test_cli_registers_user_onnx_with_summary(tmp_path: Path, tinypose_128: Path
         ["--onnx", str(tinypose_128), "--card", str(card_file), "--role", "small", "--quiet", "--engine-dir", str(eng)]
     )
     assert code == 0, out
-    assert "small.onnx" in out and "fp32" in out  # the summary table
-    assert Manifest.load(eng).require("small").file == "small.onnx"
+    e = Manifest.load(eng).require("small")
+    assert e.file == content_name("small.onnx", e.sha256)
+    assert e.file in out and "fp32" in out  # the summary table
 
 
 def test_cli_help_has_examples() -> None:
@@ -272,12 +274,13 @@ def test_cli_hrnet_w32_random_export(tmp_path: Path) -> None:
     m = Manifest.load(eng)
     e = m.require("large", "onnx")
     assert e.model == "hrnet_w32" and e.checks["fp32_rel_l2"] <= 1e-4
-    assert os.path.getsize(eng / "large.onnx") == e.size
+    assert os.path.getsize(eng / e.file) == e.size
     print("hrnet_w32 fp32 rel L2:", {k: f"{v:.1e}" for k, v in e.checks.items() if k.startswith("fp32_rel_l2")})
     assert "fp32_rel_l2_real_b5" in e.checks and "fp32_rel_l2_random_b1" in e.checks
-    model = onnx.load(str(eng / "large.onnx"))
+    model = onnx.load(str(eng / e.file))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
-    assert read_card(eng / "large.onnx") == e.card
-    sd = torch.load(eng / "large.pt", weights_only=True)  # the torch backend's state_dict
-    assert "final_layer.weight" in sd and m.require("large", "torch").file == "large.pt"
+    assert read_card(eng / e.file) == e.card
+    pt = m.require("large", "torch")
+    sd = torch.load(eng / pt.file, weights_only=True)  # the torch backend's state_dict
+    assert "final_layer.weight" in sd and pt.file == content_name("large.pt", pt.sha256)

@@ -15,6 +15,7 @@ import pytest
 
 from dynpose import PersonPose, Pipeline
 from dynpose.data import gt_boxes, image_id_map, load_coco, load_detections
+from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.fileio import write_json_atomic
 from dynpose.runtime.pipeline import clean_boxes
@@ -197,9 +198,10 @@ def test_errors(tinypose_engine_dir: Path, tmp_path: Path, coco) -> None:
     # tampered engine dir: the manifest's sha256 no longer matches
     bad = tmp_path / "engines"
     shutil.copytree(tinypose_engine_dir, bad)
-    data = bytearray((bad / "small.onnx").read_bytes())
+    small = bad / Manifest.load(bad).require("small").file
+    data = bytearray(small.read_bytes())
     data[-1] ^= 0xFF
-    (bad / "small.onnx").write_bytes(bytes(data))
+    small.write_bytes(bytes(data))
     with pytest.raises(DynPoseError, match="altered"):
         Pipeline.from_engine_dir(bad)
     with pytest.raises(DynPoseError, match="not a directory"):

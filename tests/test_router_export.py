@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from dynpose.calibration.crops import CalibSpec, Source
 from dynpose.cli.export import main as export_cli
-from dynpose.engines.manifest import DEFAULT_ROUTE, Manifest
+from dynpose.engines.manifest import DEFAULT_ROUTE, Manifest, content_name
 from dynpose.errors import DynPoseError
 from dynpose.export.api import default_route, export_model
 from dynpose.onnx_utils import open_session, run_session
@@ -60,7 +60,7 @@ def _print_checks(e) -> None:
 def test_router_fp16_and_int8_gated_on_decisions(tmp_path: Path, coco_dir: Path, spread_router: Path) -> None:
     eng = tmp_path / "eng"
     (e16, _) = export_model("router", eng, weights=str(spread_router), precision="fp16", progress=False)
-    assert e16.file == "router.fp16.onnx" and e16.precision == "fp16"
+    assert e16.file == content_name("router.fp16.onnx", e16.sha256) and e16.precision == "fp16"
     _print_checks(e16)
     # a real checkpoint, no calibration: the DynPose band, and the gate judged under it
     m = Manifest.load(eng)
@@ -76,7 +76,7 @@ def test_router_fp16_and_int8_gated_on_decisions(tmp_path: Path, coco_dir: Path,
         "router", eng, weights=str(spread_router), precision="int8", calib=_calib(coco_dir), progress=False
     )
     _print_checks(e8)
-    assert e8.file == "router.int8.onnx" and e8.checks["int8_calib_crops"] > 0
+    assert e8.file == content_name("router.int8.onnx", e8.sha256) and e8.checks["int8_calib_crops"] > 0
     assert e8.checks["router_decision_agreement"] >= 0.95 and e8.checks["router_score_max_abs_diff"] < 0.05
     assert e8.checks["int8_speedup_b8"] > 0
     q = onnx.load(str(eng / e8.file))
@@ -84,7 +84,11 @@ def test_router_fp16_and_int8_gated_on_decisions(tmp_path: Path, coco_dir: Path,
     assert {p.key for p in q.metadata_props} >= {p.key for p in half.metadata_props}  # the card travels along
     m = Manifest.load(eng)  # re-hashes every file
     # the same role+format replaced: only the int8 ONNX and the torch state_dict remain
-    assert sorted((e.format, e.file) for e in m.entries) == [("onnx", "router.int8.onnx"), ("torch", "router.pt")]
+    assert sorted((e.format, e.file) for e in m.entries) == [
+        ("onnx", content_name("router.int8.onnx", e8.sha256)),
+        ("torch", content_name("router.pt", m.require("router", "torch").sha256)),
+    ]
+    assert sorted(p.name for p in eng.iterdir() if p.suffix in (".onnx", ".pt")) == sorted(e.file for e in m.entries)
     # the INT8 file runs on the 12 real crops with the runtime's router card
     from dynpose.calibration.crops import coco_person_crops
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from dynpose.cli.common import check_finite, setup_logging, user_errors
+from dynpose.cli.common import check_finite, setup_logging, sigterm_as_interrupt, user_errors
 from dynpose.engines.manifest import Entry
 from dynpose.errors import DynPoseError
 
@@ -19,6 +21,9 @@ EXAMPLES = """
 Examples:
   dynpose-export --model hrnet_w32 --weights random --engine-dir engines/
   dynpose-export --model all --checkpoint mmpose --engine-dir engines/
+  # any pair of zoo models with the same keypoints, one checkpoint file per role (offline)
+  dynpose-export --model all --small lpn_50 --large hrnet_w32 --checkpoint small=lpn_50.pth \
+      --checkpoint large=pose_hrnet_w32_256x192.pth --checkpoint router=backbone.pth --engine-dir engines/
   dynpose-export --model resnet_50 --checkpoint ckpt/res50.pth --precision fp16 --engine-dir engines/
   dynpose-export --model hrnet_w32 --checkpoint mmpose --precision int8 \\
       --calib-root data/ --gate-ann data/coco/test_coco.json --engine-dir engines/
@@ -96,7 +101,7 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
         t.add_column(col)
     for e in entries:
         t.add_row(e.role, e.file, e.format, e.precision, f"{e.size / 2**20:.1f} MiB", _check_figure(e))
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 160).print(t)  # a log keeps whole file names
     if any(e.role == "router" for e in entries):
         from dynpose.engines.manifest import Manifest
 
@@ -123,7 +128,15 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
     type=click.Path(dir_okay=False),
     help="Model card JSON for --onnx (name, input_width, input_height, color_order, mean, std (0-255), keypoints, decoder).",
 )
-@click.option("--checkpoint", help="Weights: a path, an http(s) URL, or an alias (mmpose, official, dynpose).")
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    help="Weights: a path, an http(s) URL, or an alias (mmpose, official, dynpose). With --model all: one alias for "
+    "the set, or one ROLE=SOURCE per role (small=res50.pth large=hrnet.pth router=router.pth); repeatable.",
+)
+@click.option("--small", "small_name", metavar="NAME", help="--model all: the small model (default resnet_50).")
+@click.option("--large", "large_name", metavar="NAME", help="--model all: the large model (default hrnet_w32).")
 @click.option("--weights", type=click.Choice(["random"]), help="Random weights (pipeline tests and speed only).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled checkpoints (only for files you trust).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
@@ -182,7 +195,9 @@ def main(
     model: str | None,
     onnx_file: str | None,
     card_file: str | None,
-    checkpoint: str | None,
+    checkpoints: tuple[str, ...],
+    small_name: str | None,
+    large_name: str | None,
     weights: str | None,
     trust_checkpoint: bool,
     precision: str,
@@ -212,36 +227,44 @@ def main(
             "pass exactly one of --model NAME (zoo), --onnx FILE --card CARD.json (your pose model) or "
             "--detector FILE.onnx (a person detector)"
         )
-    if detector is not None:
-        from dynpose.export.api import register_detector
-
-        _summary(register_detector(detector, Path(engine_dir), progress=not quiet), Path(engine_dir))
-        return
-    check_finite("--min-oks", min_oks, 0.0, 1.0)
-    calib = _calib_spec(
-        calib_ann, calib_dets, calib_images, calib_root, gate_ann, calib_method, int8_target, calib_max_crops
-    )
-    common: dict[str, Any] = {
-        "precision": precision,
-        "max_batch": max_batch,
-        "calib": calib,
-        "min_oks": min_oks,
-        "fmt": fmt,
-        "progress": not quiet,
-        "opt_batch": opt_batch,
-        "opt_level": opt_level,
-    }
     engine = Path(engine_dir)
-    if onnx_file is not None:
-        entries = _register_user_onnx(onnx_file, card_file, role, checkpoint or weights, engine, common)
-    else:
-        assert model is not None  # exactly one of the three is given
-        entries = _export_zoo(model, checkpoint, weights, role, trust_checkpoint, engine, common)
+    # SIGTERM as Ctrl-C: the staging folder is removed on the way out and the engine dir keeps its old state.
+    with sigterm_as_interrupt():
+        try:
+            if detector is not None:
+                from dynpose.export.api import register_detector
+
+                entries = register_detector(detector, engine, progress=not quiet)
+            else:
+                check_finite("--min-oks", min_oks, 0.0, 1.0)
+                calib = _calib_spec(
+                    calib_ann, calib_dets, calib_images, calib_root, gate_ann, calib_method, int8_target, calib_max_crops
+                )
+                common: dict[str, Any] = {
+                    "precision": precision,
+                    "max_batch": max_batch,
+                    "calib": calib,
+                    "min_oks": min_oks,
+                    "fmt": fmt,
+                    "progress": not quiet,
+                    "opt_batch": opt_batch,
+                    "opt_level": opt_level,
+                }
+                if onnx_file is not None:
+                    entries = _register_user_onnx(onnx_file, card_file, role, bool(checkpoints or weights), engine, common)
+                else:
+                    assert model is not None  # exactly one of the three is given
+                    pair = {r: n for r, n in (("small", small_name), ("large", large_name)) if n}
+                    if pair and model != "all":
+                        raise DynPoseError("--small/--large choose the pair of --model all")
+                    entries = _export_zoo(model, checkpoints, weights, role, trust_checkpoint, engine, common, pair)
+        except KeyboardInterrupt:
+            raise DynPoseError(f"interrupted: the engine dir {engine} was left as it was") from None
     _summary(entries, engine)
 
 
 def _register_user_onnx(
-    onnx_file: str, card_file: str | None, role: str | None, zoo_weights: str | None, engine: Path, common: dict[str, Any]
+    onnx_file: str, card_file: str | None, role: str | None, zoo_weights: bool, engine: Path, common: dict[str, Any]
 ) -> list[Entry]:
     from dynpose.export.api import register_onnx
     from dynpose.models.card import ModelCard
@@ -257,27 +280,69 @@ def _register_user_onnx(
 
 def _export_zoo(
     model: str,
-    checkpoint: str | None,
+    checkpoints: tuple[str, ...],
     weights: str | None,
     role: str | None,
     trust: bool,
     engine: Path,
     common: dict[str, Any],
+    pair: dict[str, str],
 ) -> list[Entry]:
-    from dynpose.export.api import DYNPOSE_SET, export_all, export_model
+    from dynpose.export.api import export_model
 
-    if checkpoint and weights:
+    if checkpoints and weights:
         raise DynPoseError("pass --checkpoint or --weights random, not both")
-    if not checkpoint and not weights:
+    if not checkpoints and not weights:
         raise DynPoseError("pass --checkpoint PATH|URL|mmpose|official, or --weights random for untrained weights")
-    source = checkpoint or "random"
-    if model != "all":
-        return export_model(model, engine, role=role, weights=source, trust_pickle=trust, **common)
+    for c in checkpoints:
+        _check_source(c.partition("=")[2] if _is_role_pair(c) else c)
+    if model == "all":
+        return _export_set(checkpoints, role, trust, engine, common, pair)
+    if len(checkpoints) > 1 or any(_is_role_pair(c) for c in checkpoints):
+        raise DynPoseError("ROLE=FILE checkpoints are for --model all; one model takes one --checkpoint")
+    source = checkpoints[0] if checkpoints else "random"
+    return export_model(model, engine, role=role, weights=source, trust_pickle=trust, **common)
+
+
+ROLES_ALL = ("router", "small", "large")
+
+
+def _is_role_pair(text: str) -> bool:
+    return text.partition("=")[0] in ROLES_ALL and "=" in text
+
+
+def _check_source(source: str) -> None:
+    """A checkpoint that names a file must exist: it is never read as an alias (aliases are plain words)."""
+    if "://" in source or re.fullmatch(r"[A-Za-z][\w-]*", source) or Path(source).expanduser().is_file():
+        return
+    raise DynPoseError(
+        f"--checkpoint {source}: file not found; pass an existing checkpoint file, an http(s) URL, or an "
+        "alias (mmpose, official)"
+    )
+
+
+def _export_set(
+    checkpoints: tuple[str, ...], role: str | None, trust: bool, engine: Path, common: dict[str, Any], pair: dict[str, str]
+) -> list[Entry]:
+    """--model all: the router and the --small/--large pair, each role's weights from `--checkpoint ROLE=SOURCE` or
+    one alias for the whole set (the router's release has its own alias: `dynpose`)."""
+    from dynpose.export.api import export_all
+
     if role:
-        raise DynPoseError("--role does not apply to --model all (router, small and large are fixed)")
-    if checkpoint and (Path(checkpoint).exists() or "://" in checkpoint):
-        raise DynPoseError("--model all takes --checkpoint as an alias (mmpose, official), not one file")
-    wmap = {n: source for n, _ in DYNPOSE_SET}
-    if checkpoint and checkpoint != "official":
-        wmap["router"] = "dynpose"  # the router's release has its own alias
-    return export_all(engine, weights=wmap, trust_pickle=trust, **common)
+        raise DynPoseError("--role does not apply to --model all (it exports the router, --small and --large)")
+    pairs = dict(c.split("=", 1) for c in checkpoints if _is_role_pair(c))
+    aliases = [c for c in checkpoints if not _is_role_pair(c)]
+    if len(aliases) > 1 or (aliases and not re.fullmatch(r"[A-Za-z][\w-]*", aliases[0])):
+        raise DynPoseError(
+            "--model all takes one alias for the whole set (--checkpoint mmpose) or one file per role: --checkpoint "
+            "small=res50.pth --checkpoint large=hrnet.pth [--checkpoint router=router.pth]"
+        )
+    wmap: dict[str, str] = {}
+    if aliases:
+        wmap = {"small": aliases[0], "large": aliases[0], "router": "official" if aliases[0] == "official" else "dynpose"}
+    wmap.update(pairs)
+    return export_all(engine, models=pair, weights=wmap, trust_pickle=trust, **common)
+
+
+if __name__ == "__main__":
+    main()

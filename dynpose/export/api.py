@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("onnx", "tensorrt")
 EXPORT_ROLES = ("router", "small", "large")
 # The DynPose set: (zoo name, role).
-DYNPOSE_SET = (("router", "router"), ("resnet_50", "small"), ("hrnet_w32", "large"))
+# The DynPose set: role -> zoo name (the paper's pair; `export_all(models=...)` takes any two zoo pose models with
+# the same keypoint set).
+DYNPOSE_SET = {"router": "router", "small": "resnet_50", "large": "hrnet_w32"}
 
 
 def default_role(name: str) -> str:
@@ -183,7 +185,7 @@ def register_onnx(
     )
     with staging(engine_dir) as stage:
         gate = gate_crops(card, calib)
-        fp32, check = adopt_onnx(model, stage / f"{role}.onnx", card, gate[0])
+        fp32, check = adopt_onnx(model, stage / f"{role}.onnx", card, gate[0], source=src)
         return _finish(stage, job, fp32, check.require(), gate, [])
 
 
@@ -257,6 +259,7 @@ def export_model(
 def export_all(
     engine_dir: str | os.PathLike,
     *,
+    models: dict[str, str] | None = None,
     weights: dict[str, str] | None = None,
     precision: str = "fp32",
     max_batch: int = 64,
@@ -268,20 +271,24 @@ def export_all(
     opt_batch: int | None = None,
     opt_level: int = 3,
 ) -> list[Entry]:
-    """The DynPose set: router, resnet_50 as small, hrnet_w32 as large (the router always in fp32: at 0.85 M
-    parameters a lower precision saves nothing worth a routing change; `export_model("router", precision=...)` does it).
+    """A whole DynPose set: the router and a small/large pair (default `DYNPOSE_SET`: resnet_50 small, hrnet_w32
+    large). The router is always fp32: at 0.85 M parameters a lower precision saves nothing worth a routing change
+    (`export_model("router", precision=...)` does it).
 
-    `weights`: zoo name -> weights source; missing names get random weights.
-    """
+    models: role -> zoo name, overriding the default pair (e.g. {"small": "lpn_50"}); any two zoo pose models with
+    the same keypoint set make a pair, whatever their input sizes or decoders. weights: role -> weights source (path,
+    URL or alias); missing roles get random weights (seeded: the same file every time)."""
     _require_calib(precision, calib)  # before the router is exported, not after
+    chosen = {**DYNPOSE_SET, **(models or {})}
+    _check_pair(chosen)
     weights = weights or {}
     out: list[Entry] = []
-    for name, role in DYNPOSE_SET:
+    for role in ("router", "small", "large"):
         out += export_model(
-            name,
+            chosen[role],
             engine_dir,
             role=role,
-            weights=weights.get(name, "random"),
+            weights=weights.get(role, "random"),
             precision="fp32" if role == "router" else precision,
             max_batch=max_batch,
             calib=calib,
@@ -293,6 +300,26 @@ def export_all(
             opt_level=opt_level,
         )
     return out
+
+
+def _check_pair(models: dict[str, str]) -> None:
+    """Refuse a pair that cannot be routed between, before anything is exported."""
+    from dynpose.models import get_card
+
+    unknown = sorted(set(models) - set(DYNPOSE_SET))
+    if unknown:
+        raise DynPoseError(f"export_all: unknown role(s) {unknown}; use router, small, large")
+    cards = {role: get_card(name) for role, name in models.items()}
+    if cards["router"].task != "router":
+        raise DynPoseError(f"--model all: {models['router']!r} is not a router")
+    for role in ("small", "large"):
+        if cards[role].task != "pose":
+            raise DynPoseError(f"--{role} {models[role]!r}: not a pose model")
+    if cards["small"].keypoints != cards["large"].keypoints:
+        raise DynPoseError(
+            f"--small {models['small']} predicts {cards['small'].keypoints} but --large {models['large']} predicts "
+            f"{cards['large'].keypoints}; a pair needs the same keypoint set"
+        )
 
 
 def register_detector(onnx_path: str | os.PathLike, engine_dir: str | os.PathLike, *, progress: bool = True) -> list[Entry]:

@@ -7,6 +7,7 @@ as it was; the staging folder is removed either way. `commit` is the one place f
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -15,23 +16,65 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dynpose.engines.manifest import Entry, Manifest, describe_file
+from dynpose.engines.manifest import Entry, Manifest, commit_staged
 from dynpose.errors import DynPoseError
 from dynpose.export.route import default_route
 
 log = logging.getLogger(__name__)
 
 
+STAGING_PREFIX = ".staging-"
+# Writing into a full or read-only engine dir: these mean "the disk", not a bug, and get one line.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(engine_dir: Path) -> list[Path]:
+    """Remove staging folders an earlier export left behind when it was killed (SIGKILL, power loss): those whose
+    process no longer exists. A live export's folder (its pid is in the name) is left alone."""
+    removed = []
+    for p in engine_dir.glob(f"{STAGING_PREFIX}*"):
+        pid = p.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if p.is_dir() and (not pid.isdigit() or not _pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d staging folder(s) left by an interrupted export in %s", len(removed), engine_dir)
+    return removed
+
+
 @contextmanager
 def staging(engine_dir: str | os.PathLike) -> Iterator[Path]:
-    """A temp folder inside the engine dir (same filesystem, so the final moves are atomic renames)."""
+    """A temp folder inside the engine dir (same filesystem, so the final moves are atomic renames), named with
+    this process's pid so a later export can tell a killed export's leftovers from a running one's. A full or
+    read-only disk during the export is one line, and the engine dir is left as it was."""
     engine_dir = Path(engine_dir)
     if engine_dir.exists() and not engine_dir.is_dir():
         raise DynPoseError(f"engine dir {engine_dir}: exists and is not a directory")
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=engine_dir))
+    try:
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(engine_dir)
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=engine_dir))
+    except OSError as e:
+        raise DynPoseError(f"engine dir {engine_dir}: cannot write there ({e.strerror}); pick a writable folder") from None
     try:
         yield stage
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        raise DynPoseError(
+            f"engine dir {engine_dir}: {e.strerror} while exporting ({e.filename or 'a staged file'}); the engine dir "
+            "was left as it was"
+        ) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -52,26 +95,16 @@ def existing_manifest(engine_dir: str | os.PathLike) -> Manifest:
 def commit(
     stage: Path, engine_dir: str | os.PathLike, entries: list[Entry], router_weights: str | None = None
 ) -> list[Entry]:
-    """Hash the staged files, move them in, merge into the manifest (same role+format replaced), write it last.
+    """Move the staged files in and switch the manifest to them (`manifest.commit_staged`: new files under new
+    content names, the manifest written atomically, only then the replaced files removed, so a crash at any point
+    leaves the old engine dir or the new one, both loadable). Same role+format entries are replaced.
 
     When a router entry is among `entries` and `router_weights` (a `ROUTER_WEIGHTS` kind) is given, the manifest's
     route becomes `default_route(manifest, router_weights)` and its reason is logged."""
     engine_dir = Path(engine_dir)
-    files = {e.file for e in entries}
-    for e in entries:
-        info = describe_file(stage, e.file)
-        e.size, e.sha256 = info["size"], info["sha256"]
     manifest = existing_manifest(engine_dir)
-    replaced = {old.file for e in entries for old in manifest.entries if old.role == e.role and old.format == e.format}
-    for f in sorted(files):
-        os.replace(stage / f, engine_dir / f)
-    for e in entries:
-        manifest.put(e)
     if router_weights is not None and any(e.role == "router" for e in entries):
         manifest.route, why = default_route(manifest, router_weights)
         log.info(why)
-    manifest.save(engine_dir)
-    still_used = {e.file for e in manifest.entries}
-    for f in replaced - still_used:
-        (engine_dir / f).unlink(missing_ok=True)  # a replaced entry's old file would otherwise linger unlisted
+    commit_staged(engine_dir, stage, entries, manifest)
     return entries

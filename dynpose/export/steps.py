@@ -62,13 +62,18 @@ def to_onnx(model: Any, dst: str | os.PathLike, card: ModelCard, real: CropSet |
 
 
 def adopt_onnx(
-    model: onnx.ModelProto, dst: str | os.PathLike, card: ModelCard, real: CropSet | None = None
+    model: onnx.ModelProto,
+    dst: str | os.PathLike,
+    card: ModelCard,
+    real: CropSet | None = None,
+    source: str | os.PathLike | None = None,
 ) -> tuple[Path, Check]:
-    """A user's fp32 ONNX (already read and checked) -> `dst` with the card in its metadata, its names kept; checked
-    for an input matching the card, a working dynamic batch and finite outputs (`verify_onnx_batches`)."""
+    """A user's fp32 ONNX (already read and checked; `source` is its file, named in messages) -> `dst` with the card
+    in its metadata, its names kept; checked for an input matching the card, a working dynamic batch and finite
+    outputs (`verify_onnx_batches`)."""
     dst = Path(dst)
     onnx.save(set_card(model, card), str(dst))
-    check = verify_onnx_batches(dst, card, real)
+    check = verify_onnx_batches(dst, card, real, name=source)
     if check:
         log.info(
             "%s: ONNX checks passed (batch 5 vs 5 x batch 1 relative L2 %.2e)",

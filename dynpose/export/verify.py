@@ -85,12 +85,15 @@ def verify_torch_vs_onnx(
     return Check("fp32", True, figures)
 
 
-def verify_onnx_batches(onnx_path: str | os.PathLike, card: ModelCard, real: CropSet | None) -> Check:
+def verify_onnx_batches(
+    onnx_path: str | os.PathLike, card: ModelCard, real: CropSet | None, name: str | os.PathLike | None = None
+) -> Check:
     """For a user's ONNX: the input matches the card, batch 5 equals five batch-1 runs (dynamic batch works) and
-    outputs are finite. Figures: `batch5_vs_batch1_rel_l2`, `output_shape`."""
+    outputs are finite. Figures: `batch5_vs_batch1_rel_l2`, `output_shape`. `name`: the file to name in messages
+    (the user's own, not the staged copy being checked)."""
     sess = open_session(onnx_path)
     shape = sess.get_inputs()[0].shape
-    where = f"ONNX model {onnx_path}"
+    where = f"ONNX model {name or onnx_path}"
     if len(shape) != 4 or list(shape[1:]) != [3, card.input_height, card.input_width]:
         return Check(
             "fp32",

@@ -186,9 +186,23 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 f"checkpoint {path} needs pickle code execution to load (it contains {m.group(1)}); load it with "
                 "trust_pickle=True (CLI: --trust-checkpoint) only if you trust where the file came from"
             ) from None
-        raise DynPoseError(f"checkpoint {path} is not a readable PyTorch checkpoint ({e})") from None
+        raise DynPoseError(
+            f"checkpoint {path} is not a readable PyTorch checkpoint ({_unpickler_reason(e)}); it is damaged or not a "
+            "torch file: download or copy it again"
+        ) from None
     except Exception as e:  # a damaged or foreign file fails deep inside the unpickler with any error type
-        raise DynPoseError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise DynPoseError(
+            f"checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it is damaged or not a "
+            "torch file: download or copy it again"
+        ) from None
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """The unpickler's own reason, without torch's advice to load with weights_only=False: for a damaged file that
+    advice is wrong (it would fail too) and for a hostile one dangerous; trust is what --trust-checkpoint is for."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", str(e), flags=re.S)
+    reason = " ".join((m.group(1) if m else str(e).splitlines()[-1] if str(e).strip() else type(e).__name__).split())
+    return reason if reason and "weights_only" not in reason else "unpickling failed"
 
 
 def _is_tensor_dict(obj: Any) -> bool:

@@ -162,7 +162,13 @@ def _entry(name: str) -> tuple[Callable[..., nn.Module], ModelCard]:
 
 
 def create_model(
-    name: str, weights: str | os.PathLike | None = None, *, keypoints: str = "coco17", trust_pickle: bool = False, **kw: Any
+    name: str,
+    weights: str | os.PathLike | None = None,
+    *,
+    keypoints: str = "coco17",
+    trust_pickle: bool = False,
+    seed: int | None = 0,
+    **kw: Any,
 ) -> nn.Module:
     """Build zoo model `name` in eval mode, with its card attached as `model.card`.
 
@@ -171,7 +177,9 @@ def create_model(
         state_dict names, parameter counts, a later `load_weights`). `model.weights_source` is None so exporters
         can refuse such a model.
       - "random": the same random initialisation, with a warning that outputs are meaningless; for pipeline tests
-        that need a runnable model without a checkpoint. `model.weights_source == "random"`.
+        that need a runnable model without a checkpoint. `model.weights_source == "random"`. Drawn from torch's
+        generator seeded with `seed` (default 0) in a forked RNG state, so a random-weight export reproduces and the
+        caller's RNG is untouched; `seed=None` draws from the global generator.
       - anything else: a checkpoint source for `load_weights` (path, http(s) URL, or a card alias such as
         "mmpose"); `model.checkpoint` holds the `LoadedCheckpoint` and the card's colour order follows the source.
     keypoints: the pose models' keypoint set ("coco17", "crowdpose14"); the card's checkpoint sources are COCO-17
@@ -183,7 +191,14 @@ def create_model(
         kw["num_joints"] = get_keypoint_set(keypoints).num
         card = card.with_(keypoints=keypoints, sources={})
     try:
-        model = builder(**kw)
+        if isinstance(weights, str) and weights == "random" and seed is not None:
+            import torch
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = builder(**kw)
+        else:
+            model = builder(**kw)
     except TypeError as e:
         raise DynPoseError(f"create_model({name!r}): bad keyword argument ({e})") from None
     model.card = card
