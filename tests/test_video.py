@@ -115,6 +115,8 @@ def test_posetrack_output(tinypose_engine_dir: Path, street: Path, detector: Pat
         (["--out", "x.json", "--format", "posetrack"], "needs --track|add --track"),
         (["--track", "--out", "x.jsonl", "--format", "posetrack"], "JSON lines go to a .jsonl"),
         (["--track", "--det-every", "40"], "--track-max-missed 30 is under --det-every 40"),
+        (["--track", "--det-every", "2", "--gt-boxes", "gt.json"], "--det-every saves detector calls"),
+        (["--source", "x.mp4", "--eval", "gt.json"], "give one --source"),
     ],
 )
 def test_video_flags_refused_before_loading(tinypose_engine_dir: Path, street: Path, flags: list, message: str) -> None:

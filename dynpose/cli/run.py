@@ -106,6 +106,8 @@ def _check(o: RunOptions) -> None:
         raise DynPoseError("--source is empty; give an image, a folder of images, a video file or a webcam index")
     if len(o.source) > 1 and (o.detections or o.gt_boxes or o.eval_gt):
         raise DynPoseError("--detections, --gt-boxes and --eval name the images of one source; give one --source")
+    if o.det_every > 1 and (o.detections or o.gt_boxes):
+        raise DynPoseError("--det-every saves detector calls; --detections / --gt-boxes give every frame's boxes already")
     if o.max_batch < 1:
         raise DynPoseError(f"--max-batch must be >= 1, got {o.max_batch}")
     check_finite("--max-latency-ms", o.max_latency_ms, lo=0.0)
