@@ -190,6 +190,13 @@ def test_dispatcher_forced_decisions_hook(engines: EngineSet, coco_dir: Path) ->
     assert hooked.large[2:4].sum() == 1  # fraction 0.5 of the two routed boxes
     with Dispatcher(small, large, engines.router, policy="fraction:0.5") as d, pytest.raises(DynPoseError, match="-1"):
         d.run([img], [boxes], decisions=[np.full(len(boxes), 2)])
+    # through the Pipeline: a box it drops (entirely outside the image) takes its decision with it
+    with Pipeline.from_engine_set(engines, route="fraction:0.5") as pipe:
+        outside = np.concatenate([[[-500.0, -500.0, 10.0, 10.0]], boxes])
+        persons = pipe.run_batch([img], [outside], decisions=[np.array([1, 0, 0, 0, 0, 0])])[0]
+        assert [p.model for p in persons] == ["small"] * 5 and pipe.stats.dropped_boxes == 1
+        with pytest.raises(DynPoseError, match="6 decisions for 5 boxes"):
+            pipe.run_batch([img], [boxes], decisions=[np.zeros(6)])
 
 
 # -- clips ---------------------------------------------------------------------------------------------------------
