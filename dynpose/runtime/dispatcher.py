@@ -3,7 +3,8 @@
 One call takes the boxes of one frame or of many (a micro-batch) and does, in this order:
 
 1. centre/scale of every box for each model's own geometry (aspect ratio and padding from its card);
-2. if the policy needs it, crop every box for the router, run the router, and decide small | large;
+2. if the policy needs it, crop every box for the router, run the router, and decide small | large (boxes whose
+   decision the caller forces, e.g. a video tracker keeping a person's decision, skip the router);
 3. crop only the boxes routed to the small model, at the small model's input size, and hand the batch to the small
    model's worker; then the same for the large model (reusing the router crops when the router and the large model
    crop identically) so the small model already runs while the large crops are made;
@@ -87,6 +88,25 @@ def _check_images(images: Sequence[np.ndarray]) -> None:
             raise DynPoseError(f"dispatcher: image {i} must be an H x W x 3 uint8 BGR array, got {what}")
 
 
+def _forced(decisions: Sequence[np.ndarray | None] | None, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The flat (N,) forced routing: -1 (route normally) unless `decisions` says 0 (small) or 1 (large)."""
+    n = sum(len(b) for b in parts)
+    if decisions is None:
+        return np.full(n, -1, dtype=np.int8)
+    if len(decisions) != len(parts):
+        raise DynPoseError(f"dispatcher: {len(parts)} box arrays but {len(decisions)} decision arrays")
+    out = []
+    for i, (d, b) in enumerate(zip(decisions, parts, strict=True)):
+        a = np.full(len(b), -1, dtype=np.int8) if d is None else np.asarray(d).reshape(-1)
+        if len(a) != len(b) or not np.isin(a, (-1, 0, 1)).all():
+            raise DynPoseError(
+                f"dispatcher: decisions[{i}] must hold one of -1 (route), 0 (small), 1 (large) per box "
+                f"({len(b)} boxes), got {a.tolist()[:8]}"
+            )
+        out.append(a.astype(np.int8))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int8)
+
+
 def _span(model: str, runner: Runner, count: int) -> WorkerSpan:
     start, end = runner.last_inference or (0.0, 0.0)
     return WorkerSpan(model, start, end, count)
@@ -149,25 +169,38 @@ class Dispatcher:
         """One frame's boxes (M,>=4) x,y,w,h."""
         return self.run([image_bgr], [boxes_xywh])
 
-    def run(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> DispatchResult:
+    def run(
+        self,
+        images: Sequence[np.ndarray],
+        boxes: Sequence[np.ndarray],
+        decisions: Sequence[np.ndarray | None] | None = None,
+    ) -> DispatchResult:
         """Boxes of several frames (`boxes[i]` (M_i,>=4) x,y,w,h belong to `images[i]`, uint8 BGR), dispatched as one
-        batch; the routing policy sees all of them together."""
+        batch; the routing policy sees all of them together.
+
+        decisions: optional forced routing, per frame an (M_i,) int array (or None for "route them all"): 0 small,
+        1 large, -1 route normally. The router runs only for the -1 boxes and the policy decides among those alone
+        (a video tracker that keeps a person's decision across frames skips the router for them)."""
         if self._closed:
             raise DynPoseError("dispatcher is closed")
         if len(images) != len(boxes):
             raise DynPoseError(f"dispatcher: {len(images)} images but {len(boxes)} box arrays")
         _check_images(images)
         parts = [_xywh(b) for b in boxes]
+        forced = _forced(decisions, parts)
         frame_index = np.repeat(np.arange(len(parts), dtype=np.int64), [len(b) for b in parts])
         all_boxes = np.concatenate(parts) if parts else np.zeros((0, 4))
         call = _Call(images, frame_index, all_boxes, self._empty_result(len(all_boxes), frame_index), {})
         if len(all_boxes) == 0:
             return call.res
         call.geometry = {m: model.geometry(all_boxes) for m, model in self.models.items()}
-        scores = self._route_scores(call) if self.policy.needs_router else None
-        decision = self.policy.decide(scores, all_boxes)
-        call.res.large[:] = decision.large
-        call.res.nan_scores = decision.nan
+        free = np.flatnonzero(forced < 0)
+        call.res.large[:] = forced == 1
+        if free.size:
+            scores = self._route_scores(call, free) if self.policy.needs_router else None
+            decision = self.policy.decide(scores, all_boxes[free])
+            call.res.large[free] = decision.large
+            call.res.nan_scores = decision.nan
         self._run_pose(call)
         return call.res
 
@@ -182,23 +215,24 @@ class Dispatcher:
             frame_index=frame_index,
         )
 
-    def _route_scores(self, call: _Call) -> np.ndarray:
-        """Router scores of every box, a window at a time (its crops are kept for the large model when the whole
-        call is one window and the two crop alike)."""
+    def _route_scores(self, call: _Call, idx: np.ndarray) -> np.ndarray:
+        """Router scores of the boxes `idx`, a window at a time (its crops are kept for the large model when every
+        box of the call is routed in one window and the two crop alike)."""
         router = self.router
         assert router is not None
-        n = len(call.boxes)
+        n = len(idx)
         rc, rs = call.geometry["large"] if self.reuse_router_crop else router.geometry(call.boxes)
+        keep_crops = self.reuse_router_crop and n == len(call.boxes) and n <= self.window
         parts = []
         for a in range(0, n, router.runner.max_batch):
-            sl = slice(a, min(a + router.runner.max_batch, n))
+            sl = idx[a : a + router.runner.max_batch]
             x = router.inputs(router.crop(call.images, call.frame_index[sl], rc[sl], rs[sl]))
             parts.append(router.scores(x))
             call.res.spans.append(_span("router", router.runner, len(x)))
-            if self.reuse_router_crop and n <= self.window:
+            if keep_crops:
                 call.router_x = x
         scores = np.concatenate(parts)
-        call.res.router_scores[:] = scores[:, 1]
+        call.res.router_scores[idx] = scores[:, 1]
         return scores
 
     def _run_pose(self, call: _Call) -> None:

@@ -99,8 +99,15 @@ def clean_boxes(boxes: np.ndarray | None, image_shape: Sequence[int]) -> tuple[n
     and boxes reaching more than `MAX_BOX_FACTOR` image sizes beyond it (1e15-pixel boxes would decode to
     keypoints no float32 holds); boxes partly outside are kept (the crop pads with black, as the official code
     does)."""
+    b = _as_boxes(boxes)
+    ok = _usable(b, image_shape)
+    return b[ok], int((~ok).sum())
+
+
+def _as_boxes(boxes: np.ndarray | None) -> np.ndarray:
+    """(M,4|5) or one box -> (M,5) float64 with score 1 where none was given."""
     if boxes is None:
-        return np.zeros((0, 5)), 0
+        return np.zeros((0, 5))
     try:
         b = np.asarray(boxes, dtype=np.float64)
     except (TypeError, ValueError):
@@ -108,13 +115,17 @@ def clean_boxes(boxes: np.ndarray | None, image_shape: Sequence[int]) -> tuple[n
             "boxes must be numbers in an (M,4) or (M,5) array of x,y,w,h[,score] (every row the same length)"
         ) from None
     if b.size == 0:
-        return np.zeros((0, 5)), 0
+        return np.zeros((0, 5))
     if b.ndim == 1 and b.shape[0] in (4, 5):
         b = b[None]
     if b.ndim != 2 or b.shape[1] not in (4, 5):
         raise DynPoseError(f"boxes must be an (M,4) or (M,5) array of x,y,w,h[,score], got shape {b.shape}")
     if b.shape[1] == 4:
         b = np.concatenate([b, np.ones((len(b), 1))], axis=1)
+    return b
+
+
+def _usable(b: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
     h_img, w_img = image_shape[:2]
     x, y, w, h = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     lim_w, lim_h = MAX_BOX_FACTOR * w_img, MAX_BOX_FACTOR * h_img
@@ -122,7 +133,7 @@ def clean_boxes(boxes: np.ndarray | None, image_shape: Sequence[int]) -> tuple[n
         ok = np.isfinite(b).all(axis=1) & (w > 0) & (h > 0)
         ok &= (x + w > 0) & (y + h > 0) & (x < w_img) & (y < h_img)
         ok &= (x > -lim_w) & (y > -lim_h) & (x + w < w_img + lim_w) & (y + h < h_img + lim_h)
-    return b[ok], int((~ok).sum())
+    return ok
 
 
 def _check_image(image: Any) -> np.ndarray:
@@ -145,6 +156,7 @@ class _Prepared:
     boxes: np.ndarray  # (M,5)
     nms: bool
     dropped: int
+    decisions: np.ndarray | None = None  # (M,) forced routing of the kept boxes (see `Dispatcher.run`)
 
 
 class Pipeline:
@@ -233,14 +245,24 @@ class Pipeline:
         return self.run_batch([image_bgr], [boxes], nms=nms)[0]
 
     def run_batch(
-        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray | None] | None = None, nms: bool | None = None
+        self,
+        images: Sequence[np.ndarray],
+        boxes: Sequence[np.ndarray | None] | None = None,
+        nms: bool | None = None,
+        decisions: Sequence[np.ndarray | None] | None = None,
     ) -> list[list[PersonPose]]:
-        """Several frames dispatched together (one router batch and one sub-batch per model)."""
+        """Several frames dispatched together (one router batch and one sub-batch per model).
+
+        decisions: optional forced routing per frame, one int per given box (0 small, 1 large, -1 route normally;
+        None: route them all), as `Dispatcher.run` takes it; only for frames whose boxes are given."""
         if boxes is None:
             boxes = [None] * len(images)
         if len(boxes) != len(images):
             raise DynPoseError(f"run_batch: {len(images)} images but {len(boxes)} box arrays")
-        prepared = [self._prepare(im, b, nms) for im, b in zip(images, boxes, strict=True)]
+        if decisions is not None and len(decisions) != len(images):
+            raise DynPoseError(f"run_batch: {len(images)} images but {len(decisions)} decision arrays")
+        forced = decisions if decisions is not None else [None] * len(images)
+        prepared = [self._prepare(im, b, nms, d) for im, b, d in zip(images, boxes, forced, strict=True)]
         return self._dispatch(prepared)
 
     def run_many(
@@ -274,7 +296,9 @@ class Pipeline:
             yield from zip([t for t, _ in pending], self._dispatch([q for _, q in pending]), strict=True)
 
     # -- internals -------------------------------------------------------------------------------------------------
-    def _prepare(self, image: np.ndarray, boxes: np.ndarray | None, nms: bool | None) -> _Prepared:
+    def _prepare(
+        self, image: np.ndarray, boxes: np.ndarray | None, nms: bool | None, decisions: np.ndarray | None = None
+    ) -> _Prepared:
         if self._closed:
             raise DynPoseError("pipeline is closed")
         image = _check_image(image)
@@ -289,13 +313,25 @@ class Pipeline:
         kept, dropped = clean_boxes(boxes, image.shape)
         has_scores = boxes is not None and np.ndim(boxes) == 2 and np.shape(boxes)[1] == 5
         use_nms = (from_detector or has_scores) if nms is None else nms
-        return _Prepared(image, kept, use_nms, dropped)
+        forced = None
+        if decisions is not None:
+            if from_detector:
+                raise DynPoseError("run_batch: decisions need the frame's boxes (they name one decision per box)")
+            forced = np.asarray(decisions).reshape(-1)
+            given = _as_boxes(boxes)
+            if len(forced) != len(given):
+                raise DynPoseError(f"run_batch: {len(forced)} decisions for {len(given)} boxes")
+            forced = forced[_usable(given, image.shape)]
+        return _Prepared(image, kept, use_nms, dropped, forced)
 
     def _dispatch(self, prepared: list[_Prepared]) -> list[list[PersonPose]]:
         from dynpose.runtime.postprocess import oks_nms, rescore
 
         t0 = time.perf_counter()
-        res: DispatchResult = self.dispatcher.run([p.image for p in prepared], [p.boxes[:, :4] for p in prepared])
+        forced = [p.decisions for p in prepared] if any(p.decisions is not None for p in prepared) else None
+        res: DispatchResult = self.dispatcher.run(
+            [p.image for p in prepared], [p.boxes[:, :4] for p in prepared], decisions=forced
+        )
         sigmas = self.keypoint_set.sigmas
         names = res.model_names
         out: list[list[PersonPose]] = []

@@ -5,8 +5,13 @@
     abort()                 the run failed: leave nothing partial behind
 
 - `CocoJsonSink`: COCO keypoint results (`--out x.json`), one record per person of frames with a COCO image id;
-- `JsonLinesSink`: one JSON line per frame (`--out x.jsonl`), streamed so a long video never sits in memory;
-- `DrawingSink`: drawn skeletons (`--vis DIR`): images keep their names, a video or webcam gives an .mp4.
+- `JsonLinesSink`: one JSON line per frame (`--out x.jsonl`), streamed so a long video never sits in memory; tracked
+  persons carry their `track_id`;
+- `PoseTrackSink`: PoseTrack-style JSON of tracked persons (`--out x.json --format posetrack`);
+- `DrawingSink`: drawn skeletons (`--vis DIR`): images keep their names, a video or webcam gives an .mp4; the model
+  that ran sets the colour and tracked persons show their id.
+
+`Outputs` makes a run's sinks for one source (per-source file names when a run has several sources).
 
 Every sink writes into a temporary file beside its destination and renames it into place on `close`, so an
 interrupted or failed run leaves the old file or the new one, never half of one; where it will write is checked
@@ -18,13 +23,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from dynpose.errors import DynPoseError
 from dynpose.fileio import write_json_atomic
 from dynpose.keypoints import KeypointSet
-from dynpose.runtime.sources import Frame
+from dynpose.runtime.sources import Frame, FrameSource
 
 
 class ResultSink(Protocol):
@@ -181,3 +187,123 @@ class DrawingSink:
     def summary(self) -> str:
         what = f"{self.video_name}.mp4" if self.video_name else f"{self.count} image(s)"
         return f"drew {what} into {self.folder}"
+
+
+class PoseTrackSink:
+    """PoseTrack-style JSON for one video (the PoseTrack 2018 layout): `images` (one per frame, with `vid_id`,
+    `frame_id`, `file_name`), `annotations` (one per tracked person: `track_id`, `keypoints` as flat x,y,score,
+    `scores`, `score`, `bbox` x,y,w,h) and the keypoint names and skeleton in `categories`. Persons whose track is
+    not confirmed yet have no id and are left out. Written on close."""
+
+    def __init__(self, path: str | os.PathLike, keypoint_set: KeypointSet, video_name: str, vid_id: int = 1) -> None:
+        self.path = check_writable_file(path, "--out")
+        self.keypoint_set = keypoint_set
+        self.video_name = video_name
+        self.vid_id = int(vid_id)
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+        self.untracked = 0  # persons left out (no confirmed track yet)
+
+    def write(self, frame: Frame, persons: Sequence[Any]) -> None:
+        image_id = frame.index
+        self.images.append(
+            {
+                "id": image_id,
+                "frame_id": frame.index,
+                "vid_id": self.vid_id,
+                "file_name": frame.name,
+                "video": self.video_name,
+            }
+        )
+        for p in persons:
+            track_id = getattr(p, "track_id", None)
+            if track_id is None:
+                self.untracked += 1
+                continue
+            d = p.to_dict()
+            flat = [0.0 if v is None else v for kp in d["keypoints"] for v in kp]
+            self.annotations.append(
+                {
+                    "id": len(self.annotations),
+                    "image_id": image_id,
+                    "track_id": int(track_id),
+                    "category_id": 1,
+                    "keypoints": flat,
+                    "scores": flat[2::3],
+                    "score": d["score"] if d["score"] is not None else 0.0,
+                    "bbox": [0.0 if v is None else v for v in d["box"]],
+                }
+            )
+
+    def close(self) -> None:
+        ks = self.keypoint_set
+        category = {
+            "supercategory": "person",
+            "id": 1,
+            "name": "person",
+            "keypoints": list(ks.names),
+            "skeleton": [[a + 1, b + 1] for a, b in ks.skeleton],  # 1-based, as COCO and PoseTrack write them
+        }
+        write_json_atomic(self.path, {"images": self.images, "annotations": self.annotations, "categories": [category]})
+
+    def abort(self) -> None:
+        self.images, self.annotations = [], []
+
+    def summary(self) -> str:
+        tracks = len({a["track_id"] for a in self.annotations})
+        return f"wrote {self.path} ({len(self.images)} frames, {tracks} tracks, {len(self.annotations)} poses)"
+
+
+FORMATS = ("jsonl", "coco", "posetrack")
+
+
+def out_format(out: str | os.PathLike | None, fmt: str | None = None) -> str | None:
+    """The results format: `fmt` when given, else by the file suffix (.jsonl: JSON lines, .json: COCO results)."""
+    if out is None:
+        return None
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise DynPoseError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+        return fmt
+    return "jsonl" if Path(out).suffix.lower() == ".jsonl" else "coco"
+
+
+def per_source(path: str | os.PathLike, stem: str | None) -> Path:
+    """`x.jsonl` -> `x_<stem>.jsonl` (one results file per source of a many-source run); unchanged without stem."""
+    p = Path(path)
+    return p if stem is None else p.with_name(f"{p.stem}_{stem}{p.suffix}")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run's results go: `out` (a file, format by `fmt` or suffix), `vis` (a folder of drawings),
+    `collect` (keep COCO results in memory, for --eval)."""
+
+    out: str | None = None
+    fmt: str | None = None
+    vis: str | None = None
+    vis_score: float = 0.3
+    collect: bool = False
+
+    def sinks(
+        self, src: FrameSource, keypoint_set: KeypointSet, stem: str | None = None, vid_id: int = 1
+    ) -> list[ResultSink]:
+        """The sinks of one source. `stem` (runs with several sources) names the per-source files:
+        `out` x.jsonl -> x_<stem>.jsonl, and the drawings `vis`/<stem>.mp4 (videos) or `vis`/<stem>/ (images)."""
+        fmt = out_format(self.out, self.fmt)
+        out = per_source(self.out, stem) if self.out is not None else None
+        name = stem or (f"webcam{src.source}" if src.kind == "webcam" else Path(src.source).stem)
+        sinks: list[ResultSink] = []
+        if fmt == "jsonl":
+            sinks.append(JsonLinesSink(out))  # type: ignore[arg-type]
+        elif fmt == "posetrack":
+            sinks.append(PoseTrackSink(out, keypoint_set, name, vid_id))  # type: ignore[arg-type]
+        if fmt == "coco" or self.collect:
+            sinks.append(CocoJsonSink(out if fmt == "coco" else None))
+        if self.vis is not None:
+            live = src.kind in ("video", "webcam")
+            folder = Path(self.vis) if live or stem is None else Path(self.vis) / stem
+            sinks.append(
+                DrawingSink(folder, keypoint_set, video_name=name if live else None, fps=src.fps, min_score=self.vis_score)
+            )
+        return sinks

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -209,6 +211,8 @@ class FrameSource(Iterator[Frame]):
                 self._files = [path]
             else:
                 self.kind = "video"
+                if path.stat().st_size == 0:
+                    raise DynPoseError(f"video {path}: empty file (0 bytes); nothing to read")
                 self._open_capture(str(path), f"video {path}")
                 self._stem = path.stem
         else:
@@ -290,3 +294,113 @@ def open_source(source: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) 
     """An image file, a folder of images (sorted, sub-folders too), a video file, or a webcam index ("0").
     Images over `max_pixels` (by their header) are skipped with a warning; None: no limit."""
     return FrameSource(str(source), max_pixels)
+
+
+def early_end(what: str, frames: int, declared: int | None) -> str | None:
+    """A note when a video gave fewer frames than its header declares (a truncated or damaged file), else None."""
+    if declared is None or frames >= declared:
+        return None
+    return (
+        f"{what}: ended after {frames} of the {declared} frames its header declares (a truncated or damaged file); "
+        f"the {frames} frame(s) read were processed and written"
+    )
+
+
+class _End:
+    pass
+
+
+_END = _End()
+
+
+class ReadAhead:
+    """A FrameSource read on its own thread into a small bounded queue, so several sources decode in parallel
+    with each other and with the models. `get()` gives the next Frame, None at the end, and raises a DynPoseError
+    naming the source and the frame when reading failed mid-stream (the frames before it were all given)."""
+
+    def __init__(self, src: FrameSource, size: int = 4) -> None:
+        if size < 1:
+            raise DynPoseError(f"read-ahead queue size must be >= 1, got {size}")
+        self.src = src
+        self.declared = src.total if src.kind == "video" else None  # frames the header claims
+        self.frames = 0  # frames handed out by get()
+        self.error: str | None = None
+        self.ended = False
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name=f"dynpose-read-{Path(src.source).name}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self) -> None:
+        try:
+            for frame in self.src:
+                if not self._put(frame):
+                    return
+            self._put(_END)
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it as a DynPoseError)
+            self._put(e)
+
+    def get(self) -> Frame | None:
+        if self.ended:
+            return None
+        item = self._queue.get()
+        if isinstance(item, Frame):
+            self.frames += 1
+            return item
+        self.ended = True
+        if isinstance(item, BaseException):
+            why = str(item).strip() or type(item).__name__
+            self.error = f"source {self.src.source}: reading failed after {self.frames} frame(s) ({why})"
+            raise DynPoseError(self.error) from item
+        return None
+
+    @property
+    def early_end(self) -> str | None:
+        """The truncation note (see `early_end`) once the source has ended without an error."""
+        if not self.ended or self.error is not None:
+            return None
+        return early_end(f"video {self.src.source}", self.frames, self.declared)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop reading and release the source (waits for a read in progress, up to `timeout` seconds)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
+            timeout -= 0.1
+            if timeout <= 0:
+                log.warning("source %s: the reader thread did not stop; leaving it", self.src.source)
+                return
+        self.src.close()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def source_stems(sources: Sequence[str]) -> list[str]:
+    """A short distinct name per source for per-source output files: a file's stem, a folder's name, webcam<N>;
+    repeats get -2, -3, ..."""
+    stems: list[str] = []
+    for s in sources:
+        p = Path(str(s))
+        stem = f"webcam{str(s).strip()}" if str(s).strip().isdigit() and not p.exists() else (p.stem or p.resolve().name)
+        base, n = stem, 2
+        while stem in stems:
+            stem, n = f"{base}-{n}", n + 1
+        stems.append(stem)
+    return stems

@@ -42,7 +42,8 @@ def draw_persons(
 ) -> np.ndarray:
     """A copy of the image with each person's box, score, model name and skeleton drawn in the model's colour.
 
-    `persons`: objects with `.box` (x,y,w,h), `.score`, `.keypoints` (K,3) and `.model`. Keypoints scoring below
+    `persons`: objects with `.box` (x,y,w,h), `.score`, `.keypoints` (K,3) and `.model`, and optionally `.track_id`
+    (a tracked person's label starts with `#id`). Keypoints scoring below
     `kpt_thr`, or not finite, are not drawn; neither are limbs touching them.
     """
     ks = get_keypoint_set(keypoint_set) if isinstance(keypoint_set, str) else keypoint_set
@@ -61,7 +62,9 @@ def draw_persons(
         if np.isfinite(box).all() and box[2] > 0 and box[3] > 0:
             x, y, bw, bh = box
             cv2.rectangle(img, _pt(x, y), _pt(x + bw, y + bh), color, thick, cv2.LINE_AA)
+            track_id = getattr(p, "track_id", None)
             label = f"{getattr(p, 'model', '')} {float(getattr(p, 'score', 0.0)):.2f}".strip()
+            label = f"#{track_id} {label}" if track_id is not None else label
             (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
             ty = int(max(th + base, y))
             cv2.rectangle(img, (int(x), ty - th - base), (int(x) + tw, ty), color, -1)
