@@ -89,10 +89,10 @@ def test_forward_shapes_batch_1_and_5(shared: Path, name: str) -> None:
 def test_dpn_batch_items_are_independent() -> None:
     # channel_shuffle reshapes across the batch axis; a wrong reshape would mix the crops of one batch.
     m = model("dpn")
-    x = torch.randn(3, 3, 256, 192)
+    x = torch.randn(2, 3, 256, 192)
     with torch.no_grad():
         together = m(x)
-        alone = torch.cat([m(x[i : i + 1]) for i in range(3)])
+        alone = torch.cat([m(x[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
@@ -384,9 +384,8 @@ def test_lpn_50_cost_matches_its_paper() -> None:
 
 
 # -- ONNX export through the export API -----------------------------------------------------------------------------
-def _export_and_check(tmp_path: Path, name: str) -> None:
+def _export_and_check(tmp_path: Path, name: str, new_batch: bool) -> None:
     import onnx
-    import onnxruntime as ort
 
     from dynpose.export.api import export_model
 
@@ -396,27 +395,37 @@ def _export_and_check(tmp_path: Path, name: str) -> None:
         entries = export_model(name, tmp_path, weights="random", progress=False)
     onnx_entry = next(e for e in entries if e.format == "onnx")
     assert onnx_entry.card == get_card(name)
-    assert onnx_entry.checks["fp32_rel_l2"] < 1e-4  # ONNX Runtime vs PyTorch at batch 1 and 5
+    # Traced at batch 2, checked by the export against PyTorch at batch 1 and 5 (random crops).
+    assert onnx_entry.checks["fp32_rel_l2"] < 1e-4
+    assert {"fp32_rel_l2_random_b1", "fp32_rel_l2_random_b5"} <= set(onnx_entry.checks)
     proto = onnx.load(str(tmp_path / onnx_entry.file), load_external_data=False)
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic batch axis
-    # Batch 3, a size the export never saw, against PyTorch with the exported weights.
+    if new_batch:
+        _check_batch_3(tmp_path, name, onnx_entry.file, next(e.file for e in entries if e.format == "torch"))
+
+
+def _check_batch_3(tmp_path: Path, name: str, onnx_file: str, torch_file: str) -> None:
+    """ONNX Runtime at batch 3 against PyTorch with the exported weights (a third batch size)."""
+    import onnxruntime as ort
+
     m = create_model(name)
-    m.load_state_dict(torch.load(tmp_path / next(e.file for e in entries if e.format == "torch"), weights_only=True))
+    m.load_state_dict(torch.load(tmp_path / torch_file, weights_only=True))
     card = get_card(name)
     x = torch.randn(3, 3, card.input_height, card.input_width)
     with torch.no_grad():
         ref = m(x).numpy()
-    sess = ort.InferenceSession(str(tmp_path / onnx_entry.file), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(tmp_path / onnx_file), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert got.shape == ref.shape == (3, 17, card.input_height // 4, card.input_width // 4)
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
 
 
 def test_onnx_export_lpn_50(tmp_path: Path) -> None:
-    _export_and_check(tmp_path, "lpn_50")
+    _export_and_check(tmp_path, "lpn_50", new_batch=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["hourglass_1", "dpn"])
 def test_onnx_export_heavy(tmp_path: Path, name: str) -> None:
-    _export_and_check(tmp_path, name)
+    # 95 M / 56 M parameters: the export's own batch 1 / 5 checks only (tens of seconds each on 2 cores).
+    _export_and_check(tmp_path, name, new_batch=False)
