@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from dynpose.models.card import ModelCard
 
 if TYPE_CHECKING:
+    from dynpose.models.flops import ModelCost, count_flops, model_cost
     from dynpose.models.weights import LoadedCheckpoint, cache_dir, download, load_weights
     from dynpose.models.zoo import create_model, get_card, list_models
 
@@ -21,6 +22,9 @@ _LAZY = {
     "create_model": "zoo",
     "get_card": "zoo",
     "list_models": "zoo",
+    "ModelCost": "flops",
+    "count_flops": "flops",
+    "model_cost": "flops",
 }
 
 
@@ -33,10 +37,13 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LoadedCheckpoint",
     "ModelCard",
+    "ModelCost",
     "cache_dir",
+    "count_flops",
     "create_model",
     "download",
     "get_card",
     "list_models",
     "load_weights",
+    "model_cost",
 ]

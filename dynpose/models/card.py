@@ -7,6 +7,7 @@ the ONNX `metadata_props` and the engine manifest, and the runtime reads preproc
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -22,7 +23,8 @@ IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 # "detector": a person detector in an engine dir; only its input size matters here (it preprocesses itself).
 TASKS = ("pose", "router", "detector")
 COLOR_ORDERS = ("rgb", "bgr")
-DECODERS = ("msra", "dark", "udp")
+# msra/dark/udp read heatmaps; simdr reads SimDR's two 1-D outputs (x and y bins, `simdr_split_ratio` per pixel).
+DECODERS = ("msra", "dark", "udp", "simdr")
 
 
 @dataclass
@@ -46,6 +48,8 @@ class ModelCard:
     arch: str = "onnx"
     # Box padding around the person before cropping (official HRNet and MMPose use 1.25).
     padding: float = 1.25
+    # SimDR only: classification bins per input pixel (the x output has input_width * ratio bins).
+    simdr_split_ratio: float = 2.0
     # Known checkpoint sources: alias -> {"url": ..., "color_order": ..., "sha256_prefix": ...}
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -94,6 +98,9 @@ class ModelCard:
                 raise bad(f"'keypoints' must be one of {sorted(KEYPOINT_SETS)}, got {self.keypoints!r}")
             if self.decoder not in DECODERS:
                 raise bad(f"'decoder' must be one of {DECODERS}, got {self.decoder!r}")
+        ratio = self.simdr_split_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+            raise bad(f"'simdr_split_ratio' must be a finite number > 0, got {ratio!r}")
         if not self.padding > 0:
             raise bad(f"'padding' must be > 0, got {self.padding!r}")
 

@@ -99,11 +99,16 @@ def _transition(pre: list[int], cur: list[int]) -> nn.ModuleList:
     return nn.ModuleList(layers)
 
 
-class PoseHighResolutionNet(nn.Module):
-    """N x 3 x H x W crop -> N x num_joints x H/4 x W/4 heatmaps from the highest-resolution branch."""
+class HighResolutionBackbone(nn.Module):
+    """N x 3 x H x W crop -> N x width x H/4 x W/4 features of the highest-resolution branch (no head).
 
-    def __init__(self, width: int = 32, num_joints: int = 17) -> None:
+    Shared by the heatmap HRNet below and SimDR (`dynpose/models/simdr.py`), whose checkpoints hold these tensors
+    under `backbone.`.
+    """
+
+    def __init__(self, width: int = 32) -> None:
         super().__init__()
+        self.width = width
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.conv2 = nn.Conv2d(64, 64, kernel_size=3, stride=2, padding=1, bias=False)
@@ -126,8 +131,6 @@ class PoseHighResolutionNet(nn.Module):
             setattr(self, f"stage{stage}", nn.Sequential(*modules))
             pre = channels
 
-        self.final_layer = nn.Conv2d(width, num_joints, kernel_size=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
         x = self.layer1(x)
@@ -136,4 +139,16 @@ class PoseHighResolutionNet(nn.Module):
             # Existing branches pass through (or get re-widthed); a new branch grows from the lowest resolution.
             xs = [xs[i] if t is None else t(xs[i] if i < len(xs) else xs[-1]) for i, t in enumerate(transition)]
             xs = getattr(self, f"stage{stage}")(xs)
-        return self.final_layer(xs[0])
+        return xs[0]
+
+
+class PoseHighResolutionNet(HighResolutionBackbone):
+    """N x 3 x H x W crop -> N x num_joints x H/4 x W/4 heatmaps from the highest-resolution branch."""
+
+    def __init__(self, width: int = 32, num_joints: int = 17) -> None:
+        super().__init__(width)
+        # Registered after the backbone, as in the official module: state_dict order = checkpoint order.
+        self.final_layer = nn.Conv2d(width, num_joints, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_layer(super().forward(x))

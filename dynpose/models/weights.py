@@ -326,7 +326,8 @@ def load_weights(
 
     source: a local path, an http(s) URL (downloaded once into `cache_dir()`), or an alias from `model.card.sources`
     ("mmpose", "official", ...). Official, MMPose 1.x/0.x, DataParallel (`module.`) and DynPose router
-    (`backbone.`) layouts are recognised, bare or under a "state_dict"/"model" key.
+    (`backbone.`) layouts are recognised, bare or under a "state_dict"/"model" key; a model with an
+    `adapt_state_dict(sd) -> sd` method (SimDR) maps a second official naming of its own.
     trust_pickle: allow checkpoints that need pickle code execution (CLI `--trust-checkpoint`); never for files
     from an untrusted source.
     color_order: override the colour order the weights expect ("rgb"/"bgr"); by default it comes from the card
@@ -341,6 +342,10 @@ def load_weights(
     sd, wrapper = _unwrap(raw, path)
     router = card is not None and card.task == "router"
     sd, fmt, data_parallel, ignored = convert_state_dict(sd, router=router)
+    # A family released under two namings (SimDR: the authors' flat one and `backbone.`) maps its other naming.
+    adapt = getattr(model, "adapt_state_dict", None)
+    if callable(adapt):
+        sd = adapt(sd)
 
     model_sd = model.state_dict()
     problems, missing_nbt = _mismatch_message(model_sd, sd)

@@ -17,9 +17,13 @@ from torch import nn
 from dynpose.errors import DynPoseError
 from dynpose.keypoints import get_keypoint_set
 from dynpose.models.card import IMAGENET_MEAN_255, IMAGENET_STD_255, ModelCard
+from dynpose.models.dpn import DPN
+from dynpose.models.hourglass import PoseHourglass
 from dynpose.models.hrnet import PoseHighResolutionNet
+from dynpose.models.lpn import LPN
 from dynpose.models.resnet import PoseResNet
 from dynpose.models.router import DynPoseRouter
+from dynpose.models.simdr import SimDR
 
 MMPOSE_COCO = "https://download.openmmlab.com/mmpose/v1/body_2d_keypoint/topdown_heatmap/coco/"
 HRNET_OFFICIAL = (
@@ -30,6 +34,30 @@ SIMPLEBASELINE_OFFICIAL = (
     "the official SimpleBaseline release (https://github.com/microsoft/human-pose-estimation.pytorch, 'pretrained "
     "models' links to Google Drive / OneDrive: models/pytorch/pose_coco/{file})"
 )
+LPN_OFFICIAL = (
+    "the official LPN release (https://github.com/zhang943/lpn-pytorch, README 'model zoo' links to a Google Drive "
+    "folder: models/pytorch/pose_coco/{file})"
+)
+SIMCC_OFFICIAL = (
+    "the SimDR authors' release (https://github.com/leeyegy/SimCC, README 'pretrained models' links to a Google Drive "
+    "folder: pretrained_model/coco/simdr/{file})"
+)
+SIMDR_SITHU = (
+    "the sithu31296/pose-estimation release (https://github.com/sithu31296/pose-estimation, README model-zoo table, "
+    "'SimDR {file}' download link to Google Drive)"
+)
+DPN_OFFICIAL = (
+    "no released weights: train with https://github.com/ps259685/Dual-Path-Network-for-human-pose-estimation "
+    "(DPN/exps/DPN.coco, `python -m train.py`), which saves model_logs/<user>/DPN.coco/{file} as "
+    "{{'model': state_dict, ...}}; pass that file"
+)
+# MMPose 0.x model zoo (configs/body_2d_keypoint/topdown_heatmap/coco/hourglass_coco.md): Hourglass-52 at 256x256.
+MMPOSE_HOURGLASS52 = (
+    "https://download.openmmlab.com/mmpose/top_down/hourglass/hourglass52_coco_256x256-4ec713ba_20200709.pth"
+)
+# The DPN repository normalises BGR crops with the ImageNet statistics listed in BGR order (config.py INPUT.MEANS).
+DPN_MEAN_255 = (103.53, 116.28, 123.675)
+DPN_STD_255 = (57.375, 57.12, 58.395)
 
 
 def _mmpose(file: str) -> dict[str, Any]:
@@ -41,20 +69,54 @@ def _official(where: str, file: str, color_order: str) -> dict[str, Any]:
     return {"url": None, "manual": where.format(file=file), "color_order": color_order, "format": "official"}
 
 
-def _pose_card(name: str, sources: dict[str, dict[str, Any]]) -> ModelCard:
-    return ModelCard(
-        name=name,
-        arch=name,
-        input_width=192,
-        input_height=256,
-        color_order="rgb",
-        mean=IMAGENET_MEAN_255,
-        std=IMAGENET_STD_255,
-        keypoints="coco17",
-        decoder="msra",
-        task="pose",
-        sources=sources,
-    )
+def _pose_card(name: str, sources: dict[str, dict[str, Any]], **fields: Any) -> ModelCard:
+    """A COCO-17 pose card; `fields` override the 256x192 / RGB / ImageNet / msra defaults."""
+    card: dict[str, Any] = {
+        "name": name,
+        "arch": name,
+        "input_width": 192,
+        "input_height": 256,
+        "color_order": "rgb",
+        "mean": IMAGENET_MEAN_255,
+        "std": IMAGENET_STD_255,
+        "keypoints": "coco17",
+        "decoder": "msra",
+        "task": "pose",
+        "sources": sources,
+    }
+    card.update(fields)
+    return ModelCard(**card)
+
+
+def _lpn_row(depth: int) -> tuple[Callable[..., nn.Module], ModelCard]:
+    # The LPN configs set COLOR_RGB false: BGR crops, normalised with the ImageNet mean/std as listed (RGB order),
+    # as in SimpleBaseline. The official test decodes with a soft-argmax (beta 160); msra is the nearest decoder here.
+    name = f"lpn_{depth}"
+    official = _official(LPN_OFFICIAL, f"{name}_256x192.pth", "bgr")
+    return (lambda **kw: LPN(depth=depth, **kw)), _pose_card(name, {"official": official}, color_order="bgr")
+
+
+def _simdr_row(width: int) -> tuple[Callable[..., nn.Module], ModelCard]:
+    name = f"simdr_hrnet_w{width}"
+    sources = {
+        "official": _official(SIMCC_OFFICIAL, f"pose_hrnet_w{width}_256x192.pth", "rgb"),
+        "sithu31296": _official(SIMDR_SITHU, f"HRNet-w{width} 256x192", "rgb"),
+    }
+    card = _pose_card(name, sources, decoder="simdr", simdr_split_ratio=2.0)
+    return (lambda **kw: SimDR(width=width, input_size=card.input_size, split_ratio=card.simdr_split_ratio, **kw)), card
+
+
+def _hourglass_row(stacks: int) -> tuple[Callable[..., nn.Module], ModelCard]:
+    # MMPose trains its hourglass on RGB crops at 256x256 (five halvings need sides that are multiples of 128).
+    sources = {"mmpose": {"url": MMPOSE_HOURGLASS52, "color_order": "rgb", "format": "mmpose0"}} if stacks == 1 else {}
+    card = _pose_card(f"hourglass_{stacks}", sources, input_width=256, input_height=256)
+    return (lambda **kw: PoseHourglass(num_stacks=stacks, **kw)), card
+
+
+def _dpn_row() -> tuple[Callable[..., nn.Module], ModelCard]:
+    official = _official(DPN_OFFICIAL, "iter-<N>.pth", "bgr")
+    card = _pose_card("dpn", {"official": official}, color_order="bgr", mean=DPN_MEAN_255, std=DPN_STD_255)
+    return (lambda **kw: DPN(input_size=card.input_size, **kw)), card
 
 
 # name -> (builder, card). The only registry in the package; add a model by adding a row.
@@ -110,6 +172,14 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], ModelCard]] = {
             },
         ),
     ),
+    "lpn_50": _lpn_row(50),
+    "lpn_101": _lpn_row(101),
+    "lpn_152": _lpn_row(152),
+    "simdr_hrnet_w32": _simdr_row(32),
+    "simdr_hrnet_w48": _simdr_row(48),
+    "hourglass_1": _hourglass_row(1),
+    "hourglass_2": _hourglass_row(2),
+    "dpn": _dpn_row(),
     "router": (
         DynPoseRouter,
         ModelCard(

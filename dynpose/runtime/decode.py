@@ -4,6 +4,9 @@ Each decoder follows its official reference (HRNet `lib/core/inference.py`; Dark
 MMPose `refine_keypoints_dark_udp` + `UDPHeatmap.decode`), vectorised over crops and keypoints. The map back to
 the image is the exact inverse of the crop `preprocess.warp_matrix` made for the same card, so a keypoint lands
 where the crop took it from.
+
+SimDR/SimCC models output two 1-D classifications per keypoint instead of a heatmap; `decode_simdr` (argmax / split
+ratio, official scores) and `average_flip_simdr` (the official 1-D flip test) follow the authors' code.
 """
 
 from __future__ import annotations
@@ -204,4 +207,120 @@ def decode_heatmaps(heatmaps: np.ndarray, centers: np.ndarray, scales: np.ndarra
         xy = (coords - np.array([w * 0.5, h * 0.5])) * f + c
     out[..., :2] = xy
     out[..., 2] = maxvals[..., 0]
+    return out
+
+
+# -- SimDR / SimCC: two 1-D classifications per keypoint ----------------------------------------------------------
+def simdr_softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (the bins), computed stably in float32."""
+    z = np.asarray(logits, dtype=np.float32)
+    z = z - z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def _check_simdr(simdr_x: np.ndarray, simdr_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(simdr_x, dtype=np.float32)
+    y = np.asarray(simdr_y, dtype=np.float32)
+    if x.ndim != 3 or y.ndim != 3 or x.shape[:2] != y.shape[:2]:
+        raise DynPoseError(f"SimDR outputs must be N x K x bins each with the same N, K; got {x.shape} and {y.shape}")
+    return x, y
+
+
+def simdr_maxima(
+    simdr_x: np.ndarray, simdr_y: np.ndarray, split_ratio: float, softmax: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N,K,Wx), (N,K,Wy) -> (N,K,2) x, y in input (crop) pixels and (N,K) scores.
+
+    As the authors' `validate_simdr` (leeyegy/SimCC `lib/core/function.py`): each vector's argmax divided by the
+    split ratio, and the score the larger of the two maxima. softmax=True normalises logits first (what the official
+    evaluation does, so scores are probabilities); pass False for vectors that are probabilities already (the output
+    of `average_flip_simdr`) or to score with raw logits. The argmax is the same either way.
+    """
+    x, y = _check_simdr(simdr_x, simdr_y)
+    if softmax:
+        x, y = simdr_softmax(x), simdr_softmax(y)
+    ix, iy = np.argmax(x, axis=2), np.argmax(y, axis=2)
+    max_x = np.take_along_axis(x, ix[..., None], axis=2)[..., 0]
+    max_y = np.take_along_axis(y, iy[..., None], axis=2)[..., 0]
+    coords = np.stack([ix, iy], axis=2).astype(np.float64) / float(split_ratio)
+    return coords, np.maximum(max_x, max_y)
+
+
+def flip_back_simdr(vectors: np.ndarray, flip_index: list[int], axis: str) -> np.ndarray:
+    """SimDR vectors of a horizontally flipped crop -> the original frame: swap left/right keypoints, and for the x
+    vectors also mirror the bins (official `flip_back_simdr`); y vectors are not mirrored."""
+    v = np.asarray(vectors)
+    if v.ndim != 3:
+        raise DynPoseError(f"SimDR vectors must be N x K x bins, got shape {v.shape}")
+    if axis not in ("x", "y"):
+        raise DynPoseError(f"flip_back_simdr: axis must be 'x' or 'y', got {axis!r}")
+    return np.take(v[..., ::-1] if axis == "x" else v, list(flip_index), axis=1)
+
+
+def average_flip_simdr(
+    simdr_x: np.ndarray,
+    simdr_y: np.ndarray,
+    flipped_x: np.ndarray,
+    flipped_y: np.ndarray,
+    flip_index: list[int],
+    shift: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The official SimDR flip test: flip the second pass back, shift its x vectors one bin toward lower indices
+    (SHIFT_HEATMAP; a flipped crop lands split_ratio - 1 bins high, one bin at the released ratio 2), and average
+    the two passes' softmax probabilities. Returns probabilities: decode them with `softmax=False`."""
+    x, y = _check_simdr(simdr_x, simdr_y)
+    fx, fy = _check_simdr(flipped_x, flipped_y)
+    back_x = flip_back_simdr(fx, flip_index, "x")  # a fresh array: shifted in place
+    back_y = flip_back_simdr(fy, flip_index, "y")
+    if shift:
+        back_x[..., :-1] = back_x[..., 1:]  # numpy buffers overlapping copies itself
+    px = (simdr_softmax(x) + simdr_softmax(back_x)) * 0.5
+    py = (simdr_softmax(y) + simdr_softmax(back_y)) * 0.5
+    return px, py
+
+
+def _crop_to_image(coords: np.ndarray, centers: np.ndarray, scales: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Points on a w x h grid spanning the crop -> image pixels: the inverse of the official get_affine_transform
+    (rot 0), isotropic by the scale's width, as `decode_heatmaps` does for msra/dark."""
+    w, h = grid
+    f = scales[:, None, 0:1] / w
+    return (coords - np.array([w * 0.5, h * 0.5])) * f + centers[:, None, :]
+
+
+def decode_simdr(
+    simdr_x: np.ndarray,
+    simdr_y: np.ndarray,
+    centers: np.ndarray,
+    scales: np.ndarray,
+    card: ModelCard,
+    softmax: bool = True,
+) -> np.ndarray:
+    """SimDR outputs of crops made at (centre, scale) in pixels -> (N,K,3) x, y in image pixels, score.
+
+    `simdr_maxima` with `card.simdr_split_ratio` gives input-pixel positions, mapped to the image like the msra
+    decoder's heatmap positions but on the input grid (official transform_preds with output_size = IMAGE_SIZE).
+    softmax: as in `simdr_maxima` (False for the probabilities `average_flip_simdr` returns).
+    """
+    x, y = _check_simdr(simdr_x, simdr_y)
+    n, k, wx = x.shape
+    ratio = card.simdr_split_ratio
+    want = (int(card.input_width * ratio), int(card.input_height * ratio))
+    if (wx, y.shape[2]) != want:
+        raise DynPoseError(
+            f"model card {card.name!r}: SimDR outputs have {wx} x and {y.shape[2]} y bins, but input "
+            f"{card.input_width}x{card.input_height} at split ratio {ratio} gives {want[0]} and {want[1]}; fix the "
+            "card's input size or simdr_split_ratio"
+        )
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    scales = np.asarray(scales, dtype=np.float64).reshape(-1, 2)
+    if len(centers) != n or len(scales) != n:
+        raise DynPoseError(f"decode: {n} SimDR outputs but {len(centers)} centres and {len(scales)} scales")
+    out = np.zeros((n, k, 3), dtype=np.float32)
+    if n == 0:
+        return out
+    coords, scores = simdr_maxima(x, y, ratio, softmax=softmax)
+    out[..., :2] = _crop_to_image(coords, centers, scales, card.input_size)
+    out[..., 2] = scores
     return out
