@@ -111,11 +111,14 @@ class EngineSet:
         detector: str | os.PathLike | None = None,
         det_score: float = 0.5,
         det_iou: float = 0.5,
+        with_detector: bool = True,
     ) -> EngineSet:
         """Open the engine dir's models for `backend` on `device`.
 
         roles: which of router / small / large to open (default: those the manifest has). detector: an ONNX
-        detector file to use instead of the manifest's detector entry (which is opened when present)."""
+        detector file to use instead of the manifest's detector entry (which is opened when present).
+        with_detector: False opens no detector at all (a process that only runs pose models, e.g. a service
+        replica)."""
         check_backend(backend)
         if engine_dir is None or str(engine_dir) == "":
             raise DynPoseError("engine dir: none given; pass the folder dynpose-export wrote (e.g. engines/)")
@@ -129,7 +132,8 @@ class EngineSet:
         try:
             for role in wanted:
                 es._open_model(role, threads)
-            es._open_detector(detector, det_score, det_iou)
+            if with_detector:
+                es._open_detector(detector, det_score, det_iou)
         except BaseException:
             es.close()
             raise
