@@ -393,9 +393,12 @@ def test_a_replica_that_cannot_open_its_model_fails_the_start(cluster: str, engi
     (no hashing there) but every replica refuses it; the command exits 2 with the reason instead of waiting."""
     bad = tmp_path / "engines"
     shutil.copytree(engine_dir, bad)
-    data = bytearray((bad / "large.onnx").read_bytes())
+    from dynpose.engines.manifest import Manifest
+
+    large = bad / Manifest.load(bad).require("large").file
+    data = bytearray(large.read_bytes())
     data[-100] ^= 1
-    (bad / "large.onnx").write_bytes(bytes(data))
+    large.write_bytes(bytes(data))
     cmd = [
         sys.executable, "-c", "from dynpose.cli.serve import main; main()", "--engine-dir", str(bad),
         "--port", str(_free_port()), "--address", cluster, "--replica-cpus", "0.25",
