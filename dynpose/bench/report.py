@@ -99,8 +99,10 @@ def plot(result: dict[str, Any], dest: str | os.PathLike) -> Path:
         ax.set_xlabel("share of crops run by the large model")
         ax.set_ylabel("crops/s relative to large-only (95% CI)")
         ax.set_xlim(-0.03, 1.03)
-        lines = model_lines(result)
-        ax.set_title("\n".join(line[:120] for line in lines), fontsize=7, loc="left")
+        import textwrap
+
+        lines = [w for line in model_lines(result) for w in textwrap.wrap(line, 130)]
+        ax.set_title("\n".join(lines), fontsize=7, loc="left")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
