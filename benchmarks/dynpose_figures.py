@@ -8,10 +8,12 @@ Steps (each printed with its exact command or call):
 1. engine dir: `register_onnx` TinyPose 128x96 (small) and 256x192 (large) with the example cards, `register_detector`
    PP-PicoDet-S 320 (the boxes of the label-free training);
 2. `dynpose-train-router --unlabelled` on every shared image folder and the street video (no labels, no boxes files:
-   the detector finds the persons), pooled router input, seeded; then its held-out report on the COCO sample's
-   labelled persons (AP routed vs random choice vs large-only, Spearman with the true OKS gain);
-3. `dynpose-train-router --calibrate --target-ap-drop D` on the COCO sample's detections (the cheapest policy by
-   the per-crop costs measured here, stored in the manifest);
+   the detector finds the persons), pooled router input, seeded; then `--evaluate`, its held-out report on the COCO
+   sample's labelled persons (AP routed vs random choice vs oracle vs large-only, Spearman with the true OKS gain,
+   on the ground-truth boxes and on the sample's detection boxes);
+3. `dynpose-bench --store-costs` (each model's per-crop cost here, into the manifest), then
+   `dynpose-train-router --calibrate --target-ap-drop D` on the COCO sample's detections (the cheapest policy by
+   those costs, stored as the route; the cheapest of each policy family is timed too);
 4. `dynpose-bench` on the COCO sample's real detection boxes: large-only, small-only, DynPose at fractions and the
    calibrated route, with 95% intervals (and the load warning if other processes used the CPU);
 5. COCO-sample AP of the full Pipeline (detections -> routing -> rescoring -> OKS-NMS) per route.
@@ -99,7 +101,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / ".bench" / "dynpose")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--copies", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=14)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--det-score", type=float, default=0.1)
     ap.add_argument("--ap-drop", type=float, default=0.02)
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds of timing per batch size")
@@ -128,10 +131,16 @@ def main() -> None:
         for src in UNLABELLED:
             cmd += ["--unlabelled", str(src)]
         cmd += ["--det-score", str(args.det_score), "--copies", str(args.copies), "--router-input", "pooled"]
-        cmd += ["--epochs", str(args.epochs), "--batch", "32", "--lr", "1e-3", "--seed", str(args.seed)]
-        cmd += ["--out", str(args.work / "router.pth"), "--eval-ann", str(GT), "--eval-images", str(COCO)]
-        cmd += ["--eval-fractions", "0.25,0.5,0.75", "--quiet", *threads]
+        cmd += ["--epochs", str(args.epochs), "--batch", "32", "--lr", str(args.lr), "--seed", str(args.seed)]
+        cmd += ["--cache-dir", str(args.work / "cache")]  # the teacher pass survives a rebuilt engine dir
+        cmd += ["--out", str(args.work / "router.pth"), "--quiet", *threads]
         run(cmd, log)
+    report = [tool("dynpose-train-router"), "--evaluate", "--engine-dir", str(eng), "--eval-ann", str(GT)]
+    report += ["--eval-images", str(COCO), "--eval-dets", str(DETS), "--eval-fractions", "0.25,0.5,0.75", "--quiet"]
+    run(report, log)
+    costs = [tool("dynpose-bench"), "--engine-dir", str(eng), "--store-costs", "--fractions", "", "--batch", "1,8"]
+    costs += ["--repeats", "7", "--no-save"]  # per-crop costs of this machine into the manifest (what --calibrate reads)
+    run(costs, log)
     cal = [tool("dynpose-train-router"), "--calibrate", "--engine-dir", str(eng), "--ann", str(GT), "--images", str(COCO)]
     cal += ["--detections", str(DETS), "--target-ap-drop", str(args.ap_drop), "--quiet"]
     run(cal, log)

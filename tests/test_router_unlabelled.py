@@ -217,7 +217,10 @@ def test_calibrate_cheapest_policy_by_measured_costs(engine_dir: Path, coco_dir:
 def test_held_out_report(engine_dir: Path, coco_dir: Path) -> None:
     from dynpose.router.evaluate import evaluate_router
 
-    ev = evaluate_router(engine_dir, coco_dir / "test_coco.json", coco_dir, fractions=(0.5,), progress=False)
+    dets = coco_dir / "test_coco_det_AP_H_56.json"
+    ev = evaluate_router(
+        engine_dir, coco_dir / "test_coco.json", coco_dir, fractions=(0.5,), progress=False, detections=dets
+    )
     assert ev.num_crops == 12 and ev.ap_large > ev.ap_small
     (row,) = ev.rows
     assert row.k == 6 and row.ap_random_lo <= row.ap_random <= row.ap_random_hi
@@ -226,6 +229,15 @@ def test_held_out_report(engine_dir: Path, coco_dir: Path) -> None:
     # the label-free target tracks the true OKS gain of the large model on these labelled persons
     assert ev.spearman_teacher > 0.5
     assert any("Spearman" in line for line in ev.lines())
+    # the run-time view: every detection box, a box on nobody gains nothing
+    assert ev.det_boxes == 118 and 12 <= ev.det_matched < 118 and -1 <= ev.det_spearman <= 1
+    r = CliRunner().invoke(
+        main,
+        ["--evaluate", "--engine-dir", str(engine_dir), "--eval-ann", str(coco_dir / "test_coco.json")]
+        + ["--eval-images", str(coco_dir), "--eval-dets", str(dets), "--eval-fractions", "0.25", "--quiet"],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0 and "on 118 detection boxes" in r.stdout and "25% large (3 crops)" in r.stdout, r.stdout
 
 
 def test_int8_agreement_of_a_router_with_itself(engine_dir: Path) -> None:

@@ -21,6 +21,7 @@ from dynpose.bench.timing import (
     Rounds,
     RoundSpec,
     boxes_for_batch,
+    fastest,
     percentile_ms,
     solo_models,
     synthetic_frame,
@@ -34,6 +35,8 @@ from dynpose.runtime.model import CropModel
 from dynpose.runtime.policy import parse_policy
 
 REF = "large-only"
+REF_SPLIT = "large-only (split threads)"  # the large model alone on the share of cores the Dispatcher gives it
+REFS = (REF, REF_SPLIT)
 
 
 @dataclass
@@ -79,6 +82,10 @@ def configurations(
         REF: ("all-large", Dispatcher(s_solo, l_solo, policy="all-large")),  # type: ignore[arg-type]
         "small-only": ("all-small", Dispatcher(s_solo, l_solo, policy="all-small")),  # type: ignore[arg-type]
     }
+    if threads_of(l_solo) != threads_of(large):
+        # On a busy machine one session with every core can be slower than one with half of them (its threads wait
+        # for cores other work holds): both baselines run, and ratios are taken to the faster one.
+        out[REF_SPLIT] = ("all-large", Dispatcher(small, large, policy="all-large"))
     if fractions and engines.router is None:
         raise DynPoseError(
             "the engine dir has no router, so DynPose at routing fractions cannot run; export one "
@@ -101,9 +108,9 @@ def _threads(d: Dispatcher) -> dict[str, int | None]:
     return t
 
 
-def _row(batch: int, name: str, policy: str, d: Dispatcher, work: CropWork, rounds: Rounds, counts: dict) -> dict:
+def _row(batch: int, name: str, policy: str, d: Dispatcher, work: CropWork, rounds: Rounds, counts: dict, ref: str) -> dict:
     s = rounds.samples[name]
-    ci = rounds.ci(name, REF)
+    ci = rounds.ci(name, ref)
     n_calls = len(work.calls)
     frac = float(policy.split(":")[1]) if name.startswith("dynpose@") else None
     large, small = counts.get("large", 0), counts.get("small", 0)
@@ -123,6 +130,7 @@ def _row(batch: int, name: str, policy: str, d: Dispatcher, work: CropWork, roun
         "num_small": small,
         "large_share": large / max(1, large + small),
         "threads": _threads(d),
+        "reference": name == ref,
         "samples_ms": [x * 1e3 for x in s],
     }
 
@@ -148,7 +156,8 @@ def _timed_batch(
     def progress(msg: str) -> None:
         log(f"{work.crops} crops: {msg}")
 
-    rounds = timed_rounds({n: call(n) for n in configs}, REF, opts.rounds or RoundSpec(), opts.seed, progress)
+    refs = [r for r in REFS if r in configs]
+    rounds = timed_rounds({n: call(n) for n in configs}, refs, opts.rounds or RoundSpec(), opts.seed, progress)
     return rounds, counts
 
 
@@ -170,10 +179,12 @@ def crop_benchmark(
                 work = real_work(frames, b) if frames else synthetic_work(b, opts.seed)
                 log(f"batch {b}: {len(configs)} configurations, {work.crops} {work.source} crops per sample")
                 rounds, counts = _timed_batch(configs, work, opts, log)
-                rows += [_row(b, n, p, d, work, rounds, counts[n]) for n, (p, d) in configs.items()]
+                ref = fastest(rounds.samples, [r for r in REFS if r in configs])
+                rows += [_row(b, n, p, d, work, rounds, counts[n], ref) for n, (p, d) in configs.items()]
                 timing.append(
                     {
                         "batch": b,
+                        "reference": ref,
                         "rounds": rounds.rounds,
                         "stopped": rounds.stopped,
                         "elapsed_s": rounds.elapsed_s,

@@ -113,7 +113,7 @@ def run_benchmark(
         result["crop_inputs"] = "real" if frames else "synthetic"
         result["ratio_vs_large"] = {str(b): {} for b in opts.batches}
         for r in rows:
-            if r["config"] != "large-only":
+            if not r.get("reference"):
                 key = f"{r['fraction']:g}" if r["fraction"] is not None else r["config"]
                 result["ratio_vs_large"][str(r["batch"])][key] = r["ratio_vs_large"]
         load = load_summary([v for t in timing for v in t["others_cores"]])

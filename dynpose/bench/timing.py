@@ -192,15 +192,23 @@ def _one_round(configs: dict[str, Callable[[], Any]], r: int, samples: dict[str,
         samples[name].append(time.perf_counter() - t0)
 
 
+def fastest(samples: dict[str, list[float]], names: Sequence[str]) -> str:
+    """The configuration among `names` with the lowest median time so far (the reference ratios are taken to)."""
+    have = [n for n in names if samples.get(n)]
+    return min(have, key=lambda n: float(np.median(samples[n]))) if have else names[0]
+
+
 def timed_rounds(
     configs: dict[str, Callable[[], Any]],
-    ref: str,
+    ref: str | Sequence[str],
     spec: RoundSpec,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> Rounds:
     """Time each configuration once per round, interleaved, until `spec` says stop (see `RoundSpec`); `warmup`
-    untimed calls each first. Ratios are against the configuration named `ref`."""
+    untimed calls each first. Ratios are against the configuration named `ref`, or against the fastest of several
+    (e.g. large-only on every core and on half of them: whichever this machine runs faster)."""
+    refs = [ref] if isinstance(ref, str) else list(ref)
     from dynpose.bench.load import others_cores, sample
 
     spec.validate()
@@ -219,7 +227,8 @@ def timed_rounds(
         done = r + 1
         if fixed or done < spec.min_rounds:
             continue
-        cis = [paired_ratio_ci(samples[ref], s, seed=seed) for n, s in samples.items() if n != ref]
+        best = fastest(samples, refs)
+        cis = [paired_ratio_ci(samples[best], s, seed=seed) for n, s in samples.items() if n != best]
         worst = max((ci.half_width for ci in cis), default=0.0)
         if progress is not None:
             progress(f"round {done}: widest interval +-{worst:.1%}")

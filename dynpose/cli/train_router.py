@@ -103,9 +103,13 @@ def _fractions(text: str) -> tuple[float, ...]:
 @click.option("--eval-ann", default=None, type=click.Path(dir_okay=False), help="Held-out labels to report the router on.")
 @click.option("--eval-images", default=None, type=click.Path(file_okay=False), help="Images of --eval-ann.")
 @click.option("--eval-fractions", default="0.25,0.5", show_default=True, help="Fractions the held-out report uses.")
+@click.option(
+    "--eval-dets", default=None, type=click.Path(dir_okay=False), help="Detections of --eval-images, for the report."
+)
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Cache [default: ENGINE_DIR/cache].")
 @click.option("--no-cache", is_flag=True, help="Re-run the pose models; neither read nor write the cache.")
 @click.option("--calibrate", is_flag=True, help="Choose the routing policy instead of training.")
+@click.option("--evaluate", is_flag=True, help="Only the held-out report (--eval-ann/--eval-images) of the router there.")
 @click.option("--target-fraction", default=None, type=float, help="Calibrate: share of crops for the large model.")
 @click.option(
     "--target-ap-drop", default=None, type=float, help="Calibrate: largest AP loss vs large-only (0.01 = 1 point)."
@@ -134,19 +138,29 @@ def main(**kw: Any) -> None:
         raise DynPoseError("--target-fraction/--target-ap-drop choose a policy: add --calibrate")
     if bool(kw["eval_ann"]) != bool(kw["eval_images"]):
         raise DynPoseError("--eval-ann and --eval-images go together")
+    if kw["evaluate"]:
+        if not kw["eval_ann"]:
+            raise DynPoseError("--evaluate needs --eval-ann and --eval-images (held-out labelled persons)")
+        _evaluate(kw, console)
+        return
     rep = _train(kw, console)
     _print_report(rep, kw, console)
     if kw["eval_ann"] and not rep.exported:
         console.print("held-out report skipped: it scores the engine dir's router, and --no-export left it as it was")
     if kw["eval_ann"] and rep.exported:
-        from dynpose.router.evaluate import evaluate_router
+        _evaluate(kw, console)
 
-        ev = evaluate_router(
-            kw["engine_dir"], kw["eval_ann"], kw["eval_images"], _fractions(kw["eval_fractions"]), seed=kw["seed"],
-            backend=kw["backend"], device=kw["device"], cache_dir=kw["cache_dir"], progress=not kw["quiet"],
-        )  # fmt: skip
-        for line in ev.lines():
-            console.print(line)
+
+def _evaluate(kw: dict[str, Any], console: Any) -> None:
+    from dynpose.router.evaluate import evaluate_router
+
+    ev = evaluate_router(
+        kw["engine_dir"], kw["eval_ann"], kw["eval_images"], _fractions(kw["eval_fractions"]), seed=kw["seed"],
+        backend=kw["backend"], device=kw["device"], cache_dir=kw["cache_dir"], progress=not kw["quiet"],
+        detections=kw["eval_dets"],
+    )  # fmt: skip
+    for line in ev.lines():
+        console.print(line)
 
 
 def _calibrate(kw: dict[str, Any], console: Any) -> None:

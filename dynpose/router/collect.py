@@ -175,6 +175,7 @@ class DetOutputs(_Cached):
     nms_areas: np.ndarray  # (N,) scale w * h of the crop (the official OKS-NMS area)
     kpts_small: np.ndarray
     kpts_large: np.ndarray
+    crop_wh: np.ndarray  # (N,2) the large model's crop size in pixels
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -335,7 +336,7 @@ def collect_det_outputs(
     if cached is not None and len(cached) == len(crops):
         return cached, crops
     kp_s, kp_l, crop_wh = run_pair(engine_dir, crops, backend, device, progress)
-    out = DetOutputs(crops.image_ids, crops.boxes, crops.box_scores(), np.prod(crop_wh, axis=1), kp_s, kp_l)
+    out = DetOutputs(crops.image_ids, crops.boxes, crops.box_scores(), np.prod(crop_wh, axis=1), kp_s, kp_l, crop_wh)
     out.save(cache_file, key)
     return out, crops
 

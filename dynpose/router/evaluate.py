@@ -11,6 +11,10 @@ the training cache). Per fraction F (k = round(F N) crops to the large model):
 and the rank correlation (Spearman, `scipy.stats.spearmanr`) between score[1] and the true OKS gain
 OKS_large - OKS_small against the ground truth, and the same for the label-free target computed on these crops
 (how well the teacher's signal itself tracks the true gain: a ceiling for a router trained on it).
+
+With `detections` (the run-time view: every box of a detections file, most of them no annotated person) the same
+two correlations over the detection boxes: a box's true gain is the OKS gain against the annotated person it
+overlaps best (box IoU >= 0.5), and 0 for a box that matches nobody (its keypoints cannot change AP's matches).
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class RouterEval:
     spearman_p: float
     spearman_teacher: float  # label-free target vs true OKS gain
     rows: list[FractionEval] = field(default_factory=list)
+    det_boxes: int = 0  # detection boxes of the detections view (0: not run)
+    det_matched: int = 0
+    det_spearman: float | None = None
+    det_spearman_teacher: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +65,11 @@ class RouterEval:
             f"Spearman(router score[1], true OKS gain) = {self.spearman:+.3f} (p {self.spearman_p:.3g}); label-free "
             f"target vs true gain {self.spearman_teacher:+.3f}",
         ]
+        if self.det_boxes:
+            out.append(
+                f"on {self.det_boxes} detection boxes ({self.det_matched} on an annotated person): Spearman(router, true "
+                f"gain) = {self.det_spearman:+.3f}; label-free target {self.det_spearman_teacher:+.3f}"
+            )
         for r in self.rows:
             out.append(
                 f"  {r.fraction:.0%} large ({r.k} crops): router AP {r.ap_router:.4f} | random {r.ap_random:.4f} "
@@ -110,7 +123,8 @@ def evaluate_router(
     seed: int = 0,
     **options: Any,
 ) -> RouterEval:
-    """The figures of the module doc. `options`: backend, device, cache_dir, progress (as `collect_outputs`)."""
+    """The figures of the module doc. `options`: backend, device, cache_dir, progress (as `collect_outputs`), and
+    detections (a detections file of the same images: the run-time view)."""
     from scipy.stats import spearmanr
 
     from dynpose.engines.manifest import Manifest
@@ -127,7 +141,7 @@ def evaluate_router(
     rho_t = spearmanr(teacher_signal(out, sigmas), gain)
     n = len(out)
     rng = np.random.default_rng(seed)
-    return RouterEval(
+    ev = RouterEval(
         num_crops=n,
         ap_small=routed_ap(out, np.zeros(n, bool), ann_path),
         ap_large=routed_ap(out, np.ones(n, bool), ann_path),
@@ -136,3 +150,64 @@ def evaluate_router(
         spearman_teacher=float(rho_t.statistic),
         rows=[fraction_eval(out, s1, f, ann_path, rng) for f in fractions],
     )
+    dets = options.get("detections")
+    if dets is None:
+        return ev
+    opts = {k: options[k] for k in ("backend", "device", "cache_dir", "progress") if k in options}
+    return detection_eval(ev, engine_dir, ann_path, images_dir, dets, **opts)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,4) x (M,4) x,y,w,h -> (N,M) box IoU."""
+    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
+    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    iw = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    return inter / (a[:, 2:].prod(1)[:, None] + b[:, 2:].prod(1)[None] - inter + 1e-9)
+
+
+def detection_gain(det: Any, gt: Any, sigmas: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(true OKS gain per detection box, matched?) against the annotated persons (`Crops` of the ground truth)."""
+    from dynpose.runtime.postprocess import oks
+
+    gain = np.zeros(len(det))
+    matched = np.zeros(len(det), bool)
+    for iid in np.unique(det.image_ids):
+        d, g = np.flatnonzero(det.image_ids == iid), np.flatnonzero(gt.image_ids == iid)
+        if not len(g):
+            continue
+        iou = _iou(det.boxes[d, :4], gt.boxes[g, :4])
+        for row, j in enumerate(d):
+            k = int(np.argmax(iou[row]))
+            if iou[row, k] >= 0.5:
+                p = g[k]
+                o_l = oks(det.kpts_large[j, :, :2], gt.gt[p], gt.areas[p], sigmas)
+                o_s = oks(det.kpts_small[j, :, :2], gt.gt[p], gt.areas[p], sigmas)
+                gain[j], matched[j] = o_l - o_s, True
+    return gain, matched
+
+
+def detection_eval(
+    ev: RouterEval, engine_dir: str | os.PathLike, ann_path: str | os.PathLike, images_dir: str | os.PathLike,
+    detections: str | os.PathLike, **options: Any,
+) -> RouterEval:  # fmt: skip
+    """Fill the detections view of `ev` (module doc)."""
+    from scipy.stats import spearmanr
+
+    from dynpose.data import load_coco
+    from dynpose.engines.manifest import Manifest
+    from dynpose.router.collect import collect_det_outputs, gt_crops
+    from dynpose.router.targets import teacher_targets
+
+    det, crops = collect_det_outputs(engine_dir, detections, images_dir, ann_path, **options)
+    gt = gt_crops(load_coco(ann_path), images_dir)
+    sigmas = Manifest.load(engine_dir, verify=False).require("large").card.keypoint_set.sigmas
+    gain, matched = detection_gain(det, gt, sigmas)
+    s1 = router_scores(engine_dir, crops, backend=options.get("backend", "ort"), device=options.get("device", "cpu"))[:, 1]
+    boxes = np.concatenate([det.boxes[:, :4], det.scores[:, None]], axis=1)
+    t1 = teacher_targets(det.kpts_small, det.kpts_large, boxes, det.crop_wh, sigmas)[0].t1
+    ev.det_boxes, ev.det_matched = len(det), int(matched.sum())
+    ev.det_spearman = float(spearmanr(s1, gain).statistic)
+    ev.det_spearman_teacher = float(spearmanr(t1, gain).statistic)
+    return ev

@@ -10,6 +10,7 @@ of fp32).
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,9 +331,9 @@ def _export(
         notes: list[str] = []
         if job.precision == "int8" and gate_x is not None and len(gate_x):
             int8 = next(e for e in entries if e.format == "onnx")
-            fp32 = Path(engine_dir) / "cache" / "router-fp32-gate.onnx"
-            _fp32_onnx(model, fp32)
-            a = int8_agreement(fp32, Path(engine_dir) / int8.file, gate_x)
+            with tempfile.TemporaryDirectory(prefix="dynpose-gate-") as tmp:
+                fp32 = _fp32_onnx(model, Path(tmp) / "router.fp32.onnx")
+                a = int8_agreement(fp32, Path(engine_dir) / int8.file, gate_x)
             notes.append(
                 f"INT8 router: same routing as fp32 for {a['agreement']:.1%} of {len(gate_x)} crops (worst of 10-50% large)"
             )
@@ -353,7 +354,6 @@ def _export(
 def _fp32_onnx(model: torch.nn.Module, path: Path) -> Path:
     from dynpose.export.onnx_export import export_torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     return export_torch(model, path, model.card)  # type: ignore[arg-type]
 
 
