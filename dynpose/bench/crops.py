@@ -108,7 +108,10 @@ def _threads(d: Dispatcher) -> dict[str, int | None]:
     return t
 
 
-def _row(batch: int, name: str, policy: str, d: Dispatcher, work: CropWork, rounds: Rounds, counts: dict, ref: str) -> dict:
+def _row(
+    batch: int, name: str, config: tuple[str, Dispatcher], work: CropWork, rounds: Rounds, counts: dict, ref: str
+) -> dict:
+    policy, d = config
     s = rounds.samples[name]
     ci = rounds.ci(name, ref)
     n_calls = len(work.calls)
@@ -180,7 +183,7 @@ def crop_benchmark(
                 log(f"batch {b}: {len(configs)} configurations, {work.crops} {work.source} crops per sample")
                 rounds, counts = _timed_batch(configs, work, opts, log)
                 ref = fastest(rounds.samples, [r for r in REFS if r in configs])
-                rows += [_row(b, n, p, d, work, rounds, counts[n], ref) for n, (p, d) in configs.items()]
+                rows += [_row(b, n, cfg, work, rounds, counts[n], ref) for n, cfg in configs.items()]
                 timing.append(
                     {
                         "batch": b,

@@ -314,12 +314,12 @@ def collect_det_outputs(
     images_dir: str | os.PathLike,
     ann_path: str | os.PathLike | None = None,
     *,
-    backend: str = "ort",
-    device: str = "cpu",
     cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    **run: Any,
 ) -> tuple[DetOutputs, Crops]:
-    """Both pose models on every detection of a detections file (cached like `collect_outputs`)."""
+    """Both pose models on every detection of a detections file (cached like `collect_outputs`). `run`: backend
+    ("ort"), device ("cpu"), progress (True), as `run_pair` takes them."""
+    backend = run.get("backend", "ort")
     small, large = pose_entries(Manifest.load(engine_dir), engine_dir, backend)
     ann = load_coco(ann_path) if ann_path is not None else None
     crops = det_crops(dets_path, images_dir, large.card.keypoint_set.num, ann)
@@ -335,7 +335,7 @@ def collect_det_outputs(
     cached = DetOutputs.load(cache_file, key)
     if cached is not None and len(cached) == len(crops):
         return cached, crops
-    kp_s, kp_l, crop_wh = run_pair(engine_dir, crops, backend, device, progress)
+    kp_s, kp_l, crop_wh = run_pair(engine_dir, crops, backend, run.get("device", "cpu"), run.get("progress", True))
     out = DetOutputs(crops.image_ids, crops.boxes, crops.box_scores(), np.prod(crop_wh, axis=1), kp_s, kp_l, crop_wh)
     out.save(cache_file, key)
     return out, crops

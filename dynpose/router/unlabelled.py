@@ -292,22 +292,23 @@ def teacher_set(
     spec: UnlabelledSpec,
     router_card: ModelCard,
     *,
-    backend: str = "ort",
-    device: str = "cpu",
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
-    progress: bool = True,
-    threads: int | None = None,
+    **run: Any,
 ) -> TeacherSet:
-    """The teacher set of the sources, from the cache when the same inputs made one before."""
+    """The teacher set of the sources, from the cache when the same inputs made one before. `run`: backend ("ort"),
+    device ("cpu"), progress (True), threads (None), as `teacher_pass` takes them."""
     spec.validate()
+    backend = run.get("backend", "ort")
     key = teacher_key(engine_dir, spec, router_card, backend) if use_cache else ""
     path = Path(cache_dir or Path(engine_dir) / CACHE_DIRNAME) / f"teacher-{key[:16]}.npz"
     if use_cache:
         cached = TeacherSet.load(path, key)
         if cached is not None:
             return cached
-    ts = teacher_pass(engine_dir, spec, router_card, backend, device, progress, threads)
+    ts = teacher_pass(
+        engine_dir, spec, router_card, backend, run.get("device", "cpu"), run.get("progress", True), run.get("threads")
+    )
     if use_cache:
         ts.save(path, key)
     return ts
