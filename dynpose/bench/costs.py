@@ -8,9 +8,12 @@ pose model the decoding, per crop, at batch 1 and 8, as medians over interleaved
 an entry is re-exported (`Manifest.costs`). The runtime reads them back (`dynpose.runtime.policy.route_costs`) to
 say whether a route can pay.
 
-The exporter's hook, after it commits a pose model or router (one line, at export time on the export machine):
+The exporter's hook, after it commits a pose model or router (one line, at export time on the export machine; from
+`dynpose/cli/export.py`, since `dynpose.export` sits below `dynpose.bench` and must not import it):
 
     store_costs(engine_dir, measure_costs_dir(engine_dir, backend=backend, device=device), backend, device)
+
+with backend "ort"/device "cpu" for ONNX exports and "tensorrt"/"cuda" for plans.
 """
 
 from __future__ import annotations
