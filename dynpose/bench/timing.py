@@ -248,25 +248,13 @@ def solo_models(engines: EngineSet, threads: int | None = None) -> Iterator[dict
     dynpose may use (`threads`, default all), since `EngineSet.load` gives each pose model half of them so the two
     Dispatcher workers do not fight; a large-only baseline with half the cores would flatter DynPose. Other
     backends (one GPU stream each) reuse the engine set's handles. The fresh sessions are closed on exit."""
-    from dynpose.runtime.backends import load_runner
-    from dynpose.runtime.engine_set import usable_cores
-    from dynpose.runtime.model import PoseModel
-
     out: dict[str, CropModel] = {}
     made: list[CropModel] = []
     try:
-        for role, entry in engines.entries.items():
-            handle = getattr(engines, role)
-            runner = handle.runner
-            if engines.backend != "ort" or getattr(runner, "device", "cpu") != "cpu" or role == "router":
-                out[role] = handle  # the router already gets every core; GPU runners are not split
-                continue
-            cores = threads or usable_cores()
-            solo = load_runner("ort", engines.engine_dir, entry, "cpu", intra_op_threads=cores)
-            model = PoseModel(solo, entry.card)
-            made.append(model)
-            solo.activate()
-            out[role] = model
+        for role in engines.entries:
+            out[role] = engines.solo_model(role, threads)
+            if out[role] is not getattr(engines, role):
+                made.append(out[role])
         yield out
     finally:
         for m in made:
