@@ -164,7 +164,7 @@ def test_cli_unlabelled_end_to_end_pooled(engine_dir: Path, coco_dir: Path, shar
     routers = [e for e in m.entries if e.role == "router"]
     assert [(e.model, e.format) for e in routers] == [("router_pooled", "onnx")]  # the stale router.pt is gone
     assert routers[0].card.input_size == (96, 128) and m.route == "fraction:0.5"
-    assert not (engine_dir / "router.pt").exists()
+    assert not [p for p in engine_dir.iterdir() if p.name.startswith("router.") and p.suffix == ".pt"]
     import cv2
 
     from dynpose.runtime.pipeline import Pipeline
@@ -244,5 +244,6 @@ def test_int8_agreement_of_a_router_with_itself(engine_dir: Path) -> None:
     from dynpose.router.variant import int8_agreement
 
     x = np.random.default_rng(0).standard_normal((20, 3, 256, 192)).astype(np.float32)
-    a = int8_agreement(engine_dir / "router.onnx", engine_dir / "router.onnx", x)
+    router = engine_dir / Manifest.load(engine_dir).require("router", "onnx").file
+    a = int8_agreement(router, router, x)
     assert a["agreement"] == 1.0 and a["max_abs_diff"] == 0.0
