@@ -380,3 +380,59 @@ def test_killed_exports_leave_staging_that_the_next_export_removes(tmp_path: Pat
     assert proc.returncode == 2 and "interrupted: the engine dir" in out, out
     assert sorted(p.name for p in eng.iterdir() if p.name.startswith(".staging")) == [f".staging-{os.getpid()}-live"]
     assert Manifest.load(eng).require("small").file == before  # verified: the old state, loadable
+
+
+def test_max_pixels_skips_a_too_large_image(tinypose_engine_dir: Path, coco_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "000000000785.jpg").write_bytes((coco_dir / "000000000785.jpg").read_bytes())  # 640x425: 272,000 px
+    (folder / "000000040083.jpg").write_bytes((coco_dir / "000000040083.jpg").read_bytes())  # 500x333: 166,500 px
+    one_line_cli_error(r"--max-pixels -1", "--engine-dir", tinypose_engine_dir, "--source", folder, "--max-pixels", "-1")
+    code, out, err = cli(
+        "--engine-dir",
+        tinypose_engine_dir,
+        "--source",
+        folder,
+        "--gt-boxes",
+        coco_dir / "test_coco.json",
+        "--route",
+        "all-large",
+        "--max-pixels",
+        "280000",
+    )
+    assert code == 0, err
+    assert "000000040083.jpg" in err and "skipped" in err and "frames 1" in out  # 640x480 is over the limit
+
+
+def test_a_card_that_disagrees_with_its_onnx_is_refused_at_load(tinypose_engine_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from dynpose.engines.manifest import MANIFEST_NAME
+
+    bad = tmp_path / "engines"
+    shutil.copytree(tinypose_engine_dir, bad)
+    doc = json.loads((bad / MANIFEST_NAME).read_text())
+    for e in doc["entries"]:
+        if e["role"] == "small":
+            e["card"]["input_width"], e["card"]["input_height"] = 192, 256  # the file is 96x128
+    (bad / MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(DynPoseError, match=r"small entry .*is \[None, 3, 128, 96\] but its card says N x 3 x 256 x 192"):
+        Pipeline.from_engine_dir(bad, route="all-small")
+
+
+def test_full_disk_under_vis_and_out_is_one_line_and_leaves_nothing(
+    tinypose_engine_dir: Path, coco_dir: Path, tmpfs: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "clip.avi"
+    frame = cv2.imread(str(coco_dir / "000000197388.jpg"))
+    w = cv2.VideoWriter(str(src), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (frame.shape[1], frame.shape[0]))
+    for i in range(12):
+        w.write(np.roll(frame, 7 * i, axis=1))
+    w.release()
+    det = REPO.parent / "shared" / "models" / "picodet_s_192_pedestrian.onnx"
+    common = ["--engine-dir", tinypose_engine_dir, "--source", src, "--detector", det, "--route", "all-small"]
+    msg = one_line_cli_error(r"video .*(could be read back|No space left|nothing was written)", *common, "--vis", tmpfs)
+    assert "Traceback" not in msg and [p.name for p in tmpfs.iterdir()] == []
+    (tmpfs / "filler").write_bytes(b"x" * (250 * 1024))  # leave ~6 KB: the JSON lines do not fit
+    msg = one_line_cli_error(r"--out .*(No space left|cannot write)", *common, "--out", tmpfs / "r.jsonl")
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"]

@@ -70,6 +70,7 @@ class RunOptions:
     vis_score: float
     eval_gt: str | None
     quiet: bool
+    max_pixels: int = 50_000_000
     track: bool = False
     det_every: int = 1
     reroute_every: int = 1
@@ -108,6 +109,8 @@ def _check(o: RunOptions) -> None:
         raise DynPoseError("--detections, --gt-boxes and --eval name the images of one source; give one --source")
     if o.det_every > 1 and (o.detections or o.gt_boxes):
         raise DynPoseError("--det-every saves detector calls; --detections / --gt-boxes give every frame's boxes already")
+    if o.max_pixels < 0:
+        raise DynPoseError(f"--max-pixels {o.max_pixels}: must be >= 0 (0: no limit)")
     if o.max_batch < 1:
         raise DynPoseError(f"--max-batch must be >= 1, got {o.max_batch}")
     check_finite("--max-latency-ms", o.max_latency_ms, lo=0.0)
@@ -290,6 +293,13 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
     help="Frames a track may go unseen before it ends (at least --det-every).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or progress notes.")
+@click.option(
+    "--max-pixels",
+    type=int,
+    default=50_000_000,
+    show_default=True,
+    help="Skip images whose header claims more pixels than this (checked before decoding; 0: no limit).",
+)
 @user_errors
 def main(**flags: Any) -> None:
     """Estimate human poses with the DynPose router + small/large models of an engine dir."""
@@ -303,7 +313,7 @@ def main(**flags: Any) -> None:
     threads = check_threads(o.threads)
     boxes = _box_source(o)
     with contextlib.ExitStack() as stack:
-        srcs = [stack.enter_context(open_source(s)) for s in o.source]
+        srcs = [stack.enter_context(open_source(s, max_pixels=o.max_pixels or None)) for s in o.source]
         for src in srcs:
             _check_source(o, src, boxes)
         det_score = 0.5 if o.det_score is None else o.det_score
