@@ -21,7 +21,6 @@ import click
 from dynpose.errors import DynPoseError
 
 F = TypeVar("F", bound=Callable[..., Any])
-_HANDLER_FLAG = "_dynpose_cli_handler"
 
 
 def user_errors(fn: F) -> F:
@@ -38,26 +37,37 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def setup_logging(quiet: bool = False) -> logging.Logger:
-    """Send the `dynpose` loggers to stderr through rich: INFO and up (WARNING and up when `quiet`). Idempotent:
-    a second call only changes the level."""
-    from rich.console import Console
-    from rich.logging import RichHandler
+class _CliHandler(logging.Handler):
+    """Prints `dynpose` log records on stderr through rich, in the CLIs' own style: INFO as the bare message,
+    WARNING as `warning: ...` (yellow on a terminal), ERROR as `error: ...`; one line each, never wrapped."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.markup import escape
+
+        try:
+            msg = escape(self.format(record))
+            if record.levelno >= logging.ERROR:
+                msg = f"[red]error:[/] {msg}"
+            elif record.levelno >= logging.WARNING:
+                msg = f"[yellow]warning:[/] {msg}"
+            self.console.print(msg, soft_wrap=True)
+        except Exception:  # a logging failure must never end a run
+            self.handleError(record)
+
+
+def setup_logging(quiet: bool = False) -> logging.Logger:
+    """Send the `dynpose` loggers to stderr (`_CliHandler`): INFO and up (WARNING and up when `quiet`).
+    Idempotent: a second call only changes the level."""
     logger = logging.getLogger("dynpose")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not any(getattr(h, _HANDLER_FLAG, False) for h in logger.handlers):
-        # Not a terminal (a pipe, a CI log): never wrap, so each message stays one greppable line.
-        width = None if sys.stderr.isatty() else 10_000
-        handler = RichHandler(
-            console=Console(stderr=True, highlight=False, soft_wrap=True, width=width),
-            show_time=False,
-            show_path=False,
-            markup=False,
-            rich_tracebacks=False,
-        )
-        setattr(handler, _HANDLER_FLAG, True)
-        logger.addHandler(handler)
+    if not any(isinstance(h, _CliHandler) for h in logger.handlers):
+        logger.addHandler(_CliHandler())
         logger.propagate = False  # the host's root handlers would print every line twice
     return logger
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dynpose.cli.common import user_errors
+from dynpose.cli.common import setup_logging, user_errors
 from dynpose.errors import DynPoseError
 from dynpose.fileio import write_json_atomic
 
@@ -77,11 +76,8 @@ MPII predictions: (N,16,2) joints in annotation order, as .npy or a JSON list (o
 def main(gt: Path, results: Path, kind: str, json_out: Path | None, verbose: bool) -> None:
     """Score pose results: COCO keypoint AP/AR via pycocotools (COCO, OCHuman, HumanArt; CrowdPose with its own
     sigmas and easy/medium/hard split) or MPII PCKh@0.5 / @0.1."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        res = run_eval(gt, results, kind, verbose)
-    for w in caught:
-        click.echo(f"warning: {w.message}", err=True)
+    setup_logging()
+    res = run_eval(gt, results, kind, verbose)
     title = {"coco": "COCO keypoint AP/AR", "crowdpose": "CrowdPose AP/AR", "mpii": f"MPII PCKh@{res.get('thr', 0.5)}"}
     click.echo(f"{title[res['kind']]}: {results}")
     Console().print(format_table(res))

@@ -29,8 +29,8 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ CROWDPOSE_NAMES = ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP(easy)", "AP(m
 CROWD_SPLIT = (0.2, 0.8)
 CROWDPOSE_AREA_FACTOR = 0.53
 KINDS = ("auto", "coco", "crowdpose")
+
+log = logging.getLogger(__name__)
 
 
 def _num_keypoints(gt: dict, where: str) -> int:
@@ -115,10 +117,9 @@ def jsonl_results(path: str | os.PathLike) -> list[dict]:
                 continue
             out += _frame_results(rec, f"results {p}: line {n}")
     if no_id:
-        warnings.warn(
+        log.warning(
             f"results {p}: {len(no_id)} frame(s) have no image id (e.g. {no_id[0]}) and are not scored; name images "
             "by their numeric COCO id (000000000785.jpg) or run with --ann",
-            stacklevel=2,
         )
     return out
 
@@ -253,9 +254,7 @@ def _cocoeval(coco_gt: Any, coco_dt: Any, kind: str, img_ids: list | None = None
 def _crowd_type_results(coco_gt: Any, coco_dt: Any, gt: dict) -> list[float]:
     missing = [im["id"] for im in gt["images"] if "crowdIndex" not in im]
     if missing:
-        warnings.warn(
-            f"{len(missing)} image(s) lack 'crowdIndex' (e.g. {missing[0]}); AP(easy/medium/hard) set to -1", stacklevel=3
-        )
+        log.warning(f"{len(missing)} image(s) lack 'crowdIndex' (e.g. {missing[0]}); AP(easy/medium/hard) set to -1")
         return [-1.0, -1.0, -1.0]
     lo, hi = CROWD_SPLIT
     subsets: list[list] = [[], [], []]
@@ -294,19 +293,17 @@ def evaluate_results(
     num_kpts = COCO17.num if kind == "coco" else CROWDPOSE14.num
     res, mapped = _check_results(raw, gt_data, num_kpts, where)
     if mapped:
-        warnings.warn(
+        log.warning(
             f"{where}: COCO-17 results mapped to CrowdPose-14; CrowdPose's head and neck have no COCO joint and are "
             "left out, so these figures are over the 12 limb joints (not comparable to a CrowdPose-14 model's)",
-            stacklevel=2,
         )
     if not res:
-        warnings.warn(f"{where}: no results; every AP/AR is 0 (or -1 where the ground truth has no persons)", stacklevel=2)
+        log.warning(f"{where}: no results; every AP/AR is 0 (or -1 where the ground truth has no persons)")
 
     if any(a.get("id") == 0 for a in gt_data["annotations"]):
-        warnings.warn(
+        log.warning(
             f"ground truth {gt}: an annotation has id 0, which pycocotools reads as 'unmatched'; its matches "
             "count as false positives (renumber annotation ids from 1 to avoid this)",
-            stacklevel=2,
         )
     gt_eval = _crowdpose_gt(gt_data) if kind == "crowdpose" else gt_data
     if mapped:

@@ -24,8 +24,8 @@ and a warning says the figures are not comparable to a 16-joint model's.
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ GROUPS = (
     ("Ankle", (5, 0)),
 )
 NAMES = tuple(g[0] for g in GROUPS) + ("Mean", "Mean@0.1")
+
+log = logging.getLogger(__name__)
 
 
 def load_mpii(path: str | os.PathLike) -> list[dict]:
@@ -130,9 +132,7 @@ def pckh(
     size = head_sizes(anns)
     bad = ~np.isfinite(size) | (size <= 0)
     if bad.any():
-        warnings.warn(
-            f"{int(bad.sum())} person(s) without a head box or labelled head top/upper neck are left out", stacklevel=2
-        )
+        log.warning(f"{int(bad.sum())} person(s) without a head box or labelled head top/upper neck are left out")
         visible[bad] = False
         size[bad] = 1.0
     # A joint predicted for nobody (NaN throughout: what a COCO-17 model mapped to MPII lacks) is not scored; a NaN
@@ -141,10 +141,9 @@ def pckh(
     if not scored.all():
         missing = ", ".join(MPII16_NAMES[j] for j in np.flatnonzero(~scored))
         in_mean = sum(bool(scored[j]) for j in range(NUM_JOINTS) if j not in (PELVIS, THORAX))
-        warnings.warn(
+        log.warning(
             f"predictions: no prediction for {missing} (a COCO-17 model mapped to MPII-16 has no such joints); "
             f"they are not scored (-1) and Mean is over {in_mean} joints, not comparable to a 16-joint model's Mean",
-            stacklevel=2,
         )
         visible[:, ~scored] = False
     err = np.linalg.norm(p - gt, axis=2) / size[:, None]  # (N,16)

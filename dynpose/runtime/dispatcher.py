@@ -66,6 +66,18 @@ class DispatchResult:
     def model_names(self) -> list[str]:
         return ["large" if v else "small" for v in self.large]
 
+    @classmethod
+    def empty(cls, n: int, num_keypoints: int, frame_index: np.ndarray) -> DispatchResult:
+        """A result for n boxes to fill in (all small, no router scores, zero keypoints)."""
+        return cls(
+            keypoints=np.zeros((n, num_keypoints, 3), dtype=np.float32),
+            large=np.zeros(n, dtype=bool),
+            router_scores=np.full(n, np.nan, dtype=np.float32),
+            centers=np.zeros((n, 2)),
+            scales=np.zeros((n, 2)),
+            frame_index=frame_index,
+        )
+
     def frame_slices(self, num_frames: int) -> list[slice]:
         """Slices of the flat arrays per input frame (boxes of a frame are contiguous)."""
         bounds = np.searchsorted(self.frame_index, np.arange(num_frames + 1))
@@ -205,15 +217,7 @@ class Dispatcher:
         return call.res
 
     def _empty_result(self, n: int, frame_index: np.ndarray) -> DispatchResult:
-        k = self.models["large"].card.keypoint_set.num
-        return DispatchResult(
-            keypoints=np.zeros((n, k, 3), dtype=np.float32),
-            large=np.zeros(n, dtype=bool),
-            router_scores=np.full(n, np.nan, dtype=np.float32),
-            centers=np.zeros((n, 2)),
-            scales=np.zeros((n, 2)),
-            frame_index=frame_index,
-        )
+        return DispatchResult.empty(n, self.models["large"].card.keypoint_set.num, frame_index)
 
     def _route_scores(self, call: _Call, idx: np.ndarray) -> np.ndarray:
         """Router scores of the boxes `idx`, a window at a time (its crops are kept for the large model when every

@@ -127,13 +127,16 @@ class EngineSet:
         det_score: float = 0.5,
         det_iou: float = 0.5,
         backend_options: Mapping[str, Any] | None = None,
+        with_detector: bool = True,
     ) -> EngineSet:
         """Open the engine dir's models for `backend` on `device`.
 
         roles: which of router / small / large to open (default: those the manifest has). detector: an ONNX
         detector file to use instead of the manifest's detector entry (which is opened when present).
         backend_options: keyword options for the backend's loader, given to every model it loads (torch: fp16,
-        channels_last, cuda_graphs, compile); a router that falls back to ONNX Runtime does not get them."""
+        channels_last, cuda_graphs, compile); a router that falls back to ONNX Runtime does not get them.
+        with_detector: False opens no detector at all (a process that only runs pose models, e.g. a service
+        replica)."""
         check_backend(backend)
         threads = resolve_threads(threads)
         if backend_options and backend != "torch":
@@ -153,7 +156,8 @@ class EngineSet:
         try:
             for role in wanted:
                 es._open_model(role, threads)
-            es._open_detector(detector, det_score, det_iou)
+            if with_detector:
+                es._open_detector(detector, det_score, det_iou)
         except BaseException:
             es.close()
             raise

@@ -52,20 +52,24 @@ class PersonPose:
             "score": float(self.score) if np.isfinite(self.score) else 0.0,
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready record; non-finite numbers become null (JSON has no NaN)."""
+    def to_dict(self, exact: bool = False) -> dict[str, Any]:
+        """A JSON-ready record; non-finite numbers become null (JSON has no NaN). Numbers are rounded (0.01 px)
+        unless `exact`, which keeps every digit (the service answers so, equal to in-process results)."""
+        d = None if exact else 2
         return {
-            "box": [_finite(v, 2) for v in self.box],
-            "score": _finite(self.score, 5),
-            "keypoints": [[_finite(x, 2), _finite(y, 2), _finite(s, 4)] for x, y, s in self.keypoints],
+            "box": [_finite(v, d) for v in self.box],
+            "score": _finite(self.score, None if exact else 5),
+            "keypoints": [[_finite(x, d), _finite(y, d), _finite(s, None if exact else 4)] for x, y, s in self.keypoints],
             "model": self.model,
-            "router_score": _finite(self.router_score, 5),
+            "router_score": _finite(self.router_score, None if exact else 5),
         }
 
 
-def _finite(v: Any, digits: int) -> float | None:
+def _finite(v: Any, digits: int | None) -> float | None:
     f = float(v)
-    return round(f, digits) if np.isfinite(f) else None
+    if not np.isfinite(f):
+        return None
+    return f if digits is None else round(f, digits)
 
 
 @dataclass
@@ -134,6 +138,51 @@ def _usable(b: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
         ok &= (x + w > 0) & (y + h > 0) & (x < w_img) & (y < h_img)
         ok &= (x > -lim_w) & (y > -lim_h) & (x + w < w_img + lim_w) & (y + h < h_img + lim_h)
     return ok
+
+
+def prepare_boxes(
+    boxes: np.ndarray | None, image_shape: Sequence[int], from_detector: bool, nms: bool | None = None
+) -> tuple[np.ndarray, bool, int]:
+    """A frame's boxes as the Pipeline takes them -> (usable (M',5) boxes, whether OKS-NMS runs, boxes dropped).
+
+    OKS-NMS runs when the boxes are detections (from the detector, or given with a score column) unless `nms`
+    says otherwise. The service's ingress calls this too, so a request decides exactly as `Pipeline` does."""
+    kept, dropped = clean_boxes(boxes, image_shape)  # first: it refuses strings and ragged rows in one line
+    has_scores = boxes is not None and np.ndim(boxes) == 2 and np.shape(boxes)[1] == 5
+    use_nms = (from_detector or has_scores) if nms is None else nms
+    return kept, use_nms, dropped
+
+
+def persons_from_dispatch(
+    res: DispatchResult, boxes: Sequence[np.ndarray], nms: Sequence[bool], sigmas: Sequence[float]
+) -> list[list[PersonPose]]:
+    """A dispatch result -> each frame's persons: rescoring, then OKS-NMS where `nms[i]`.
+
+    boxes: each frame's (M_i,5) x,y,w,h,score boxes, as dispatched (frames concatenated in `res`). Shared by
+    `Pipeline` and the service's ingress, which fills a `DispatchResult` from its remote pose models."""
+    from dynpose.runtime.postprocess import oks_nms, rescore
+
+    names = res.model_names
+    out: list[list[PersonPose]] = []
+    for b, use_nms, sl in zip(boxes, nms, res.frame_slices(len(boxes)), strict=True):
+        kps = res.keypoints[sl]
+        scores = rescore(kps, b[:, 4], thr=RESCORE_THR) if len(kps) else np.zeros(0)
+        # official HRNet: the NMS area is the padded, aspect-corrected box (scale w * h)
+        areas = np.prod(res.scales[sl], axis=1)
+        keep = oks_nms(kps, scores, areas, thr=OKS_NMS_THR, sigmas=sigmas) if use_nms else range(len(kps))
+        out.append(
+            [
+                PersonPose(
+                    box=b[i, :4].copy(),
+                    score=float(scores[i]),
+                    keypoints=kps[i].copy(),
+                    model=names[sl.start + i],
+                    router_score=float(res.router_scores[sl.start + i]),
+                )
+                for i in keep
+            ]
+        )
+    return out
 
 
 def _check_image(image: Any) -> np.ndarray:
@@ -310,9 +359,7 @@ class Pipeline:
                     "detector (--detector FILE.onnx)"
                 )
             boxes = self.detector(image)
-        kept, dropped = clean_boxes(boxes, image.shape)
-        has_scores = boxes is not None and np.ndim(boxes) == 2 and np.shape(boxes)[1] == 5
-        use_nms = (from_detector or has_scores) if nms is None else nms
+        kept, use_nms, dropped = prepare_boxes(boxes, image.shape, from_detector, nms)
         forced = None
         if decisions is not None:
             if from_detector:
@@ -325,35 +372,13 @@ class Pipeline:
         return _Prepared(image, kept, use_nms, dropped, forced)
 
     def _dispatch(self, prepared: list[_Prepared]) -> list[list[PersonPose]]:
-        from dynpose.runtime.postprocess import oks_nms, rescore
-
         t0 = time.perf_counter()
         forced = [p.decisions for p in prepared] if any(p.decisions is not None for p in prepared) else None
         res: DispatchResult = self.dispatcher.run(
             [p.image for p in prepared], [p.boxes[:, :4] for p in prepared], decisions=forced
         )
-        sigmas = self.keypoint_set.sigmas
-        names = res.model_names
-        out: list[list[PersonPose]] = []
-        persons = 0
-        for p, sl in zip(prepared, res.frame_slices(len(prepared)), strict=True):
-            kps = res.keypoints[sl]
-            scores = rescore(kps, p.boxes[:, 4], thr=RESCORE_THR) if len(kps) else np.zeros(0)
-            # official HRNet: the NMS area is the padded, aspect-corrected box (scale w * h)
-            areas = np.prod(res.scales[sl], axis=1)
-            keep = oks_nms(kps, scores, areas, thr=OKS_NMS_THR, sigmas=sigmas) if p.nms else range(len(kps))
-            frame = [
-                PersonPose(
-                    box=p.boxes[i, :4].copy(),
-                    score=float(scores[i]),
-                    keypoints=kps[i].copy(),
-                    model=names[sl.start + i],
-                    router_score=float(res.router_scores[sl.start + i]),
-                )
-                for i in keep
-            ]
-            persons += len(frame)
-            out.append(frame)
+        out = persons_from_dispatch(res, [p.boxes for p in prepared], [p.nms for p in prepared], self.keypoint_set.sigmas)
+        persons = sum(len(frame) for frame in out)
         with self._lock:
             st = self.stats
             st.frames += len(prepared)

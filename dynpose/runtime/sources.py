@@ -136,21 +136,28 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as e:
         raise DynPoseError(f"image {path}: cannot be read ({e.strerror or e})") from None
-    if data.size == 0:
-        raise DynPoseError(f"image {path}: empty file")
-    size = image_header_size(data[: 1 << 16].tobytes())
+    return decode_image_bytes(data, f"image {path}", max_pixels)
+
+
+def decode_image_bytes(data: bytes | np.ndarray, what: str = "image", max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """An encoded image (file bytes: JPEG, PNG, ...) -> BGR uint8, with `decode_image`'s checks; `what` names the
+    image in errors (a file, an HTTP request's upload)."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if buf.size == 0:
+        raise DynPoseError(f"{what}: empty file")
+    size = image_header_size(buf[: 1 << 16].tobytes())
     if max_pixels is not None and size is not None and size[0] * size[1] > max_pixels:
         raise DynPoseError(
-            f"image {path}: {size[0]} x {size[1]} pixels by its header, over the limit of {max_pixels:,} "
+            f"{what}: {size[0]} x {size[1]} pixels by its header, over the limit of {max_pixels:,} "
             "(max_pixels; raise it for such images)"
         )
     try:
-        img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as e:  # e.g. a header beyond OpenCV's own pixel limit
         why = (str(e).strip().splitlines() or ["cv2.error"])[-1].rpartition(" error: ")[2].strip()
-        raise DynPoseError(f"image {path}: not a readable image (OpenCV: {why})") from None
+        raise DynPoseError(f"{what}: not a readable image (OpenCV: {why})") from None
     if img is None or img.size == 0:
-        raise DynPoseError(f"image {path}: not a readable image")
+        raise DynPoseError(f"{what}: not a readable image")
     return img
 
 

@@ -87,8 +87,8 @@ class TrackedPose(PersonPose):
 
     track_id: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
+    def to_dict(self, exact: bool = False) -> dict[str, Any]:
+        d = super().to_dict(exact)
         d["track_id"] = self.track_id
         return d
 

@@ -1,0 +1,198 @@
+"""`dynpose-serve`: DynPose as an HTTP service on Ray Serve (foreground until Ctrl-C / SIGTERM), and
+`dynpose-serve bench`, a load generator for a running service."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from dynpose.cli.common import check_threads, setup_logging, sigterm_as_interrupt, user_errors
+from dynpose.errors import DynPoseError
+
+if TYPE_CHECKING:
+    from dynpose.serve.config import ServeConfig
+
+EPILOG = """\b
+Examples:
+  # one machine: a local Ray cluster, HTTP on 127.0.0.1:8000
+  dynpose-serve --engine-dir engines/
+  curl -F image=@photo.jpg http://127.0.0.1:8000/v1/pose
+  # a Ray cluster (`ray start --head` first): 2 large replicas on GPUs, small autoscaled 1-4
+  dynpose-serve --engine-dir /shared/engines --address auto --host 0.0.0.0 --device cuda \\
+      --backend tensorrt --large-replicas 2 --small-replicas 1-4 --replica-gpus 0.5
+  # load test a running service with COCO images and their detections
+  dynpose-serve bench --url http://127.0.0.1:8000 --images coco/ --detections dets.json \\
+      --concurrency 16 --requests 400
+
+\b
+Endpoints: POST /v1/pose (JSON {"image": base64, "boxes": [[x,y,w,h(,score)],...], "route": ...},
+a multipart form with an `image` file, or the image itself as the body), GET /healthz, GET /v1/info,
+GET /v1/stats. Replica counts take N or MIN-MAX (autoscaling). See docs/serving.md.
+"""
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.option("--engine-dir", type=click.Path(path_type=Path), help="Engine dir with manifest.json (starts the service).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP address (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--address",
+    default="local",
+    show_default=True,
+    help="Ray cluster: local (start one here), auto, HOST:PORT or ray://HOST:10001.",
+)
+@click.option("--small-replicas", default="1", show_default=True, help="Small-model replicas: N, or MIN-MAX to autoscale.")
+@click.option("--large-replicas", default="1", show_default=True, help="Large-model replicas: N, or MIN-MAX.")
+@click.option("--detector-replicas", default="1", show_default=True, help="Detector replicas (when there is a detector).")
+@click.option("--ingress-replicas", default="1", show_default=True, help="Ingress (HTTP, router, crops) replicas.")
+@click.option("--max-batch", type=int, default=16, show_default=True, help="Most crops per pose-model run, across requests.")
+@click.option(
+    "--batch-wait-ms", type=float, default=5.0, show_default=True, help="How long a pose replica waits for a batch to fill."
+)
+@click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU cores the models may use per node (default: all).")
+@click.option("--route", default=None, help="Default routing policy (default: the manifest's); a request may set its own.")
+@click.option("--flip", is_flag=True, help="Flip test (average with the mirrored crop).")
+@click.option(
+    "--detector", type=click.Path(path_type=Path), default=None, help="ONNX person detector (default: the engine dir's)."
+)
+@click.option(
+    "--max-body-mb", type=float, default=20.0, show_default=True, help="Largest request body accepted (413 above)."
+)
+@click.option("--max-ongoing", type=int, default=64, show_default=True, help="Concurrent requests per ingress replica.")
+@click.option(
+    "--replica-cpus", type=float, default=0.5, show_default=True, help="Ray CPUs each replica reserves (scheduling only)."
+)
+@click.option("--replica-gpus", type=float, default=None, help="GPU fraction per replica with --device cuda (default 0.25).")
+@click.option("--quiet", is_flag=True, help="Warnings and errors only.")
+@click.pass_context
+@user_errors
+def main(
+    ctx: click.Context,
+    engine_dir: Path | None,
+    host: str,
+    port: int,
+    address: str,
+    small_replicas: str,
+    large_replicas: str,
+    detector_replicas: str,
+    ingress_replicas: str,
+    max_batch: int,
+    batch_wait_ms: float,
+    backend: str,
+    device: str,
+    threads: int | None,
+    route: str | None,
+    flip: bool,
+    detector: Path | None,
+    max_body_mb: float,
+    max_ongoing: int,
+    replica_cpus: float,
+    replica_gpus: float | None,
+    quiet: bool,
+) -> None:
+    """Serve DynPose over HTTP on Ray Serve, in the foreground until Ctrl-C or SIGTERM (then it drains in-flight
+    requests and shuts down)."""
+    from dynpose.serve.config import ServeConfig, check_config, parse_replicas
+
+    if ctx.invoked_subcommand is not None:
+        return
+    if engine_dir is None:
+        raise DynPoseError("--engine-dir: none given; pass the folder dynpose-export wrote (or run `dynpose-serve bench`)")
+    setup_logging(quiet)
+    counts = {"ingress": ingress_replicas, "detector": detector_replicas, "small": small_replicas, "large": large_replicas}
+    cfg = ServeConfig(
+        engine_dir=str(engine_dir),
+        backend=backend,
+        device=device,
+        threads=check_threads(threads),
+        route=route,
+        flip=flip,
+        detector=str(detector) if detector is not None else None,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        max_body_mb=max_body_mb,
+        replicas={k: parse_replicas(v, f"--{k}-replicas") for k, v in counts.items()},
+        replica_cpus=replica_cpus,
+        replica_gpus=(0.25 if device == "cuda" else 0.0) if replica_gpus is None else replica_gpus,
+        max_ongoing=max_ongoing,
+    )
+    _serve(check_config(cfg), host, port, address)
+
+
+def _serve(cfg: ServeConfig, host: str, port: int, address: str) -> None:
+    from dynpose.serve.service import Service
+
+    log = logging.getLogger("dynpose.cli.serve")
+    click.echo(f"dynpose-serve: starting on Ray ({address}); loading models ...", err=True)
+    svc = None
+    try:
+        with sigterm_as_interrupt():  # a SIGTERM while Ray starts ...
+            svc = Service.start(cfg, host=host, port=port, address=address)
+        # ... and after: ray.init installs its own SIGTERM handler (exit without draining), so ours goes on again
+        with sigterm_as_interrupt():
+            click.echo(
+                f"dynpose-serve: ready at {svc.url} (POST /v1/pose, GET /healthz, /v1/info, /v1/stats); Ctrl-C to stop",
+                err=True,
+            )
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping: draining in-flight requests")
+    finally:
+        if svc is not None:
+            with sigterm_as_interrupt():
+                svc.stop()
+    click.echo("dynpose-serve: stopped", err=True)
+
+
+@main.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The running service.")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="A folder of images (or one image).")
+@click.option(
+    "--detections", type=click.Path(path_type=Path), default=None, help="COCO detections (else the detector runs)."
+)
+@click.option("--concurrency", type=int, default=4, show_default=True, help="Client threads, each one request at a time.")
+@click.option("--requests", "n_requests", type=int, default=100, show_default=True, help="Timed requests in all.")
+@click.option("--warmup", type=int, default=None, help="Untimed requests first (default: the concurrency).")
+@click.option("--route", default=None, help="Routing policy sent with each request (default: the service's).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per request attempt.")
+@click.option("--retries", type=int, default=5, show_default=True, help="Retries after connection errors and 503s.")
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the figures as JSON (atomic)."
+)
+@user_errors
+def bench(
+    url: str,
+    images: Path,
+    detections: Path | None,
+    concurrency: int,
+    n_requests: int,
+    warmup: int | None,
+    route: str | None,
+    timeout: float,
+    retries: int,
+    json_out: Path | None,
+) -> None:
+    """Load a running service: req/s, crops/s, p50/p95/p99 latency, errors, and the pose batches formed."""
+    from dynpose.fileio import write_json_atomic
+    from dynpose.runtime.sinks import check_writable_file
+    from dynpose.serve.client import Client
+    from dynpose.serve.loadgen import format_report, load_items, run_load
+
+    if json_out is not None:
+        check_writable_file(json_out, "--json")  # an unwritable destination fails before the load runs
+    items = load_items(images, detections)
+    client = Client(url, timeout=timeout, retries=retries)
+    if not client.healthy():
+        raise DynPoseError(f"--url {url}: the service is not answering /healthz; start it with dynpose-serve --engine-dir E")
+    report = run_load(client, items, concurrency, n_requests, route, concurrency if warmup is None else warmup)
+    click.echo(format_report(report))
+    if json_out is not None:
+        write_json_atomic(json_out, report)
+        click.echo(f"wrote {json_out}")

@@ -1,0 +1,154 @@
+"""Start and stop the service: Ray (a new local cluster, or one joined by address), Serve's HTTP proxy, the app.
+
+    with Service.start(check_config(ServeConfig(engine_dir="engines/")), port=8000) as svc:
+        Client(svc.url).pose(image)
+
+`stop()` drains: Serve stops routing new requests to the app, lets the ones in flight finish (each replica's
+graceful-shutdown timeout), then stops the replicas. On a cluster this process started (`address="local"`) it
+then shuts Serve and Ray down; on a cluster it joined it deletes only its own app and leaves Serve running for
+the cluster's other apps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from dynpose.errors import DynPoseError
+from dynpose.serve.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+def _init_ray(address: str, num_cpus: int | None) -> tuple[bool, bool]:
+    """Connect to (or start) Ray: (this call started the cluster, this call connected). A process already connected
+    (a test, a notebook) keeps its connection and its cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return False, False
+    if address == "local":
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        return True, True
+    if num_cpus is not None:
+        raise DynPoseError("num_cpus applies to a local cluster only (--address local)")
+    try:
+        ray.init(address=address)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise DynPoseError(
+            f"--address {address}: cannot join a Ray cluster there ({str(e).strip().splitlines()[0] if str(e) else e}); "
+            "start one with `ray start --head` or use --address local"
+        ) from None
+    return False, True
+
+
+def _why(text: str) -> str | None:
+    """The line of a replica's traceback that says why (a DynPoseError's message, else the last error line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "DynPoseError: " in ln:
+            return ln.rpartition("DynPoseError: ")[2]
+    errors = [ln for ln in lines if "Error" in ln.split(":")[0]]
+    return errors[-1] if errors else None
+
+
+def _deploy_error(e: Exception, app_name: str) -> str:
+    """Why the deploy failed: Serve's exception only names the deployments, their status carries the replica's
+    traceback."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications[app_name]
+        found = [(name, _why(d.message)) for name, d in app.deployments.items() if d.message]
+        reasons = [f"{why} (deployment {name})" for name, why in found if why]
+        if reasons:
+            return reasons[0]
+    except Exception:  # the status is only a better message; fall back to Serve's own
+        pass
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@dataclass
+class Service:
+    """A running service: its URL, and what it must shut down when stopped."""
+
+    cfg: ServeConfig
+    host: str
+    port: int
+    owns_ray: bool  # this process started the cluster: stop() shuts Serve and Ray down
+    connected: bool = True  # this process connected to Ray for the service: stop() disconnects
+    stopped: bool = False
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @classmethod
+    def start(
+        cls,
+        cfg: ServeConfig,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        address: str = "local",
+        num_cpus: int | None = None,
+    ) -> Service:
+        """Start Ray (or join `address`: auto, HOST:PORT, ray://HOST:10001), Serve's HTTP proxy on host:port, and
+        the app; returns once every deployment is up. `cfg` should come from `check_config`."""
+        from ray import serve
+
+        from dynpose.serve.app import build_app
+
+        owns_ray, connected = _init_ray(address, num_cpus)
+        svc = cls(cfg, host, port, owns_ray, connected)
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            try:
+                serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+            except RuntimeError as e:
+                raise DynPoseError(f"the service failed to start: {_deploy_error(e, cfg.app_name)}") from None
+        except BaseException:
+            svc.stop()
+            raise
+        log.info("dynpose service up at %s", svc.url)
+        return svc
+
+    def stop(self) -> None:
+        """Drain and stop (see the module note); idempotent."""
+        import ray
+        from ray import serve
+
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            if self.owns_ray:
+                serve.shutdown()
+            else:
+                serve.delete(self.cfg.app_name)
+        except Exception as e:  # shutting down must not hide why we stopped; say it and go on
+            log.warning("stopping Serve: %s", str(e).strip().splitlines()[0] if str(e) else type(e).__name__)
+        finally:
+            if self.connected:
+                ray.shutdown()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def describe(svc: Service) -> dict[str, Any]:
+    """One line's worth of what runs (for the CLI's banner)."""
+    cfg = svc.cfg
+    return {
+        "url": svc.url,
+        "engine_dir": cfg.engine_dir,
+        "route": cfg.route,
+        "replicas": {k: str(v) for k, v in cfg.replicas.items()},
+        "max_batch": cfg.max_batch,
+        "batch_wait_ms": cfg.batch_wait_ms,
+    }
