@@ -1,0 +1,275 @@
+"""DynPose pairs on this CPU: crops/s of HRNet-W32 alone and of LPN-50 / ResNet-50 small + HRNet-W32 large at
+routing fractions, fp32 and INT8, all in ONE interleaved run.
+
+    python benchmarks/pair_bench.py [--work benchmarks/out/pairs] [--batch 20] [--fractions 0,0.1,0.3,0.5]
+                                    [--repeats 10] [--warmup 1] [--no-int8] [--no-splits] [--boot 2000]
+                                    [--json benchmarks/results/cpu_ort_pair_bench.json]
+
+Engine dirs are built with the public API, random weights (seeded): `export_all(models={"small": "lpn_50"})` and
+`export_all()` (ResNet-50 / HRNet-W32, the DynPose pair), each with the router; the INT8 dirs the same with
+`precision="int8", min_oks=0` (random weights: the OKS gate means nothing, the layer search keeps every layer INT8),
+calibrated on ../shared/data with the COCO test images held out. Dirs are reused on later runs.
+
+Each configuration is one `Dispatcher.run` of `--batch` person boxes on one frame (crop, router, both models on
+their worker threads, decode), the way the runtime runs a micro-batch. Pairs are opened with `EngineSet.load` (the
+runtime's thread share: router all cores, small and large half each, running concurrently); at fraction F the router
+sends the round(F * batch) crops with the highest scores to the large model. The baseline "HRNet-W32 alone" is the
+large model on every core (an ORT session with all intra-op threads, no router): what one would run without DynPose;
+"all-large (runtime share)" is the same model as the runtime runs an all-large route (half the cores). Unless
+`--no-splits`, the LPN-50 fp32 pair also runs with other thread splits (small on half the cores and large on all; both on
+all) and "sequential": router, small sub-batch, large sub-batch one after the other, each on every core, without the
+Dispatcher (what a dispatch that takes turns would give). All configurations take turns
+(`dynpose.bench.timing.round_robin`), so load changes on the shared machine hit all alike. crops/s = batch / median
+time; the spread is the 25th-75th percentile of the rounds; the ratio to the baseline has a 95% bootstrap interval
+over the rounds (paired: a round's times are resampled together). The 1-minute load average before and after is
+printed and stored: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynpose.bench.timing import boxes_for_batch, machine_info, parse_fractions, round_robin, synthetic_frame, versions
+from dynpose.calibration.crops import CalibSpec
+from dynpose.engines.manifest import Manifest
+from dynpose.export.api import export_all
+from dynpose.runtime.backends import load_runner
+from dynpose.runtime.dispatcher import Dispatcher
+from dynpose.runtime.engine_set import EngineSet
+from dynpose.runtime.model import PoseModel, Router
+from dynpose.runtime.policy import Policy, parse_policy
+
+REPO = Path(__file__).resolve().parents[1]
+SMALLS = {"lpn_50": "LPN-50", "resnet_50": "ResNet-50"}
+LARGE = "hrnet_w32"
+BASELINE = "HRNet-W32 alone fp32"
+
+
+def build_dir(work: Path, small: str, precision: str, shared: Path) -> Path:
+    """The engine dir of `small` + HRNet-W32 + router at `precision` (exported on first use, reused after)."""
+    eng = work / f"{small}+{LARGE}.{precision}"
+    try:
+        man = Manifest.load(eng)
+        entries = {r: man.get(r, "onnx") for r in ("router", "small", "large")}
+        if all(entries.values()) and entries["small"].model == small and entries["small"].precision == precision:  # type: ignore[union-attr]
+            return eng
+    except Exception:  # noqa: BLE001 - no dir yet, or a half-made one: export it (again)
+        pass
+    calib = None
+    if precision == "int8":
+        coco = shared / "data" / "coco" / "test_coco.json"
+        calib = CalibSpec.from_root(shared / "data", gate_ann=coco, jitter=1, max_crops=64)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_all(eng, models={"small": small}, precision=precision, calib=calib, min_oks=0.0, progress=False)
+    print(f"exported {eng.name} in {time.perf_counter() - t0:.0f}s", flush=True)
+    return eng
+
+
+def _runner(eng: Path, role: str, threads: int) -> tuple[Any, Any]:
+    entry = Manifest.load(eng).get(role, "onnx")
+    assert entry is not None
+    return load_runner("ort", eng, entry, "cpu", intra_op_threads=threads).activate(), entry.card
+
+
+def opened(eng: Path, role: str, threads: int) -> PoseModel:
+    """A pose role of the engine dir on `threads` ONNX Runtime intra-op threads (an active runner in a handle)."""
+    return PoseModel(*_runner(eng, role, threads))
+
+
+def opened_router(eng: Path, threads: int) -> Router:
+    return Router(*_runner(eng, "router", threads))
+
+
+def int8_speedups(eng: Path) -> dict[str, float | None]:
+    """The export's own INT8/fp32 speed-up at batch 8 per role (manifest checks)."""
+    man = Manifest.load(eng)
+    return {r: man.get(r, "onnx").checks.get("int8_speedup_b8") for r in ("small", "large")}  # type: ignore[union-attr]
+
+
+def ratio_ci(base: np.ndarray, t: np.ndarray, boot: int, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of median(base) / median(t) (crops/s ratio), resampling rounds in pairs."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(t), size=(boot, len(t)))
+    r = np.median(base[idx], axis=1) / np.median(t[idx], axis=1)
+    lo, hi = np.percentile(r, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+class Configs:
+    """The timed calls (name -> one `Dispatcher.run` of the batch on the frame), what each is, what to close."""
+
+    def __init__(self, batch: int) -> None:
+        self.frame = synthetic_frame()
+        self.boxes = boxes_for_batch(batch, self.frame.shape[:2], seed=batch)
+        self.calls: dict[str, Callable[[], Any]] = {}
+        self.meta: dict[str, dict[str, Any]] = {}
+        self.closing: list[Any] = []
+
+    def add(self, name: str, d: Dispatcher, **info: Any) -> None:
+        self.closing.append(d)
+        self.calls[name] = lambda: d.run([self.frame], [self.boxes])
+        self.meta[name] = info
+
+    def close(self) -> None:
+        for c in reversed(self.closing):
+            c.close() if hasattr(c, "close") else c.deactivate()
+
+
+def configs(dirs: dict[tuple[str, str], Path], fractions: list[float], batch: int, splits: bool) -> Configs:
+    """HRNet-W32 alone (all cores, and as the runtime runs all-large), every pair at every fraction (EngineSet.load),
+    and with `splits` the LPN-50 fp32 pair under other thread splits."""
+    cfg = Configs(batch)
+    cores = len(os.sched_getaffinity(0))
+    for precision in ("fp32", "int8"):
+        if ("lpn_50", precision) in dirs:
+            big = opened(dirs[("lpn_50", precision)], "large", cores)
+            cfg.closing.append(big)
+            cfg.add(
+                f"HRNet-W32 alone {precision}", Dispatcher(big, big, policy="all-large"), precision=precision, threads="all"
+            )
+    for (small, precision), eng in dirs.items():
+        es = EngineSet.load(eng)
+        cfg.closing.append(es)
+        s, lg = es.pose_models
+        if small == "lpn_50":
+            name = f"HRNet-W32 all-large {precision} (runtime share)"
+            cfg.add(name, Dispatcher(s, lg, policy="all-large"), precision=precision, threads="runtime")
+        for f in fractions:
+            d = Dispatcher(s, lg, router=es.router, policy=f"fraction:{f!r}")
+            cfg.add(f"{SMALLS[small]}/HRNet-W32 {precision} @{f:g}", d, pair=small, precision=precision, fraction=f)
+    if splits and ("lpn_50", "fp32") in dirs:
+        _split_configs(cfg, dirs[("lpn_50", "fp32")], fractions, cores)
+    return cfg
+
+
+def _split_configs(cfg: Configs, eng: Path, fractions: list[float], cores: int) -> None:
+    """The LPN-50 fp32 pair with the large model on every core (small on half), and both on every core: the
+    runtime's fixed half/half share leaves a core idle whenever one side's sub-batch finishes first."""
+    router = opened_router(eng, cores)
+    cfg.closing.append(router)
+    for ts, tl in ((max(1, cores // 2), cores), (cores, cores)):
+        s, lg = opened(eng, "small", ts), opened(eng, "large", tl)
+        cfg.closing += [s, lg]
+        for f in fractions:
+            d = Dispatcher(s, lg, router=router, policy=f"fraction:{f!r}")
+            name = f"LPN-50/HRNet-W32 fp32 @{f:g} threads {ts}+{tl}"
+            cfg.add(name, d, pair="lpn_50", precision="fp32", fraction=f, threads=f"{ts}+{tl}")
+    for f in fractions:  # the both-on-every-core handles, one model after the other
+        name = f"LPN-50/HRNet-W32 fp32 @{f:g} sequential, {cores}+{cores}"
+        cfg.calls[name] = _sequential(router, s, lg, parse_policy(f"fraction:{f!r}"), cfg.frame, cfg.boxes)
+        cfg.meta[name] = {"pair": "lpn_50", "precision": "fp32", "fraction": f, "threads": "sequential"}
+
+
+def _sequential(
+    router: Router, small: PoseModel, large: PoseModel, policy: Policy, frame: np.ndarray, boxes: np.ndarray
+) -> Callable[[], Any]:
+    """Router, then the small sub-batch, then the large one, each model on every core: no Dispatcher (its workers
+    run the two at once), for what a dispatch that runs them in turn would give."""
+    fi = np.zeros(len(boxes), np.int64)
+
+    def run() -> None:
+        c, s = router.geometry(boxes)
+        large_mask = policy.decide(router.scores(router.inputs(router.crop([frame], fi, c, s))), boxes).large
+        for model, idx in ((small, np.flatnonzero(~large_mask)), (large, np.flatnonzero(large_mask))):
+            if idx.size:
+                model.keypoints([frame], fi[idx], *model.geometry(boxes[idx]))
+
+    return run
+
+
+def rows(samples: dict[str, list[float]], meta: dict[str, dict[str, Any]], batch: int, boot: int) -> list[dict[str, Any]]:
+    base = np.asarray(samples[BASELINE])
+    out = []
+    for name, s in samples.items():
+        t = np.asarray(s)
+        q25, q50, q75 = np.percentile(t, [25, 50, 75])
+        lo, hi = ratio_ci(base, t, boot)
+        out.append(
+            {
+                "config": name,
+                **meta[name],
+                "crops_per_s": batch / q50,
+                "crops_per_s_p25_p75": [batch / q75, batch / q25],
+                "ratio_vs_baseline": float(np.median(base) / q50),
+                "ratio_ci95": [lo, hi],
+                "samples_s": [float(x) for x in t],
+            }
+        )
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(
+        f"\n{result['machine']['cpu']}, {result['machine']['cores_usable']} cores; ONNX Runtime CPU; batch "
+        f"{result['batch']} boxes per call; {result['repeats']} interleaved rounds; load average (1 min) "
+        f"{result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after\n"
+    )
+    print(f"| configuration | crops/s | p25-p75 | vs {BASELINE} | 95% CI |")
+    print("| --- | ---: | --- | ---: | --- |")
+    for r in result["rows"]:
+        p25, p75 = r["crops_per_s_p25_p75"]
+        lo, hi = r["ratio_ci95"]
+        print(
+            f"| {r['config']} | {r['crops_per_s']:.2f} | {p25:.2f}-{p75:.2f} | {r['ratio_vs_baseline']:.2f}x | "
+            f"{lo:.2f}-{hi:.2f} |"
+        )
+    for eng, sp in result["int8_speedups"].items():
+        print(f"{eng}: export's INT8/fp32 speed-up at batch 8: {sp}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "out" / "pairs")
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--fractions", type=parse_fractions, default=parse_fractions("0,0.1,0.3,0.5"))
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the ratio intervals")
+    ap.add_argument("--no-int8", action="store_true", help="fp32 only (no INT8 dirs)")
+    ap.add_argument("--no-splits", action="store_true", help="leave out the LPN-50 pair's other thread splits")
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "cpu_ort_pair_bench.json")
+    args = ap.parse_args()
+
+    precisions = ["fp32"] if args.no_int8 else ["fp32", "int8"]
+    dirs = {(s, p): build_dir(args.work, s, p, args.shared) for p in precisions for s in SMALLS}
+    cfg = configs(dirs, args.fractions, args.batch, not args.no_splits)
+    try:
+        load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        samples = round_robin(cfg.calls, args.repeats, args.warmup, progress=lambda m: print(m, flush=True))
+        wall = time.perf_counter() - t0
+        load_after = os.getloadavg()
+    finally:
+        cfg.close()
+    result = {
+        "machine": machine_info("cpu"),
+        "versions": versions(),
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "wall_s": wall,
+        "load_before": list(load_before),
+        "load_after": list(load_after),
+        "int8_speedups": {eng.name: int8_speedups(eng) for (s, p), eng in dirs.items() if p == "int8"},
+        "rows": rows(samples, cfg.meta, args.batch, args.boot),
+    }
+    print_table(result)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
