@@ -3,7 +3,7 @@ routing fractions, fp32 and INT8, all in ONE interleaved run.
 
     python benchmarks/pair_bench.py [--work benchmarks/out/pairs] [--batch 20] [--fractions 0,0.1,0.3,0.5]
                                     [--repeats 10] [--warmup 1] [--no-int8] [--no-splits] [--boot 2000]
-                                    [--json benchmarks/results/cpu_ort_pair_bench.json]
+                                    [--json benchmarks/results/cpu_ort_pair_bench.json] [--report]
 
 Engine dirs are built with the public API, random weights (seeded): `export_all(models={"small": "lpn_50"})` and
 `export_all()` (ResNet-50 / HRNet-W32, the DynPose pair), each with the router; the INT8 dirs the same with
@@ -21,7 +21,8 @@ all) and "sequential": router, small sub-batch, large sub-batch one after the ot
 Dispatcher (what a dispatch that takes turns would give). All configurations take turns
 (`dynpose.bench.timing.round_robin`), so load changes on the shared machine hit all alike. crops/s = batch / median
 time; the spread is the 25th-75th percentile of the rounds; the ratio to the baseline has a 95% bootstrap interval
-over the rounds (paired: a round's times are resampled together). The 1-minute load average before and after is
+over the rounds (paired: a round's times are resampled together); INT8 configurations are also compared with HRNet-W32
+alone in INT8. `--report` re-prints a saved run from its samples. The 1-minute load average before and after is
 printed and stored: the machine is shared.
 """
 
@@ -189,23 +190,20 @@ def _sequential(
 
 
 def rows(samples: dict[str, list[float]], meta: dict[str, dict[str, Any]], batch: int, boot: int) -> list[dict[str, Any]]:
-    base = np.asarray(samples[BASELINE])
+    """Per configuration: crops/s (median, p25-p75) and its ratio to HRNet-W32 alone in fp32 and, for an INT8
+    configuration, to HRNet-W32 alone in INT8 (each with its 95% bootstrap interval)."""
+    bases = {p: np.asarray(samples[f"HRNet-W32 alone {p}"]) for p in ("fp32", "int8") if f"HRNet-W32 alone {p}" in samples}
     out = []
     for name, s in samples.items():
         t = np.asarray(s)
         q25, q50, q75 = np.percentile(t, [25, 50, 75])
-        lo, hi = ratio_ci(base, t, boot)
-        out.append(
-            {
-                "config": name,
-                **meta[name],
-                "crops_per_s": batch / q50,
-                "crops_per_s_p25_p75": [batch / q75, batch / q25],
-                "ratio_vs_baseline": float(np.median(base) / q50),
-                "ratio_ci95": [lo, hi],
-                "samples_s": [float(x) for x in t],
-            }
-        )
+        row = {"config": name, **meta[name], "crops_per_s": batch / q50, "crops_per_s_p25_p75": [batch / q75, batch / q25]}
+        for p, base in bases.items():
+            if p == "fp32" or meta[name].get("precision") == p:
+                key = "ratio_vs_baseline" if p == "fp32" else "ratio_vs_int8_alone"
+                row[key] = float(np.median(base) / q50)
+                row[key.replace("ratio", "ci95")] = list(ratio_ci(base, t, boot))
+        out.append({**row, "samples_s": [float(x) for x in t]})
     return out
 
 
@@ -215,17 +213,31 @@ def print_table(result: dict[str, Any]) -> None:
         f"{result['batch']} boxes per call; {result['repeats']} interleaved rounds; load average (1 min) "
         f"{result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after\n"
     )
-    print(f"| configuration | crops/s | p25-p75 | vs {BASELINE} | 95% CI |")
-    print("| --- | ---: | --- | ---: | --- |")
+    print(f"| configuration | crops/s | p25-p75 | vs {BASELINE} (95% CI) | vs HRNet-W32 alone int8 (95% CI) |")
+    print("| --- | ---: | --- | ---: | ---: |")
     for r in result["rows"]:
         p25, p75 = r["crops_per_s_p25_p75"]
-        lo, hi = r["ratio_ci95"]
-        print(
-            f"| {r['config']} | {r['crops_per_s']:.2f} | {p25:.2f}-{p75:.2f} | {r['ratio_vs_baseline']:.2f}x | "
-            f"{lo:.2f}-{hi:.2f} |"
-        )
+        cells = []
+        for key in ("ratio_vs_baseline", "ratio_vs_int8_alone"):
+            ci = r.get(key.replace("ratio", "ci95"))
+            cells.append(f"{r[key]:.2f}x ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+        print(f"| {r['config']} | {r['crops_per_s']:.2f} | {p25:.2f}-{p75:.2f} | {cells[0]} | {cells[1]} |")
     for eng, sp in result["int8_speedups"].items():
         print(f"{eng}: export's INT8/fp32 speed-up at batch 8: {sp}")
+
+
+def report(path: Path, boot: int) -> None:
+    """Print (and rewrite) a saved run's table from its samples: the intervals again, nothing re-measured."""
+    result = json.loads(path.read_text())
+    samples = {r["config"]: r["samples_s"] for r in result["rows"]}
+    keep = ("config", "crops_per_s", "crops_per_s_p25_p75", "samples_s")
+    meta = {
+        r["config"]: {k: v for k, v in r.items() if k not in keep and not k.startswith(("ratio", "ci95"))}
+        for r in result["rows"]
+    }
+    result["rows"] = rows(samples, meta, result["batch"], boot)
+    print_table(result)
+    path.write_text(json.dumps(result, indent=2))
 
 
 def main() -> None:
@@ -240,7 +252,11 @@ def main() -> None:
     ap.add_argument("--no-int8", action="store_true", help="fp32 only (no INT8 dirs)")
     ap.add_argument("--no-splits", action="store_true", help="leave out the LPN-50 pair's other thread splits")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "cpu_ort_pair_bench.json")
+    ap.add_argument("--report", action="store_true", help="re-print --json's table from its samples, measure nothing")
     args = ap.parse_args()
+    if args.report:
+        report(args.json, args.boot)
+        return
 
     precisions = ["fp32"] if args.no_int8 else ["fp32", "int8"]
     dirs = {(s, p): build_dir(args.work, s, p, args.shared) for p in precisions for s in SMALLS}

@@ -77,15 +77,18 @@ def main() -> None:
         runs.append({"row": row, "sess": sess, "feed": feed, "times": []})
         print(f"{name}: ready in {time.perf_counter() - t0:.0f}s", flush=True)
 
+    load_before = os.getloadavg()
     for _ in range(args.repeats):
         for r in runs:
             t = time.perf_counter()
             r["sess"].run(None, r["feed"])
             r["times"].append(time.perf_counter() - t)
+    load_after = os.getloadavg()
 
     print(
         f"\nONNX Runtime CPU fp32 ({os.cpu_count()} cores visible, {args.threads or 'default'} threads), batch "
-        f"{args.batch}, {args.repeats} interleaved repeats; crops/s = batch / median (p25-p75 of the repeats)\n"
+        f"{args.batch}, {args.repeats} interleaved repeats; crops/s = batch / median (p25-p75 of the repeats); "
+        f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after the timing\n"
     )
     print("| model | input (w x h) | parameters (M) | GMACs | crops/s | p25-p75 | ONNX vs PyTorch rel. L2 |")
     print("| --- | --- | ---: | ---: | ---: | --- | ---: |")
@@ -101,7 +104,8 @@ def main() -> None:
             f"{row['crops_s_p25_p75'][0]:.1f}-{row['crops_s_p25_p75'][1]:.1f} | {row['fp32_rel_l2']:.1e} |"
         )
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+        meta = {"load_before": list(load_before), "load_after": list(load_after), "batch": args.batch}
+        args.json.write_text(json.dumps({**meta, "repeats": args.repeats, "models": out}, indent=2))
 
 
 if __name__ == "__main__":
