@@ -80,9 +80,9 @@ def main() -> None:
     load_before = os.getloadavg()
     for _ in range(args.repeats):
         for r in runs:
-            t = time.perf_counter()
+            start = time.perf_counter()
             r["sess"].run(None, r["feed"])
-            r["times"].append(time.perf_counter() - t)
+            r["times"].append(time.perf_counter() - start)
     load_after = os.getloadavg()
 
     print(
