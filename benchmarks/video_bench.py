@@ -17,24 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from dynpose.bench.timing import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_frames(video: Path, n: int) -> list[Any]:
@@ -128,7 +119,7 @@ def main() -> None:
         )
     print(
         f"{args.video.name}: {len(frames)} frames (ping-pong), {args.rounds} rounds interleaved, route {route}, "
-        f"{cpu_name()}, whole run {wall:.0f} s\n"
+        f"{cpu_model()}, whole run {wall:.0f} s\n"
     )
     print(
         "| detector | routing | frames/s (min-max) | detector calls | router crops (saved) | crops small / large "

@@ -284,3 +284,21 @@ def test_cli_hrnet_w32_random_export(tmp_path: Path) -> None:
     pt = m.require("large", "torch")
     sd = torch.load(eng / pt.file, weights_only=True)  # the torch backend's state_dict
     assert "final_layer.weight" in sd and pt.file == content_name("large.pt", pt.sha256)
+
+
+def test_cli_stores_costs_once_the_pair_is_there(tmp_path: Path, tinypose_128: Path, tinypose_256: Path) -> None:
+    """The export measures per-crop costs into the manifest when the dir holds a small and a large model (the
+    runtime reads them to say whether routing pays); a lone model is not timed, --no-costs skips it."""
+    eng = tmp_path / "eng"
+    cards = Path(__file__).resolve().parents[1] / "examples" / "cards"
+    base = ["--quiet", "--engine-dir", str(eng)]
+    code, out = _run(["--onnx", str(tinypose_256), "--card", str(cards / "tinypose_256x192.json"), "--role", "large", *base])
+    assert code == 0 and "cost " not in out and not Manifest.load(eng).notes.get("costs")
+    code, out = _run(["--onnx", str(tinypose_128), "--card", str(cards / "tinypose_128x96.json"), "--role", "small", *base])
+    assert code == 0 and "cost small" in out and "cost large" in out, out
+    m = Manifest.load(eng)
+    rec = m.costs("ort", "cpu")
+    assert rec is not None and set(rec["roles"]) == {"small", "large"}
+    assert rec["roles"]["large"]["ms"]["8"]["total"] > 0
+    code, out = _run(["--model", "router", "--weights", "random", "--no-costs", *base])
+    assert code == 0 and "cost " not in out

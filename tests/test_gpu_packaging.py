@@ -119,13 +119,14 @@ def test_summary_of_a_real_bench(tmp_path: Path, tinypose_engine_dir: Path) -> N
         import gpu_check
     finally:
         sys.path.pop(0)
-    from dynpose.bench import run_benchmark
+    from dynpose.bench import RoundSpec, run_benchmark
+    from dynpose.bench.options import BenchOptions
 
     out = tmp_path / "out"
     out.mkdir()
-    run_benchmark(
-        tinypose_engine_dir, batches=[2], fractions=[0.5], repeats=1, warmup=0, json_out=out / "bench_cpu-ort.json"
-    )
+    rounds = RoundSpec(min_rounds=1, max_rounds=1, warmup=0)
+    opts = BenchOptions(batches=(2,), fractions=(0.5,), rounds=rounds, json_out=out / "bench_cpu-ort.json", save=False)
+    run_benchmark(tinypose_engine_dir, opts)
     (out / "steps.tsv").write_text("bench-cpu-ort\tok\t0\t3\tdynpose-bench\nstreams-fp32\tskipped\t-\t0\tbudget\n")
     (out / "probe.json").write_text(json.dumps({"python": "3.x", "missing": {"tensorrt": "none"}, "cuda": False}))
     text = gpu_check.summarize(out)

@@ -28,6 +28,7 @@ def scores(col1: list[float]) -> np.ndarray:
         ("all-small", Policy("all-small")),
         ("all-large", Policy("all-large")),
         ("box:9216", Policy("box", (9216.0,))),
+        ("box-threshold:9216,0.4", Policy("box-threshold", (9216.0, 0.4))),
     ],
 )
 def test_parse(text: str, expected: Policy) -> None:
@@ -52,6 +53,8 @@ def test_parse(text: str, expected: Policy) -> None:
         "median:0.5",
         "threshold:nan",
         "threshold:0.1,0.2",
+        "box-threshold:100",
+        "box-threshold:-1,0.5",
     ],
 )
 def test_parse_errors_are_one_line(text: str) -> None:
@@ -104,3 +107,77 @@ def test_router_policy_without_scores_or_wrong_shape() -> None:
 def test_empty_call() -> None:
     d = parse_policy("fraction:0.5").decide(np.zeros((0, 3)), np.zeros((0, 4)))
     assert d.large.shape == (0,) and d.nan == 0
+
+
+def test_box_threshold_trusts_the_router_only_on_big_boxes() -> None:
+    p = parse_policy("box-threshold:1000,0.5")
+    assert p.needs_router
+    # areas 100, 10000, 1200, 6
+    d = p.decide(scores([0.9, 0.9, 0.4, float("nan")]), BOXES)
+    assert d.large.tolist() == [False, True, False, False]  # small boxes go small whatever the score (NaN too)
+    assert d.nan == 1
+    assert p.decide(scores([0.1, float("nan"), 0.6, 0.9]), BOXES).large.tolist() == [False, True, True, False]
+
+
+# -- cost model ------------------------------------------------------------------------------------------------------
+def test_route_costs_break_even_and_speedup() -> None:
+    from dynpose.runtime.policy import RouteCosts
+
+    c = RouteCosts(small=2.0, large=10.0, router=1.0)
+    assert c.per_crop(0.0) == 3.0 and c.per_crop(1.0) == 11.0 and c.per_crop(0.5, router=False) == 6.0
+    # 3 + 8 f = 10 -> f = 7/8
+    assert c.break_even() == pytest.approx(7 / 8) and c.per_crop(c.break_even()) == pytest.approx(10.0)
+    assert c.speedup(0.0) == pytest.approx(10 / 3) and c.break_even(router=False) == 1.0
+    # the router's crop serves the large model: its crop share is saved on large crops
+    shared = RouteCosts(small=2.0, large=10.0, router=1.0, large_crop=1.0, shared_crop=True)
+    assert shared.per_crop(1.0) == pytest.approx(10.0) and shared.break_even() == 1.0
+    assert RouteCosts(small=6.0, large=8.0, router=2.5).break_even() is None  # small + router >= large
+
+
+def test_cost_lines_say_when_a_route_cannot_pay() -> None:
+    import logging
+
+    from dynpose.runtime.policy import RouteCosts, cost_line, known_fraction
+
+    c = RouteCosts(small=2.0, large=10.0, router=1.0)
+    level, line = cost_line(c, parse_policy("fraction:0.3"), 0.3, "engine dir e")
+    assert level == logging.INFO and "faster than large-only" in line and "break-even 88%" in line and "\n" not in line
+    level, line = cost_line(c, parse_policy("fraction:0.95"), 0.95)
+    assert level == logging.WARNING and "slower than large-only" in line
+    level, line = cost_line(RouteCosts(small=6.0, large=8.0, router=2.5), parse_policy("threshold:0.5"), None)
+    assert level == logging.WARNING and "cannot pay" in line
+    level, line = cost_line(c, parse_policy("threshold:0.5"), None)
+    assert level == logging.INFO and "under 88%" in line
+    notes = {"router_calibration": {"policy": "threshold:0.5", "fraction": 0.25}}
+    assert known_fraction(parse_policy("threshold:0.5"), notes) == 0.25
+    assert known_fraction(parse_policy("threshold:0.6"), notes) is None
+    assert known_fraction(parse_policy("fraction:0.4"), {}) == 0.4
+
+
+def test_pipeline_logs_one_cost_line(tinypose_engine_dir, tmp_path, caplog) -> None:
+    import logging
+    import shutil
+
+    from dynpose.engines.manifest import Manifest
+    from dynpose.runtime.pipeline import Pipeline
+
+    eng = shutil.copytree(tinypose_engine_dir, tmp_path / "eng")
+    with caplog.at_level(logging.INFO, logger="dynpose"):
+        Pipeline.from_engine_dir(eng, route="fraction:0.5").close()
+    assert not [r for r in caplog.records if "large-only" in r.getMessage()]  # no costs stored: nothing said
+    m = Manifest.load(eng)
+    sha = {e.role: e.sha256 for e in m.entries if e.format == "onnx"}
+
+    def role(r: str, total: float) -> dict:
+        return {"sha256": sha[r], "ms": {"8": {"crop": 0.5, "infer": total - 0.5, "decode": 0.0, "total": total}}}
+
+    m.set_costs(
+        "ort", "cpu", {"roles": {"small": role("small", 6.0), "large": role("large", 8.0), "router": role("router", 2.5)}}
+    )
+    m.save(eng)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dynpose"):
+        Pipeline.from_engine_dir(eng, route="fraction:0.5").close()
+        Pipeline.from_engine_dir(eng, route="all-large").close()
+    lines = [r for r in caplog.records if "large" in r.getMessage() and "per crop" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING and "cannot pay" in lines[0].getMessage()

@@ -1,93 +1,200 @@
-"""The crop benchmark: one Dispatcher call per timed sample (crop, router when the policy needs it, both models on
-their workers, decode), the way the runtime runs a micro-batch, for large-only, small-only and DynPose at fractions."""
+"""The crop benchmark: Dispatcher calls (crop, router when the policy needs it, both pose models on their workers,
+decode), the way the runtime runs a micro-batch, for large-only, small-only, DynPose at routing fractions and any
+routing policies asked for (e.g. the calibrated route).
+
+Baselines run the model alone with every core (`timing.solo_models`); the routed configurations run on the engine
+set's models as the runtime loads them (on ONNX Runtime CPU: router on every core, small and large on half each,
+at the same time). Work per timed sample: one call of `batch` synthetic boxes, or (with real images and
+detections) one pass over every real box in calls of `batch` boxes, so a policy that reads the router decides on
+real crops."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from dynpose.bench.timing import boxes_for_batch, percentile_ms, round_robin, synthetic_frame
+from dynpose.bench.options import BenchOptions
+from dynpose.bench.timing import (
+    Rounds,
+    RoundSpec,
+    boxes_for_batch,
+    fastest,
+    percentile_ms,
+    solo_models,
+    synthetic_frame,
+    threads_of,
+    timed_rounds,
+)
 from dynpose.errors import DynPoseError
 from dynpose.runtime.dispatcher import Dispatcher
 from dynpose.runtime.engine_set import EngineSet
+from dynpose.runtime.model import CropModel
+from dynpose.runtime.policy import parse_policy
+
+REF = "large-only"
+REF_SPLIT = "large-only (split threads)"  # the large model alone on the share of cores the Dispatcher gives it
+REFS = (REF, REF_SPLIT)
 
 
-def policies(fractions: Sequence[float]) -> dict[str, str]:
-    """Configuration name -> routing policy: the two single-model baselines, then DynPose at each fraction."""
-    out = {"large-only": "all-large", "small-only": "all-small"}
-    out.update({f"dynpose@{f:g}": f"fraction:{f!r}" for f in fractions})
+@dataclass
+class CropWork:
+    """What one timed sample runs: Dispatcher calls, each (images, boxes per image)."""
+
+    calls: list[tuple[list[np.ndarray], list[np.ndarray]]]
+    source: str  # "synthetic" | "real"
+
+    @property
+    def crops(self) -> int:
+        return sum(len(b) for _, boxes in self.calls for b in boxes)
+
+
+def synthetic_work(batch: int, seed: int = 0) -> CropWork:
+    """One call of `batch` seeded person-shaped boxes on a seeded textured frame (model cost does not depend on
+    the pixels; a policy that reads the router then routes noise, so its fraction is only nominal)."""
+    frame = synthetic_frame(seed)
+    return CropWork([([frame], [boxes_for_batch(batch, frame.shape[:2], seed=seed + batch)])], "synthetic")
+
+
+def real_work(frames: Sequence[tuple[np.ndarray, np.ndarray]], batch: int) -> CropWork:
+    """Every box of the real frames ((image, boxes (M,>=4)) each), in order, cut into calls of `batch` boxes; a
+    call spanning two images passes both (as the Pipeline's micro-batches do)."""
+    flat = [(i, b) for i, (_, boxes) in enumerate(frames) for b in np.asarray(boxes, np.float64)[:, :4]]
+    if not flat:
+        raise DynPoseError("crop benchmark: the real images have no usable boxes; check --detections")
+    calls = []
+    for a in range(0, len(flat), batch):
+        chunk = flat[a : a + batch]
+        ids = list(dict.fromkeys(i for i, _ in chunk))
+        calls.append(([frames[i][0] for i in ids], [np.stack([b for j, b in chunk if j == i]) for i in ids]))
+    return CropWork(calls, "real")
+
+
+def configurations(
+    engines: EngineSet, solo: dict[str, CropModel], fractions: Sequence[float], policies: Sequence[str]
+) -> dict[str, tuple[str, Dispatcher]]:
+    """name -> (policy, Dispatcher): baselines on the solo models, then DynPose at each fraction, then policies."""
+    small, large = engines.pose_models
+    s_solo, l_solo = solo["small"], solo["large"]
+    out: dict[str, tuple[str, Dispatcher]] = {
+        REF: ("all-large", Dispatcher(s_solo, l_solo, policy="all-large")),  # type: ignore[arg-type]
+        "small-only": ("all-small", Dispatcher(s_solo, l_solo, policy="all-small")),  # type: ignore[arg-type]
+    }
+    if threads_of(l_solo) != threads_of(large):
+        # On a busy machine one session with every core can be slower than one with half of them (its threads wait
+        # for cores other work holds): both baselines run, and ratios are taken to the faster one.
+        out[REF_SPLIT] = ("all-large", Dispatcher(small, large, policy="all-large"))
+    if fractions and engines.router is None:
+        raise DynPoseError(
+            "the engine dir has no router, so DynPose at routing fractions cannot run; export one "
+            "(`dynpose-export --role router`) into it, or pass --fractions '' with router-free --policies"
+        )
+    for f in fractions:
+        out[f"dynpose@{f:g}"] = (f"fraction:{f!r}", Dispatcher(small, large, engines.router, policy=f"fraction:{f!r}"))
+    for text in policies:
+        p = parse_policy(text)
+        if p.needs_router and engines.router is None:
+            raise DynPoseError(f"--policies {p}: needs a router, the engine dir has none")
+        out.setdefault(str(p), (str(p), Dispatcher(small, large, engines.router if p.needs_router else None, policy=p)))
     return out
 
 
-def _rows(
-    batch: int, samples: dict[str, list[float]], pol: dict[str, str], counts: dict[str, dict[str, int]]
-) -> list[dict[str, Any]]:
-    base = batch / float(np.median(samples["large-only"]))
-    rows = []
-    for name, s in samples.items():
-        cps = batch / float(np.median(s))
-        frac = float(pol[name].split(":")[1]) if name.startswith("dynpose@") else None
-        rows.append(
-            {
-                "batch": batch,
-                "config": "dynpose" if frac is not None else name,
-                "fraction": frac,
-                "policy": pol[name],
-                "crops_per_s": cps,
-                "latency_ms_p50": percentile_ms(s, 50),
-                "latency_ms_p95": percentile_ms(s, 95),
-                "ratio_vs_large": cps / base,
-                "num_large": counts[name]["large"],
-                "num_small": counts[name]["small"],
-                "samples_ms": [x * 1e3 for x in s],
-            }
-        )
-    return rows
+def _threads(d: Dispatcher) -> dict[str, int | None]:
+    t = {m: threads_of(h) for m, h in d.models.items()}
+    if d.router is not None and d.policy.needs_router:
+        t["router"] = threads_of(d.router)
+    return t
 
 
-def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
-    return lambda msg: log(prefix + msg)
+def _row(
+    batch: int, name: str, config: tuple[str, Dispatcher], work: CropWork, rounds: Rounds, counts: dict, ref: str
+) -> dict:
+    policy, d = config
+    s = rounds.samples[name]
+    ci = rounds.ci(name, ref)
+    n_calls = len(work.calls)
+    frac = float(policy.split(":")[1]) if name.startswith("dynpose@") else None
+    large, small = counts.get("large", 0), counts.get("small", 0)
+    return {
+        "batch": batch,
+        "config": "dynpose" if frac is not None else name,
+        "fraction": frac,
+        "policy": policy,
+        "crops": work.crops,
+        "crops_per_s": work.crops / float(np.median(s)),
+        "latency_ms_p50": percentile_ms(s, 50) / n_calls,
+        "latency_ms_p95": percentile_ms(s, 95) / n_calls,
+        "ratio_vs_large": ci.ratio,
+        "ratio_ci": [ci.lo, ci.hi] if np.isfinite(ci.half_width) else None,
+        "ratio_half_width": ci.half_width if np.isfinite(ci.half_width) else None,
+        "num_large": large,
+        "num_small": small,
+        "large_share": large / max(1, large + small),
+        "threads": _threads(d),
+        "reference": name == ref,
+        "samples_ms": [x * 1e3 for x in s],
+    }
+
+
+def _timed_batch(
+    configs: dict[str, tuple[str, Dispatcher]], work: CropWork, opts: BenchOptions, log: Callable[[str], None]
+) -> tuple[Rounds, dict[str, dict[str, int]]]:
+    """Time every configuration on one batch's work; returns the rounds and each configuration's routing counts."""
+    counts: dict[str, dict[str, int]] = {}
+
+    def call(name: str) -> Callable[[], None]:
+        d = configs[name][1]
+
+        def fn() -> None:
+            c = {"small": 0, "large": 0}
+            for images, boxes in work.calls:
+                for k, v in d.run(images, boxes).counts.items():
+                    c[k] += v
+            counts[name] = c
+
+        return fn
+
+    def progress(msg: str) -> None:
+        log(f"{work.crops} crops: {msg}")
+
+    refs = [r for r in REFS if r in configs]
+    rounds = timed_rounds({n: call(n) for n in configs}, refs, opts.rounds or RoundSpec(), opts.seed, progress)
+    return rounds, counts
 
 
 def crop_benchmark(
     engines: EngineSet,
-    batches: Sequence[int],
-    fractions: Sequence[float],
-    repeats: int,
-    warmup: int,
-    frame: np.ndarray | None = None,
+    opts: BenchOptions,
+    frames: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     log: Callable[[str], None] = lambda m: None,
-) -> list[dict[str, Any]]:
-    """Rows of {batch, config, fraction, crops_per_s, latency_ms_p50/p95, ratio_vs_large, ...} (see module doc)."""
-    if engines.router is None and fractions:
-        raise DynPoseError(
-            "the engine dir has no router, so DynPose at routing fractions cannot run; export one "
-            "(`dynpose-export --role router`) into it"
-        )
-    frame = synthetic_frame() if frame is None else frame
-    small, large = engines.pose_models
-    pol = policies(fractions)
-    dispatchers = {name: Dispatcher(small, large, router=engines.router, policy=p) for name, p in pol.items()}
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows, timing) for `opts.batches` x the configurations (`opts.fractions`, `opts.policies`), timed as
+    `opts.rounds` says: rows are {batch, config, fraction, policy, crops_per_s, latency_ms_p50/p95, ratio_vs_large,
+    ratio_ci, large_share, threads, ...}, timing per batch {batch, rounds, stopped, elapsed_s, others_cores}."""
     rows: list[dict[str, Any]] = []
-    try:
-        for b in batches:
-            boxes = boxes_for_batch(b, frame.shape[:2], seed=b)
-            counts: dict[str, dict[str, int]] = {}
-
-            def call(name: str, boxes: np.ndarray = boxes, counts: dict = counts) -> Callable[[], None]:
-                def fn() -> None:
-                    counts[name] = dispatchers[name].run([frame], [boxes]).counts
-
-                return fn
-
-            log(f"batch {b}: {len(dispatchers)} configurations x {repeats} rounds (+{warmup} warm-up)")
-            samples = round_robin(
-                {n: call(n) for n in dispatchers}, repeats, warmup, progress=_prefixed(log, f"batch {b}: ")
-            )
-            rows += _rows(b, samples, pol, counts)
-    finally:
-        for d in dispatchers.values():
-            d.close()
-    return rows
+    timing: list[dict[str, Any]] = []
+    with solo_models(engines, opts.threads) as solo:
+        configs = configurations(engines, solo, opts.fractions, opts.policies)
+        try:
+            for b in opts.batches:
+                work = real_work(frames, b) if frames else synthetic_work(b, opts.seed)
+                log(f"batch {b}: {len(configs)} configurations, {work.crops} {work.source} crops per sample")
+                rounds, counts = _timed_batch(configs, work, opts, log)
+                ref = fastest(rounds.samples, [r for r in REFS if r in configs])
+                rows += [_row(b, n, cfg, work, rounds, counts[n], ref) for n, cfg in configs.items()]
+                timing.append(
+                    {
+                        "batch": b,
+                        "reference": ref,
+                        "rounds": rounds.rounds,
+                        "stopped": rounds.stopped,
+                        "elapsed_s": rounds.elapsed_s,
+                        "others_cores": rounds.others_cores,
+                    }
+                )
+        finally:
+            for _, d in configs.values():
+                d.close()
+    return rows, timing

@@ -4,9 +4,9 @@ same plain functions one by one (the concurrent run overlaps small and large, so
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +37,20 @@ class _Stages:
         self.acc = dict.fromkeys(STAGES, 0.0)
         self.routed = {"small": 0, "large": 0}
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         t = time.perf_counter()
-        yield
-        self.acc[name] += time.perf_counter() - t
+        out = fn()
+        self.acc[stage] += time.perf_counter() - t
+        return out
+
+
+def _crop_inputs(model: PoseModel, img: np.ndarray, fi: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return model.inputs(model.crop([img], fi, c, s))
 
 
 def _sequential_frame(engines: EngineSet, policy: Policy, path: Path, raw: np.ndarray, st: _Stages) -> None:
     """One image through the same steps the Dispatcher takes, each timed on its own (runners time their inference)."""
-    with st.stage("decode_image"):
-        img = _read(path)
+    img = st.timed("decode_image", lambda: _read(path))
     boxes, _ = clean_boxes(raw, img.shape)
     xywh = boxes[:, :4]
     fi = np.zeros(len(xywh), dtype=np.int64)
@@ -59,8 +62,7 @@ def _sequential_frame(engines: EngineSet, policy: Policy, path: Path, raw: np.nd
     if policy.needs_router:
         assert router is not None
         rc, rs = router.geometry(xywh)
-        with st.stage("crop"):
-            router_x = router.inputs(router.crop([img], fi, rc, rs))
+        router_x = st.timed("crop", lambda: router.inputs(router.crop([img], fi, rc, rs)))
         scores = router.scores(router_x)
         st.acc["router"] += router.runner.last_inference_time()
     go_large = policy.decide(scores, xywh).large
@@ -74,16 +76,13 @@ def _sequential_frame(engines: EngineSet, policy: Policy, path: Path, raw: np.nd
         if m == "large" and router is not None and router_x is not None and router.same_crop(large):
             x = router_x[idx]  # as the Dispatcher: the router's crops serve the large model as they are
         else:
-            with st.stage("crop"):
-                x = model.inputs(model.crop([img], fi[idx], c, s))
+            x = st.timed("crop", partial(_crop_inputs, model, img, fi[idx], c, s))
         outs = model.infer(x)
         st.acc[m] += model.runner.last_inference_time()
-        with st.stage("decode_keypoints"):
-            kps[idx] = model.decode(outs, c, s)
+        kps[idx] = st.timed("decode_keypoints", partial(model.decode, outs, c, s))
         areas[idx] = np.prod(s, axis=1)
     sigmas = large.card.keypoint_set.sigmas
-    with st.stage("rescore_nms"):
-        oks_nms(kps, rescore(kps, boxes[:, 4], thr=RESCORE_THR), areas, OKS_NMS_THR, sigmas)
+    st.timed("rescore_nms", lambda: oks_nms(kps, rescore(kps, boxes[:, 4], thr=RESCORE_THR), areas, OKS_NMS_THR, sigmas))
 
 
 def pipeline_benchmark(
@@ -98,16 +97,16 @@ def pipeline_benchmark(
     policy = parse_policy(route)
     if policy.needs_router and engines.router is None:
         raise DynPoseError(f"--route {route}: needs a router, the engine dir has none; use all-small/all-large/box:A")
-    persons = int(sum(len(b) for _, b in inputs))
+    boxes = int(sum(len(b) for _, b in inputs))
     # A pipeline over the opened models: it does not own (close) them.
     pipe = Pipeline.from_engine_set(engines, route=str(policy))
     found = 0
     try:
 
         def one_pass() -> int:
-            return sum(len(pipe(_read(path), boxes)) for path, boxes in inputs)
+            return sum(len(pipe(_read(path), b)) for path, b in inputs)
 
-        log(f"pipeline: {len(inputs)} images, {persons} boxes, route {policy}, {repeats} passes")
+        log(f"pipeline: {len(inputs)} images, {boxes} boxes, route {policy}, {repeats} passes")
         for _ in range(warmup):
             one_pass()
         pass_s = []
@@ -115,6 +114,7 @@ def pipeline_benchmark(
             t0 = time.perf_counter()
             found = one_pass()
             pass_s.append(time.perf_counter() - t0)
+        stats = pipe.stats.as_dict()
     finally:
         pipe.close()
     st = _Stages()
@@ -124,14 +124,21 @@ def pipeline_benchmark(
     frames = len(inputs) * max(1, repeats)
     total = sum(st.acc.values())
     med = float(np.median(pass_s))
+    passes = max(1, stats["frames"] // max(1, len(inputs)))
+    crops = int(sum(stats["crops"].values()) // passes)  # boxes the Dispatcher ran (unusable ones dropped first)
     return {
         "images": len(inputs),
-        "persons": persons,
+        "boxes": boxes,  # as given (detections)
+        "crops": crops,  # after dropping unusable boxes: what the pose models ran
+        "dropped_boxes": int(stats["dropped_boxes"] // passes),
+        "persons": found,  # after OKS-NMS: what a user gets
         "persons_after_nms": found,
+        "large_share": stats["crops"]["large"] / max(1, sum(stats["crops"].values())),
         "route": str(policy),
         "repeats": repeats,
         "fps": len(inputs) / med,
-        "persons_per_s": persons / med,
+        "crops_per_s": crops / med,
+        "persons_per_s": found / med,
         "pass_s": pass_s,
         "sequential_fps": frames / total if total > 0 else None,
         "breakdown_ms_per_frame": {k: v * 1e3 / frames for k, v in st.acc.items()},

@@ -1,4 +1,5 @@
-"""The benchmark's table (terminal, logs) and plot (crops/s against routing fraction)."""
+"""The benchmark's table (terminal, logs) and plot (speed against large-only, with 95% intervals, against the share
+of crops sent to the large model). Both name the models, backend, precision and threads the figures belong to."""
 
 from __future__ import annotations
 
@@ -9,55 +10,118 @@ from typing import Any
 from dynpose.fileio import atomic_path
 
 
+def _ratio_text(r: dict[str, Any]) -> str:
+    if r.get("reference", r["config"] == "large-only"):
+        return "1.00x (reference: the faster large-only)"
+    ci = r.get("ratio_ci")
+    return f"{r['ratio_vs_large']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{r['ratio_vs_large']:.2f}x [?]"
+
+
+def _name(r: dict[str, Any]) -> str:
+    return r["config"] if r["fraction"] is None else f"dynpose@{r['fraction']:g}"
+
+
+def model_lines(result: dict[str, Any]) -> list[str]:
+    """Which files the figures are for: model, format, precision, and threads as the configurations ran them."""
+    cfg = result["config"]
+    models = cfg["models"]
+    names = ", ".join(
+        f"{role} {m['model']} ({m['format']} {m['precision']}, {m['input'][0]}x{m['input'][1]})"
+        for role, m in models.items()
+    )
+    lines = [f"{cfg['backend']} on {cfg['device']}, {result['machine']['cpu']} ({result['machine']['cores_usable']} cores)"]
+    lines.append(f"models: {names}")
+    th = result.get("threads")
+    if th:
+        lines.append(
+            f"threads: baselines run alone on {th['solo']}; routed configurations: router {th['router']}, small "
+            f"{th['small']} + large {th['large']} at once"
+        )
+    return lines
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """Plain-text table of the crop figures (ratios with their 95% interval), the timing and load, the costs,
+    and the pipeline, for the terminal and logs."""
+    lines = model_lines(result)
+    lines.append(
+        f"{'batch':>5}  {'config':<28} {'crops/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'large':>6}  vs large-only [95% CI]"
+    )
+    for r in result["crops"]:
+        lines.append(
+            f"{r['batch']:>5}  {_name(r):<28} {r['crops_per_s']:>8.1f} {r['latency_ms_p50']:>8.2f} "
+            f"{r['latency_ms_p95']:>8.2f} {r['large_share']:>6.0%}  {_ratio_text(r)}"
+        )
+    for t in result.get("timing", []):
+        lines.append(
+            f"batch {t['batch']}: {t['rounds']} interleaved rounds ({t['stopped']}), {t['elapsed_s']:.0f} s; ratios "
+            f"against {t.get('reference', 'large-only')}"
+        )
+    load = result.get("load") or {}
+    if load.get("others_cores_mean") is not None:
+        lines.append(
+            f"other processes: {load['others_cores_mean']:.2f} of {load['cores']} cores busy on average "
+            f"(max {load['others_cores_max']:.2f})"
+        )
+    if result.get("load_warning"):
+        lines.append(f"warning: {result['load_warning']}")
+    lines += result.get("cost_lines", [])
+    p = result.get("pipeline")
+    if p:
+        lines.append(
+            f"pipeline: {p['fps']:.2f} frames/s, {p['crops_per_s']:.1f} crops/s over {p['images']} images ({p['boxes']} "
+            f"boxes, {p['crops']} crops run, {p['persons']} persons after OKS-NMS), route {p['route']} "
+            f"({p['large_share']:.0%} large)"
+        )
+        lines.append(
+            "  per frame (sequential pass): " + ", ".join(f"{k} {v:.1f} ms" for k, v in p["breakdown_ms_per_frame"].items())
+        )
+    return lines
+
+
 def plot(result: dict[str, Any], dest: str | os.PathLike) -> Path:
-    """crops/s against routing fraction, one line per batch size, HRNet-only (large-only) dashed per batch."""
+    """Speed against large-only (95% intervals as error bars) vs the share of crops sent to the large model: one
+    line per batch size for DynPose at fractions, one marker per extra policy, large-only at 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["crops"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, b in enumerate(sorted({r["batch"] for r in rows})):
-        color = f"C{i}"
-        dyn = sorted((r for r in rows if r["batch"] == b and r["config"] == "dynpose"), key=lambda r: r["fraction"])
-        if dyn:
-            ax.plot(
-                [r["fraction"] for r in dyn], [r["crops_per_s"] for r in dyn], "o-", color=color, label=f"DynPose, batch {b}"
-            )
-        ref = next(r for r in rows if r["batch"] == b and r["config"] == "large-only")
-        ax.axhline(ref["crops_per_s"], color=color, linestyle="--", linewidth=1, label=f"large only, batch {b}")
-    ax.set_xlabel("fraction of crops sent to the large model")
-    ax.set_ylabel("crops / s")
-    ax.set_xlim(-0.02, 1.02)
-    cfg = result["config"]
-    ax.set_title(f"{cfg['backend']} / {cfg['device']}: {result['machine']['cpu'][:40]}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    try:
+        for i, b in enumerate(sorted({r["batch"] for r in rows})):
+            color = f"C{i}"
+            mine = [r for r in rows if r["batch"] == b]
+            dyn = sorted((r for r in mine if r["config"] == "dynpose"), key=lambda r: r["large_share"])
+            _errorbar(ax, dyn, color, "o-", f"DynPose fraction:F, batch {b}")
+            other = [r for r in mine if r["config"] != "dynpose" and not r.get("reference")]
+            for j, r in enumerate(other):
+                _errorbar(ax, [r], color, "sdv^<>p*h"[j % 9], f"{r['config']}, batch {b}")
+        ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="large-only (the faster of all / split cores)")
+        ax.set_xlabel("share of crops run by the large model")
+        ax.set_ylabel("crops/s relative to large-only (95% CI)")
+        ax.set_xlim(-0.03, 1.03)
+        import textwrap
+
+        lines = [w for line in model_lines(result) for w in textwrap.wrap(line, 130)]
+        ax.set_title("\n".join(lines), fontsize=7, loc="left")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        dest = Path(dest)
+        with atomic_path(dest) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return dest
 
 
-def summary_lines(result: dict[str, Any]) -> list[str]:
-    """Plain-text table of the crop figures (and the pipeline), for the terminal and logs."""
-    lines = [f"{'batch':>5}  {'config':<16} {'crops/s':>9} {'p50 ms':>9} {'p95 ms':>9} {'vs large':>8}"]
-    for r in result["crops"]:
-        name = r["config"] if r["fraction"] is None else f"dynpose@{r['fraction']:g}"
-        lines.append(
-            f"{r['batch']:>5}  {name:<16} {r['crops_per_s']:>9.1f} {r['latency_ms_p50']:>9.2f} "
-            f"{r['latency_ms_p95']:>9.2f} {r['ratio_vs_large']:>7.2f}x"
-        )
-    p = result.get("pipeline")
-    if p:
-        lines.append(
-            f"pipeline: {p['fps']:.2f} frames/s, {p['persons_per_s']:.1f} persons/s over {p['images']} images "
-            f"({p['persons']} boxes, {p['persons_after_nms']} persons after OKS-NMS), route {p['route']}"
-        )
-        lines.append(
-            "  per frame (sequential pass): " + ", ".join(f"{k} {v:.1f} ms" for k, v in p["breakdown_ms_per_frame"].items())
-        )
-    return lines
+def _errorbar(ax: Any, rows: list[dict[str, Any]], color: str, fmt: str, label: str) -> None:
+    if not rows:
+        return
+    x = [r["large_share"] for r in rows]
+    y = [r["ratio_vs_large"] for r in rows]
+    lo = [r["ratio_vs_large"] - r["ratio_ci"][0] if r["ratio_ci"] else 0.0 for r in rows]
+    hi = [r["ratio_ci"][1] - r["ratio_vs_large"] if r["ratio_ci"] else 0.0 for r in rows]
+    ax.errorbar(x, y, yerr=[lo, hi], fmt=fmt, color=color, capsize=3, markersize=4, label=label)

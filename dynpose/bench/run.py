@@ -1,34 +1,32 @@
-"""`run_benchmark`: the whole `dynpose-bench` run from an engine dir."""
+"""`run_benchmark`: the whole `dynpose-bench` run from an engine dir, and its options (`BenchOptions`)."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from dynpose.bench.costs import cost_lines, measure_costs, store_costs
 from dynpose.bench.crops import crop_benchmark
+from dynpose.bench.load import load_summary, load_warning
+from dynpose.bench.options import BENCH_DIRNAME, DEFAULT_FRACTIONS, DEFAULTS, BenchOptions
 from dynpose.bench.pipeline import pipeline_benchmark
 from dynpose.bench.report import plot
-from dynpose.bench.timing import machine_info, real_inputs, versions
-from dynpose.errors import DynPoseError
+from dynpose.bench.timing import machine_info, real_inputs, threads_of, versions
 from dynpose.fileio import write_json_atomic
-from dynpose.runtime.engine_set import EngineSet
+from dynpose.runtime.engine_set import EngineSet, usable_cores
 
 SCHEMA = "dynpose.bench"
-SCHEMA_VERSION = 1
-DEVICES = ("cpu", "cuda")
-# Defaults per device. CPU: batch 1 and 8 with 5 rounds keeps HRNet-W32 + ResNet-50 under 10 minutes on 2 cores.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"batches": (1, 8), "repeats": 5, "warmup": 1},
-    "cuda": {"batches": (1, 8, 32, 64), "repeats": 20, "warmup": 5},
-}
-DEFAULT_FRACTIONS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+SCHEMA_VERSION = 2
+__all__ = ["BENCH_DIRNAME", "DEFAULTS", "DEFAULT_FRACTIONS", "BenchOptions", "run_benchmark"]
 
 
-def _header(engines: EngineSet, device: str, config: dict[str, Any]) -> dict[str, Any]:
+def _header(engines: EngineSet, opts: BenchOptions, engine_dir: str | os.PathLike) -> dict[str, Any]:
     models = {
         role: {
             "model": e.model,
@@ -40,70 +38,112 @@ def _header(engines: EngineSet, device: str, config: dict[str, Any]) -> dict[str
         }
         for role, e in engines.entries.items()
     }
+    rounds = opts.rounds
+    assert rounds is not None
+    config = {
+        "engine_dir": str(engine_dir),
+        "backend": opts.backend,
+        "device": opts.device,
+        "batches": list(opts.batches),
+        "fractions": list(opts.fractions),
+        "policies": list(opts.policies),
+        "rounds": {"min": rounds.min_rounds, "max": rounds.max_rounds, "time_limit_s": rounds.time_limit_s},
+        "warmup": rounds.warmup,
+        "ci_target": rounds.target,
+        "threads": opts.threads,
+        "seed": opts.seed,
+        "backend_options": dict(opts.backend_options),
+        "models": models,
+    }
     return {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(device),
+        "machine": machine_info(opts.device),
         "versions": versions(),
-        "config": {**config, "models": models},
+        "config": config,
+        "threads": _threads(engines, opts),
     }
+
+
+def _threads(engines: EngineSet, opts: BenchOptions) -> dict[str, Any]:
+    def of(role: str) -> Any:
+        h = getattr(engines, role)
+        return threads_of(h) if h is not None else None
+
+    solo = (opts.threads or usable_cores()) if opts.backend == "ort" and opts.device == "cpu" else None
+    return {"solo": solo, "router": of("router"), "small": of("small"), "large": of("large")}
+
+
+def _outputs(engine_dir: str | os.PathLike, opts: BenchOptions, created: str) -> tuple[Path | None, Path | None]:
+    if not opts.save:
+        return opts.json_out, opts.plot_out
+    stamp = created.replace(":", "").replace("-", "").replace("+0000", "Z")
+    base = Path(engine_dir) / BENCH_DIRNAME / f"bench-{opts.backend}-{opts.device}-{stamp}"
+    return opts.json_out or base.with_suffix(".json"), opts.plot_out or base.with_suffix(".png")
+
+
+def _read_frames(inputs: list[tuple[Path, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    from dynpose.bench.pipeline import _read
+    from dynpose.runtime.pipeline import clean_boxes
+
+    frames = []
+    for path, boxes in inputs:
+        img = _read(path)
+        frames.append((img, clean_boxes(boxes, img.shape)[0]))
+    return frames
 
 
 def run_benchmark(
-    engine_dir: str | os.PathLike,
-    *,
-    backend: str = "ort",
-    device: str = "cpu",
-    batches: Sequence[int] | None = None,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    repeats: int | None = None,
-    warmup: int | None = None,
-    images: str | os.PathLike | None = None,
-    detections: str | os.PathLike | None = None,
-    route: str | None = None,
-    threads: int | None = None,
-    backend_options: Mapping[str, Any] | None = None,
-    json_out: str | os.PathLike | None = None,
-    plot_out: str | os.PathLike | None = None,
-    log: Callable[[str], None] = lambda m: None,
+    engine_dir: str | os.PathLike, opts: BenchOptions | None = None, log: Callable[[str], None] = lambda m: None
 ) -> dict[str, Any]:
-    """The whole benchmark; returns (and optionally writes atomically) the result dict."""
-    if device not in DEVICES:
-        raise DynPoseError(f"--device {device!r}: use cpu or cuda")
-    if (images is None) != (detections is None):
-        raise DynPoseError("--images and --detections go together: the pipeline part needs both")
-    d = DEFAULTS[device]
-    batches = list(batches) if batches else list(d["batches"])
-    repeats = d["repeats"] if repeats is None else repeats
-    warmup = d["warmup"] if warmup is None else warmup
-    if repeats < 1 or warmup < 0:
-        raise DynPoseError(f"--repeats must be >= 1 and --warmup >= 0 (got {repeats}, {warmup})")
-    inputs = real_inputs(images, detections) if images is not None and detections is not None else None
+    """The whole benchmark (costs, crop configurations, pipeline); writes JSON + plot (atomically) unless
+    `opts.save` is off, and with `opts.store_costs` the per-crop costs into the manifest."""
+    opts = (opts or BenchOptions()).resolved()
+    assert opts.rounds is not None
+    inputs = real_inputs(opts.images, opts.detections) if opts.images is not None and opts.detections is not None else None
     started = time.perf_counter()
-    config = {
-        "engine_dir": str(engine_dir),
-        "backend": backend,
-        "device": device,
-        "batches": batches,
-        "fractions": list(fractions),
-        "repeats": repeats,
-        "warmup": warmup,
-        "threads": threads,
-        "backend_options": dict(backend_options or {}),
-    }
-    with EngineSet.load(engine_dir, backend, device, threads=threads, backend_options=backend_options) as engines:
-        route = route or engines.manifest.route
-        result = _header(engines, device, config)
-        result["crops"] = crop_benchmark(engines, batches, fractions, repeats, warmup, log=log)
-        result["ratio_vs_large"] = {str(b): {} for b in batches}
-        for r in result["crops"]:
-            if r["config"] == "dynpose":
-                result["ratio_vs_large"][str(r["batch"])][f"{r['fraction']:g}"] = r["ratio_vs_large"]
-        result["pipeline"] = pipeline_benchmark(engines, inputs, route, repeats, warmup, log=log) if inputs else None
+    with EngineSet.load(
+        engine_dir, opts.backend, opts.device, threads=opts.threads, backend_options=opts.backend_options or None
+    ) as engines:
+        result = _header(engines, opts, engine_dir)
+        # as many cost repeats as timed rounds (at most the 7 the manifest's figures take), so a short run stays short
+        rounds = opts.rounds
+        costs = measure_costs(
+            engines,
+            repeats=min(7, rounds.max_rounds),
+            warmup=rounds.warmup,
+            threads=opts.threads,
+            seed=opts.seed,
+            log=log,
+        )
+        result["costs"] = costs
+        result["cost_lines"] = cost_lines(costs)
+        frames = _read_frames(inputs) if inputs and opts.real_crops else None
+        rows, timing = crop_benchmark(engines, opts, frames=frames, log=log)
+        result["crops"], result["timing"] = rows, timing
+        result["crop_inputs"] = "real" if frames else "synthetic"
+        result["ratio_vs_large"] = {str(b): {} for b in opts.batches}
+        for r in rows:
+            if not r.get("reference"):
+                key = f"{r['fraction']:g}" if r["fraction"] is not None else r["config"]
+                result["ratio_vs_large"][str(r["batch"])][key] = r["ratio_vs_large"]
+        load = load_summary([v for t in timing for v in t["others_cores"]])
+        result["load"], result["load_warning"] = load, load_warning(load)
+        route = opts.route or engines.manifest.route
+        result["pipeline"] = (
+            pipeline_benchmark(engines, inputs, route, opts.rounds.min_rounds, opts.rounds.warmup, log=log)
+            if inputs
+            else None
+        )
     result["wall_s"] = time.perf_counter() - started
+    if opts.store_costs:
+        result["costs_stored_in"] = str(store_costs(engine_dir, costs, opts.backend, opts.device))
+    json_out, plot_out = _outputs(engine_dir, opts, result["created"])
     if json_out is not None:
         write_json_atomic(json_out, result)
+        result["json_path"] = str(json_out)
     if plot_out is not None:
         plot(result, Path(plot_out))
+        result["plot_path"] = str(plot_out)
     return result

@@ -1,8 +1,9 @@
 """What every benchmark part shares: argument parsing, machine facts, inputs, and round-robin timing.
 
 Measuring on a shared, noisy machine: every configuration gets its warm-up calls first, then the configurations
-take turns (round-robin) for `repeats` rounds, so a slow spell on the machine hits all of them alike; figures are
-medians (crops/s = batch / median latency) with p50/p95 latency.
+take turns (round-robin, the order rotated each round) so a slow spell on the machine hits all of them alike;
+rounds are added until every speed ratio's 95% interval is within +-5% or a time limit is hit (`stats`), and other
+processes' CPU use is sampled around each round (`load`). Figures are medians (crops/s = crops / median time).
 """
 
 from __future__ import annotations
@@ -10,13 +11,20 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dynpose.bench.stats import TARGET_HALF_WIDTH, RatioCI, converged, paired_ratio_ci
 from dynpose.errors import DynPoseError
+
+if TYPE_CHECKING:
+    from dynpose.runtime.engine_set import EngineSet
+    from dynpose.runtime.model import CropModel
 
 
 # -- arguments ---------------------------------------------------------------------------------------------------------
@@ -133,22 +141,127 @@ def percentile_ms(samples_s: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples_s, dtype=np.float64), q) * 1e3)
 
 
-def round_robin(
+@dataclass(frozen=True)
+class RoundSpec:
+    """How long to time: at least `min_rounds` rounds, then until every ratio's 95% interval is within
+    +-`target` (or `max_rounds` rounds, or `time_limit_s` seconds of timing). min_rounds == max_rounds: fixed."""
+
+    min_rounds: int = 5
+    max_rounds: int = 1000
+    time_limit_s: float = 240.0
+    warmup: int = 1
+    target: float = TARGET_HALF_WIDTH
+
+    def validate(self) -> None:
+        if self.min_rounds < 1 or self.max_rounds < self.min_rounds:
+            raise DynPoseError(
+                f"rounds: need 1 <= min rounds <= max rounds, got {self.min_rounds} and {self.max_rounds} "
+                "(--min-rounds / --max-rounds / --repeats)"
+            )
+        if self.warmup < 0 or not (self.time_limit_s > 0) or not (self.target > 0):
+            raise DynPoseError(
+                f"--warmup must be >= 0, --time-limit and --ci-target > 0 (got {self.warmup}, {self.time_limit_s}, "
+                f"{self.target})"
+            )
+
+
+@dataclass
+class Rounds:
+    """Per-configuration seconds per round (round i of every configuration ran back to back), and why timing
+    stopped: "converged" (every interval within the target), "time limit", "max rounds" or "fixed"."""
+
+    samples: dict[str, list[float]]
+    stopped: str
+    elapsed_s: float
+    others_cores: list[float | None] = field(default_factory=list)  # other processes' CPU use per round
+
+    @property
+    def rounds(self) -> int:
+        return len(next(iter(self.samples.values()), []))
+
+    def ci(self, name: str, ref: str, seed: int = 0) -> RatioCI:
+        return paired_ratio_ci(self.samples[ref], self.samples[name], seed=seed)
+
+
+def _one_round(configs: dict[str, Callable[[], Any]], r: int, samples: dict[str, list[float]]) -> None:
+    names = list(configs)
+    k = r % len(names)  # rotate the order each round, so no configuration always runs right after another
+    for name in names[k:] + names[:k]:
+        t0 = time.perf_counter()
+        configs[name]()
+        samples[name].append(time.perf_counter() - t0)
+
+
+def fastest(samples: dict[str, list[float]], names: Sequence[str]) -> str:
+    """The configuration among `names` with the lowest median time so far (the reference ratios are taken to)."""
+    have = [n for n in names if samples.get(n)]
+    return min(have, key=lambda n: float(np.median(samples[n]))) if have else names[0]
+
+
+def timed_rounds(
     configs: dict[str, Callable[[], Any]],
-    repeats: int,
-    warmup: int,
+    ref: str | Sequence[str],
+    spec: RoundSpec,
+    seed: int = 0,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, list[float]]:
-    """Time each config `repeats` times, taking turns; `warmup` untimed calls each first. -> name -> seconds."""
-    for _ in range(warmup):
+) -> Rounds:
+    """Time each configuration once per round, interleaved, until `spec` says stop (see `RoundSpec`); `warmup`
+    untimed calls each first. Ratios are against the configuration named `ref`, or against the fastest of several
+    (e.g. large-only on every core and on half of them: whichever this machine runs faster)."""
+    refs = [ref] if isinstance(ref, str) else list(ref)
+    from dynpose.bench.load import others_cores, sample
+
+    spec.validate()
+    for _ in range(spec.warmup):
         for fn in configs.values():
             fn()
     samples: dict[str, list[float]] = {k: [] for k in configs}
-    for r in range(repeats):
-        for name, fn in configs.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
+    load: list[float | None] = []
+    fixed = spec.min_rounds == spec.max_rounds
+    start = time.perf_counter()
+    stopped = "fixed" if fixed else "max rounds"
+    for r in range(spec.max_rounds):
+        before = sample()
+        _one_round(configs, r, samples)
+        load.append(others_cores(before, sample()))
+        done = r + 1
+        if fixed or done < spec.min_rounds:
+            continue
+        best = fastest(samples, refs)
+        cis = [paired_ratio_ci(samples[best], s, seed=seed) for n, s in samples.items() if n != best]
+        worst = max((ci.half_width for ci in cis), default=0.0)
         if progress is not None:
-            progress(f"round {r + 1}/{repeats}")
-    return samples
+            progress(f"round {done}: widest interval +-{worst:.1%}")
+        if converged(cis, spec.target):
+            stopped = "converged"
+            break
+        if time.perf_counter() - start >= spec.time_limit_s:
+            stopped = "time limit"
+            break
+    return Rounds(samples, stopped, time.perf_counter() - start, load)
+
+
+# -- solo models: a baseline gets every core -----------------------------------------------------------------------------
+@contextmanager
+def solo_models(engines: EngineSet, threads: int | None = None) -> Iterator[dict[str, CropModel]]:
+    """Each opened model of the engine set as it runs *alone*: on ONNX Runtime CPU a fresh session with every core
+    dynpose may use (`threads`, default all), since `EngineSet.load` gives each pose model half of them so the two
+    Dispatcher workers do not fight; a large-only baseline with half the cores would flatter DynPose. Other
+    backends (one GPU stream each) reuse the engine set's handles. The fresh sessions are closed on exit."""
+    out: dict[str, CropModel] = {}
+    made: list[CropModel] = []
+    try:
+        for role in engines.entries:
+            out[role] = engines.solo_model(role, threads)
+            if out[role] is not getattr(engines, role):
+                made.append(out[role])
+        yield out
+    finally:
+        for m in made:
+            m.runner.deactivate()
+
+
+def threads_of(model: CropModel) -> int | None:
+    """ONNX Runtime intra-op threads of a handle's runner (None: not an ORT CPU runner)."""
+    n = getattr(model.runner, "intra_op_threads", None)
+    return int(n) if isinstance(n, int) and n > 0 else None

@@ -84,3 +84,7 @@ def main(gt: Path, results: Path, kind: str, json_out: Path | None, verbose: boo
     if json_out is not None:
         write_json_atomic(json_out, res | {"gt": str(gt), "results": str(results)})
         click.echo(f"wrote {json_out}")
+
+
+if __name__ == "__main__":
+    main()

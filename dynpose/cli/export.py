@@ -182,6 +182,12 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
     "it (e.g. random weights).",
 )
 @click.option("--engine-dir", type=click.Path(file_okay=False), default="engines", show_default=True)
+@click.option(
+    "--no-costs",
+    is_flag=True,
+    help="Do not time the models afterwards (by default, once the dir holds a small and a large model, their and the "
+    "router's per-crop cost on this machine goes into the manifest: dynpose-run then says whether routing pays).",
+)
 @click.option("--quiet", is_flag=True, help="No progress lines (warnings still show), only the summary table.")
 @click.option(
     "--detector",
@@ -216,6 +222,7 @@ def main(
     opt_level: int,
     min_oks: float,
     engine_dir: str,
+    no_costs: bool,
     quiet: bool,
     detector: str | None,
 ) -> None:
@@ -261,6 +268,25 @@ def main(
         except KeyboardInterrupt:
             raise DynPoseError(f"interrupted: the engine dir {engine} was left as it was") from None
     _summary(entries, engine)
+    if not no_costs and detector is None:
+        _store_costs(engine, fmt)
+
+
+def _store_costs(engine: Path, fmt: str) -> None:
+    """Per-crop costs of the engine dir's models on this machine into the manifest (`dynpose.bench.costs`), once it
+    has a small and a large model for the exported format; the lines say whether routing can pay."""
+    from dynpose.bench.costs import cost_lines, measure_costs_dir, store_costs
+    from dynpose.engines.manifest import Manifest
+
+    backend, device = ("tensorrt", "cuda") if fmt == "tensorrt" else ("ort", "cpu")
+    fmt_of = {"tensorrt": "tensorrt", "ort": "onnx"}[backend]
+    m = Manifest.load(engine, verify=False)
+    if m.get("small", fmt_of) is None or m.get("large", fmt_of) is None:
+        return
+    record = measure_costs_dir(engine, backend, device)
+    store_costs(engine, record, backend, device)
+    for line in cost_lines(record):
+        click.echo(line)
 
 
 def _register_user_onnx(

@@ -41,6 +41,9 @@ ROLES = ("router", "small", "large", "detector")
 FORMATS = ("onnx", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_ROUTE = "band:0.59,0.69"
+# notes["costs"]["<backend>/<device>"]: per-crop costs measured on this machine (`dynpose.bench.costs`, written by
+# `dynpose-bench --store-costs`); a role's figures hold only while its entry's sha256 is the one timed.
+COSTS_NOTE = "costs"
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -208,6 +211,22 @@ class Manifest:
                 f"`dynpose-export --role {role} ... --engine-dir {engine_dir or 'engines/'}`"
             )
         return e
+
+    def costs(self, backend: str, device: str) -> dict[str, Any] | None:
+        """The per-crop costs measured for backend/device (`notes.costs`), keeping only the roles whose entry is
+        still the file that was timed (same sha256); None when nothing stored still applies."""
+        stored = self.notes.get(COSTS_NOTE)
+        rec = stored.get(f"{backend}/{device}") if isinstance(stored, dict) else None
+        if not isinstance(rec, dict) or not isinstance(rec.get("roles"), dict):
+            return None
+        current = {(e.role, e.sha256) for e in self.entries}
+        roles = {r: v for r, v in rec["roles"].items() if isinstance(v, dict) and (r, v.get("sha256")) in current}
+        return {**rec, "roles": roles} if roles else None
+
+    def set_costs(self, backend: str, device: str, record: dict[str, Any]) -> None:
+        """Store measured costs for backend/device (replacing earlier ones); `save` writes them."""
+        stored = self.notes.get(COSTS_NOTE)
+        self.notes[COSTS_NOTE] = {**(stored if isinstance(stored, dict) else {}), f"{backend}/{device}": record}
 
     def put(self, entry: Entry) -> None:
         """Add or replace the entry with the same role and format."""

@@ -1,13 +1,17 @@
 """Routing calibration: choose the policy parameters on held-out data and store them in the manifest.
 
 The engine dir's router and both pose models run on every ground-truth crop of the given annotations (the pose
-outputs come from the same cache as training). Then:
+outputs come from the same cache as training), or, with `--detections`, on every box of a detections file, scored
+as the Pipeline scores them (rescoring, OKS-NMS per image). Then:
 
 - `--target-fraction F`: a `threshold:T` policy with T between the k-th and (k+1)-th highest score[1], k =
   round(F * N), so exactly k crops (F of them) go to the large model, unless scores tie at the cut.
-- `--target-ap-drop D`: COCO keypoint AP (pycocotools, on the ground-truth boxes) of the mixed predictions is
-  computed for sending the top-k crops by score[1] to the large model, for k on a grid from 0 to N; the smallest k
-  whose AP is at most D below large-only wins, and T is placed at that cut as above.
+- `--target-ap-drop D`: the cheapest policy whose COCO keypoint AP (pycocotools) is at most D below large-only,
+  among `threshold:T` (top-k crops by score[1]), `box:AREA` (top-k by box area: no router runs) and
+  `box-threshold:AREA,T` (boxes above an area cut, then top-k of those by score[1]), k on a grid from 0 to N, plus
+  all-small / all-large. Cheapest by the per-crop costs measured on this machine and backend (the manifest's
+  `notes.costs`, measured now when missing; `dynpose.runtime.policy.RouteCosts`): a router-free policy saves the
+  router on every crop, so at equal AP it can be the cheaper one even when it sends more crops to the large model.
 
 Why a threshold and not a band: score[1] is trained to predict the relative error reduction of the large model, so
 it ranks crops by what the large model would gain; sending the top F by that ranking is the one policy a fraction
@@ -20,16 +24,20 @@ other crops share its batch.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
-from dynpose.router.collect import CropOutputs, Crops, collect_outputs, router_crops
+from dynpose.router.collect import CropOutputs, Crops, DetOutputs, collect_det_outputs, collect_outputs, router_crops
+from dynpose.runtime.policy import RouteCosts
 
-AP_GRID = 40  # fraction grid for the AP-drop scan: at most this many + 1 AP evaluations
+AP_GRID = 40  # fraction grid of each policy family in the AP-drop scan
+AREA_CUTS = 8  # area cuts tried for box-threshold (each with the threshold grid among the boxes above it)
+FAMILIES = ("threshold", "box", "box-threshold")
 
 
 @dataclass
@@ -43,9 +51,19 @@ class Calibration:
     ap_small: float  # all-small
     ap_large: float  # all-large
     target: str  # e.g. "fraction 0.3" or "AP drop <= 0.01"
+    boxes: str = "ground-truth boxes"  # or "detection boxes"
+    cost_ms: float | None = None  # expected per-crop cost of the policy by the measured costs
+    large_ms: float | None = None  # large-only per crop
+    candidates: int = 0  # policies whose AP was computed
+    # the cheapest passing policy of each family (threshold, box, box-threshold): what each signal alone achieves
+    per_family: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        return self.large_ms / self.cost_ms if self.cost_ms and self.large_ms else None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "speedup_by_costs": self.speedup}
 
 
 def check_fraction(f: float) -> float:
@@ -141,6 +159,244 @@ def router_scores(
     return np.concatenate(parts, axis=0)
 
 
+def _round_text(value: float, arr: np.ndarray) -> str:
+    """`value` with as few digits as keep `arr >= value` unchanged."""
+    want = arr >= value
+    if abs(value) >= 100 and np.array_equal(arr >= float(round(value)), want):
+        return str(int(round(value)))  # areas: whole px² read best
+    for digits in (3, 4, 6, 9, 12, 17):
+        text = f"{value:.{digits}g}"
+        if np.array_equal(arr >= float(text), want):
+            return text
+    return repr(float(value))
+
+
+@dataclass
+class CalibData:
+    """What the policy search needs: per-crop router score[1] and box, and the AP of any small/large split."""
+
+    s1: np.ndarray
+    boxes: np.ndarray  # (N,4) x,y,w,h
+    ap: Callable[[np.ndarray], float]
+    kind: str  # "ground-truth boxes" | "detection boxes"
+
+    def __len__(self) -> int:
+        return len(self.s1)
+
+    @property
+    def areas(self) -> np.ndarray:
+        return self.boxes[:, 2] * self.boxes[:, 3]
+
+
+def det_routed_ap(out: DetOutputs, large: np.ndarray, ann_path: str | os.PathLike) -> float:
+    """COCO AP of routed keypoints on detection boxes, scored as the Pipeline does: rescoring with the box score,
+    OKS-NMS per image (the crop scale's area), pycocotools."""
+    import warnings
+
+    from dynpose.eval.coco import evaluate_results
+    from dynpose.keypoints import COCO17
+    from dynpose.runtime.pipeline import OKS_NMS_THR, RESCORE_THR
+    from dynpose.runtime.postprocess import oks_nms, rescore
+
+    kp = np.where(np.asarray(large)[:, None, None], out.kpts_large, out.kpts_small)
+    scores = rescore(kp, out.scores, thr=RESCORE_THR)
+    results = []
+    for iid in np.unique(out.image_ids):
+        i = np.flatnonzero(out.image_ids == iid)
+        for k in oks_nms(kp[i], scores[i], out.nms_areas[i], OKS_NMS_THR, COCO17.sigmas if kp.shape[1] == 17 else None):
+            j = i[k]
+            results.append(
+                {
+                    "image_id": int(iid),
+                    "category_id": 1,
+                    "keypoints": kp[j].reshape(-1).round(3).tolist(),
+                    "score": float(scores[j]),
+                }
+            )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(evaluate_results(results, ann_path)["AP"])
+
+
+def calib_data(
+    engine_dir: str | os.PathLike, ann_path: str | os.PathLike, images_dir: str | os.PathLike, opts: CalibOptions
+) -> CalibData:
+    """Router scores and the AP function on the ground-truth persons, or on `opts.detections`."""
+    if opts.detections is None:
+        out, crops = collect_outputs(
+            engine_dir,
+            ann_path,
+            images_dir,
+            backend=opts.backend,
+            device=opts.device,
+            cache_dir=opts.cache_dir,
+            progress=opts.progress,
+        )
+
+        def ap(large: np.ndarray) -> float:
+            return routed_ap(out, large, ann_path)
+
+        kind = "ground-truth boxes"
+    else:
+        det, crops = collect_det_outputs(
+            engine_dir,
+            opts.detections,
+            images_dir,
+            ann_path,
+            backend=opts.backend,
+            device=opts.device,
+            cache_dir=opts.cache_dir,
+            progress=opts.progress,
+        )
+
+        def ap(large: np.ndarray) -> float:
+            return det_routed_ap(det, large, ann_path)
+
+        kind = "detection boxes"
+
+    s1 = np.full(len(crops), np.nan)
+    if Manifest.load(engine_dir, verify=False).get("router") is not None:
+        s1 = router_scores(engine_dir, crops, backend=opts.backend, device=opts.device)[:, 1].astype(np.float64)
+        if not np.isfinite(s1).all():
+            raise DynPoseError(
+                f"engine dir {engine_dir}: the router gave non-finite scores on {int((~np.isfinite(s1)).sum())} "
+                "crops; re-export or retrain it"
+            )
+    return CalibData(s1, crops.boxes[:, :4], ap, kind)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    policy: str
+    large: np.ndarray
+    router: bool  # the policy runs the router
+
+    @property
+    def fraction(self) -> float:
+        return float(self.large.mean()) if self.large.size else 0.0
+
+
+def _top_k_cuts(values: np.ndarray, n_grid: int) -> list[float]:
+    """Cut values sending the top-k of `values` for k on a grid from 1 to N - 1."""
+    n = len(values)
+    ks = np.unique(np.round(np.linspace(0, n, min(n, n_grid) + 1)).astype(int))
+    return [threshold_at(values, int(k)) for k in ks if 0 < k < n]
+
+
+def candidates(data: CalibData, families: Sequence[str]) -> list[Candidate]:
+    """Every policy tried: all-small, all-large, and each family's grid (module doc)."""
+    n, s1, area = len(data), data.s1, data.areas
+    out = [Candidate("all-small", np.zeros(n, bool), False), Candidate("all-large", np.ones(n, bool), False)]
+    has_router = bool(np.isfinite(s1).all()) and n > 0
+    if "box" in families:
+        for a in _top_k_cuts(area, AP_GRID):
+            out.append(Candidate(f"box:{_round_text(a, area)}", area >= float(_round_text(a, area)), False))
+    if has_router and "threshold" in families:
+        for t in _top_k_cuts(s1, AP_GRID):
+            text = _round_text(t, s1)
+            out.append(Candidate(f"threshold:{text}", s1 >= float(text), True))
+    if has_router and "box-threshold" in families:
+        for a in _top_k_cuts(area, AREA_CUTS):
+            a_text = _round_text(a, area)
+            big = area >= float(a_text)
+            for t in _top_k_cuts(s1[big], AP_GRID) if big.sum() > 1 else []:
+                text = _round_text(t, s1[big])
+                out.append(Candidate(f"box-threshold:{a_text},{text}", big & (s1 >= float(text)), True))
+    return out
+
+
+def _costs(engine_dir: str | os.PathLike, opts: CalibOptions) -> RouteCosts:
+    """The manifest's measured costs for this backend/device at `opts.cost_batch`; measured and stored now when
+    missing or stale (any pose model or router re-exported since)."""
+    from dynpose.bench.costs import measure_costs_dir, store_costs
+    from dynpose.runtime.policy import route_costs
+
+    m = Manifest.load(engine_dir, verify=False)
+    stored = m.costs(opts.backend, opts.device)
+    roles = {e.role for e in m.entries if e.role in ("router", "small", "large")}
+    if stored is None or set(stored["roles"]) != roles:
+        rec = measure_costs_dir(engine_dir, opts.backend, opts.device, threads=opts.threads)
+        store_costs(engine_dir, rec, opts.backend, opts.device)
+        stored = rec
+    costs = route_costs(stored, opts.cost_batch)
+    if costs is None:
+        raise DynPoseError(
+            f"engine dir {engine_dir}: no small/large costs could be measured for {opts.backend}/{opts.device}"
+        )
+    return costs
+
+
+def family(policy: str) -> str:
+    """threshold | box | box-threshold | fixed (all-small, all-large)."""
+    kind = policy.partition(":")[0]
+    return kind if kind in FAMILIES else "fixed"
+
+
+class _Search:
+    """AP of candidate splits, computed once per split, in order of measured cost."""
+
+    def __init__(self, data: CalibData, costs: RouteCosts, max_drop: float) -> None:
+        self.data, self.costs, self.max_drop = data, costs, max_drop
+        self.ap_large = data.ap(np.ones(len(data), bool))
+        self.seen: dict[bytes, float] = {}
+
+    def cost(self, c: Candidate) -> float:
+        return self.costs.per_crop(c.fraction, c.router)
+
+    def ap(self, c: Candidate) -> float:
+        key = np.packbits(c.large).tobytes()
+        if key not in self.seen:
+            self.seen[key] = self.ap_large if c.large.all() else self.data.ap(c.large)
+        return self.seen[key]
+
+    def cheapest(self, cands: list[Candidate]) -> tuple[Candidate, float] | None:
+        """The cheapest candidate whose AP is at most `max_drop` below large-only (first passing in cost order)."""
+        for c in sorted(cands, key=lambda c: (self.cost(c), c.fraction)):
+            ap = self.ap(c)
+            if self.ap_large - ap <= self.max_drop + 1e-12:
+                return c, ap
+        return None
+
+
+def cheapest_within(
+    data: CalibData, cands: list[Candidate], costs: RouteCosts, max_drop: float
+) -> tuple[Candidate, float, float, int, dict[str, dict[str, Any]]]:
+    """(candidate, its AP, large-only AP, APs computed, per-family winners): the cheapest candidate whose AP is at
+    most `max_drop` below large-only, and the cheapest passing one of each family."""
+    s = _Search(data, costs, max_drop)
+    best = s.cheapest(cands)
+    assert best is not None  # all-large always passes
+    per: dict[str, dict[str, Any]] = {}
+    for fam in sorted({family(c.policy) for c in cands} - {"fixed"}):
+        won = s.cheapest([c for c in cands if family(c.policy) == fam])
+        if won is not None:
+            c, ap = won
+            per[fam] = {
+                "policy": c.policy,
+                "fraction": c.fraction,
+                "ap": ap,
+                "cost_ms": s.cost(c),
+                "speedup": costs.large / s.cost(c),
+            }
+    return best[0], best[1], s.ap_large, len(s.seen), per
+
+
+@dataclass
+class CalibOptions:
+    """Where calibration runs and what it may choose (besides the target)."""
+
+    backend: str = "ort"
+    device: str = "cpu"
+    cache_dir: str | os.PathLike | None = None
+    save: bool = True
+    progress: bool = True
+    detections: str | os.PathLike | None = None  # calibrate on these boxes (the Pipeline's view) instead of GT boxes
+    families: tuple[str, ...] = FAMILIES
+    cost_batch: int = 8
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 def calibrate(
     engine_dir: str | os.PathLike,
     ann_path: str | os.PathLike,
@@ -148,64 +404,61 @@ def calibrate(
     *,
     target_fraction: float | None = None,
     target_ap_drop: float | None = None,
-    backend: str = "ort",
-    device: str = "cpu",
-    cache_dir: str | os.PathLike | None = None,
-    save: bool = True,
-    progress: bool = True,
+    **options: Any,
 ) -> Calibration:
-    """Choose the routing policy (module docstring) and, with `save`, store it as the manifest's `route`."""
+    """Choose the routing policy (module doc) and, with `save`, store it as the manifest's `route`. `options`:
+    `CalibOptions` fields."""
+    opts = CalibOptions(**options)
     if (target_fraction is None) == (target_ap_drop is None):
         raise DynPoseError("calibration needs exactly one of --target-fraction F or --target-ap-drop D")
+    unknown = sorted(set(opts.families) - set(FAMILIES))
+    if unknown or not opts.families:
+        raise DynPoseError(f"--policies {','.join(opts.families)}: choose from {', '.join(FAMILIES)}")
+    data = calib_data(engine_dir, ann_path, images_dir, opts)
+    n = len(data)
     if target_fraction is not None:
         check_fraction(target_fraction)
-    else:
-        check_ap_drop(target_ap_drop)  # type: ignore[arg-type]
-    out, crops = collect_outputs(
-        engine_dir, ann_path, images_dir, backend=backend, device=device, cache_dir=cache_dir, progress=progress
-    )
-    s1 = router_scores(engine_dir, crops, backend=backend, device=device)[:, 1].astype(np.float64)
-    if not np.isfinite(s1).all():
-        raise DynPoseError(
-            f"engine dir {engine_dir}: the router gave non-finite scores on {int((~np.isfinite(s1)).sum())} "
-            "crops; re-export or retrain it"
+        if not np.isfinite(data.s1).all():
+            raise DynPoseError(f"engine dir {engine_dir}: --target-fraction picks a router threshold, but it has no router")
+        policy, achieved = policy_for_fraction(data.s1, target_fraction)
+        from dynpose.runtime.policy import parse_policy
+
+        large = parse_policy(policy).decide(np.stack([data.s1] * 3, axis=1), data.boxes).large
+        result = Calibration(
+            policy,
+            achieved,
+            n,
+            data.ap(large),
+            data.ap(np.zeros(n, bool)),
+            data.ap(np.ones(n, bool)),
+            f"fraction {target_fraction:g}",
+            data.kind,
         )
-    n = len(s1)
-    ap_small = routed_ap(out, np.zeros(n, bool), ann_path)
-    ap_large = routed_ap(out, np.ones(n, bool), ann_path)
-
-    if target_fraction is not None:
-        policy, achieved = policy_for_fraction(s1, target_fraction)
-        target = f"fraction {target_fraction:g}"
     else:
-        d = float(target_ap_drop)  # type: ignore[arg-type]
-        order = np.argsort(-s1, kind="stable")
-        ks = np.unique(np.round(np.linspace(0, n, min(n, AP_GRID) + 1)).astype(int))
-        chosen = n
-        for k in ks:
-            large = np.zeros(n, bool)
-            large[order[:k]] = True
-            if ap_large - routed_ap(out, large, ann_path) <= d + 1e-12:
-                chosen = int(k)
-                break
-        policy, achieved = policy_for_fraction(s1, chosen / n)
-        target = f"AP drop <= {d:g}"
-
-    from dynpose.runtime.policy import parse_policy
-
-    large = parse_policy(policy).decide(np.stack([s1, s1, s1], axis=1), np.zeros((n, 4))).large
-    result = Calibration(
-        policy=policy,
-        fraction=achieved,
-        num_crops=n,
-        ap=routed_ap(out, large, ann_path),
-        ap_small=ap_small,
-        ap_large=ap_large,
-        target=target,
-    )
-    if save:
-        manifest = Manifest.load(engine_dir)
-        manifest.route = policy
-        manifest.notes["router_calibration"] = {**result.to_dict(), "annotations": str(ann_path), "backend": backend}
-        manifest.save(engine_dir)
+        d = check_ap_drop(target_ap_drop)  # type: ignore[arg-type]
+        costs = _costs(engine_dir, opts)
+        cand, ap, ap_large, evaluated, per = cheapest_within(data, candidates(data, opts.families), costs, d)
+        result = Calibration(
+            cand.policy, cand.fraction, n, ap, data.ap(np.zeros(n, bool)), ap_large, f"AP drop <= {d:g}", data.kind,
+            cost_ms=costs.per_crop(cand.fraction, cand.router), large_ms=costs.large, candidates=evaluated,
+            per_family=per,
+        )  # fmt: skip
+    if opts.save:
+        _store(engine_dir, result, ann_path, opts)
     return result
+
+
+def _store(engine_dir: str | os.PathLike, result: Calibration, ann_path: str | os.PathLike, opts: CalibOptions) -> None:
+
+    manifest = Manifest.load(engine_dir)
+    manifest.route = result.policy
+    manifest.notes["router_calibration"] = {
+        **result.to_dict(),
+        "annotations": str(ann_path),
+        "detections": None if opts.detections is None else str(opts.detections),
+        "backend": opts.backend,
+        "device": opts.device,
+        "cost_batch": opts.cost_batch,
+        "families": list(opts.families),
+    }
+    manifest.save(engine_dir)

@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from dynpose.data import CocoDataset, gt_boxes, image_id_map, load_coco
+from dynpose.data import CocoDataset, gt_boxes, image_id_map, load_coco, load_detections
 from dynpose.engines.manifest import Entry, Manifest
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
@@ -37,7 +37,8 @@ CACHE_DIRNAME = "cache"  # inside the engine dir unless --cache-dir says otherwi
 
 @dataclass
 class Crops:
-    """The ground-truth persons used, in a fixed order (grouped by image)."""
+    """The persons used, in a fixed order (grouped by image): ground-truth persons (`gt_crops`) or detections
+    (`det_crops`: `gt` all zero, `ann_ids` -1, `scores` the detector's)."""
 
     image_ids: np.ndarray  # (N,) int64
     ann_ids: np.ndarray  # (N,) int64
@@ -45,9 +46,13 @@ class Crops:
     areas: np.ndarray  # (N,)
     gt: np.ndarray  # (N,K,3)
     paths: dict[int, Path]  # image id -> file
+    scores: np.ndarray | None = None  # (N,) box scores of detections; None for ground-truth boxes (score 1)
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def box_scores(self) -> np.ndarray:
+        return np.ones(len(self)) if self.scores is None else self.scores
 
     def by_image(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(image id, BGR image, indices of its crops), each image read once."""
@@ -87,8 +92,57 @@ def gt_crops(ann: CocoDataset, images_dir: str | os.PathLike, min_keypoints: int
     )
 
 
+def det_crops(
+    dets_path: str | os.PathLike, images_dir: str | os.PathLike, num_keypoints: int, ann: CocoDataset | None = None
+) -> Crops:
+    """Every detection (any score) of the images found under `images_dir`, in image order, as the runtime gets
+    them from a detections file (unusable boxes dropped as the Pipeline drops them)."""
+    from dynpose.runtime.pipeline import clean_boxes
+
+    dets = load_detections(dets_path)
+    paths = image_id_map(images_dir, ann)
+    rows = []
+    for iid in sorted(i for i in dets if i in paths):
+        h, w = _read_image(paths[iid]).shape[:2]
+        for b in clean_boxes(dets[iid], (h, w))[0]:
+            rows.append((iid, b))
+    if not rows:
+        raise DynPoseError(f"detections file {dets_path}: no box on an image under {images_dir}; check the image ids")
+    boxes = np.stack([b for _, b in rows])
+    ids = np.array([i for i, _ in rows], dtype=np.int64)
+    return Crops(
+        image_ids=ids,
+        ann_ids=np.full(len(rows), -1, dtype=np.int64),
+        boxes=boxes[:, :4],
+        areas=boxes[:, 2] * boxes[:, 3],
+        gt=np.zeros((len(rows), num_keypoints, 3)),
+        paths={int(i): paths[int(i)] for i in np.unique(ids)},
+        scores=boxes[:, 4],
+    )
+
+
+class _Cached:
+    """Save/load of a dataclass of arrays as an npz tagged with its cache key."""
+
+    def save(self, path: str | os.PathLike, key: str) -> None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, key=np.array(key), **{fl.name: getattr(self, fl.name) for fl in fields(self)})  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, key: str | None = None) -> Any:
+        """The cached arrays, or None when the file is missing, unreadable or made for another key."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if key is not None and str(z["key"]) != key:
+                    return None
+                return cls(**{fl.name: z[fl.name] for fl in fields(cls)})  # type: ignore[arg-type]
+        except (OSError, KeyError, ValueError):
+            return None
+
+
 @dataclass
-class CropOutputs:
+class CropOutputs(_Cached):
     """Both pose models' results per crop (arrays aligned with `Crops`)."""
 
     image_ids: np.ndarray
@@ -109,31 +163,39 @@ class CropOutputs:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def save(self, path: str | os.PathLike, key: str) -> None:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, key=np.array(key), **{fl.name: getattr(self, fl.name) for fl in fields(self)})
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, key: str | None = None) -> CropOutputs | None:
-        """The cached outputs, or None when the file is missing, unreadable or made for another key."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if key is not None and str(z["key"]) != key:
-                    return None
-                return cls(**{fl.name: z[fl.name] for fl in fields(cls)})
-        except (OSError, KeyError, ValueError):
-            return None
+@dataclass
+class DetOutputs(_Cached):
+    """Both pose models' keypoints on detection boxes, and what the Pipeline needs to score them (box scores for
+    the rescoring, the crop scale's area for OKS-NMS)."""
+
+    image_ids: np.ndarray
+    boxes: np.ndarray  # (N,4)
+    scores: np.ndarray  # (N,) box scores
+    nms_areas: np.ndarray  # (N,) scale w * h of the crop (the official OKS-NMS area)
+    kpts_small: np.ndarray
+    kpts_large: np.ndarray
+    crop_wh: np.ndarray  # (N,2) the large model's crop size in pixels
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
 
 
 def pose_entries(manifest: Manifest, engine_dir: str | os.PathLike, backend: str) -> tuple[Entry, Entry]:
-    """The small and large entries the backend runs (ONNX for ort, plans for tensorrt, .pt for torch)."""
+    """The small and large entries the backend runs (ONNX for ort, plans for tensorrt, .pt for torch), which must
+    predict the same keypoint set."""
     from dynpose.runtime.backends import BACKEND_FORMAT
 
     if backend not in BACKEND_FORMAT:
         raise DynPoseError(f"unknown backend {backend!r}; use one of {', '.join(BACKEND_FORMAT)}")
     fmt = BACKEND_FORMAT[backend]
-    return manifest.require("small", fmt, engine_dir), manifest.require("large", fmt, engine_dir)
+    small, large = manifest.require("small", fmt, engine_dir), manifest.require("large", fmt, engine_dir)
+    if small.card.keypoints != large.card.keypoints:
+        raise DynPoseError(
+            f"engine dir {engine_dir}: small model has {small.card.keypoints} keypoints, large {large.card.keypoints}; "
+            "the router compares models with the same keypoint set"
+        )
+    return small, large
 
 
 def cache_key(
@@ -153,6 +215,65 @@ def cache_key(
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def run_pair(
+    engine_dir: str | os.PathLike, crops: Crops, backend: str = "ort", device: str = "cpu", progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(small keypoints, large keypoints, the large model's crop size) of every crop, with the engine dir's own
+    `PoseModel` handles (`EngineSet.load`), each model cropping the box at its own input size."""
+    from dynpose.runtime.engine_set import EngineSet
+
+    n = len(crops)
+    kp_s: np.ndarray | None = None
+    kp_l: np.ndarray | None = None
+    crop_wh = np.zeros((n, 2))
+    bar = _bar(len(crops.paths), "run small + large", progress)
+    try:
+        with EngineSet.load(engine_dir, backend, device, roles=("small", "large")) as engines:
+            ms, ml = engines.pose_models
+            k = ml.card.keypoint_set.num
+            kp_s, kp_l = np.zeros((n, k, 3)), np.zeros((n, k, 3))
+            for _, img, idx in crops.by_image():
+                kp_s[idx] = ms(img, crops.boxes[idx])
+                kp_l[idx] = ml(img, crops.boxes[idx])
+                crop_wh[idx] = ml.geometry(crops.boxes[idx])[1]
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    assert kp_s is not None and kp_l is not None
+    return kp_s, kp_l, crop_wh
+
+
+def score_outputs(crops: Crops, kp_s: np.ndarray, kp_l: np.ndarray, crop_wh: np.ndarray, sigmas: Any) -> CropOutputs:
+    """Each model's OKS, joint distances and crop error against the ground truth of the crops."""
+    from dynpose.runtime.postprocess import oks
+
+    n = len(crops)
+    d_s = joint_distances(kp_s, crops.gt, crop_wh)
+    d_l = joint_distances(kp_l, crops.gt, crop_wh)
+    return CropOutputs(
+        image_ids=crops.image_ids,
+        ann_ids=crops.ann_ids,
+        boxes=crops.boxes,
+        areas=crops.areas,
+        gt=crops.gt,
+        crop_wh=crop_wh,
+        kpts_small=kp_s,
+        kpts_large=kp_l,
+        oks_small=np.array([oks(kp_s[i, :, :2], crops.gt[i], crops.areas[i], sigmas) for i in range(n)]),
+        oks_large=np.array([oks(kp_l[i, :, :2], crops.gt[i], crops.areas[i], sigmas) for i in range(n)]),
+        dist_small=d_s,
+        dist_large=d_l,
+        err_small=crop_error(d_s, sigmas),
+        err_large=crop_error(d_l, sigmas),
+    )
+
+
+def _cache_file(engine_dir: str | os.PathLike, cache_dir: str | os.PathLike | None, prefix: str, key: str) -> Path:
+    return Path(cache_dir or Path(engine_dir) / CACHE_DIRNAME) / f"{prefix}-{key[:16]}.npz"
+
+
 def collect_outputs(
     engine_dir: str | os.PathLike,
     ann_path: str | os.PathLike,
@@ -166,18 +287,8 @@ def collect_outputs(
     progress: bool = True,
 ) -> tuple[CropOutputs, Crops]:
     """Run the engine dir's small and large models on every ground-truth crop (or load the cached result)."""
-    from dynpose.runtime.engine_set import EngineSet
-    from dynpose.runtime.postprocess import oks
-
-    manifest = Manifest.load(engine_dir)
-    small, large = pose_entries(manifest, engine_dir, backend)
-    if small.card.keypoints != large.card.keypoints:
-        raise DynPoseError(
-            f"engine dir {engine_dir}: small model has {small.card.keypoints} keypoints, large {large.card.keypoints}; "
-            "the router compares models with the same keypoint set"
-        )
-    ann = load_coco(ann_path)
-    crops = gt_crops(ann, images_dir, min_keypoints)
+    small, large = pose_entries(Manifest.load(engine_dir), engine_dir, backend)
+    crops = gt_crops(load_coco(ann_path), images_dir, min_keypoints)
     kset = large.card.keypoint_set
     if crops.gt.shape[1] != kset.num:
         raise DynPoseError(
@@ -185,57 +296,57 @@ def collect_outputs(
             f"{kset.num} ({kset.name})"
         )
     key = cache_key(small, large, backend, ann_path, crops, min_keypoints)
-    cache_file = Path(cache_dir or Path(engine_dir) / CACHE_DIRNAME) / f"router-outputs-{key[:16]}.npz"
+    cache_file = _cache_file(engine_dir, cache_dir, "router-outputs", key)
     if use_cache:
         cached = CropOutputs.load(cache_file, key)
         if cached is not None and len(cached) == len(crops):
             return cached, crops
-
-    n, k = len(crops), kset.num
-    kp_s, kp_l = np.zeros((n, k, 3)), np.zeros((n, k, 3))
-    crop_wh = np.zeros((n, 2))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(crops.paths), desc="run small + large", unit="img", leave=False)
-    try:
-        with EngineSet.load(engine_dir, backend, device, roles=("small", "large")) as engines:
-            ms, ml = engines.pose_models
-            for _, img, idx in crops.by_image():
-                kp_s[idx] = ms(img, crops.boxes[idx])
-                kp_l[idx] = ml(img, crops.boxes[idx])
-                crop_wh[idx] = ml.geometry(crops.boxes[idx])[1]
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    sig = kset.sigmas
-    oks_s = np.array([oks(kp_s[i, :, :2], crops.gt[i], crops.areas[i], sig) for i in range(n)])
-    oks_l = np.array([oks(kp_l[i, :, :2], crops.gt[i], crops.areas[i], sig) for i in range(n)])
-    d_s = joint_distances(kp_s, crops.gt, crop_wh)
-    d_l = joint_distances(kp_l, crops.gt, crop_wh)
-    out = CropOutputs(
-        image_ids=crops.image_ids,
-        ann_ids=crops.ann_ids,
-        boxes=crops.boxes,
-        areas=crops.areas,
-        gt=crops.gt,
-        crop_wh=crop_wh,
-        kpts_small=kp_s,
-        kpts_large=kp_l,
-        oks_small=oks_s,
-        oks_large=oks_l,
-        dist_small=d_s,
-        dist_large=d_l,
-        err_small=crop_error(d_s, sig),
-        err_large=crop_error(d_l, sig),
-    )
+    kp_s, kp_l, crop_wh = run_pair(engine_dir, crops, backend, device, progress)
+    out = score_outputs(crops, kp_s, kp_l, crop_wh, kset.sigmas)
     if use_cache:
         out.save(cache_file, key)
     return out, crops
+
+
+def collect_det_outputs(
+    engine_dir: str | os.PathLike,
+    dets_path: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    ann_path: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    **run: Any,
+) -> tuple[DetOutputs, Crops]:
+    """Both pose models on every detection of a detections file (cached like `collect_outputs`). `run`: backend
+    ("ort"), device ("cpu"), progress (True), as `run_pair` takes them."""
+    backend = run.get("backend", "ort")
+    small, large = pose_entries(Manifest.load(engine_dir), engine_dir, backend)
+    ann = load_coco(ann_path) if ann_path is not None else None
+    crops = det_crops(dets_path, images_dir, large.card.keypoint_set.num, ann)
+    spec = {
+        "version": CACHE_VERSION,
+        "pair": [small.sha256, large.sha256, small.card.decoder, large.card.decoder],
+        "backend": backend,
+        "dets": sha256_file(dets_path),
+        "images": {str(i): sha256_file(p) for i, p in sorted(crops.paths.items())},
+    }
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    cache_file = _cache_file(engine_dir, cache_dir, "det-outputs", key)
+    cached = DetOutputs.load(cache_file, key)
+    if cached is not None and len(cached) == len(crops):
+        return cached, crops
+    kp_s, kp_l, crop_wh = run_pair(engine_dir, crops, backend, run.get("device", "cpu"), run.get("progress", True))
+    out = DetOutputs(crops.image_ids, crops.boxes, crops.box_scores(), np.prod(crop_wh, axis=1), kp_s, kp_l, crop_wh)
+    out.save(cache_file, key)
+    return out, crops
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 
 ROUTER_CROPS_IN_MEMORY = 2 << 30  # bytes of uint8 crops held in memory; beyond it crops are cut per batch

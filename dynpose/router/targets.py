@@ -180,3 +180,86 @@ def router_loss(
     l2 = ((scores[:, 2] - t2) ** 2).mean()
     total = weights[0] * l0 + weights[1] * l1 + weights[2] * l2
     return total, (l0, l1, l2)
+
+
+# -- label-free targets: the large model as the teacher (`dynpose-train-router --unlabelled`) ---------------------------
+TEACHER_VIS_THR = 0.3  # a joint counts when the large model scores it above this (the teacher's "labelled" joints)
+AREA_FROM_BOX = 0.53  # OKS scale without a segmentation area: box w*h x 0.53 (crowdposetools' convention)
+
+
+def teacher_oks(
+    kp_small: np.ndarray, kp_large: np.ndarray, areas: np.ndarray, sigmas: Sequence[float], vis_thr: float = TEACHER_VIS_THR
+) -> np.ndarray:
+    """(N,) OKS of the small model's keypoints with the large model's as the ground truth, over the joints the
+    large model scores above `vis_thr`; NaN where it scores none."""
+    from dynpose.runtime.postprocess import oks
+
+    gt = np.asarray(kp_large, dtype=np.float64).copy()
+    gt[..., 2] = (gt[..., 2] > vis_thr).astype(np.float64)
+    xy = np.asarray(kp_small, dtype=np.float64)[..., :2]
+    return np.array([oks(xy[i], gt[i], float(areas[i]), sigmas) for i in range(len(gt))], dtype=np.float64)
+
+
+@dataclass
+class TeacherStats:
+    """What the label-free targets are made of, per crop (for reports and tests)."""
+
+    oks_sl: np.ndarray  # OKS(small vs large), NaN where the teacher sees no joint
+    quality: np.ndarray  # the large model's instance score (box score x mean confident keypoint score)
+    error_sl: np.ndarray  # DynPose crop error of the small keypoints against the large ones
+    gain: np.ndarray  # d * q before squashing
+
+
+def _squash(x: np.ndarray) -> np.ndarray:
+    """x / (x + median of the positive x): order kept, the median at 0.5, 0 stays 0."""
+    med = float(np.median(x[x > 0])) if (x > 0).any() else 1.0
+    return x / (x + med)
+
+
+def teacher_targets(
+    kp_small: np.ndarray,
+    kp_large: np.ndarray,
+    boxes: np.ndarray,
+    crop_wh: np.ndarray,
+    sigmas: Sequence[float],
+    vis_thr: float = TEACHER_VIS_THR,
+) -> tuple[Targets, TeacherStats]:
+    """Targets without ground truth (the large model is the teacher); formulas and why in `docs/router.md`:
+
+        d  = 1 - OKS(small | large)                 the small model's keypoints scored against the large model's
+        q  = box score x mean keypoint score > 0.2  the large model's instance score, as the COCO evaluation ranks it
+        g  = d * q                                  expected AP-weighted gain of the large model
+        t1 = g / (g + median(g))                    g squashed to (0, 1), median at 0.5               -> score[1]
+        t0 = e / (e + median(e))                    per-joint distance error e of small vs large      -> score[0]
+        t2 = min(1, 2 d)                            difficulty for the small model                    -> score[2]
+
+    The squashing keeps the order of g (a policy reads only the order of score[1]: thresholds) and spreads the
+    targets over the sigmoid's range; g itself is small and skewed (most persons gain a few OKS points), which left
+    the score[1] term a hundredth of the others and its score nearly constant.
+
+    `boxes` (N,5) x,y,w,h,score (the OKS scale is w*h*0.53; the score enters q), `crop_wh` (N,2) the large model's
+    crop size (distance normalisation). Every crop is kept: there is no ratio to protect from division by ~0, and
+    crops where the two models agree are exactly the "small is enough" examples."""
+    from dynpose.runtime.postprocess import rescore
+
+    b = np.asarray(boxes, dtype=np.float64)
+    areas = np.maximum(b[:, 2] * b[:, 3] * AREA_FROM_BOX, 1.0)
+    o = teacher_oks(kp_small, kp_large, areas, sigmas, vis_thr)
+    d = np.where(np.isfinite(o), 1.0 - o, 0.0)  # no confident teacher joint: nothing to gain
+    score = b[:, 4] if b.shape[1] > 4 else np.ones(len(b))
+    q = rescore(np.asarray(kp_large, dtype=np.float64), score)
+    ref = np.asarray(kp_large, dtype=np.float64).copy()
+    ref[..., 2] = (ref[..., 2] > vis_thr).astype(np.float64)
+    e = crop_error(joint_distances(kp_small, ref, crop_wh), sigmas)
+    e = np.where(np.isfinite(e), e, 0.0)
+    g = d * q
+    f32 = np.float32
+    ones = np.ones(len(b), dtype=bool)
+    t = Targets(
+        t0=_squash(e).astype(f32),
+        t1=_squash(g).astype(f32),
+        t2=np.clip(DIFFICULTY_GAIN * d, 0.0, 1.0).astype(f32),
+        keep=ones,
+        ratio_ok=ones.copy(),
+    )
+    return t, TeacherStats(o, q, e, g)

@@ -174,6 +174,19 @@ class EngineSet:
         self.entries[role] = entry
         self.loaded[role] = f"{entry.model} ({entry.format}, {entry.precision}, {be} on {dev})"
 
+    def solo_model(self, role: str, threads: int | None = None) -> CropModel:
+        """An opened role's model as it runs *alone*: a second, active handle whose ONNX Runtime CPU session has
+        every core dynpose may use (`threads`, default all) instead of the half a pose model gets beside the other
+        one, for a baseline timed on its own; the caller deactivates its runner. Other backends (one GPU stream per
+        runner, no thread split) and the router (it already gets every core) return the opened handle itself."""
+        handle = self.require(role)
+        entry = self.entries[role]
+        if role == "router" or entry.format != "onnx" or getattr(handle.runner, "device", "cpu") != "cpu":
+            return handle
+        cores = resolve_threads(threads) or usable_cores()
+        runner = load_runner("ort", self.engine_dir, entry, "cpu", intra_op_threads=cores).activate()
+        return PoseModel(runner, entry.card)
+
     def _open_detector(self, path: str | os.PathLike | None, det_score: float, det_iou: float) -> None:
         det_path = Path(path) if path is not None else None
         if det_path is None and self.manifest.get("detector") is not None:

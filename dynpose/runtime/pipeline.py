@@ -23,7 +23,7 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.runtime.dispatcher import Dispatcher, DispatchResult
 from dynpose.runtime.engine_set import EngineSet
-from dynpose.runtime.policy import parse_policy
+from dynpose.runtime.policy import log_route_costs, parse_policy
 
 # Boxes may reach past the image (the crop pads), but not by more than this many image sizes.
 MAX_BOX_FACTOR = 4.0
@@ -246,6 +246,8 @@ class Pipeline:
                 "export one (`dynpose-export --role router`) or pick --route all-large / all-small / box:AREA"
             )
         small, large = engines.pose_models
+        # one line on whether this route can pay, from the costs `dynpose-bench --store-costs` measured (if any)
+        log_route_costs(engines.manifest, policy, engines.backend, engines.device, where=f"engine dir {engines.engine_dir}")
         dispatcher = Dispatcher(
             small, large, router=engines.router if policy.needs_router else None, policy=policy, flip=flip
         )
