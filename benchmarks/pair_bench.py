@@ -2,7 +2,7 @@
 routing fractions, fp32 and INT8, all in ONE interleaved run.
 
     python benchmarks/pair_bench.py [--work benchmarks/out/pairs] [--batch 20] [--fractions 0,0.1,0.3,0.5]
-                                    [--repeats 10] [--warmup 1] [--no-int8] [--no-splits] [--boot 2000]
+                                    [--repeats 20] [--warmup 1] [--no-int8] [--no-splits]
                                     [--json benchmarks/results/cpu_ort_pair_bench.json] [--report]
 
 Engine dirs are built with the public API, random weights (seeded): `export_all(models={"small": "lpn_50"})` and
@@ -14,16 +14,18 @@ Each configuration is one `Dispatcher.run` of `--batch` person boxes on one fram
 their worker threads, decode), the way the runtime runs a micro-batch. Pairs are opened with `EngineSet.load` (the
 runtime's thread share: router all cores, small and large half each, running concurrently); at fraction F the router
 sends the round(F * batch) crops with the highest scores to the large model. The baseline "HRNet-W32 alone" is the
-large model on every core (an ORT session with all intra-op threads, no router): what one would run without DynPose;
-"all-large (runtime share)" is the same model as the runtime runs an all-large route (half the cores). Unless
-`--no-splits`, the LPN-50 fp32 pair also runs with other thread splits (small on half the cores and large on all; both on
-all) and "sequential": router, small sub-batch, large sub-batch one after the other, each on every core, without the
-Dispatcher (what a dispatch that takes turns would give). All configurations take turns
-(`dynpose.bench.timing.round_robin`), so load changes on the shared machine hit all alike. crops/s = batch / median
-time; the spread is the 25th-75th percentile of the rounds; the ratio to the baseline has a 95% bootstrap interval
-over the rounds (paired: a round's times are resampled together); INT8 configurations are also compared with HRNet-W32
-alone in INT8. `--report` re-prints a saved run from its samples. The 1-minute load average before and after is
-printed and stored: the machine is shared.
+large model on every core (`EngineSet.solo_model`, no router): what one would run without DynPose; "all-large
+(runtime share)" is the same model as the runtime runs an all-large route (half the cores). Unless `--no-splits`,
+the LPN-50 fp32 pair also runs with other thread splits (small on half the cores and large on all; both on all) and
+"sequential": router, small sub-batch, large sub-batch one after the other, each on every core, without the
+Dispatcher (what a dispatch that takes turns would give).
+
+Timing is `dynpose.bench.timing.timed_rounds` with a fixed number of rounds: every configuration once per round,
+the order rotated each round, so load changes on the shared machine hit all alike; other processes' CPU use is
+sampled around each round. crops/s = batch / median time, with the 25th-75th percentile of the rounds; speed ratios
+are `dynpose.bench.stats.paired_ratio_ci` (median of the per-round ratios, 95% bootstrap interval over rounds),
+against HRNet-W32 alone in fp32 and, for INT8 configurations, in INT8. `--report` re-prints a saved run from its
+samples. The 1-minute load average before and after is printed and stored: the machine is shared.
 """
 
 from __future__ import annotations
@@ -39,11 +41,19 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.bench.timing import boxes_for_batch, machine_info, parse_fractions, round_robin, synthetic_frame, versions
+from dynpose.bench.stats import paired_ratio_ci
+from dynpose.bench.timing import (
+    RoundSpec,
+    boxes_for_batch,
+    machine_info,
+    parse_fractions,
+    synthetic_frame,
+    timed_rounds,
+    versions,
+)
 from dynpose.calibration.crops import CalibSpec
 from dynpose.engines.manifest import Manifest
 from dynpose.export.api import export_all
-from dynpose.runtime.backends import load_runner
 from dynpose.runtime.dispatcher import Dispatcher
 from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.model import PoseModel, Router
@@ -77,34 +87,10 @@ def build_dir(work: Path, small: str, precision: str, shared: Path) -> Path:
     return eng
 
 
-def _runner(eng: Path, role: str, threads: int) -> tuple[Any, Any]:
-    entry = Manifest.load(eng).get(role, "onnx")
-    assert entry is not None
-    return load_runner("ort", eng, entry, "cpu", intra_op_threads=threads).activate(), entry.card
-
-
-def opened(eng: Path, role: str, threads: int) -> PoseModel:
-    """A pose role of the engine dir on `threads` ONNX Runtime intra-op threads (an active runner in a handle)."""
-    return PoseModel(*_runner(eng, role, threads))
-
-
-def opened_router(eng: Path, threads: int) -> Router:
-    return Router(*_runner(eng, "router", threads))
-
-
 def int8_speedups(eng: Path) -> dict[str, float | None]:
     """The export's own INT8/fp32 speed-up at batch 8 per role (manifest checks)."""
     man = Manifest.load(eng)
     return {r: man.get(r, "onnx").checks.get("int8_speedup_b8") for r in ("small", "large")}  # type: ignore[union-attr]
-
-
-def ratio_ci(base: np.ndarray, t: np.ndarray, boot: int, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of median(base) / median(t) (crops/s ratio), resampling rounds in pairs."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(t), size=(boot, len(t)))
-    r = np.median(base[idx], axis=1) / np.median(t[idx], axis=1)
-    lo, hi = np.percentile(r, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 class Configs:
@@ -128,47 +114,47 @@ class Configs:
 
 
 def configs(dirs: dict[tuple[str, str], Path], fractions: list[float], batch: int, splits: bool) -> Configs:
-    """HRNet-W32 alone (all cores, and as the runtime runs all-large), every pair at every fraction (EngineSet.load),
-    and with `splits` the LPN-50 fp32 pair under other thread splits."""
+    """HRNet-W32 alone (every core: `EngineSet.solo_model`) and as the runtime runs all-large (half the cores), every
+    pair at every fraction (`EngineSet.load`), and with `splits` the LPN-50 fp32 pair under other thread splits."""
     cfg = Configs(batch)
-    cores = len(os.sched_getaffinity(0))
-    for precision in ("fp32", "int8"):
-        if ("lpn_50", precision) in dirs:
-            big = opened(dirs[("lpn_50", precision)], "large", cores)
-            cfg.closing.append(big)
-            cfg.add(
-                f"HRNet-W32 alone {precision}", Dispatcher(big, big, policy="all-large"), precision=precision, threads="all"
-            )
     for (small, precision), eng in dirs.items():
         es = EngineSet.load(eng)
         cfg.closing.append(es)
         s, lg = es.pose_models
         if small == "lpn_50":
+            solo = {r: es.solo_model(r) for r in ("small", "large")}
+            cfg.closing += list(solo.values())
+            big = solo["large"]
+            assert isinstance(big, PoseModel)
+            alone = Dispatcher(big, big, policy="all-large")
+            cfg.add(f"HRNet-W32 alone {precision}", alone, precision=precision, threads="all")
             name = f"HRNet-W32 all-large {precision} (runtime share)"
             cfg.add(name, Dispatcher(s, lg, policy="all-large"), precision=precision, threads="runtime")
+            if splits and precision == "fp32":
+                _split_configs(cfg, es, solo, fractions)
         for f in fractions:
             d = Dispatcher(s, lg, router=es.router, policy=f"fraction:{f!r}")
             cfg.add(f"{SMALLS[small]}/HRNet-W32 {precision} @{f:g}", d, pair=small, precision=precision, fraction=f)
-    if splits and ("lpn_50", "fp32") in dirs:
-        _split_configs(cfg, dirs[("lpn_50", "fp32")], fractions, cores)
     return cfg
 
 
-def _split_configs(cfg: Configs, eng: Path, fractions: list[float], cores: int) -> None:
-    """The LPN-50 fp32 pair with the large model on every core (small on half), and both on every core: the
-    runtime's fixed half/half share leaves a core idle whenever one side's sub-batch finishes first."""
-    router = opened_router(eng, cores)
-    cfg.closing.append(router)
-    for ts, tl in ((max(1, cores // 2), cores), (cores, cores)):
-        s, lg = opened(eng, "small", ts), opened(eng, "large", tl)
-        cfg.closing += [s, lg]
+def _split_configs(cfg: Configs, es: EngineSet, solo: dict[str, Any], fractions: list[float]) -> None:
+    """The LPN-50 fp32 pair with the large model on every core (small on half), both on every core, and both on
+    every core one after the other (`_sequential`): the runtime's fixed half/half share leaves a core idle whenever
+    one side's sub-batch finishes first."""
+    cores = len(os.sched_getaffinity(0))
+    router = es.router
+    assert router is not None
+    half_small, _ = es.pose_models
+    for small, ts in ((half_small, max(1, cores // 2)), (solo["small"], cores)):
         for f in fractions:
-            d = Dispatcher(s, lg, router=router, policy=f"fraction:{f!r}")
-            name = f"LPN-50/HRNet-W32 fp32 @{f:g} threads {ts}+{tl}"
-            cfg.add(name, d, pair="lpn_50", precision="fp32", fraction=f, threads=f"{ts}+{tl}")
-    for f in fractions:  # the both-on-every-core handles, one model after the other
+            d = Dispatcher(small, solo["large"], router=router, policy=f"fraction:{f!r}")
+            name = f"LPN-50/HRNet-W32 fp32 @{f:g} threads {ts}+{cores}"
+            cfg.add(name, d, pair="lpn_50", precision="fp32", fraction=f, threads=f"{ts}+{cores}")
+    for f in fractions:
         name = f"LPN-50/HRNet-W32 fp32 @{f:g} sequential, {cores}+{cores}"
-        cfg.calls[name] = _sequential(router, s, lg, parse_policy(f"fraction:{f!r}"), cfg.frame, cfg.boxes)
+        policy = parse_policy(f"fraction:{f!r}")
+        cfg.calls[name] = _sequential(router, solo["small"], solo["large"], policy, cfg.frame, cfg.boxes)
         cfg.meta[name] = {"pair": "lpn_50", "precision": "fp32", "fraction": f, "threads": "sequential"}
 
 
@@ -189,21 +175,21 @@ def _sequential(
     return run
 
 
-def rows(samples: dict[str, list[float]], meta: dict[str, dict[str, Any]], batch: int, boot: int) -> list[dict[str, Any]]:
-    """Per configuration: crops/s (median, p25-p75) and its ratio to HRNet-W32 alone in fp32 and, for an INT8
-    configuration, to HRNet-W32 alone in INT8 (each with its 95% bootstrap interval)."""
-    bases = {p: np.asarray(samples[f"HRNet-W32 alone {p}"]) for p in ("fp32", "int8") if f"HRNet-W32 alone {p}" in samples}
+def rows(samples: dict[str, list[float]], meta: dict[str, dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+    """Per configuration: crops/s (median, p25-p75) and its speed against HRNet-W32 alone in fp32 and, for an INT8
+    configuration, against HRNet-W32 alone in INT8 (`bench.stats.paired_ratio_ci`: the median of the per-round
+    ratios with its 95% bootstrap interval over rounds)."""
+    bases = {p: samples[f"HRNet-W32 alone {p}"] for p in ("fp32", "int8") if f"HRNet-W32 alone {p}" in samples}
     out = []
     for name, s in samples.items():
-        t = np.asarray(s)
-        q25, q50, q75 = np.percentile(t, [25, 50, 75])
+        q25, q50, q75 = np.percentile(np.asarray(s), [25, 50, 75])
         row = {"config": name, **meta[name], "crops_per_s": batch / q50, "crops_per_s_p25_p75": [batch / q75, batch / q25]}
         for p, base in bases.items():
             if p == "fp32" or meta[name].get("precision") == p:
+                ci = paired_ratio_ci(base, s)
                 key = "ratio_vs_baseline" if p == "fp32" else "ratio_vs_int8_alone"
-                row[key] = float(np.median(base) / q50)
-                row[key.replace("ratio", "ci95")] = list(ratio_ci(base, t, boot))
-        out.append({**row, "samples_s": [float(x) for x in t]})
+                row[key], row[key.replace("ratio", "ci95")] = ci.ratio, [ci.lo, ci.hi]
+        out.append({**row, "samples_s": [float(x) for x in s]})
     return out
 
 
@@ -211,7 +197,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(
         f"\n{result['machine']['cpu']}, {result['machine']['cores_usable']} cores; ONNX Runtime CPU; batch "
         f"{result['batch']} boxes per call; {result['repeats']} interleaved rounds; load average (1 min) "
-        f"{result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after\n"
+        f"{result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after{_others(result)}\n"
     )
     print(f"| configuration | crops/s | p25-p75 | vs {BASELINE} (95% CI) | vs HRNet-W32 alone int8 (95% CI) |")
     print("| --- | ---: | --- | ---: | ---: |")
@@ -226,7 +212,13 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{eng}: export's INT8/fp32 speed-up at batch 8: {sp}")
 
 
-def report(path: Path, boot: int) -> None:
+def _others(result: dict[str, Any]) -> str:
+    """'; other processes kept 0.31 cores busy (max 0.80)' from the per-round samples, when there are any."""
+    busy = [c for c in result.get("others_cores_per_round") or [] if c is not None]
+    return f"; other processes kept {np.mean(busy):.2f} cores busy per round (max {max(busy):.2f})" if busy else ""
+
+
+def report(path: Path) -> None:
     """Print (and rewrite) a saved run's table from its samples: the intervals again, nothing re-measured."""
     result = json.loads(path.read_text())
     samples = {r["config"]: r["samples_s"] for r in result["rows"]}
@@ -235,7 +227,7 @@ def report(path: Path, boot: int) -> None:
         r["config"]: {k: v for k, v in r.items() if k not in keep and not k.startswith(("ratio", "ci95"))}
         for r in result["rows"]
     }
-    result["rows"] = rows(samples, meta, result["batch"], boot)
+    result["rows"] = rows(samples, meta, result["batch"])
     print_table(result)
     path.write_text(json.dumps(result, indent=2))
 
@@ -246,16 +238,15 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--fractions", type=parse_fractions, default=parse_fractions("0,0.1,0.3,0.5"))
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=20, help="interleaved rounds (fixed)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the ratio intervals")
     ap.add_argument("--no-int8", action="store_true", help="fp32 only (no INT8 dirs)")
     ap.add_argument("--no-splits", action="store_true", help="leave out the LPN-50 pair's other thread splits")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "cpu_ort_pair_bench.json")
     ap.add_argument("--report", action="store_true", help="re-print --json's table from its samples, measure nothing")
     args = ap.parse_args()
     if args.report:
-        report(args.json, args.boot)
+        report(args.json)
         return
 
     precisions = ["fp32"] if args.no_int8 else ["fp32", "int8"]
@@ -263,9 +254,8 @@ def main() -> None:
     cfg = configs(dirs, args.fractions, args.batch, not args.no_splits)
     try:
         load_before = os.getloadavg()
-        t0 = time.perf_counter()
-        samples = round_robin(cfg.calls, args.repeats, args.warmup, progress=lambda m: print(m, flush=True))
-        wall = time.perf_counter() - t0
+        spec = RoundSpec(min_rounds=args.repeats, max_rounds=args.repeats, warmup=args.warmup)
+        timed = timed_rounds(cfg.calls, BASELINE, spec, progress=lambda m: print(m, flush=True))
         load_after = os.getloadavg()
     finally:
         cfg.close()
@@ -275,11 +265,12 @@ def main() -> None:
         "batch": args.batch,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "wall_s": wall,
+        "wall_s": timed.elapsed_s,
         "load_before": list(load_before),
         "load_after": list(load_after),
+        "others_cores_per_round": timed.others_cores,
         "int8_speedups": {eng.name: int8_speedups(eng) for (s, p), eng in dirs.items() if p == "int8"},
-        "rows": rows(samples, cfg.meta, args.batch, args.boot),
+        "rows": rows(timed.samples, cfg.meta, args.batch),
     }
     print_table(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
