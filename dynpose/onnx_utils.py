@@ -208,12 +208,18 @@ def open_session(
 
 def run_session(sess: ort.InferenceSession, x: np.ndarray, batch: int = 8) -> np.ndarray:
     """First output of `sess` on `x`, fed `batch` items at a time (memory stays one batch deep)."""
+    return run_session_all(sess, x, batch, first_only=True)[0]
+
+
+def run_session_all(sess: ort.InferenceSession, x: np.ndarray, batch: int = 8, first_only: bool = False) -> list[np.ndarray]:
+    """Every output of `sess` (graph order, fp32) on `x`, fed `batch` items at a time (memory stays one batch deep);
+    `first_only`: just the first (the others are not computed where the graph allows)."""
     name = sess.get_inputs()[0].name
-    out_name = sess.get_outputs()[0].name
+    out_names = [o.name for o in sess.get_outputs()][: 1 if first_only else None]
     parts = [
-        sess.run([out_name], {name: np.ascontiguousarray(x[i : i + batch], np.float32)})[0] for i in range(0, len(x), batch)
+        sess.run(out_names, {name: np.ascontiguousarray(x[i : i + batch], np.float32)}) for i in range(0, len(x), batch)
     ]
-    return np.concatenate(parts).astype(np.float32)
+    return [np.concatenate([p[k] for p in parts]).astype(np.float32) for k in range(len(out_names))]
 
 
 def rel_l2(test: np.ndarray, ref: np.ndarray) -> float:

@@ -1,8 +1,8 @@
 """The seed documents' models: LPN, SimDR, stacked hourglass (MMPose names), DPN.
 
 Official layouts (names, order, shapes, parameter counts), forward shapes, cards, strict loading from each release
-format, SimDR decoding against a hand-worked example and the authors' formulas, counted FLOPs, and ONNX export of
-the heatmap models through the export API.
+format, SimDR decoding against a hand-worked example and the authors' formulas, counted FLOPs, default export roles,
+and LPN-50 exported through the export API and run as a small model through dynpose-run.
 """
 
 from __future__ import annotations
@@ -383,49 +383,102 @@ def test_lpn_50_cost_matches_its_paper() -> None:
     assert 1.0 <= cost.gmacs <= 1.1  # the LPN README: 2.9 M parameters, 1.0 GFLOPs at 256x192
 
 
-# -- ONNX export through the export API -----------------------------------------------------------------------------
-def _export_and_check(tmp_path: Path, name: str, new_batch: bool) -> None:
-    import onnx
+# -- ONNX export through the export API, and an LPN pair through dynpose-run --------------------------------------
+# The heavy models' exports (hourglass_1 95 M, DPN 56 M parameters: tens of seconds each on 2 cores) are proved by
+# benchmarks/zoo_speed.py, which exports every zoo model through the export step and fails on a failed check;
+# SimDR's two-output export and runtime are tests/test_simdr_runtime.py.
+@pytest.fixture(scope="module")
+def lpn_pair_dir(tmp_path_factory: pytest.TempPathFactory, tinypose_256: Path) -> Path:
+    """LPN-50 (random weights) as the small model by its default role, TinyPose-256 large, the router (random)."""
+    from conftest import tinypose_card
 
-    from dynpose.export.api import export_model
+    from dynpose.export.api import export_model, register_onnx
 
+    eng = tmp_path_factory.mktemp("lpn_pair")
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        entries = export_model(name, tmp_path, weights="random", progress=False)
-    onnx_entry = next(e for e in entries if e.format == "onnx")
-    assert onnx_entry.card == get_card(name)
-    # Traced at batch 2, checked by the export against PyTorch at batch 1 and 5 (random crops).
+        export_model("lpn_50", eng, weights="random", progress=False)
+        export_model("router", eng, weights="random", progress=False)
+    register_onnx(tinypose_256, tinypose_card(192, 256), eng, role="large", progress=False)
+    return eng
+
+
+def test_onnx_export_lpn_50(lpn_pair_dir: Path) -> None:
+    import onnx
+
+    from dynpose.engines.manifest import Manifest
+
+    man = Manifest.load(lpn_pair_dir)
+    onnx_entry, torch_entry = man.get("small", "onnx"), man.get("small", "torch")
+    assert onnx_entry is not None and torch_entry is not None
+    assert onnx_entry.model == "lpn_50" and onnx_entry.card == get_card("lpn_50")
+    # Traced at batch 2, checked by the export against PyTorch at batch 1 and 5 (random and real crops).
     assert onnx_entry.checks["fp32_rel_l2"] < 1e-4
-    assert {"fp32_rel_l2_random_b1", "fp32_rel_l2_random_b5"} <= set(onnx_entry.checks)
-    proto = onnx.load(str(tmp_path / onnx_entry.file), load_external_data=False)
+    assert {"fp32_rel_l2_random_b1", "fp32_rel_l2_random_b5", "fp32_rel_l2_real_b5"} <= set(onnx_entry.checks)
+    proto = onnx.load(str(lpn_pair_dir / onnx_entry.file), load_external_data=False)
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic batch axis
-    if new_batch:
-        _check_batch_3(tmp_path, name, onnx_entry.file, next(e.file for e in entries if e.format == "torch"))
+    _check_batch_3(lpn_pair_dir, "lpn_50", onnx_entry.file, torch_entry.file)
 
 
-def _check_batch_3(tmp_path: Path, name: str, onnx_file: str, torch_file: str) -> None:
+def _check_batch_3(engine_dir: Path, name: str, onnx_file: str, torch_file: str) -> None:
     """ONNX Runtime at batch 3 against PyTorch with the exported weights (a third batch size)."""
     import onnxruntime as ort
 
     m = create_model(name)
-    m.load_state_dict(torch.load(tmp_path / torch_file, weights_only=True))
+    m.load_state_dict(torch.load(engine_dir / torch_file, weights_only=True))
     card = get_card(name)
     x = torch.randn(3, 3, card.input_height, card.input_width)
     with torch.no_grad():
-        ref = m(x).numpy()
-    sess = ort.InferenceSession(str(tmp_path / onnx_file), providers=["CPUExecutionProvider"])
+        ref = m.eval()(x).numpy()
+    sess = ort.InferenceSession(str(engine_dir / onnx_file), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert got.shape == ref.shape == (3, 17, card.input_height // 4, card.input_width // 4)
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
 
 
-def test_onnx_export_lpn_50(tmp_path: Path) -> None:
-    _export_and_check(tmp_path, "lpn_50", new_batch=True)
+def test_lpn_50_small_runs_through_dynpose_run(lpn_pair_dir: Path, coco_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dynpose.cli.run import main
+
+    out = tmp_path / "results.json"
+    args = ["--engine-dir", lpn_pair_dir, "--source", coco_dir / "000000000785.jpg"]
+    args += ["--detections", coco_dir / "test_coco_det_AP_H_56.json", "--det-score", "0.3"]
+    args += ["--route", "fraction:0.5", "--out", out]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    results = json.loads(out.read_text())
+    assert results and {p["image_id"] for p in results} == {785}
+    assert all(len(p["keypoints"]) == 51 and all(math.isfinite(v) for v in p["keypoints"]) for p in results)
+    assert "frames 1" in r.stdout and "crops small" in r.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["hourglass_1", "dpn"])
-def test_onnx_export_heavy(tmp_path: Path, name: str) -> None:
-    # 95 M / 56 M parameters: the export's own batch 1 / 5 checks only (tens of seconds each on 2 cores).
-    _export_and_check(tmp_path, name, new_batch=False)
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [
+        ("lpn_50", "small"),
+        ("lpn_152", "small"),
+        ("resnet_50", "small"),
+        ("hrnet_w32", "large"),
+        ("simdr_hrnet_w32", "large"),
+        ("simdr_hrnet_w48", "large"),
+        ("hourglass_1", "large"),
+        ("hourglass_2", "large"),
+        ("dpn", "large"),
+        ("router", "router"),
+    ],
+)
+def test_default_roles(name: str, role: str) -> None:
+    from dynpose.export.api import default_role
+
+    assert default_role(name) == role
+
+
+def test_role_overrides_the_default(tmp_path: Path) -> None:
+    from dynpose.export.api import export_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        entries = export_model("lpn_50", tmp_path, role="large", weights="random", progress=False)
+    assert {e.role for e in entries} == {"large"}

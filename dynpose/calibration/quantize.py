@@ -3,8 +3,9 @@
 Heatmap models do not survive naive INT8: a heatmap's peak moves by a pixel when a few layers lose precision, and
 one pixel at 1/4 resolution is a large keypoint error. So after ONNX Runtime's `quantize_static` (Q/DQ format),
 the quantized model is judged against fp32 on held-out crops (`dynpose.runtime.compare.PoseJudge`: mean keypoint
-OKS), and while the gate fails the most sensitive layers go back to fp32 (`nodes_to_exclude`): first the heatmap
-head, then layers ranked by the quantization noise they inject on real activations (weight + input + output
+OKS, decoded from all outputs: SimDR's two vectors too), and while the gate fails the most sensitive layers go back to
+fp32 (`nodes_to_exclude`): first the output heads (the heatmap conv; SimDR's two linear layers and their bias Adds),
+then layers ranked by the quantization noise they inject on real activations (weight + input + output
 noise-to-signal ratio, measured with the calibration ranges). The number kept in fp32 doubles until the gate holds,
 then a short bisection trims it (`dynpose.calibration.search`). Calibration runs once; its ranges are cached (ORT's
 calibration cache) so each search step only rewrites the graph.
@@ -36,7 +37,7 @@ from dynpose.calibration.search import MAX_STEPS, Trial, best_trial, search_fp32
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
-from dynpose.onnx_utils import copy_metadata, io_names, load_onnx, name_nodes, open_session, run_session
+from dynpose.onnx_utils import copy_metadata, io_names, load_onnx, name_nodes, open_session, run_session_all
 from dynpose.runtime.compare import Check, PoseJudge, compare_speed
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ def _weight_noise(w: np.ndarray, axis: int = 0) -> float:
 def rank_sensitive(
     prepared: Path, model: onnx.ModelProto, ranges: Path, sample: np.ndarray, op_types: tuple[str, ...], symmetric: bool
 ) -> list[str]:
-    """Quantizable nodes, most sensitive first: the ones producing graph outputs, then by injected noise (all their
+    """Quantizable nodes, most sensitive first: the output heads (`head_nodes`), then by injected noise (all their
     float inputs and their output fake-quantized with the calibrated ranges, plus per-channel weight noise)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
@@ -298,9 +299,29 @@ def rank_sensitive(
             w = numpy_helper.to_array(inits[n.input[1]])
             s += _weight_noise(w, 1 if n.op_type == "ConvTranspose" else 0) if w.ndim > 1 else 0.0
         scores[n.name] = s
-    heads = [n.name for n in nodes if n.output[0] in outputs]
+    heads = head_nodes(model, op_types)
     rest = sorted((k for k in scores if k not in heads), key=lambda k: -scores[k])
     return heads + rest
+
+
+def head_nodes(model: onnx.ModelProto, op_types: tuple[str, ...], max_depth: int = 8) -> list[str]:
+    """The quantizable nodes between each graph output and the nearest weighted layer before it, that layer
+    included, output by output: a heatmap model's last conv; SimDR's bias Add and MatMul of each of its two linear
+    heads (a 3-D Linear exports as MatMul + Add, and a uint8 Add alone would leave the MatMul's logits
+    quantized). The walk follows each node's first input made by another node, at most `max_depth` nodes."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    heads: list[str] = []
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        for _ in range(max_depth):
+            if node is None:
+                break
+            if node.op_type in op_types and node.name not in heads:
+                heads.append(node.name)
+            if node.op_type in WEIGHTED:
+                break
+            node = next((producer[t] for t in node.input if t in producer), None)
+    return heads
 
 
 def _ranges_path(cache_dir: Path, src: Path, crops_key: str, target: str, method: str) -> Path:
@@ -361,17 +382,17 @@ def _count(model: onnx.ModelProto, target: str) -> int:
 def _trial_fn(quantize: _Quantizer, judge: PoseJudge, gate: CropSet, tmp: Path) -> Callable[[list[str], str], Trial]:
     """One search step: quantize with `exclude` kept fp32, judge it on the gate crops against the prepared fp32
     graph's outputs, log one line."""
-    ref = run_session(open_session(quantize.prepared), gate.x)
+    ref = run_session_all(open_session(quantize.prepared), gate.x)
     t0 = time.perf_counter()
     names = itertools.count()
 
     def trial(exclude: list[str], label: str) -> Trial:
         out = tmp / f"q{next(names)}.onnx"
         quantize(out, exclude)
-        got = run_session(open_session(out), gate.x)
+        got = run_session_all(open_session(out), gate.x)
         check = judge(got, ref, gate, "int8")
         log.info("  %s: gate OKS %.4f [%.0fs]", label, check.figures["int8_oks"], time.perf_counter() - t0)
-        return Trial(exclude, out, check, bool(np.isfinite(got).all()))
+        return Trial(exclude, out, check, all(bool(np.isfinite(o).all()) for o in got))
 
     return trial
 

@@ -1,8 +1,8 @@
 """The fp32 checks every export must pass, and the real crops lower precisions are judged on.
 
-fp32 is compared on raw outputs (relative L2): ONNX Runtime against PyTorch for a zoo model, batch 5 against five
-batch-1 runs for a user's ONNX. fp16/int8 are judged where it matters to a user (`dynpose.runtime.compare`), on
-the real person crops `gate_crops` finds.
+fp32 is compared on raw outputs (relative L2, every output: the worst counts): ONNX Runtime against PyTorch for a
+zoo model, batch 5 against five batch-1 runs for a user's ONNX. fp16/int8 are judged where it matters to a user
+(`dynpose.runtime.compare`), on the real person crops `gate_crops` finds.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from dynpose.calibration.crops import CalibSpec, CropSet, coco_person_crops
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
-from dynpose.onnx_utils import open_session, rel_l2, run_session
+from dynpose.onnx_utils import open_session, rel_l2, run_session_all
 from dynpose.runtime.compare import Check
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,33 @@ def gate_crops(card: ModelCard, calib: CalibSpec | None) -> tuple[CropSet | None
     return crops, ""
 
 
+def torch_outputs(model: Any, x: np.ndarray) -> list[np.ndarray]:
+    """A torch model's outputs on a numpy batch as fp32 arrays (one tensor, or a tuple/list of them: SimDR's x, y)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    return [o.float().cpu().numpy() for o in outs]
+
+
+def worst_rel_l2(test: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, int]:
+    """(the largest relative L2 over paired outputs, its output index); inf when the output counts differ."""
+    if len(test) != len(ref):
+        return float("inf"), 0
+    errs = [rel_l2(t, r) for t, r in zip(test, ref, strict=True)]
+    i = int(np.argmax([e if np.isfinite(e) else np.inf for e in errs]))
+    return errs[i], i
+
+
 def verify_torch_vs_onnx(
     model: Any, onnx_path: str | os.PathLike, card: ModelCard, real: CropSet | None, tol: float = FP32_TOL, seed: int = 0
 ) -> Check:
-    """ONNX Runtime vs PyTorch at batch 1 and 5 on random crops and (when given) real crops; fails above `tol`.
-    Figures: `fp32_rel_l2_<random|real>_b<1|5>` and their maximum `fp32_rel_l2`."""
-    import torch
-
+    """ONNX Runtime vs PyTorch at batch 1 and 5 on random crops and (when given) real crops, every output (SimDR:
+    both vectors); fails above `tol`. Figures: `fp32_rel_l2_<random|real>_b<1|5>` (the worst output's) and their
+    maximum `fp32_rel_l2`."""
     sess = open_session(onnx_path)
+    names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(seed)
     sets = {"random": rng.standard_normal((5, 3, card.input_height, card.input_width)).astype(np.float32)}
     if real is not None and len(real):
@@ -68,18 +87,25 @@ def verify_torch_vs_onnx(
     figures: dict[str, Any] = {}
     model = model.eval()
     for kind, x in sets.items():
-        with torch.no_grad():
-            ref = model(torch.from_numpy(x)).numpy()
+        ref = torch_outputs(model, x)
+        if len(ref) != len(names):
+            return Check(
+                "fp32",
+                False,
+                figures,
+                f"export check failed for {card.name}: the ONNX graph has {len(names)} outputs, the model {len(ref)}",
+            )
         for bs in (1, 5):
-            err = rel_l2(run_session(sess, x[:bs], batch=bs), ref[:bs])
+            err, i = worst_rel_l2(run_session_all(sess, x[:bs], batch=bs), [r[:bs] for r in ref])
             figures[f"fp32_rel_l2_{kind}_b{bs}"] = err
             if not np.isfinite(err) or err > tol:
+                which = f" on output {names[i]!r}" if len(names) > 1 else ""
                 return Check(
                     "fp32",
                     False,
                     figures,
-                    f"export check failed for {card.name}: ONNX Runtime vs PyTorch relative L2 {err:.3g} > {tol:g} "
-                    f"({kind} crops, batch {bs}); the graph does not reproduce the model",
+                    f"export check failed for {card.name}: ONNX Runtime vs PyTorch relative L2 {err:.3g} > {tol:g}"
+                    f"{which} ({kind} crops, batch {bs}); the graph does not reproduce the model",
                 )
     figures["fp32_rel_l2"] = max(figures.values())
     return Check("fp32", True, figures)
@@ -89,8 +115,9 @@ def verify_onnx_batches(
     onnx_path: str | os.PathLike, card: ModelCard, real: CropSet | None, name: str | os.PathLike | None = None
 ) -> Check:
     """For a user's ONNX: the input matches the card, batch 5 equals five batch-1 runs (dynamic batch works) and
-    outputs are finite. Figures: `batch5_vs_batch1_rel_l2`, `output_shape`. `name`: the file to name in messages
-    (the user's own, not the staged copy being checked)."""
+    outputs are finite, for every output. Figures: `batch5_vs_batch1_rel_l2` (the worst output's), `output_shape`
+    (the first output's, per crop), and `output_shapes` (every output's) for a model with several. `name`: the file
+    to name in messages (the user's own, not the staged copy being checked)."""
     sess = open_session(onnx_path)
     shape = sess.get_inputs()[0].shape
     where = f"ONNX model {name or onnx_path}"
@@ -108,15 +135,17 @@ def verify_onnx_batches(
         else np.random.default_rng(0).standard_normal((5, 3, card.input_height, card.input_width)).astype(np.float32)
     )
     try:
-        big = run_session(sess, x, batch=5)
+        big = run_session_all(sess, x, batch=5)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return Check("fp32", False, {}, f"{where}: batch 5 fails ({first}); export it with a dynamic batch axis")
-    ones = run_session(sess, x, batch=1)
-    if not np.isfinite(big).all():
+    ones = run_session_all(sess, x, batch=1)
+    if not all(np.isfinite(b).all() for b in big):
         return Check("fp32", False, {}, f"{where}: outputs contain NaN/inf on real crops")
-    err = rel_l2(big, ones)
-    figures = {"batch5_vs_batch1_rel_l2": err, "output_shape": list(big.shape[1:])}
+    err, _ = worst_rel_l2(big, ones)
+    figures: dict[str, Any] = {"batch5_vs_batch1_rel_l2": err, "output_shape": list(big[0].shape[1:])}
+    if len(big) > 1:
+        figures["output_shapes"] = [list(b.shape[1:]) for b in big]
     if err > FP32_TOL:
         return Check("fp32", False, figures, f"{where}: batch 5 differs from batch 1 (relative L2 {err:.3g})")
     return Check("fp32", True, figures)

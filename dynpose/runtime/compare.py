@@ -1,8 +1,9 @@
 """Judging a lower-precision model (fp16, INT8) against its fp32 source, where it matters to a user.
 
-A pose model is judged on decoded keypoints: both models run on the same real person crops, their outputs are
-decoded to image pixels with the runtime's own decoder, and the candidate's keypoints are scored with OKS against
-the fp32 keypoints (`PoseJudge`). A router gives three scores, not heatmaps, so it is judged on routing: the
+A pose model is judged on decoded keypoints: both models run on the same real person crops, all their outputs (one
+heatmap tensor, or SimDR's x and y vectors) are decoded to image pixels with the runtime's own decoder
+(`decode.decode_outputs`, as `PoseModel.decode`), and the candidate's keypoints are scored with OKS against the fp32
+keypoints (`PoseJudge`). A router gives three scores, not heatmaps, so it is judged on routing: the
 fraction of crops the candidate routes as fp32 does under the engine dir's route (`RouterJudge`). Speed is compared
 too (`compare_speed`: time per batch on ONNX Runtime CPU), as advice rather than a gate.
 
@@ -26,8 +27,8 @@ import numpy as np
 
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
-from dynpose.onnx_utils import open_session, rel_l2, run_session
-from dynpose.runtime.decode import decode_heatmaps
+from dynpose.onnx_utils import open_session, rel_l2, run_session_all
+from dynpose.runtime.decode import decode_outputs
 from dynpose.runtime.policy import parse_policy
 from dynpose.runtime.postprocess import oks
 
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 
 SPEED_BATCH = 8
 WARN_SPEEDUP = 1.1
+
+# A model's outputs on a batch: every output in graph order, or one array (a single-output model's).
+Outputs = np.ndarray | Sequence[np.ndarray]
+
+
+def as_outputs(out: Outputs) -> list[np.ndarray]:
+    """Outputs as a list of arrays (one array -> a list of one)."""
+    return [out] if isinstance(out, np.ndarray) else list(out)
 
 
 class Crops(Protocol):
@@ -70,9 +79,10 @@ class Check:
 
 
 # -- figures -----------------------------------------------------------------------------------------------------------
-def decode_keypoints(heatmaps: np.ndarray, centers: np.ndarray, scales: np.ndarray, card: ModelCard) -> np.ndarray:
-    """(N,K,2) keypoints in image pixels with the runtime's own decoder (the card's msra/dark/udp)."""
-    return np.asarray(decode_heatmaps(heatmaps, centers, scales, card))[..., :2]
+def decode_keypoints(outputs: Outputs, centers: np.ndarray, scales: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(N,K,2) keypoints in image pixels from all of a model's outputs, with the runtime's own decoder (the card's
+    msra/dark/udp on the heatmaps, simdr on the x and y vectors)."""
+    return np.asarray(decode_outputs(as_outputs(outputs), centers, scales, card))[..., :2]
 
 
 def oks_between(
@@ -84,9 +94,19 @@ def oks_between(
     return np.array([oks(test_xy[i], gt[i], float(areas[i]), sigmas) for i in range(len(gt))])
 
 
-def keypoint_agreement(test_out: np.ndarray, ref_out: np.ndarray, crops: Crops, card: ModelCard) -> dict[str, Any]:
-    """Mean/min OKS and heatmap relative L2 of a lower-precision output against fp32 on the same crops."""
-    finite = bool(np.isfinite(test_out).all())
+def outputs_rel_l2(test_out: Outputs, ref_out: Outputs) -> float:
+    """`rel_l2` over all outputs together (their concatenation)."""
+    test, ref = as_outputs(test_out), as_outputs(ref_out)
+    if len(test) != len(ref):
+        raise DynPoseError(f"comparing outputs: {len(test)} outputs against {len(ref)}")
+    flat = [np.concatenate([np.ravel(o) for o in outs]) for outs in (test, ref)]
+    return rel_l2(flat[0], flat[1])
+
+
+def keypoint_agreement(test_out: Outputs, ref_out: Outputs, crops: Crops, card: ModelCard) -> dict[str, Any]:
+    """Mean/min OKS and relative L2 of a lower-precision model's outputs (all of them: `heatmap_rel_l2` is over
+    SimDR's two vectors for a SimDR model) against fp32's on the same crops."""
+    finite = all(bool(np.isfinite(o).all()) for o in as_outputs(test_out))
     if not finite:
         return {"finite": False, "oks_mean": 0.0, "oks_min": 0.0, "heatmap_rel_l2": float("inf"), "crops": len(crops)}
     a = decode_keypoints(test_out, crops.centers, crops.scales, card)
@@ -96,7 +116,7 @@ def keypoint_agreement(test_out: np.ndarray, ref_out: np.ndarray, crops: Crops, 
         "finite": True,
         "oks_mean": float(o.mean()),
         "oks_min": float(o.min()),
-        "heatmap_rel_l2": rel_l2(test_out, ref_out),
+        "heatmap_rel_l2": outputs_rel_l2(test_out, ref_out),
         "crops": len(o),
     }
 
@@ -108,11 +128,12 @@ def gate_policy(route: str) -> str:
     return str(policy) if policy.needs_router else "fraction:0.5"
 
 
-def router_agreement(test_out: np.ndarray, ref_out: np.ndarray, route: str) -> dict[str, Any]:
-    """Router scores of a lower-precision model against fp32 on the same crops: max/mean |score difference| and the
-    fraction of crops routed the same way under `gate_policy(route)` (all crops in one call, as one batch)."""
-    test = np.asarray(test_out, np.float64)
-    ref = np.asarray(ref_out, np.float64)
+def router_agreement(test_out: Outputs, ref_out: Outputs, route: str) -> dict[str, Any]:
+    """Router scores (the first output) of a lower-precision model against fp32 on the same crops: max/mean |score
+    difference| and the fraction of crops routed the same way under `gate_policy(route)` (all crops in one call, as
+    one batch)."""
+    test = np.asarray(as_outputs(test_out)[0], np.float64)
+    ref = np.asarray(as_outputs(ref_out)[0], np.float64)
     policy = gate_policy(route)
     if not np.isfinite(test).all():
         return {"finite": False, "policy": policy, "crops": len(ref)}
@@ -132,12 +153,12 @@ def router_agreement(test_out: np.ndarray, ref_out: np.ndarray, route: str) -> d
 
 # -- judges ------------------------------------------------------------------------------------------------------------
 class Judge(ABC):
-    """Judges a candidate's outputs against the fp32 outputs on the same real crops."""
+    """Judges a candidate's outputs (all of them, graph order) against the fp32 outputs on the same real crops."""
 
     card: ModelCard
 
     @abstractmethod
-    def __call__(self, test_out: np.ndarray, ref_out: np.ndarray, crops: Crops, precision: str) -> Check:
+    def __call__(self, test_out: Outputs, ref_out: Outputs, crops: Crops, precision: str) -> Check:
         """The check of `precision` outputs `test_out` against fp32's `ref_out` on `crops`."""
 
     @abstractmethod
@@ -145,8 +166,9 @@ class Judge(ABC):
         """One line with a check's figures, for the export's progress log."""
 
     def files(self, test: str | os.PathLike, ref: str | os.PathLike, crops: Crops, precision: str) -> Check:
-        """Run both ONNX files on the crops (ONNX Runtime CPU) and judge."""
-        return self(run_session(open_session(test), crops.x), run_session(open_session(ref), crops.x), crops, precision)
+        """Run both ONNX files on the crops (ONNX Runtime CPU, every output) and judge."""
+        test_out = run_session_all(open_session(test), crops.x)
+        return self(test_out, run_session_all(open_session(ref), crops.x), crops, precision)
 
 
 @dataclass(frozen=True)
@@ -157,7 +179,7 @@ class PoseJudge(Judge):
     card: ModelCard
     min_oks: float
 
-    def __call__(self, test_out: np.ndarray, ref_out: np.ndarray, crops: Crops, precision: str) -> Check:
+    def __call__(self, test_out: Outputs, ref_out: Outputs, crops: Crops, precision: str) -> Check:
         a = keypoint_agreement(test_out, ref_out, crops, self.card)
         p = precision
         figures = {f"{p}_oks": a["oks_mean"], f"{p}_oks_min": a["oks_min"], f"{p}_heatmap_rel_l2": a["heatmap_rel_l2"]}
@@ -187,7 +209,7 @@ class RouterJudge(Judge):
     min_agreement: float
     route: str
 
-    def __call__(self, test_out: np.ndarray, ref_out: np.ndarray, crops: Crops, precision: str) -> Check:
+    def __call__(self, test_out: Outputs, ref_out: Outputs, crops: Crops, precision: str) -> Check:
         a = router_agreement(test_out, ref_out, self.route)
         where = f"{precision} check failed for {self.card.name}"
         if not a["finite"]:

@@ -7,9 +7,15 @@ where the crop took it from.
 
 SimDR/SimCC models output two 1-D classifications per keypoint instead of a heatmap; `decode_simdr` (argmax / split
 ratio, official scores) and `average_flip_simdr` (the official 1-D flip test) follow the authors' code.
+
+`decode_outputs` and `average_flip_outputs` are what the runtime calls: a pose model's raw outputs (all of them, in
+graph order) -> keypoints, and a batch's outputs + its mirror's -> outputs that decode the same way, for whichever
+decoder the card names.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -324,3 +330,43 @@ def decode_simdr(
     out[..., :2] = _crop_to_image(coords, centers, scales, card.input_size)
     out[..., 2] = scores
     return out
+
+
+# -- any decoder: what the runtime calls ------------------------------------------------------------------------------
+def decode_outputs(outputs: Sequence[np.ndarray], centers: np.ndarray, scales: np.ndarray, card: ModelCard) -> np.ndarray:
+    """A pose model's raw outputs (graph order) for crops made at (centre, scale) -> (N,K,3) x, y in image pixels,
+    score, by the card's decoder: `decode_simdr` on the first two outputs (x then y vectors, logits) for simdr,
+    `decode_heatmaps` on the first output otherwise."""
+    outs = list(outputs)
+    if not outs:
+        raise DynPoseError(f"model card {card.name!r}: decode got no outputs")
+    if card.decoder == "simdr":
+        if len(outs) < 2:
+            raise DynPoseError(
+                f"model card {card.name!r}: the simdr decoder reads two outputs (x and y vectors), the model gave "
+                f"{len(outs)}; use a heatmap decoder (msra, dark, udp) for a heatmap model"
+            )
+        return decode_simdr(outs[0], outs[1], centers, scales, card)
+    return decode_heatmaps(outs[0], centers, scales, card)
+
+
+def average_flip_outputs(outputs: Sequence[np.ndarray], flipped: Sequence[np.ndarray], card: ModelCard) -> list[np.ndarray]:
+    """The card's flip test on a batch's outputs and its mirrored batch's -> outputs `decode_outputs` reads.
+
+    Heatmaps: `average_flip` on each output (the one-pixel shift except for UDP). SimDR: `average_flip_simdr` on the
+    x and y vectors, returned as log-probabilities, so that they stay logits to the decoder: the softmax of log p is
+    p itself (p sums to 1), so the flip-averaged probabilities decode, and score, as the official flip test's do,
+    through the same `decode_outputs` call as plain outputs. Probabilities are floored at the smallest normal
+    float32 to keep the logs finite.
+    """
+    outs, flips = list(outputs), list(flipped)
+    if len(outs) != len(flips):
+        raise DynPoseError(f"flip test: {len(outs)} outputs but {len(flips)} outputs of the mirrored batch")
+    flip_index = card.keypoint_set.flip_index()
+    if card.decoder == "simdr" and len(outs) >= 2:
+        px, py = average_flip_simdr(outs[0], outs[1], flips[0], flips[1], flip_index)
+        tiny = np.finfo(np.float32).tiny
+        logs = [np.log(np.maximum(p, tiny)) for p in (px, py)]
+        return logs + outs[2:]  # outputs past the two vectors are not decoded: the unflipped pass's, as they are
+    shift = card.decoder != "udp"
+    return [average_flip(o, f, flip_index, shift=shift) for o, f in zip(outs, flips, strict=True)]

@@ -3,6 +3,9 @@
     box -> centre/scale (`geometry`) -> uint8 affine crop (`crop`) -> normalise (`inputs`) -> infer (+ flip)
         -> decode to image pixels (`PoseModel.decode`) | router scores (`Router.scores`)
 
+A pose model's outputs are all of its runner's outputs in graph order (one heatmap tensor, or SimDR's x and y
+vectors); the card's decoder says how they flip and decode (`decode.average_flip_outputs`, `decode.decode_outputs`).
+
 Each step is one plain function of `dynpose.runtime.preprocess` / `decode`; the handle only binds them to a card
 and a runner, so the Dispatcher, router training, calibration and the benchmarks all crop and decode the same way.
 A handle does not own its runner's lifetime: whoever loaded the runner activates and deactivates it (an
@@ -20,7 +23,7 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.runtime.backends.base import Runner
-from dynpose.runtime.decode import average_flip, decode_heatmaps
+from dynpose.runtime.decode import average_flip_outputs, decode_outputs
 from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
 
 
@@ -75,18 +78,20 @@ class PoseModel(CropModel):
             raise DynPoseError(f"model {self.card.name!r}: a PoseModel needs a pose card, this one is {self.card.task}")
 
     def infer(self, x: np.ndarray, flip: bool = False) -> list[np.ndarray]:
-        """The runner's outputs for a normalised batch; with `flip`, averaged with the mirrored batch's (one runner
-        call for both halves: a GPU gets one bigger batch, and the runner splits it past its max batch)."""
+        """The runner's outputs (all, graph order) for a normalised batch; with `flip`, averaged with the mirrored
+        batch's by the card's flip test (heatmaps: flipped back, shifted, averaged; SimDR: the official softmax
+        average, as log-probabilities so `decode` reads them like raw logits). One runner call for both halves: a
+        GPU gets one bigger batch, and the runner splits it past its max batch."""
         if not flip:
             return self.runner.infer_all(x)
         n = len(x)
         outs = self.runner.infer_all(np.concatenate([x, x[..., ::-1]]))
-        flip_index = self.card.keypoint_set.flip_index()
-        return [average_flip(o[:n], o[n:], flip_index, shift=self.card.decoder != "udp") for o in outs]
+        return average_flip_outputs([o[:n] for o in outs], [o[n:] for o in outs], self.card)
 
     def decode(self, outputs: list[np.ndarray], centers: np.ndarray, scales: np.ndarray) -> np.ndarray:
-        """Raw outputs of crops made at (centre, scale) -> (N,K,3) float32 x, y in image pixels, score."""
-        return np.asarray(decode_heatmaps(outputs[0], centers, scales, self.card), dtype=np.float32)
+        """Outputs of `infer` (or the runner's raw outputs) for crops made at (centre, scale) -> (N,K,3) float32
+        x, y in image pixels, score, by the card's decoder (heatmaps: msra/dark/udp; simdr: both vectors)."""
+        return np.asarray(decode_outputs(outputs, centers, scales, self.card), dtype=np.float32)
 
     def keypoints(
         self,
