@@ -7,6 +7,8 @@ branches/fuse_layers, final_layer) reproduces the official one so its state_dict
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -71,7 +73,8 @@ class HighResolutionModule(nn.Module):
                     steps = [_conv_bn(channels[j], channels[j], 3, 2, relu=True) for _ in range(i - j - 1)]
                     steps.append(_conv_bn(channels[j], channels[i], 3, 2, relu=False))
                     row.append(nn.Sequential(*steps))
-            fuse_layers.append(nn.ModuleList(row))
+            # None keeps the official index positions (j == i has no fuse layer); ModuleList registers it as is
+            fuse_layers.append(nn.ModuleList(row))  # type: ignore[arg-type]
         self.fuse_layers = nn.ModuleList(fuse_layers)
         self.relu = nn.ReLU(inplace=True)
 
@@ -80,7 +83,7 @@ class HighResolutionModule(nn.Module):
         out = []
         for i, row in enumerate(self.fuse_layers):
             y = x[i]
-            for j, fuse in enumerate(row):
+            for j, fuse in enumerate(cast(nn.ModuleList, row)):
                 if j != i:
                     y = y + fuse(x[j])
             out.append(self.relu(y))
@@ -96,7 +99,7 @@ def _transition(pre: list[int], cur: list[int]) -> nn.ModuleList:
         else:
             # Wrapped in an outer Sequential: the official code supports several steps here, hence `.0.0.` names.
             layers.append(nn.Sequential(_conv_bn(pre[-1], c, 3, 2, relu=True)))
-    return nn.ModuleList(layers)
+    return nn.ModuleList(layers)  # type: ignore[arg-type]  # None: a branch that passes through unchanged
 
 
 class HighResolutionBackbone(nn.Module):
@@ -105,6 +108,11 @@ class HighResolutionBackbone(nn.Module):
     Shared by the heatmap HRNet below and SimDR (`dynpose/models/simdr.py`), whose checkpoints hold these tensors
     under `backbone.`.
     """
+
+    # set with setattr per stage (the official names); declared for the type checker
+    transition1: nn.ModuleList
+    transition2: nn.ModuleList
+    transition3: nn.ModuleList
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()

@@ -50,6 +50,16 @@ class PartialConv3(nn.Module):
 class DynPoseRouter(nn.Module):
     """N x 3 x 256 x 192 normalised crop -> N x 3 routing scores in (0, 1)."""
 
+    # added with add_module in a loop (the release's numbering); declared for the type checker
+    bn1: nn.BatchNorm2d
+    bn2: nn.BatchNorm2d
+    bn3: nn.BatchNorm2d
+    bn4: nn.BatchNorm2d
+    bn5: nn.BatchNorm2d
+    bn6: nn.BatchNorm2d
+    bn7: nn.BatchNorm2d
+    bn8: nn.BatchNorm2d
+
     def __init__(self) -> None:
         super().__init__()
         self.avg_pool = nn.AvgPool2d(kernel_size=2)

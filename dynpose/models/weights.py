@@ -245,6 +245,7 @@ def convert_state_dict(sd: StateDict, router: bool = False) -> tuple[StateDict, 
     ignored = [k for k in sd if k.startswith("data_preprocessor.")]
     sd = {k: v for k, v in sd.items() if not k.startswith("data_preprocessor.")}
     keys = list(sd)
+    prefixes: tuple[str, ...]
     if any(k.startswith("keypoint_head.") for k in keys):
         fmt, prefixes = "mmpose0", ("backbone.", "keypoint_head.")
     elif any(k.startswith("head.") for k in keys):
@@ -285,6 +286,14 @@ def _mismatch_message(model_sd: dict[str, torch.Tensor], sd: dict[str, torch.Ten
     if wrong:
         parts.append(f"{len(wrong)} with the wrong shape: {few(wrong)}")
     return "; ".join(parts), len(missing_nbt)
+
+
+def attach(model: nn.Module, **attrs: Any) -> nn.Module:
+    """Set plain attributes (`card`, `weights_source`, `checkpoint`) on a model; nn.Module's type hints only know
+    tensors and submodules as attributes, so the checker is told through setattr."""
+    for k, v in attrs.items():
+        setattr(model, k, v)
+    return model
 
 
 # -- the public entry point ---------------------------------------------------------------------------------------
@@ -362,7 +371,7 @@ def load_weights(
         entry = (card.sources.get(alias or _FORMAT_ALIAS[fmt]) if card is not None else None) or {}
         color_order = entry.get("color_order") or (card.color_order if card is not None else "rgb")
     if card is not None:
-        model.card = card.with_(color_order=color_order)
+        attach(model, card=card.with_(color_order=color_order))
     loaded = LoadedCheckpoint(
         format=fmt,
         path=path,
@@ -377,6 +386,5 @@ def load_weights(
         num_tensors=len(sd),
         color_order=color_order,
     )
-    model.checkpoint = loaded
-    model.weights_source = str(source)
+    attach(model, checkpoint=loaded, weights_source=str(source))
     return loaded

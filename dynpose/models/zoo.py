@@ -271,9 +271,9 @@ def create_model(
             model = builder(**kw)
     except TypeError as e:
         raise DynPoseError(f"create_model({name!r}): bad keyword argument ({e})") from None
-    model.card = card
-    model.weights_source = None
-    model.checkpoint = None
+    from dynpose.models.weights import attach, load_weights  # weights imports zoo for cards
+
+    attach(model, card=card, weights_source=None, checkpoint=None)
     if weights is None:
         pass
     elif isinstance(weights, str) and weights == "random":
@@ -282,9 +282,7 @@ def create_model(
             UserWarning,
             stacklevel=2,
         )
-        model.weights_source = "random"
+        attach(model, weights_source="random")
     else:
-        from dynpose.models.weights import load_weights  # weights imports zoo for cards
-
         load_weights(model, weights, trust_pickle=trust_pickle)
     return model.eval()
