@@ -4,13 +4,12 @@ the large model as the teacher), or calibrate its routing policy."""
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
-from dynpose.cli.common import check_threads, user_errors
+from dynpose.cli.common import check_threads, setup_logging, user_errors
 from dynpose.errors import DynPoseError
 
 EXAMPLES = """
@@ -124,6 +123,7 @@ def main(**kw: Any) -> None:
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
+    setup_logging(bool(kw.get("quiet")))
     kw["threads"] = check_threads(kw["threads"])
     if kw["threads"] is not None:
         import torch
@@ -250,22 +250,13 @@ def _train(kw: dict[str, Any], console: Any) -> Any:
         raise DynPoseError("--detections/--detector give boxes for --unlabelled sources (or --calibrate); labels have boxes")
     # label-free variants carry their own mirrors (with their own targets); the labelled loop adds mirrors itself
     job = _job(kw, flip=not kw["no_flip"] and not unlabelled)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if unlabelled:
-            spec = _unlabelled_spec(kw)
-            spec.validate()
-            if kw["precision"] == "int8":
-                job.calib = _int8_calib(spec)
-            rep = train_unlabelled(kw["engine_dir"], spec, job)
-        else:
-            rep = train_from_engine_dir(kw["engine_dir"], kw["ann"], kw["images"], job)
-    for w in caught:
-        if str(w.message).startswith("router targets"):
-            console.print(f"[yellow]warning:[/] {w.message}")
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return rep
+    if unlabelled:
+        spec = _unlabelled_spec(kw)
+        spec.validate()
+        if kw["precision"] == "int8":
+            job.calib = _int8_calib(spec)
+        return train_unlabelled(kw["engine_dir"], spec, job)
+    return train_from_engine_dir(kw["engine_dir"], kw["ann"], kw["images"], job)
 
 
 def _print_report(rep: Any, kw: dict[str, Any], console: Any) -> None:

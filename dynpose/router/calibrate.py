@@ -133,12 +133,9 @@ def coco_results(out: CropOutputs, large: np.ndarray) -> list[dict[str, Any]]:
 
 
 def routed_ap(out: CropOutputs, large: np.ndarray, ann_path: str | os.PathLike) -> float:
-    import warnings
+    from dynpose.eval.coco import evaluate_results, quiet
 
-    from dynpose.eval.coco import evaluate_results
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. the annotation-id-0 note, once per scan step
+    with quiet():  # e.g. the annotation-id-0 note, once per scan step
         return float(evaluate_results(coco_results(out, large), ann_path)["AP"])
 
 
@@ -191,7 +188,6 @@ class CalibData:
 def det_routed_ap(out: DetOutputs, large: np.ndarray, ann_path: str | os.PathLike) -> float:
     """COCO AP of routed keypoints on detection boxes, scored as the Pipeline does: rescoring with the box score,
     OKS-NMS per image (the crop scale's area), pycocotools."""
-    import warnings
 
     from dynpose.eval.coco import evaluate_results
     from dynpose.keypoints import COCO17
@@ -213,8 +209,9 @@ def det_routed_ap(out: DetOutputs, large: np.ndarray, ann_path: str | os.PathLik
                     "score": float(scores[j]),
                 }
             )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    from dynpose.eval.coco import quiet
+
+    with quiet():
         return float(evaluate_results(results, ann_path)["AP"])
 
 

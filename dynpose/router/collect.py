@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,6 +33,8 @@ from dynpose.runtime.preprocess import box_to_center_scale, crop
 
 CACHE_VERSION = 1
 CACHE_DIRNAME = "cache"  # inside the engine dir unless --cache-dir says otherwise
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,10 +73,11 @@ def gt_crops(ann: CocoDataset, images_dir: str | os.PathLike, min_keypoints: int
     items = gt_boxes(ann, min_keypoints=min_keypoints)
     missing = sorted({iid for iid, _, _ in items if iid not in paths})
     if missing:
-        warnings.warn(
-            f"{len(missing)} annotated image(s) not found under {images_dir} (e.g. id {missing[0]}); their persons are "
-            "skipped",
-            stacklevel=2,
+        log.warning(
+            "%d annotated image(s) not found under %s (e.g. id %s); their persons are skipped",
+            len(missing),
+            images_dir,
+            missing[0],
         )
     items = [it for it in items if it[0] in paths]
     if not items:

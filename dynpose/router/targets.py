@@ -47,7 +47,7 @@ Deviations from the public code, and why:
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -66,6 +66,8 @@ MIN_KEPT = 4
 DIFFICULTY_GAIN = 2.0  # DynPose's sig3
 MIN_SMALL_ERROR = 1e-3  # DynPose skips the ratio target when the small model's error is below this
 LOSS_WEIGHTS = (1.0, 1.0, 1.0)
+
+log = logging.getLogger(__name__)
 
 
 def joint_weights(num_keypoints: int) -> np.ndarray:
@@ -150,11 +152,14 @@ def make_targets(
     keep = (gap > skip_band[0]) & (gap < skip_band[1])
     kept_all = False
     if keep.sum() < min_kept:
-        warnings.warn(
-            f"router targets: only {int(keep.sum())} of {len(keep)} crops have {skip_band[0]} < |OKS_large - OKS_small| "
-            f"< {skip_band[1]}; using all {len(keep)} crops for the comparison terms (train on more data for a useful "
-            "router)",
-            stacklevel=2,
+        log.warning(
+            "router targets: only %d of %d crops have %s < |OKS_large - OKS_small| < %s; using all %d crops for the "
+            "comparison terms (train on more data for a useful router)",
+            int(keep.sum()),
+            len(keep),
+            skip_band[0],
+            skip_band[1],
+            len(keep),
         )
         keep = np.ones_like(keep)
         kept_all = True
