@@ -199,11 +199,7 @@ class VideoReport:
 
     @property
     def stats(self) -> StreamStats:
-        total = StreamStats()
-        for s in self.streams:
-            for k, v in s.stats.as_dict().items():
-                setattr(total, k, getattr(total, k) + v)
-        return total
+        return StreamStats.sum(s.stats for s in self.streams)
 
 
 class _VideoRun:

@@ -24,7 +24,7 @@ collapsed (mean keypoint score under `lost_conf`) or duplicates another's (OKS o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,15 @@ class StreamStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+    @classmethod
+    def sum(cls, stats: Iterable[StreamStats]) -> StreamStats:
+        """Several streams' counters added up."""
+        total = cls()
+        for s in stats:
+            for k, v in s.as_dict().items():
+                setattr(total, k, getattr(total, k) + v)
+        return total
 
 
 @dataclass
@@ -344,8 +353,4 @@ class VideoTracker:
     @property
     def stats(self) -> StreamStats:
         """Every stream's counters summed."""
-        total = StreamStats()
-        for s in self.streams:
-            for k, v in s.stats.as_dict().items():
-                setattr(total, k, getattr(total, k) + v)
-        return total
+        return StreamStats.sum(s.stats for s in self.streams)
