@@ -91,6 +91,23 @@ def test_results_in_input_order_equal_each_model_alone(models, coco_frames, flip
         assert (res.frame_index[sl] == i).all()
 
 
+def test_router_smaller_max_batch_than_the_pose_models(models, coco_frames, tinypose_engine_dir: Path) -> None:
+    """The router's crops serve the large model even when the router ran them in several batches."""
+    images, boxes = coco_frames
+    e = Manifest.load(tinypose_engine_dir).require("router")
+    runner = OrtRunner(tinypose_engine_dir / e.file, max_batch=2, intra_op_threads=1, name="router").activate()
+    try:
+        small_router = Router(runner, e.card)
+        with make_dispatcher(models, "fraction:0.5") as d:
+            want = d.run(images, boxes)
+        with Dispatcher(models["small"], models["large"], router=small_router, policy="fraction:0.5") as d:
+            got = d.run(images, boxes)
+    finally:
+        runner.deactivate()
+    np.testing.assert_array_equal(got.large, want.large)
+    np.testing.assert_allclose(got.keypoints, want.keypoints, atol=1e-4)
+
+
 def test_flip_changes_but_keeps_keypoints_close(models, coco_frames) -> None:
     images, boxes = coco_frames
     with make_dispatcher(models, "all-large") as d, make_dispatcher(models, "all-large", flip=True) as df:

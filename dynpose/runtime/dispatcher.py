@@ -227,14 +227,16 @@ class Dispatcher:
         n = len(idx)
         rc, rs = call.geometry["large"] if self.reuse_router_crop else router.geometry(call.boxes)
         keep_crops = self.reuse_router_crop and n == len(call.boxes) and n <= self.window
-        parts = []
+        parts, kept = [], []
         for a in range(0, n, router.runner.max_batch):
             sl = idx[a : a + router.runner.max_batch]
             x = router.inputs(router.crop(call.images, call.frame_index[sl], rc[sl], rs[sl]))
             parts.append(router.scores(x))
             call.res.spans.append(_span("router", router.runner, len(x)))
             if keep_crops:
-                call.router_x = x
+                kept.append(x)
+        if kept:
+            call.router_x = kept[0] if len(kept) == 1 else np.concatenate(kept)
         scores = np.concatenate(parts)
         call.res.router_scores[idx] = scores[:, 1]
         return scores
