@@ -157,19 +157,9 @@ def evaluate_router(
     return detection_eval(ev, engine_dir, ann_path, images_dir, dets, **opts)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N,4) x (M,4) x,y,w,h -> (N,M) box IoU."""
-    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    iw = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    return inter / (a[:, 2:].prod(1)[:, None] + b[:, 2:].prod(1)[None] - inter + 1e-9)
-
-
 def detection_gain(det: Any, gt: Any, sigmas: Any) -> tuple[np.ndarray, np.ndarray]:
     """(true OKS gain per detection box, matched?) against the annotated persons (`Crops` of the ground truth)."""
-    from dynpose.runtime.postprocess import oks
+    from dynpose.runtime.postprocess import iou_matrix, oks
 
     gain = np.zeros(len(det))
     matched = np.zeros(len(det), bool)
@@ -177,7 +167,7 @@ def detection_gain(det: Any, gt: Any, sigmas: Any) -> tuple[np.ndarray, np.ndarr
         d, g = np.flatnonzero(det.image_ids == iid), np.flatnonzero(gt.image_ids == iid)
         if not len(g):
             continue
-        iou = _iou(det.boxes[d, :4], gt.boxes[g, :4])
+        iou = iou_matrix(det.boxes[d, :4], gt.boxes[g, :4])
         for row, j in enumerate(d):
             k = int(np.argmax(iou[row]))
             if iou[row, k] >= 0.5:

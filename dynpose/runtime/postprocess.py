@@ -1,4 +1,4 @@
-"""Instance rescoring, OKS and OKS-NMS (official HRNet / MMPose / pycocotools formulas)."""
+"""Instance rescoring, OKS and OKS-NMS (official HRNet / MMPose / pycocotools formulas), box IoU."""
 
 from __future__ import annotations
 
@@ -110,3 +110,22 @@ def oks_nms(
         ovr = np.exp(-e).mean(axis=1)
         order = rest[~(ovr > thr)]  # NaN overlap (bad keypoints) keeps the instance rather than dropping it
     return keep
+
+
+def _as_xywh(boxes: np.ndarray) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float64)
+    return b.reshape(len(b), -1)[:, :4] if b.size else np.zeros((0, 4))
+
+
+def iou_matrix(a_xywh: np.ndarray, b_xywh: np.ndarray) -> np.ndarray:
+    """IoU of every box of `a` (N,>=4) with every box of `b` (M,>=4), both x,y,w,h -> (N,M)."""
+    a, b = _as_xywh(a_xywh), _as_xywh(b_xywh)
+    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
+    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    iw = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union, 0.0)
+    return np.nan_to_num(iou, nan=0.0)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dynpose.errors import DynPoseError
-from dynpose.runtime.postprocess import oks_matrix
+from dynpose.runtime.postprocess import iou_matrix, oks_matrix
 
 
 @dataclass(frozen=True)
@@ -73,25 +73,6 @@ class Track:
     @property
     def confirmed(self) -> bool:
         return self.track_id is not None
-
-
-def _xywh(boxes: np.ndarray) -> np.ndarray:
-    b = np.asarray(boxes, dtype=np.float64)
-    return b.reshape(len(b), -1)[:, :4] if b.size else np.zeros((0, 4))
-
-
-def iou_matrix(a_xywh: np.ndarray, b_xywh: np.ndarray) -> np.ndarray:
-    """IoU of every box of `a` (N,>=4) with every box of `b` (M,>=4), both x,y,w,h -> (N,M)."""
-    a, b = _xywh(a_xywh), _xywh(b_xywh)
-    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    iw = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
-    return np.nan_to_num(iou, nan=0.0)
 
 
 def box_from_keypoints(keypoints: np.ndarray, kpt_thr: float = 0.3, padding: float = 1.25) -> np.ndarray | None:
