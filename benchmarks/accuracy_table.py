@@ -42,7 +42,7 @@ def tinypose_card(width: int, height: int) -> Any:
 
 
 def calib_spec(shared: Path) -> Any:
-    from dynpose.calibration.crops import CalibSpec, Source
+    from dynpose.export.calibration.crops import CalibSpec, Source
 
     data = shared / "data"
     sources = [

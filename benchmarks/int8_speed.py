@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynpose.calibration.crops import CalibSpec, coco_person_crops
+from dynpose.export.calibration.crops import CalibSpec, coco_person_crops
 from dynpose.engines.manifest import Manifest
 from dynpose.export.api import export_model, register_onnx
 from dynpose.models.card import ModelCard

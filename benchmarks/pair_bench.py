@@ -51,7 +51,7 @@ from dynpose.bench.timing import (
     timed_rounds,
     versions,
 )
-from dynpose.calibration.crops import CalibSpec
+from dynpose.export.calibration.crops import CalibSpec
 from dynpose.engines.manifest import Manifest
 from dynpose.export.api import export_all
 from dynpose.runtime.dispatcher import Dispatcher

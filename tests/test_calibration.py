@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import tinypose_card
 
-from dynpose.calibration.crops import CalibSpec, build_crop_set
-from dynpose.calibration.quantize import quantize_int8, quiet_ort_quantization
+from dynpose.export.calibration.crops import CalibSpec, build_crop_set
+from dynpose.export.calibration.quantize import quantize_int8, quiet_ort_quantization
 from dynpose.cli.export import main as export_cli
 from dynpose.data import gt_boxes, load_coco
 from dynpose.engines.manifest import Manifest, content_name
@@ -150,7 +150,7 @@ def test_quantization_leaves_the_root_logger_alone(tmp_path: Path, shared: Path,
         assert not ort_notes, [r.getMessage() for r in ort_notes]
         # our own progress lines still reach the root handlers (dynpose's logger propagates unless a CLI set it up)
         if logging.getLogger("dynpose").propagate:
-            assert any(r.name.startswith("dynpose.calibration") for r in seen.records)
+            assert any(r.name.startswith("dynpose.export.calibration") for r in seen.records)
     finally:
         root.removeHandler(seen)
         root.setLevel(old_level)

@@ -18,7 +18,7 @@ from dynpose.errors import DynPoseError
 from dynpose.export.api import register_onnx
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session, read_card, run_session
-from dynpose.runtime.compare import measure_speedup
+from dynpose.export.judges import measure_speedup
 
 TP128_CARD = {
     "name": "tinypose_128x96",

@@ -12,13 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dynpose.calibration.crops import CalibSpec, Source
+from dynpose.export.calibration.crops import CalibSpec, Source
 from dynpose.cli.export import main as export_cli
 from dynpose.engines.manifest import DEFAULT_ROUTE, Manifest, content_name
 from dynpose.errors import DynPoseError
 from dynpose.export.api import default_route, export_model
 from dynpose.onnx_utils import open_session, run_session
-from dynpose.runtime.compare import router_agreement
+from dynpose.export.judges import router_agreement
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_router_fp16_and_int8_gated_on_decisions(tmp_path: Path, coco_dir: Path,
     ]
     assert sorted(p.name for p in eng.iterdir() if p.suffix in (".onnx", ".pt")) == sorted(e.file for e in m.entries)
     # the INT8 file runs on the 12 real crops with the runtime's router card
-    from dynpose.calibration.crops import coco_person_crops
+    from dynpose.export.calibration.crops import coco_person_crops
 
     real = coco_person_crops(coco_dir, e8.card)
     assert real is not None

@@ -20,14 +20,14 @@ import torch
 from click.testing import CliRunner
 from conftest import tinypose_card
 
-from dynpose.calibration.crops import CalibSpec
-from dynpose.calibration.quantize import head_nodes
+from dynpose.export.calibration.crops import CalibSpec
+from dynpose.export.calibration.quantize import head_nodes
 from dynpose.data import gt_boxes, image_id_map, load_coco
 from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.api import export_model, register_onnx
 from dynpose.models import create_model, get_card
-from dynpose.runtime.compare import PoseJudge, decode_keypoints
+from dynpose.export.judges import PoseJudge, decode_keypoints
 from dynpose.runtime.decode import average_flip_outputs, average_flip_simdr, decode_outputs, decode_simdr
 from dynpose.runtime.dispatcher import Dispatcher
 from dynpose.runtime.engine_set import EngineSet
@@ -221,7 +221,7 @@ def test_fp16_two_outputs_through_the_gate(simdr_dir: Path, tmp_path: Path) -> N
 
 def test_int8_heads_are_both_linear_layers(simdr_dir: Path) -> None:
     """The INT8 search keeps the output heads first: for SimDR both linear layers and their bias Adds."""
-    from dynpose.calibration.quantize import OP_TYPES
+    from dynpose.export.calibration.quantize import OP_TYPES
 
     e = Manifest.load(simdr_dir).get("large", "onnx")
     assert e is not None
@@ -276,7 +276,7 @@ def test_int8_search_on_two_outputs(shared: Path, tmp_path: Path) -> None:
     except DynPoseError as e:  # the step budget ran out: said in one line
         assert "no layer set reaches mean OKS" in str(e)
         return
-    from dynpose.calibration.quantize import OP_TYPES
+    from dynpose.export.calibration.quantize import OP_TYPES
 
     kept = q2.checks["int8_fp32_layers"]
     heads = head_nodes(onnx.load(str(fp32)), OP_TYPES["ort"])

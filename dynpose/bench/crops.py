@@ -1,6 +1,6 @@
-"""The crop benchmark: Dispatcher calls (crop, router when the policy needs it, both pose models on their workers,
-decode), the way the runtime runs a micro-batch, for large-only, small-only, DynPose at routing fractions and any
-routing policies asked for (e.g. the calibrated route).
+"""The crop benchmark: plans run by a worker per model (crop, router or the cascade's first pass when the policy
+reads it, both pose models at once, decode), the way the runtime runs a micro-batch, for large-only, small-only,
+DynPose at routing fractions and any routing policies asked for (e.g. the calibrated route).
 
 Baselines run the model alone with every core (`timing.solo_models`); the routed configurations run on the engine
 set's models as the runtime loads them (on ONNX Runtime CPU: router on every core, small and large on half each,
@@ -29,19 +29,22 @@ from dynpose.bench.timing import (
     timed_rounds,
 )
 from dynpose.errors import DynPoseError
-from dynpose.runtime.dispatcher import Dispatcher
+from dynpose.roles import Role
+from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.engine_set import EngineSet
+from dynpose.runtime.execute import LocalExecutor, execute
 from dynpose.runtime.model import CropModel
-from dynpose.runtime.policy import parse_policy
+from dynpose.runtime.plan import LARGE, FrameInput, make_plan
+from dynpose.runtime.policy import AllLarge, AllSmall, Fraction, Policy, parse_policy
 
 REF = "large-only"
-REF_SPLIT = "large-only (split threads)"  # the large model alone on the share of cores the Dispatcher gives it
+REF_SPLIT = "large-only (split threads)"  # the large model alone on the share of cores the runtime gives it
 REFS = (REF, REF_SPLIT)
 
 
 @dataclass
 class CropWork:
-    """What one timed sample runs: Dispatcher calls, each (images, boxes per image)."""
+    """What one timed sample runs: plan calls, each (images, boxes per image)."""
 
     calls: list[tuple[list[np.ndarray], list[np.ndarray]]]
     source: str  # "synthetic" | "real"
@@ -72,51 +75,68 @@ def real_work(frames: Sequence[tuple[np.ndarray, np.ndarray]], batch: int) -> Cr
     return CropWork(calls, "real")
 
 
+class Config:
+    """One timed configuration: a policy and the models it runs on, a worker each (what a Pipeline runs)."""
+
+    def __init__(self, policy: Policy, models: dict[Role, CropModel]) -> None:
+        self.policy = policy
+        self.models = models
+        self.cards = {r: m.card for r, m in models.items()}
+        self.executor = LocalExecutor(models)
+
+    def run(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> dict[Role, int]:
+        """One call: plan the boxes, run the plan; persons each model answered for."""
+        frames = [FrameInput(im, Boxes.of(b, im.shape)) for im, b in zip(images, boxes, strict=True)]
+        res = execute(make_plan(frames, self.policy, self.cards), self.executor)
+        large = int((res.model == LARGE).sum())
+        return {Role.SMALL: len(res.model) - large, Role.LARGE: large}
+
+    def threads(self) -> dict[str, int | None]:
+        return {r.value: threads_of(h) for r, h in self.models.items()}
+
+    def close(self) -> None:
+        self.executor.close()
+
+
 def configurations(
-    engines: EngineSet, solo: dict[str, CropModel], fractions: Sequence[float], policies: Sequence[str]
-) -> dict[str, tuple[str, Dispatcher]]:
-    """name -> (policy, Dispatcher): baselines on the solo models, then DynPose at each fraction, then policies."""
+    engines: EngineSet, solo: dict[Role, CropModel], fractions: Sequence[float], policies: Sequence[str]
+) -> dict[str, Config]:
+    """name -> Config: baselines on the solo models, then DynPose at each fraction, then policies."""
     small, large = engines.pose_models
-    s_solo, l_solo = solo["small"], solo["large"]
-    out: dict[str, tuple[str, Dispatcher]] = {
-        REF: ("all-large", Dispatcher(s_solo, l_solo, policy="all-large")),  # type: ignore[arg-type]
-        "small-only": ("all-small", Dispatcher(s_solo, l_solo, policy="all-small")),  # type: ignore[arg-type]
+    s_solo, l_solo = solo[Role.SMALL], solo[Role.LARGE]
+    pair = {Role.SMALL: small, Role.LARGE: large}
+    out = {
+        REF: Config(AllLarge(), {Role.SMALL: s_solo, Role.LARGE: l_solo}),
+        "small-only": Config(AllSmall(), {Role.SMALL: s_solo, Role.LARGE: l_solo}),
     }
     if threads_of(l_solo) != threads_of(large):
         # On a busy machine one session with every core can be slower than one with half of them (its threads wait
         # for cores other work holds): both baselines run, and ratios are taken to the faster one.
-        out[REF_SPLIT] = ("all-large", Dispatcher(small, large, policy="all-large"))
+        out[REF_SPLIT] = Config(AllLarge(), dict(pair))
     if fractions and engines.router is None:
         raise DynPoseError(
             "the engine dir has no router, so DynPose at routing fractions cannot run; export one "
             "(`dynpose-export --role router`) into it, or pass --fractions '' with router-free --policies"
         )
+    router = {Role.ROUTER: engines.router} if engines.router is not None else {}
     for f in fractions:
-        out[f"dynpose@{f:g}"] = (f"fraction:{f!r}", Dispatcher(small, large, engines.router, policy=f"fraction:{f!r}"))
+        out[f"dynpose@{f:g}"] = Config(Fraction(float(f)), {**pair, **router})
     for text in policies:
         p = parse_policy(text)
         if p.needs_router and engines.router is None:
             raise DynPoseError(f"--policies {p}: needs a router, the engine dir has none")
-        out.setdefault(str(p), (str(p), Dispatcher(small, large, engines.router if p.needs_router else None, policy=p)))
+        if str(p) not in out:
+            out[str(p)] = Config(p, {**pair, **(router if p.needs_router else {})})
     return out
 
 
-def _threads(d: Dispatcher) -> dict[str, int | None]:
-    t = {m: threads_of(h) for m, h in d.models.items()}
-    if d.router is not None and d.policy.needs_router:
-        t["router"] = threads_of(d.router)
-    return t
-
-
-def _row(
-    batch: int, name: str, config: tuple[str, Dispatcher], work: CropWork, rounds: Rounds, counts: dict, ref: str
-) -> dict:
-    policy, d = config
+def _row(batch: int, name: str, config: Config, work: CropWork, rounds: Rounds, counts: dict, ref: str) -> dict:
+    policy = str(config.policy)
     s = rounds.samples[name]
     ci = rounds.ci(name, ref)
     n_calls = len(work.calls)
-    frac = float(policy.split(":")[1]) if name.startswith("dynpose@") else None
-    large, small = counts.get("large", 0), counts.get("small", 0)
+    frac = config.policy.fixed_share() if name.startswith("dynpose@") else None
+    large, small = counts.get(Role.LARGE, 0), counts.get(Role.SMALL, 0)
     return {
         "batch": batch,
         "config": "dynpose" if frac is not None else name,
@@ -132,25 +152,25 @@ def _row(
         "num_large": large,
         "num_small": small,
         "large_share": large / max(1, large + small),
-        "threads": _threads(d),
+        "threads": config.threads(),
         "reference": name == ref,
         "samples_ms": [x * 1e3 for x in s],
     }
 
 
 def _timed_batch(
-    configs: dict[str, tuple[str, Dispatcher]], work: CropWork, opts: BenchOptions, log: Callable[[str], None]
-) -> tuple[Rounds, dict[str, dict[str, int]]]:
+    configs: dict[str, Config], work: CropWork, opts: BenchOptions, log: Callable[[str], None]
+) -> tuple[Rounds, dict[str, dict[Role, int]]]:
     """Time every configuration on one batch's work; returns the rounds and each configuration's routing counts."""
-    counts: dict[str, dict[str, int]] = {}
+    counts: dict[str, dict[Role, int]] = {}
 
     def call(name: str) -> Callable[[], None]:
-        d = configs[name][1]
+        config = configs[name]
 
         def fn() -> None:
-            c = {"small": 0, "large": 0}
+            c = dict.fromkeys((Role.SMALL, Role.LARGE), 0)
             for images, boxes in work.calls:
-                for k, v in d.run(images, boxes).counts.items():
+                for k, v in config.run(images, boxes).items():
                     c[k] += v
             counts[name] = c
 
@@ -195,6 +215,6 @@ def crop_benchmark(
                     }
                 )
         finally:
-            for _, d in configs.values():
-                d.close()
+            for config in configs.values():
+                config.close()
     return rows, timing

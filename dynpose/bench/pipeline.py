@@ -1,11 +1,13 @@
-"""The end-to-end benchmark: frames/s over real images through `Pipeline` (read, dispatch with both models at
-once, rescoring, OKS-NMS) as `dynpose-run` runs it, plus a per-stage breakdown from a sequential pass that runs the
-same plain functions one by one (the concurrent run overlaps small and large, so its stages cannot be separated)."""
+"""The end-to-end benchmark: frames/s over real images through `Pipeline` (read, plan, both models at once,
+rescoring, OKS-NMS) as `dynpose-run` runs it, plus a per-stage breakdown from a sequential pass that walks the same
+plan with an executor running one part at a time (the concurrent run overlaps small and large, so its stages cannot
+be separated)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,18 @@ from typing import Any
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.io.sources import read_image
+from dynpose.roles import Role
+from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.engine_set import EngineSet
-from dynpose.runtime.model import PoseModel
-from dynpose.runtime.pipeline import OKS_NMS_THR, RESCORE_THR, Pipeline, clean_boxes
+from dynpose.runtime.execute import execute
+from dynpose.runtime.model import CropModel, PoseModel, Router
+from dynpose.runtime.pipeline import OKS_NMS_THR, RESCORE_THR, Pipeline
+from dynpose.runtime.plan import Done, FrameInput, Plan, Work, make_plan
 from dynpose.runtime.policy import Policy, parse_policy
 from dynpose.runtime.postprocess import oks_nms, rescore
-from dynpose.runtime.sources import read_image
 
-STAGES = ("decode_image", "crop", "router", "small", "large", "decode_keypoints", "rescore_nms")
+STAGES = ("decode_image", "crop", Role.ROUTER.value, Role.SMALL.value, Role.LARGE.value, "decode_keypoints", "rescore_nms")
 
 
 def _read(path: Path) -> np.ndarray:
@@ -35,7 +41,7 @@ class _Stages:
 
     def __init__(self) -> None:
         self.acc = dict.fromkeys(STAGES, 0.0)
-        self.routed = {"small": 0, "large": 0}
+        self.routed = dict.fromkeys((Role.SMALL.value, Role.LARGE.value), 0)
 
     def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         t = time.perf_counter()
@@ -44,45 +50,46 @@ class _Stages:
         return out
 
 
-def _crop_inputs(model: PoseModel, img: np.ndarray, fi: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return model.inputs(model.crop([img], fi, c, s))
+class _TimedExecutor:
+    """Runs a plan's work on the calling thread, one part at a time, each timed into its stage (the runners time
+    their own inference)."""
 
+    def __init__(self, models: dict[Role, CropModel], st: _Stages) -> None:
+        self.models, self.st = models, st
 
-def _sequential_frame(engines: EngineSet, policy: Policy, path: Path, raw: np.ndarray, st: _Stages) -> None:
-    """One image through the same steps the Dispatcher takes, each timed on its own (runners time their inference)."""
-    img = st.timed("decode_image", lambda: _read(path))
-    boxes, _ = clean_boxes(raw, img.shape)
-    xywh = boxes[:, :4]
-    fi = np.zeros(len(xywh), dtype=np.int64)
-    small, large = engines.pose_models
-    kps = np.zeros((len(xywh), large.card.keypoint_set.num, 3), dtype=np.float32)
-    areas = np.zeros(len(xywh))
-    scores = router_x = None
-    router = engines.router
-    if policy.needs_router:
-        assert router is not None
-        rc, rs = router.geometry(xywh)
-        router_x = st.timed("crop", lambda: router.inputs(router.crop([img], fi, rc, rs)))
-        scores = router.scores(router_x)
-        st.acc["router"] += router.runner.last_inference_time()
-    go_large = policy.decide(scores, xywh).large
-    models: dict[str, PoseModel] = {"small": small, "large": large}
-    for m, model in models.items():
-        idx = np.flatnonzero(go_large if m == "large" else ~go_large)
-        if idx.size == 0:
-            continue
-        st.routed[m] += int(idx.size)
-        c, s = model.geometry(xywh[idx])
-        if m == "large" and router is not None and router_x is not None and router.same_crop(large):
-            x = router_x[idx]  # as the Dispatcher: the router's crops serve the large model as they are
-        else:
-            x = st.timed("crop", partial(_crop_inputs, model, img, fi[idx], c, s))
+    def submit(self, plan: Plan, work: Sequence[Work]) -> list[Future[Done]]:
+        futures: list[Future[Done]] = []
+        for w in work:
+            f: Future[Done] = Future()
+            f.set_result(self._run(plan, w))
+            futures.append(f)
+        return futures
+
+    def _run(self, plan: Plan, w: Work) -> Done:
+        model = self.models[w.role]
+        x = self.st.timed("crop", lambda: model.inputs(plan.crop(w)))
+        if isinstance(model, Router):
+            out = model.scores(x)
+            self.st.acc[w.role.value] += model.runner.last_inference_time()
+            return Done(w, out)
+        assert isinstance(model, PoseModel)
         outs = model.infer(x)
-        st.acc[m] += model.runner.last_inference_time()
-        kps[idx] = st.timed("decode_keypoints", partial(model.decode, outs, c, s))
-        areas[idx] = np.prod(s, axis=1)
-    sigmas = large.card.keypoint_set.sigmas
-    st.timed("rescore_nms", lambda: oks_nms(kps, rescore(kps, boxes[:, 4], thr=RESCORE_THR), areas, OKS_NMS_THR, sigmas))
+        self.st.acc[w.role.value] += model.runner.last_inference_time()
+        c, s = plan.geometry(w.role, w.idx)
+        return Done(w, self.st.timed("decode_keypoints", partial(model.decode, outs, c, s)))
+
+
+def _sequential_frame(models: dict[Role, CropModel], policy: Policy, path: Path, raw: np.ndarray, st: _Stages) -> None:
+    """One image through the planner's stages, each part timed on its own (`_TimedExecutor`)."""
+    img = st.timed("decode_image", lambda: _read(path))
+    boxes = Boxes.of(raw, img.shape)
+    plan = make_plan([FrameInput(img, boxes)], policy, {r: m.card for r, m in models.items()})
+    res = execute(plan, _TimedExecutor(models, st))
+    for r in (Role.SMALL, Role.LARGE):
+        st.routed[r.value] += int(sum(res.role(i) == r for i in range(len(res.model))))
+    sigmas = models[Role.LARGE].card.keypoint_set.sigmas
+    areas = np.prod(res.scales, axis=1)
+    st.timed("rescore_nms", lambda: oks_nms(res.keypoints, rescore(res.keypoints, boxes.scores, thr=RESCORE_THR), areas, OKS_NMS_THR, sigmas))
 
 
 def pipeline_benchmark(
@@ -99,7 +106,8 @@ def pipeline_benchmark(
         raise DynPoseError(f"--route {route}: needs a router, the engine dir has none; use all-small/all-large/box:A")
     boxes = int(sum(len(b) for _, b in inputs))
     # A pipeline over the opened models: it does not own (close) them.
-    pipe = Pipeline.from_engine_set(engines, route=str(policy))
+    pipe = Pipeline.from_engine_set(engines, route=policy)
+    models: dict[Role, CropModel] = {r: m for r in (Role.ROUTER, Role.SMALL, Role.LARGE) if (m := getattr(engines, r))}
     found = 0
     try:
 
@@ -120,12 +128,12 @@ def pipeline_benchmark(
     st = _Stages()
     for _ in range(max(1, repeats)):
         for path, raw in inputs:
-            _sequential_frame(engines, policy, path, raw, st)
+            _sequential_frame(models, policy, path, raw, st)
     frames = len(inputs) * max(1, repeats)
     total = sum(st.acc.values())
     med = float(np.median(pass_s))
     passes = max(1, stats["frames"] // max(1, len(inputs)))
-    crops = int(sum(stats["crops"].values()) // passes)  # boxes the Dispatcher ran (unusable ones dropped first)
+    crops = int(sum(stats["answered"].values()) // passes)  # persons the pose models answered (unusable boxes dropped)
     return {
         "images": len(inputs),
         "boxes": boxes,  # as given (detections)
@@ -133,7 +141,7 @@ def pipeline_benchmark(
         "dropped_boxes": int(stats["dropped_boxes"] // passes),
         "persons": found,  # after OKS-NMS: what a user gets
         "persons_after_nms": found,
-        "large_share": stats["crops"]["large"] / max(1, sum(stats["crops"].values())),
+        "large_share": stats["answered"][Role.LARGE.value] / max(1, sum(stats["answered"].values())),
         "route": str(policy),
         "repeats": repeats,
         "fps": len(inputs) / med,

@@ -19,7 +19,9 @@ from dynpose.bench.pipeline import pipeline_benchmark
 from dynpose.bench.report import plot
 from dynpose.bench.timing import machine_info, real_inputs, threads_of, versions
 from dynpose.fileio import write_json_atomic
-from dynpose.runtime.engine_set import EngineSet, usable_cores
+from dynpose.roles import MODEL_ROLES, Role
+from dynpose.runtime.boxes import Boxes
+from dynpose.runtime.engine_set import EngineSet, LoadOptions, usable_cores
 
 SCHEMA = "dynpose.bench"
 SCHEMA_VERSION = 2
@@ -28,7 +30,7 @@ __all__ = ["BENCH_DIRNAME", "DEFAULTS", "DEFAULT_FRACTIONS", "BenchOptions", "ru
 
 def _header(engines: EngineSet, opts: BenchOptions, engine_dir: str | os.PathLike) -> dict[str, Any]:
     models = {
-        role: {
+        role.value: {
             "model": e.model,
             "file": e.file,
             "format": e.format,
@@ -67,12 +69,12 @@ def _header(engines: EngineSet, opts: BenchOptions, engine_dir: str | os.PathLik
 
 
 def _threads(engines: EngineSet, opts: BenchOptions) -> dict[str, Any]:
-    def of(role: str) -> Any:
+    def of(role: Role) -> Any:
         h = getattr(engines, role)
         return threads_of(h) if h is not None else None
 
     solo = (opts.threads or usable_cores()) if opts.backend == "ort" and opts.device == "cpu" else None
-    return {"solo": solo, "router": of("router"), "small": of("small"), "large": of("large")}
+    return {"solo": solo, **{r.value: of(r) for r in MODEL_ROLES}}
 
 
 def _outputs(engine_dir: str | os.PathLike, opts: BenchOptions, created: str) -> tuple[Path | None, Path | None]:
@@ -85,12 +87,11 @@ def _outputs(engine_dir: str | os.PathLike, opts: BenchOptions, created: str) ->
 
 def _read_frames(inputs: list[tuple[Path, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
     from dynpose.bench.pipeline import _read
-    from dynpose.runtime.pipeline import clean_boxes
 
     frames = []
     for path, boxes in inputs:
         img = _read(path)
-        frames.append((img, clean_boxes(boxes, img.shape)[0]))
+        frames.append((img, Boxes.of(boxes, img.shape).as_array()))
     return frames
 
 
@@ -103,9 +104,8 @@ def run_benchmark(
     assert opts.rounds is not None
     inputs = real_inputs(opts.images, opts.detections) if opts.images is not None and opts.detections is not None else None
     started = time.perf_counter()
-    with EngineSet.load(
-        engine_dir, opts.backend, opts.device, threads=opts.threads, backend_options=opts.backend_options or None
-    ) as engines:
+    load = LoadOptions(opts.backend, opts.device, opts.threads, backend_options=opts.backend_options or None)
+    with EngineSet.load(engine_dir, load) as engines:
         result = _header(engines, opts, engine_dir)
         # as many cost repeats as timed rounds (at most the 7 the manifest's figures take), so a short run stays short
         rounds = opts.rounds
@@ -117,7 +117,7 @@ def run_benchmark(
             seed=opts.seed,
             log=log,
         )
-        result["costs"] = costs
+        result["costs"] = costs.to_dict()
         result["cost_lines"] = cost_lines(costs)
         frames = _read_frames(inputs) if inputs and opts.real_crops else None
         rows, timing = crop_benchmark(engines, opts, frames=frames, log=log)
@@ -128,8 +128,8 @@ def run_benchmark(
             if not r.get("reference"):
                 key = f"{r['fraction']:g}" if r["fraction"] is not None else r["config"]
                 result["ratio_vs_large"][str(r["batch"])][key] = r["ratio_vs_large"]
-        load = load_summary([v for t in timing for v in t["others_cores"]])
-        result["load"], result["load_warning"] = load, load_warning(load)
+        others = load_summary([v for t in timing for v in t["others_cores"]])
+        result["load"], result["load_warning"] = others, load_warning(others)
         route = opts.route or engines.manifest.route
         result["pipeline"] = (
             pipeline_benchmark(engines, inputs, route, opts.rounds.min_rounds, opts.rounds.warmup, log=log)
@@ -138,7 +138,7 @@ def run_benchmark(
         )
     result["wall_s"] = time.perf_counter() - started
     if opts.store_costs:
-        result["costs_stored_in"] = str(store_costs(engine_dir, costs, opts.backend, opts.device))
+        result["costs_stored_in"] = str(store_costs(engine_dir, costs))
     json_out, plot_out = _outputs(engine_dir, opts, result["created"])
     if json_out is not None:
         write_json_atomic(json_out, result)

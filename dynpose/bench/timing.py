@@ -21,6 +21,7 @@ import numpy as np
 
 from dynpose.bench.stats import TARGET_HALF_WIDTH, RatioCI, converged, paired_ratio_ci
 from dynpose.errors import DynPoseError
+from dynpose.roles import Role
 
 if TYPE_CHECKING:
     from dynpose.runtime.engine_set import EngineSet
@@ -243,16 +244,16 @@ def timed_rounds(
 
 # -- solo models: a baseline gets every core -----------------------------------------------------------------------------
 @contextmanager
-def solo_models(engines: EngineSet, threads: int | None = None) -> Iterator[dict[str, CropModel]]:
+def solo_models(engines: EngineSet, threads: int | None = None) -> Iterator[dict[Role, CropModel]]:
     """Each opened model of the engine set as it runs *alone*: on ONNX Runtime CPU a fresh session with every core
     dynpose may use (`threads`, default all), since `EngineSet.load` gives each pose model half of them so the two
-    Dispatcher workers do not fight; a large-only baseline with half the cores would flatter DynPose. Other
-    backends (one GPU stream each) reuse the engine set's handles. The fresh sessions are closed on exit."""
-    out: dict[str, CropModel] = {}
+    workers do not fight; a large-only baseline with half the cores would flatter DynPose. Other backends (one GPU
+    stream each) reuse the engine set's handles. The fresh sessions are closed on exit."""
+    out: dict[Role, CropModel] = {}
     made: list[CropModel] = []
     try:
         for role in engines.entries:
-            out[role] = engines.solo_model(role, threads)
+            out[Role(role)] = engines.solo_model(role, threads)
             if out[role] is not getattr(engines, role):
                 made.append(out[role])
         yield out

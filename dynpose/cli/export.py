@@ -12,9 +12,10 @@ import click
 from dynpose.cli.common import check_finite, setup_logging, sigterm_as_interrupt, user_errors
 from dynpose.engines.manifest import Entry
 from dynpose.errors import DynPoseError
+from dynpose.roles import Role
 
 if TYPE_CHECKING:
-    from dynpose.calibration.crops import CalibSpec
+    from dynpose.export.calibration.crops import CalibSpec
 
 EXAMPLES = """
 \b
@@ -46,7 +47,7 @@ def _calib_spec(
 ) -> CalibSpec | None:
     """The calibration spec the --calib-* options describe; with only --gate-ann, a spec holding just the gate file
     (fp16 and fp32 checks judge on its persons; INT8 still needs calibration data); None without either."""
-    from dynpose.calibration.crops import CalibSpec, Source
+    from dynpose.export.calibration.crops import CalibSpec, Source
 
     if root is None and ann is None and dets is None:
         if gate_ann is None:
@@ -281,10 +282,10 @@ def _store_costs(engine: Path, fmt: str) -> None:
     backend, device = ("tensorrt", "cuda") if fmt == "tensorrt" else ("ort", "cpu")
     fmt_of = {"tensorrt": "tensorrt", "ort": "onnx"}[backend]
     m = Manifest.load(engine, verify=False)
-    if m.get("small", fmt_of) is None or m.get("large", fmt_of) is None:
+    if m.get(Role.SMALL, fmt_of) is None or m.get(Role.LARGE, fmt_of) is None:
         return
     record = measure_costs_dir(engine, backend, device)
-    store_costs(engine, record, backend, device)
+    store_costs(engine, record)
     for line in cost_lines(record):
         click.echo(line)
 

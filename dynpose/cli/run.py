@@ -14,12 +14,12 @@ from dynpose.cli.common import check_finite, check_threads, setup_logging, sigte
 from dynpose.errors import DynPoseError
 
 if TYPE_CHECKING:
-    from dynpose.runtime.boxes import BoxSource
+    from dynpose.io.box_sources import BoxSource
+    from dynpose.io.sinks import ResultSink
+    from dynpose.io.sources import FrameSource
     from dynpose.runtime.pipeline import Pipeline
-    from dynpose.runtime.process import VideoReport
-    from dynpose.runtime.sinks import ResultSink
-    from dynpose.runtime.sources import FrameSource
-    from dynpose.runtime.tracking import VideoOptions
+    from dynpose.runtime.policy import Policy
+    from dynpose.video import LoopOptions, RunReport, VideoOptions
 
 EPILOG = """\b
 Examples:
@@ -79,9 +79,9 @@ class RunOptions:
     track_confirm: int = 2
     track_max_missed: int = 30
 
-    def video(self) -> VideoOptions | None:
-        """The video run's options, or None for a plain run (one source, no tracking: today's per-frame path)."""
-        from dynpose.runtime.tracking import TrackerConfig, VideoOptions, parse_smoothing
+    def loop(self) -> LoopOptions:
+        """The run loop's options (batching, tracking, key frames, temporal routing, smoothing), validated."""
+        from dynpose.video import LoopOptions, TrackerConfig, VideoOptions, parse_smoothing
 
         v = VideoOptions(
             track=self.track,
@@ -91,13 +91,14 @@ class RunOptions:
             tracker=TrackerConfig(confirm=self.track_confirm, max_missed=self.track_max_missed),
         )
         v.validate()
-        return v if self.track or len(self.source) > 1 else None
+        return LoopOptions(self.max_batch, self.max_latency_ms, v, progress=not self.quiet)
 
 
-def _check(o: RunOptions) -> None:
-    """Everything that can be refused before a file is opened or a model loaded."""
+def _check(o: RunOptions) -> Policy | None:
+    """Everything that can be refused before a file is opened or a model loaded; returns the asked policy (parsed
+    here, once: the run uses this object)."""
+    from dynpose.io.sinks import out_format
     from dynpose.runtime.policy import parse_policy
-    from dynpose.runtime.sinks import out_format
 
     if sum(x is not None for x in (o.detections, o.detector, o.gt_boxes)) > 1:
         raise DynPoseError("give one box source: --detections, --detector or --gt-boxes")
@@ -125,13 +126,12 @@ def _check(o: RunOptions) -> None:
         raise DynPoseError("--format posetrack writes track ids; add --track")
     if o.out is None and o.out_format is not None:
         raise DynPoseError(f"--format {o.out_format}: it is the format of --out; give --out too")
-    if o.route is not None:
-        parse_policy(o.route)  # a bad policy fails before any model loads
-    o.video()  # bad tracking flags fail here too
+    o.loop()  # bad tracking flags fail here
+    return parse_policy(o.route) if o.route is not None else None  # a bad policy fails before any model loads
 
 
 def _box_source(o: RunOptions) -> BoxSource:
-    from dynpose.runtime.boxes import DetectorBoxes, FileBoxes
+    from dynpose.io.box_sources import DetectorBoxes, FileBoxes
 
     if o.detections:
         return FileBoxes.detections(o.detections, o.source[0], 0.0 if o.det_score is None else o.det_score, o.ann)
@@ -141,8 +141,8 @@ def _box_source(o: RunOptions) -> BoxSource:
 
 
 def _check_source(o: RunOptions, src: FrameSource, boxes: BoxSource) -> None:
-    from dynpose.runtime.boxes import FileBoxes
-    from dynpose.runtime.sinks import out_format
+    from dynpose.io.box_sources import FileBoxes
+    from dynpose.io.sinks import out_format
 
     live = src.kind in ("video", "webcam")
     if isinstance(boxes, FileBoxes) and live:
@@ -156,8 +156,8 @@ def _check_source(o: RunOptions, src: FrameSource, boxes: BoxSource) -> None:
 
 def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[ResultSink]]:
     """Each source's sinks (per-source file names when there are several); none left half-made on an error."""
-    from dynpose.runtime.sinks import Outputs
-    from dynpose.runtime.sources import source_stems
+    from dynpose.io.sinks import Outputs
+    from dynpose.io.sources import source_stems
 
     outputs = Outputs(o.out, o.out_format, o.vis, o.vis_score, collect=o.eval_gt is not None)
     stems: list[str | None] = list(source_stems(o.source)) if len(srcs) > 1 else [None]
@@ -303,70 +303,80 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
 @user_errors
 def main(**flags: Any) -> None:
     """Estimate human poses with the DynPose router + small/large models of an engine dir."""
-    from dynpose.runtime.pipeline import Pipeline
-    from dynpose.runtime.process import process
-    from dynpose.runtime.sources import open_source
-
     o = RunOptions(**{**flags, "source": tuple(flags["source"])})
     setup_logging(o.quiet)
-    _check(o)
+    policy = _check(o)
     threads = check_threads(o.threads)
     boxes = _box_source(o)
     with contextlib.ExitStack() as stack:
-        srcs = [stack.enter_context(open_source(s, max_pixels=o.max_pixels or None)) for s in o.source]
-        for src in srcs:
-            _check_source(o, src, boxes)
-        det_score = 0.5 if o.det_score is None else o.det_score
-        pipe = stack.enter_context(
-            Pipeline.from_engine_dir(
-                o.engine_dir,
-                route=o.route,
-                flip=o.flip,
-                max_batch=o.max_batch,
-                backend=o.backend,
-                device=o.device,
-                threads=threads,
-                detector=o.detector,
-                det_score=det_score,
-            )
-        )
+        srcs = _open_sources(o, boxes, stack)
+        pipe = stack.enter_context(_pipeline(o, policy, threads))
+        sinks = _sinks(o, srcs, pipe)
+        if not any(sinks):
+            click.echo("note: no --out or --vis: results are not written (the summary below is all you get)", err=True)
+        report = _run(o, pipe, srcs, boxes, sinks)
+    _summary(o, pipe, boxes, sinks, report)
+    if o.eval_gt:
+        _evaluate(next(s.results for s in sinks[0] if hasattr(s, "results")), o.eval_gt)
+
+
+def _open_sources(o: RunOptions, boxes: BoxSource, stack: contextlib.ExitStack) -> list[FrameSource]:
+    from dynpose.io.sources import open_source
+
+    srcs = [stack.enter_context(open_source(s, max_pixels=o.max_pixels or None)) for s in o.source]
+    for src in srcs:
+        _check_source(o, src, boxes)
+    return srcs
+
+
+def _pipeline(o: RunOptions, policy: Policy | None, threads: int | None) -> Pipeline:
+    """The engine dir's models for this run, and one line on whether the route can pay by the measured costs."""
+    from dynpose.bench.costs import log_route_costs
+    from dynpose.runtime.pipeline import Pipeline
+
+    det_score = 0.5 if o.det_score is None else o.det_score
+    pipe = Pipeline.from_engine_dir(
+        o.engine_dir,
+        route=policy,
+        flip=o.flip,
+        max_batch=o.max_batch,
+        backend=o.backend,
+        device=o.device,
+        threads=threads,
+        detector=o.detector,
+        det_score=det_score,
+    )
+    try:
         if o.detections is None and o.gt_boxes is None and pipe.detector is None:
             raise DynPoseError(
                 "no person boxes: pass --detections DETS.json, --gt-boxes GT.json or --detector "
                 "FILE.onnx (or export a detector into the engine dir)"
             )
-        sinks = _sinks(o, srcs, pipe)
-        if not any(sinks):
-            click.echo("note: no --out or --vis: results are not written (the summary below is all you get)", err=True)
-        video = o.video()
-        if video is None:
-            with sigterm_as_interrupt():
-                report = process(pipe, srcs[0], boxes, sinks[0], o.max_batch, o.max_latency_ms, progress=not o.quiet)
-            _summary(o, pipe, boxes, sinks[0], report)
-        else:
-            _run_video(o, pipe, srcs, boxes, sinks, video)
-    if o.eval_gt:
-        _evaluate(next(s.results for s in sinks[0] if hasattr(s, "results")), o.eval_gt)
+        if pipe.engines is not None:
+            log_route_costs(pipe.engines.manifest, pipe.policy, o.backend, o.device, where=f"engine dir {o.engine_dir}")
+    except BaseException:
+        pipe.close()
+        raise
+    return pipe
 
 
-def _run_video(
-    o: RunOptions, pipe: Pipeline, srcs: list[FrameSource], boxes: BoxSource, sinks: list[list[ResultSink]], video: Any
-) -> None:
-    from dynpose.runtime.process import StreamError, process_video
+def _run(
+    o: RunOptions, pipe: Pipeline, srcs: list[FrameSource], boxes: BoxSource, sinks: list[list[ResultSink]]
+) -> RunReport:
+    from dynpose.video import StreamError, run
 
     try:
         with sigterm_as_interrupt():
-            report = process_video(pipe, srcs, sinks, video, boxes=[boxes] * len(srcs), progress=not o.quiet)
+            return run(pipe, srcs, sinks, boxes=[boxes] * len(srcs), options=o.loop())
     except StreamError as e:
-        _video_summary(pipe, e.report, sinks)
+        _summary(o, pipe, boxes, sinks, e.report)
         raise
-    _video_summary(pipe, report, sinks)
 
 
-def _summary(o: RunOptions, pipe: Pipeline, boxes: BoxSource, sinks: list[ResultSink], report: Any) -> None:
-    from dynpose.runtime.boxes import FileBoxes
+def _warnings(o: RunOptions, boxes: BoxSource, sinks: list[list[ResultSink]], report: RunReport) -> None:
+    from dynpose.io.box_sources import FileBoxes
 
-    no_id = list(getattr(boxes, "no_id", [])) + [n for s in sinks for n in getattr(s, "no_id", [])]
+    no_id = list(getattr(boxes, "no_id", [])) + [n for s in sinks[0] for n in getattr(s, "no_id", [])]
     if no_id and (o.out is not None or o.eval_gt):
         click.echo(
             f"warning: {len(no_id)} image(s) have no COCO image id (e.g. {no_id[0]}); they get no COCO "
@@ -375,45 +385,37 @@ def _summary(o: RunOptions, pipe: Pipeline, boxes: BoxSource, sinks: list[Result
         )
     if isinstance(boxes, FileBoxes) and report.frames and not boxes.matched:
         click.echo(
-            f"warning: no image of {o.source} has boxes in {o.detections or o.gt_boxes}; check the file "
+            f"warning: no image of {o.source[0]} has boxes in {o.detections or o.gt_boxes}; check the file "
             "names / ids (or pass --ann)",
             err=True,
         )
-    if report.skipped:
-        click.echo(f"warning: {report.skipped} unreadable image(s) skipped", err=True)
-    if report.note:
-        click.echo(f"warning: {report.note}", err=True)
-    st = pipe.stats
-    click.echo("models: " + "; ".join(f"{role} {what}" for role, what in pipe.info["models"].items()))
-    click.echo(
-        f"{'interrupted; ' if report.interrupted else ''}frames {st.frames}, persons {st.persons}, crops small "
-        f"{st.crops['small']} / large {st.crops['large']}, dropped boxes {st.dropped_boxes}, "
-        f"NaN router scores {st.nan_router_scores}, {report.fps:.1f} FPS ({report.seconds:.2f} s, route "
-        f"{pipe.info['route']})"
-    )
-    for s in sinks:
-        if getattr(s, "path", True) is not None:  # the --eval collector has nothing to report
-            click.echo(s.summary())  # type: ignore[attr-defined]
+    for s in report.streams:
+        if s.skipped:
+            click.echo(f"warning: {s.name}: {s.skipped} unreadable image(s) skipped", err=True)
+        if s.note:
+            click.echo(f"warning: {s.note}", err=True)
 
 
-def _video_summary(pipe: Pipeline, report: VideoReport, sinks: list[list[ResultSink]]) -> None:
+def _summary(o: RunOptions, pipe: Pipeline, boxes: BoxSource, sinks: list[list[ResultSink]], report: RunReport) -> None:
+    """What the run did: models, per-stream lines when tracking or several sources, the totals, the outputs."""
+    from dynpose.roles import Role
+
+    _warnings(o, boxes, sinks, report)
     st, total = pipe.stats, report.stats
-    click.echo("models: " + "; ".join(f"{role} {what}" for role, what in pipe.info["models"].items()))
+    click.echo("models: " + "; ".join(f"{role} {what}" for role, what in pipe.info.get("models", {}).items()))
     if len(report.streams) > 1 or total.tracks:
         for s in report.streams:
             click.echo(s.line(report.seconds))
-    for s in report.streams:
-        if s.note:
-            click.echo(f"warning: {s.note}", err=True)
-    router = f"router crops {total.router_crops}" + (f" (saved {total.router_saved})" if total.router_saved else "")
+    video = f", detector calls {total.detector_calls}" if o.track else ""
+    router = f", router crops {st.crops[Role.ROUTER]}" + (f" (saved {total.router_saved})" if total.router_saved else "")
     click.echo(
-        f"{'interrupted; ' if report.interrupted else ''}frames {report.frames}, persons {total.persons}, crops small "
-        f"{st.crops['small']} / large {st.crops['large']}, detector calls {total.detector_calls}, {router}, "
-        f"NaN router scores {st.nan_router_scores}, {report.fps:.1f} FPS ({report.seconds:.2f} s, route "
-        f"{pipe.info['route']})"
+        f"{'interrupted; ' if report.interrupted else ''}frames {report.frames}, persons {st.persons}, crops small "
+        f"{st.crops[Role.SMALL]} / large {st.crops[Role.LARGE]}{router if pipe.policy.needs_router else ''}"
+        f"{video}, dropped boxes {st.dropped_boxes}, NaN signals {st.nan_signals}, {report.fps:.1f} FPS "
+        f"({report.seconds:.2f} s, route {pipe.policy}){f', escalated {st.escalated}' if pipe.policy.cascades else ''}"
     )
     for sink in (k for per_source in sinks for k in per_source):
-        if getattr(sink, "path", True) is not None:
+        if getattr(sink, "path", True) is not None:  # the --eval collector has nothing to report
             click.echo(sink.summary())  # type: ignore[attr-defined]
 
 

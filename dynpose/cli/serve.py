@@ -181,7 +181,7 @@ def bench(
 ) -> None:
     """Load a running service: req/s, crops/s, p50/p95/p99 latency, errors, and the pose batches formed."""
     from dynpose.fileio import write_json_atomic
-    from dynpose.runtime.sinks import check_writable_file
+    from dynpose.io.sinks import check_writable_file
     from dynpose.serve.client import Client
     from dynpose.serve.loadgen import format_report, load_items, run_load
 

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import platform
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from dynpose.models.card import ModelCard
+from dynpose.roles import Role
 
 if TYPE_CHECKING:
     import onnx
@@ -44,6 +46,9 @@ DEFAULT_ROUTE = "band:0.59,0.69"
 # notes["costs"]["<backend>/<device>"]: per-crop costs measured on this machine (`dynpose.bench.costs`, written by
 # `dynpose-bench --store-costs`); a role's figures hold only while its entry's sha256 is the one timed.
 COSTS_NOTE = "costs"
+# notes["router_calibration"]: how `dynpose-train-router --calibrate` chose the route (`RouteCalibration`).
+CALIBRATION_NOTE = "router_calibration"
+COST_PARTS = ("crop", "infer", "decode", "total")
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -185,6 +190,131 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
+def _positive_ms(v: object, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise DynPoseError(f"{where}: must be a finite number of ms >= 0, got {_short(v)}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class RoleCosts:
+    """One model's measured per-crop costs: per batch size, ms of each part (crop, infer, decode, total)."""
+
+    file: str
+    sha256: str
+    precision: str
+    ms: dict[int, dict[str, float]]
+    threads: dict[int, int | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> RoleCosts:
+        if not isinstance(d, dict) or not isinstance(d.get("ms"), dict) or not d["ms"]:
+            raise DynPoseError(f"{where}: expected {{file, sha256, precision, ms: {{batch: parts}}}}, got {_short(d)}")
+        ms: dict[int, dict[str, float]] = {}
+        for b, parts in d["ms"].items():
+            if not str(b).isdigit() or int(b) < 1 or not isinstance(parts, dict):
+                raise DynPoseError(f"{where}: 'ms' must map batch sizes to part costs, got {_short(b)}: {_short(parts)}")
+            ms[int(b)] = {k: _positive_ms(parts.get(k), f"{where} ms[{b}].{k}") for k in COST_PARTS}
+            if ms[int(b)]["total"] <= 0:
+                raise DynPoseError(f"{where}: ms[{b}].total must be > 0, got {ms[int(b)]['total']}")
+        threads = d.get("threads") if isinstance(d.get("threads"), dict) else {}
+        return cls(
+            str(d.get("file", "")),
+            str(d.get("sha256", "")),
+            str(d.get("precision", "")),
+            ms,
+            {int(b): t if isinstance(t, int) else None for b, t in threads.items() if str(b).isdigit()},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "precision": self.precision,
+            "threads": {str(b): t for b, t in self.threads.items()},
+            "ms": {str(b): dict(p) for b, p in self.ms.items()},
+        }
+
+
+@dataclass(frozen=True)
+class CostRecord:
+    """Per-crop costs of an engine dir's models measured on one machine and backend/device (`dynpose.bench.costs`
+    measures them; the runtime and calibration read them to say what a route costs)."""
+
+    backend: str
+    device: str
+    roles: dict[Role, RoleCosts]
+    shared_crop: bool = False  # the router's crops serve the large model (its crop is then free)
+    measured: str = ""
+    machine: dict[str, Any] = field(default_factory=dict)
+    repeats: int = 0
+
+    def ms(self, role: Role, batch: int, part: str = "total") -> float | None:
+        """A role's ms per crop at the measured batch nearest `batch`; None when the role was not measured."""
+        r = self.roles.get(role)
+        if r is None:
+            return None
+        nearest = min(r.ms, key=lambda b: abs(b - batch))
+        return r.ms[nearest][part]
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted({b for r in self.roles.values() for b in r.ms})
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> CostRecord:
+        if not isinstance(d, dict) or not isinstance(d.get("roles"), dict):
+            raise DynPoseError(f"{where}: expected a cost record {{backend, device, roles}}, got {_short(d)}")
+        roles = {}
+        for name, rc in d["roles"].items():
+            role = Role.parse(name, f"{where} roles")
+            roles[role] = RoleCosts.from_dict(rc, f"{where} roles.{role.value}")
+        return cls(
+            str(d.get("backend", "")),
+            str(d.get("device", "")),
+            roles,
+            bool(d.get("shared_crop", False)),
+            str(d.get("measured", "")),
+            d.get("machine") if isinstance(d.get("machine"), dict) else {},
+            d.get("repeats") if _is_int(d.get("repeats")) else 0,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "measured": self.measured,
+            "machine": self.machine,
+            "backend": self.backend,
+            "device": self.device,
+            "batches": self.batches,
+            "repeats": self.repeats,
+            "shared_crop": self.shared_crop,
+            "roles": {r.value: c.to_dict() for r, c in self.roles.items()},
+        }
+
+
+@dataclass(frozen=True)
+class RouteCalibration:
+    """How a route was chosen: the policy, the share of persons it sends to the large model on the calibration
+    data, and the figures of the calibration (target, AP or agreement, costs, per-family winners) as written."""
+
+    policy: str
+    fraction: float | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> RouteCalibration:
+        if not isinstance(d, dict) or not isinstance(d.get("policy"), str) or not d["policy"]:
+            raise DynPoseError(f"{where}: expected {{policy, fraction, ...}}, got {_short(d)}")
+        f = d.get("fraction")
+        ok = isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and 0.0 <= f <= 1.0
+        if f is not None and not ok:
+            raise DynPoseError(f"{where}: 'fraction' must be a share in [0, 1], got {_short(f)}")
+        return cls(d["policy"], float(f) if f is not None else None, {k: v for k, v in d.items() if k not in ("policy", "fraction")})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "fraction": self.fraction, **self.figures}
+
+
 @dataclass
 class Manifest:
     """All entries of one engine directory plus the default routing policy."""
@@ -192,6 +322,7 @@ class Manifest:
     entries: list[Entry] = field(default_factory=list)
     route: str = DEFAULT_ROUTE
     notes: dict[str, Any] = field(default_factory=dict)
+    engine_dir: Path | None = field(default=None, compare=False)  # where it was loaded from (not written)
 
     # -- lookup --------------------------------------------------------------------------------------------------
     def get(self, role: str, fmt: str | None = None) -> Entry | None:
@@ -212,21 +343,46 @@ class Manifest:
             )
         return e
 
-    def costs(self, backend: str, device: str) -> dict[str, Any] | None:
+    def costs(self, backend: str, device: str) -> CostRecord | None:
         """The per-crop costs measured for backend/device (`notes.costs`), keeping only the roles whose entry is
-        still the file that was timed (same sha256); None when nothing stored still applies."""
+        still the file that was timed (same sha256); None when nothing stored still applies. A record that is not
+        what `dynpose-bench --store-costs` writes (zero, negative or non-numeric figures, another shape) is left
+        out with a warning: a cost that is not a measurement is never printed as one."""
         stored = self.notes.get(COSTS_NOTE)
-        rec = stored.get(f"{backend}/{device}") if isinstance(stored, dict) else None
-        if not isinstance(rec, dict) or not isinstance(rec.get("roles"), dict):
+        raw = stored.get(f"{backend}/{device}") if isinstance(stored, dict) else None
+        if raw is None:
+            return None
+        try:
+            rec = CostRecord.from_dict(raw, f"manifest notes.costs[{backend}/{device}]")
+        except DynPoseError as e:
+            log.warning("%s; ignoring the stored costs (measure them again: dynpose-bench --store-costs)", e)
             return None
         current = {(e.role, e.sha256) for e in self.entries}
-        roles = {r: v for r, v in rec["roles"].items() if isinstance(v, dict) and (r, v.get("sha256")) in current}
-        return {**rec, "roles": roles} if roles else None
+        roles = {r: c for r, c in rec.roles.items() if (r, c.sha256) in current}
+        return replace(rec, roles=roles) if roles else None
 
-    def set_costs(self, backend: str, device: str, record: dict[str, Any]) -> None:
-        """Store measured costs for backend/device (replacing earlier ones); `save` writes them."""
+    def set_costs(self, record: CostRecord) -> None:
+        """Store measured costs for the record's backend/device (replacing earlier ones); `save` writes them."""
         stored = self.notes.get(COSTS_NOTE)
-        self.notes[COSTS_NOTE] = {**(stored if isinstance(stored, dict) else {}), f"{backend}/{device}": record}
+        key = f"{record.backend}/{record.device}"
+        self.notes[COSTS_NOTE] = {**(stored if isinstance(stored, dict) else {}), key: record.to_dict()}
+
+    @property
+    def calibration(self) -> RouteCalibration | None:
+        """How the stored route was chosen (`dynpose-train-router --calibrate`), or None."""
+        raw = self.notes.get(CALIBRATION_NOTE)
+        if not raw:
+            return None
+        try:
+            return RouteCalibration.from_dict(raw, "manifest notes.router_calibration")
+        except DynPoseError as e:
+            log.warning("%s; ignoring it (calibrate again: dynpose-train-router --calibrate)", e)
+            return None
+
+    def set_calibration(self, cal: RouteCalibration) -> None:
+        """Store a calibration and make its policy the engine dir's route; `save` writes them."""
+        self.route = cal.policy
+        self.notes[CALIBRATION_NOTE] = cal.to_dict()
 
     def put(self, entry: Entry) -> None:
         """Add or replace the entry with the same role and format."""
@@ -280,7 +436,7 @@ class Manifest:
         if not isinstance(notes, dict):
             raise DynPoseError(f"{path}: 'notes' must be an object, got {_short(notes)}")
         entries = [Entry.from_dict(e, where=f"{path} entry {i}") for i, e in enumerate(raw)]
-        m = cls(entries=entries, route=route, notes=notes)
+        m = cls(entries=entries, route=route, notes=notes, engine_dir=engine_dir)
         if verify:
             m.verify(engine_dir)
         return m

@@ -1,7 +1,7 @@
 """Export: zoo model or user ONNX -> verified ONNX / fp16 / INT8 Q/DQ / TensorRT files + manifest entries.
 
 `api` (the entry points) composes `steps` (to_onnx / adopt_onnx -> to_fp16 | to_int8 -> to_plan, each returning its
-file and a `dynpose.runtime.compare.Check`) inside `commit.staging`, and `commit.commit` moves the files into the
+file and a `dynpose.export.judges.Check`) inside `commit.staging`, and `commit.commit` moves the files into the
 engine dir; `verify` holds the fp32 checks, `route` the engine dir's default route.
 """
 

@@ -14,14 +14,14 @@ UNTUNED_ROUTE = "fraction:0.5"
 def default_route(manifest: Manifest, router_weights_kind: str) -> tuple[str, str]:
     """The route an engine dir gets when a router of this kind is written into it, and one line saying why.
 
-    A route chosen by `dynpose-train-router --calibrate` (`notes.router_calibration`) is kept whatever the router.
+    A route chosen by `dynpose-train-router --calibrate` (`Manifest.calibration`) is kept whatever the router.
     Otherwise: DynPose's release band 0.59,0.69 for a router loaded from a checkpoint (it is tuned to the released
     router's scores); `fraction:0.5` for random weights (their scores barely vary, ~0.488 on every crop, so the band
     would send every crop to the small model) and for a freshly trained router (its scores are not the release's).
     """
     if router_weights_kind not in ROUTER_WEIGHTS:
         raise DynPoseError(f"router weights kind {router_weights_kind!r}: use one of {ROUTER_WEIGHTS}")
-    if manifest.notes.get("router_calibration"):
+    if manifest.calibration is not None:
         return manifest.route, (
             f"route {manifest.route} kept: chosen by `dynpose-train-router --calibrate` (re-run it "
             "when the router's weights change)"

@@ -2,7 +2,7 @@
 
 fp32 is compared on raw outputs (relative L2, every output: the worst counts): ONNX Runtime against PyTorch for a
 zoo model, batch 5 against five batch-1 runs for a user's ONNX. fp16/int8 are judged where it matters to a user
-(`dynpose.runtime.compare`), on the real person crops `gate_crops` finds.
+(`dynpose.export.judges`), on the real person crops `gate_crops` finds.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.calibration.crops import CalibSpec, CropSet, coco_person_crops
+from dynpose.export.calibration.crops import CalibSpec, CropSet, coco_person_crops
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session, rel_l2, run_session_all
-from dynpose.runtime.compare import Check
+from dynpose.export.judges import Check
 
 log = logging.getLogger(__name__)
 

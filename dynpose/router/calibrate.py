@@ -10,7 +10,7 @@ as the Pipeline scores them (rescoring, OKS-NMS per image). Then:
   among `threshold:T` (top-k crops by score[1]), `box:AREA` (top-k by box area: no router runs) and
   `box-threshold:AREA,T` (boxes above an area cut, then top-k of those by score[1]), k on a grid from 0 to N, plus
   all-small / all-large. Cheapest by the per-crop costs measured on this machine and backend (the manifest's
-  `notes.costs`, measured now when missing; `dynpose.runtime.policy.RouteCosts`): a router-free policy saves the
+  `notes.costs`, measured now when missing; `Policy.cost`): a router-free policy saves the
   router on every crop, so at equal AP it can be the cheaper one even when it sends more crops to the large model.
 
 Why a threshold and not a band: score[1] is trained to predict the relative error reduction of the large model, so
@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.engines.manifest import Manifest
+from dynpose.engines.manifest import Manifest, RouteCalibration
 from dynpose.errors import DynPoseError
+from dynpose.roles import MODEL_ROLES, Role
 from dynpose.router.collect import CropOutputs, Crops, DetOutputs, collect_det_outputs, collect_outputs, router_crops
-from dynpose.runtime.policy import RouteCosts
+from dynpose.runtime.policy import ModelCosts, Policy, Signals, parse_policy
 
 AP_GRID = 40  # fraction grid of each policy family in the AP-drop scan
 AREA_CUTS = 8  # area cuts tried for box-threshold (each with the threshold grid among the boxes above it)
@@ -143,16 +144,13 @@ def router_scores(
     engine_dir: str | os.PathLike, crops: Crops, *, backend: str = "ort", device: str = "cpu", chunk: int = 64
 ) -> np.ndarray:
     """(N,3) scores of the engine dir's router on the crops (chunked so memory stays flat)."""
-    from dynpose.runtime.engine_set import EngineSet
+    from dynpose.runtime.engine_set import EngineSet, LoadOptions
 
-    with EngineSet.load(engine_dir, backend, device, roles=("router",)) as engines:
+    with EngineSet.load(engine_dir, LoadOptions(backend, device, with_detector=False), roles=[Role.ROUTER]) as engines:
         router = engines.router
         assert router is not None
         images = router_crops(crops, router.card)
-        parts = [
-            router.scores(router.inputs(images[np.arange(a, min(a + chunk, len(images)))]))
-            for a in range(0, len(images), chunk)
-        ]
+        parts = [router.run(images[np.arange(a, min(a + chunk, len(images)))]) for a in range(0, len(images), chunk)]
     return np.concatenate(parts, axis=0)
 
 
@@ -252,7 +250,7 @@ def calib_data(
         kind = "detection boxes"
 
     s1 = np.full(len(crops), np.nan)
-    if Manifest.load(engine_dir, verify=False).get("router") is not None:
+    if Manifest.load(engine_dir, verify=False).get(Role.ROUTER) is not None:
         s1 = router_scores(engine_dir, crops, backend=opts.backend, device=opts.device)[:, 1].astype(np.float64)
         if not np.isfinite(s1).all():
             raise DynPoseError(
@@ -264,9 +262,8 @@ def calib_data(
 
 @dataclass(frozen=True)
 class Candidate:
-    policy: str
+    policy: Policy
     large: np.ndarray
-    router: bool  # the policy runs the router
 
     @property
     def fraction(self) -> float:
@@ -283,39 +280,37 @@ def _top_k_cuts(values: np.ndarray, n_grid: int) -> list[float]:
 def candidates(data: CalibData, families: Sequence[str]) -> list[Candidate]:
     """Every policy tried: all-small, all-large, and each family's grid (module doc)."""
     n, s1, area = len(data), data.s1, data.areas
-    out = [Candidate("all-small", np.zeros(n, bool), False), Candidate("all-large", np.ones(n, bool), False)]
+    out = [Candidate(parse_policy("all-small"), np.zeros(n, bool)), Candidate(parse_policy("all-large"), np.ones(n, bool))]
     has_router = bool(np.isfinite(s1).all()) and n > 0
     if "box" in families:
         for a in _top_k_cuts(area, AP_GRID):
-            out.append(Candidate(f"box:{_round_text(a, area)}", area >= float(_round_text(a, area)), False))
+            out.append(Candidate(parse_policy(f"box:{_round_text(a, area)}"), area >= float(_round_text(a, area))))
     if has_router and "threshold" in families:
         for t in _top_k_cuts(s1, AP_GRID):
             text = _round_text(t, s1)
-            out.append(Candidate(f"threshold:{text}", s1 >= float(text), True))
+            out.append(Candidate(parse_policy(f"threshold:{text}"), s1 >= float(text)))
     if has_router and "box-threshold" in families:
         for a in _top_k_cuts(area, AREA_CUTS):
             a_text = _round_text(a, area)
             big = area >= float(a_text)
             for t in _top_k_cuts(s1[big], AP_GRID) if big.sum() > 1 else []:
                 text = _round_text(t, s1[big])
-                out.append(Candidate(f"box-threshold:{a_text},{text}", big & (s1 >= float(text)), True))
+                out.append(Candidate(parse_policy(f"box-threshold:{a_text},{text}"), big & (s1 >= float(text))))
     return out
 
 
-def _costs(engine_dir: str | os.PathLike, opts: CalibOptions) -> RouteCosts:
+def _costs(engine_dir: str | os.PathLike, opts: CalibOptions) -> ModelCosts:
     """The manifest's measured costs for this backend/device at `opts.cost_batch`; measured and stored now when
     missing or stale (any pose model or router re-exported since)."""
-    from dynpose.bench.costs import measure_costs_dir, store_costs
-    from dynpose.runtime.policy import route_costs
+    from dynpose.bench.costs import measure_costs_dir, model_costs, store_costs
 
     m = Manifest.load(engine_dir, verify=False)
     stored = m.costs(opts.backend, opts.device)
-    roles = {e.role for e in m.entries if e.role in ("router", "small", "large")}
-    if stored is None or set(stored["roles"]) != roles:
-        rec = measure_costs_dir(engine_dir, opts.backend, opts.device, threads=opts.threads)
-        store_costs(engine_dir, rec, opts.backend, opts.device)
-        stored = rec
-    costs = route_costs(stored, opts.cost_batch)
+    roles = {Role(e.role) for e in m.entries if e.role in MODEL_ROLES}
+    if stored is None or set(stored.roles) != roles:
+        stored = measure_costs_dir(engine_dir, opts.backend, opts.device, threads=opts.threads)
+        store_costs(engine_dir, stored)
+    costs = model_costs(stored, opts.cost_batch)
     if costs is None:
         raise DynPoseError(
             f"engine dir {engine_dir}: no small/large costs could be measured for {opts.backend}/{opts.device}"
@@ -323,22 +318,22 @@ def _costs(engine_dir: str | os.PathLike, opts: CalibOptions) -> RouteCosts:
     return costs
 
 
-def family(policy: str) -> str:
+def family(policy: Policy) -> str:
     """threshold | box | box-threshold | fixed (all-small, all-large)."""
-    kind = policy.partition(":")[0]
+    kind = str(policy).partition(":")[0]
     return kind if kind in FAMILIES else "fixed"
 
 
 class _Search:
     """AP of candidate splits, computed once per split, in order of measured cost."""
 
-    def __init__(self, data: CalibData, costs: RouteCosts, max_drop: float) -> None:
+    def __init__(self, data: CalibData, costs: ModelCosts, max_drop: float) -> None:
         self.data, self.costs, self.max_drop = data, costs, max_drop
         self.ap_large = data.ap(np.ones(len(data), bool))
         self.seen: dict[bytes, float] = {}
 
     def cost(self, c: Candidate) -> float:
-        return self.costs.per_crop(c.fraction, c.router)
+        return c.policy.cost(self.costs, c.fraction)
 
     def ap(self, c: Candidate) -> float:
         key = np.packbits(c.large).tobytes()
@@ -356,7 +351,7 @@ class _Search:
 
 
 def cheapest_within(
-    data: CalibData, cands: list[Candidate], costs: RouteCosts, max_drop: float
+    data: CalibData, cands: list[Candidate], costs: ModelCosts, max_drop: float
 ) -> tuple[Candidate, float, float, int, dict[str, dict[str, Any]]]:
     """(candidate, its AP, large-only AP, APs computed, per-family winners): the cheapest candidate whose AP is at
     most `max_drop` below large-only, and the cheapest passing one of each family."""
@@ -369,7 +364,7 @@ def cheapest_within(
         if won is not None:
             c, ap = won
             per[fam] = {
-                "policy": c.policy,
+                "policy": str(c.policy),
                 "fraction": c.fraction,
                 "ap": ap,
                 "cost_ms": s.cost(c),
@@ -418,9 +413,7 @@ def calibrate(
         if not np.isfinite(data.s1).all():
             raise DynPoseError(f"engine dir {engine_dir}: --target-fraction picks a router threshold, but it has no router")
         policy, achieved = policy_for_fraction(data.s1, target_fraction)
-        from dynpose.runtime.policy import parse_policy
-
-        large = parse_policy(policy).decide(np.stack([data.s1] * 3, axis=1), data.boxes).large
+        large = parse_policy(policy).decide(Signals(data.areas, router=data.s1)).large
         result = Calibration(
             policy,
             achieved,
@@ -436,8 +429,8 @@ def calibrate(
         costs = _costs(engine_dir, opts)
         cand, ap, ap_large, evaluated, per = cheapest_within(data, candidates(data, opts.families), costs, d)
         result = Calibration(
-            cand.policy, cand.fraction, n, ap, data.ap(np.zeros(n, bool)), ap_large, f"AP drop <= {d:g}", data.kind,
-            cost_ms=costs.per_crop(cand.fraction, cand.router), large_ms=costs.large, candidates=evaluated,
+            str(cand.policy), cand.fraction, n, ap, data.ap(np.zeros(n, bool)), ap_large, f"AP drop <= {d:g}", data.kind,
+            cost_ms=cand.policy.cost(costs, cand.fraction), large_ms=costs.large, candidates=evaluated,
             per_family=per,
         )  # fmt: skip
     if opts.save:
@@ -446,11 +439,9 @@ def calibrate(
 
 
 def _store(engine_dir: str | os.PathLike, result: Calibration, ann_path: str | os.PathLike, opts: CalibOptions) -> None:
-
     manifest = Manifest.load(engine_dir)
-    manifest.route = result.policy
-    manifest.notes["router_calibration"] = {
-        **result.to_dict(),
+    figures = {
+        **{k: v for k, v in result.to_dict().items() if k not in ("policy", "fraction")},
         "annotations": str(ann_path),
         "detections": None if opts.detections is None else str(opts.detections),
         "backend": opts.backend,
@@ -458,4 +449,5 @@ def _store(engine_dir: str | os.PathLike, result: Calibration, ann_path: str | o
         "cost_batch": opts.cost_batch,
         "families": list(opts.families),
     }
+    manifest.set_calibration(RouteCalibration(result.policy, result.fraction, figures))
     manifest.save(engine_dir)

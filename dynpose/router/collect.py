@@ -29,7 +29,9 @@ from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.router.targets import crop_error, joint_distances
-from dynpose.runtime.preprocess import box_to_center_scale, crop
+from dynpose.roles import POSE_ROLES, Role
+from dynpose.runtime.boxes import Boxes
+from dynpose.runtime.plan import FrameInput, box_geometry, crop_at
 
 CACHE_VERSION = 1
 CACHE_DIRNAME = "cache"  # inside the engine dir unless --cache-dir says otherwise
@@ -100,14 +102,12 @@ def det_crops(
 ) -> Crops:
     """Every detection (any score) of the images found under `images_dir`, in image order, as the runtime gets
     them from a detections file (unusable boxes dropped as the Pipeline drops them)."""
-    from dynpose.runtime.pipeline import clean_boxes
-
     dets = load_detections(dets_path)
     paths = image_id_map(images_dir, ann)
     rows = []
     for iid in sorted(i for i in dets if i in paths):
         h, w = _read_image(paths[iid]).shape[:2]
-        for b in clean_boxes(dets[iid], (h, w))[0]:
+        for b in Boxes.of(dets[iid], (h, w), where=f"detections file {dets_path}").as_array():
             rows.append((iid, b))
     if not rows:
         raise DynPoseError(f"detections file {dets_path}: no box on an image under {images_dir}; check the image ids")
@@ -192,7 +192,7 @@ def pose_entries(manifest: Manifest, engine_dir: str | os.PathLike, backend: str
     if backend not in BACKEND_FORMAT:
         raise DynPoseError(f"unknown backend {backend!r}; use one of {', '.join(BACKEND_FORMAT)}")
     fmt = BACKEND_FORMAT[backend]
-    small, large = manifest.require("small", fmt, engine_dir), manifest.require("large", fmt, engine_dir)
+    small, large = manifest.require(Role.SMALL, fmt, engine_dir), manifest.require(Role.LARGE, fmt, engine_dir)
     if small.card.keypoints != large.card.keypoints:
         raise DynPoseError(
             f"engine dir {engine_dir}: small model has {small.card.keypoints} keypoints, large {large.card.keypoints}; "
@@ -218,33 +218,48 @@ def cache_key(
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+PAIR_BATCH = 64  # persons per plan: both models busy, memory flat
+
+
+def _image_groups(crops: Crops) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """(image, indices of its crops) pairs, grouped until a group holds `PAIR_BATCH` persons."""
+    group: list[tuple[np.ndarray, np.ndarray]] = []
+    for _, img, idx in crops.by_image():
+        group.append((img, idx))
+        if sum(len(i) for _, i in group) >= PAIR_BATCH:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def run_pair(
     engine_dir: str | os.PathLike, crops: Crops, backend: str = "ort", device: str = "cpu", progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(small keypoints, large keypoints, the large model's crop size) of every crop, with the engine dir's own
-    `PoseModel` handles (`EngineSet.load`), each model cropping the box at its own input size."""
-    from dynpose.runtime.engine_set import EngineSet
+    """(small keypoints, large keypoints, the large model's crop size) of every crop: both models of the engine dir
+    on every person, planned and run as the runtime runs them (`execute.run_both`, a worker per model)."""
+    from dynpose.runtime.engine_set import EngineSet, LoadOptions
+    from dynpose.runtime.execute import LocalExecutor, run_both
 
     n = len(crops)
-    kp_s: np.ndarray | None = None
-    kp_l: np.ndarray | None = None
     crop_wh = np.zeros((n, 2))
     bar = _bar(len(crops.paths), "run small + large", progress)
     try:
-        with EngineSet.load(engine_dir, backend, device, roles=("small", "large")) as engines:
-            ms, ml = engines.pose_models
-            k = ml.card.keypoint_set.num
+        with EngineSet.load(engine_dir, LoadOptions(backend, device, with_detector=False), roles=POSE_ROLES) as es:
+            models = {r: es.require(r) for r in POSE_ROLES}
+            k = models[Role.LARGE].card.keypoint_set.num
             kp_s, kp_l = np.zeros((n, k, 3)), np.zeros((n, k, 3))
-            for _, img, idx in crops.by_image():
-                kp_s[idx] = ms(img, crops.boxes[idx])
-                kp_l[idx] = ml(img, crops.boxes[idx])
-                crop_wh[idx] = ml.geometry(crops.boxes[idx])[1]
-                if bar is not None:
-                    bar.update(1)
+            with LocalExecutor(models) as ex:
+                for group in _image_groups(crops):
+                    frames = [FrameInput(img, Boxes.of(crops.boxes[idx], img.shape)) for img, idx in group]
+                    rows = np.concatenate([idx[f.boxes.rows] for (_, idx), f in zip(group, frames, strict=True)])
+                    small, large = run_both(frames, {r: m.card for r, m in models.items()}, ex)
+                    kp_s[rows], kp_l[rows], crop_wh[rows] = small.keypoints, large.keypoints, large.scales
+                    if bar is not None:
+                        bar.update(len(group))
     finally:
         if bar is not None:
             bar.close()
-    assert kp_s is not None and kp_l is not None
     return kp_s, kp_l, crop_wh
 
 
@@ -361,7 +376,7 @@ class LazyRouterCrops:
 
     def __init__(self, crops: Crops, card: ModelCard) -> None:
         self.crops, self.card = crops, card
-        self.centers, self.scales = box_to_center_scale(crops.boxes, card.aspect_ratio, card.padding)
+        self.centers, self.scales = box_geometry(crops.boxes, card)
         self.shape = (len(crops), card.input_height, card.input_width, 3)
         self.ndim = 4
 
@@ -375,7 +390,7 @@ class LazyRouterCrops:
         for iid in dict.fromkeys(ids.tolist()):
             js = np.flatnonzero(ids == iid)
             img = _read_image(self.crops.paths[iid])
-            out[js] = crop([img], np.zeros(len(js), np.int64), self.centers[idx[js]], self.scales[idx[js]], self.card)
+            out[js] = crop_at([img], np.zeros(len(js), np.int64), self.centers[idx[js]], self.scales[idx[js]], self.card)
         return out
 
 
@@ -394,7 +409,7 @@ def router_crops(crops: Crops, card: ModelCard, max_bytes: int = ROUTER_CROPS_IN
     if len(crops) * h * w * 3 > max_bytes:
         return LazyRouterCrops(crops, card)
     out = np.empty((len(crops), h, w, 3), dtype=np.uint8)
-    centers, scales = box_to_center_scale(crops.boxes, card.aspect_ratio, card.padding)
+    centers, scales = box_geometry(crops.boxes, card)
     for _, img, idx in crops.by_image():
-        out[idx] = crop([img], np.zeros(len(idx), np.int64), centers[idx], scales[idx], card)
+        out[idx] = crop_at([img], np.zeros(len(idx), np.int64), centers[idx], scales[idx], card)
     return out

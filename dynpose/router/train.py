@@ -399,7 +399,7 @@ def train_from_engine_dir(
 
     job = job or TrainJob(**options)
     if job.precision == "int8" and job.calib is None:
-        from dynpose.calibration.crops import CalibSpec, Source
+        from dynpose.export.calibration.crops import CalibSpec, Source
 
         job.calib = CalibSpec(sources=[Source("coco", Path(ann_path), Path(images_dir))])
     job.validate()

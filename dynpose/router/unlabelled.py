@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.roles import POSE_ROLES
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.router.augment import AugmentConfig, AugParams, jitter_boxes, photometric, sample_params, unflip_keypoints
 from dynpose.router.collect import CACHE_DIRNAME, ROUTER_CROPS_IN_MEMORY
-from dynpose.runtime.model import PoseModel, same_crop
-from dynpose.runtime.preprocess import crop
+from dynpose.runtime.model import PoseModel
+from dynpose.runtime.plan import crop_boxes, same_crop
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class TeacherSet:
 # -- frames and boxes --------------------------------------------------------------------------------------------------
 def _frames(spec: UnlabelledSpec) -> Iterator[Any]:
     """Frames of every source, videos thinned by `frame_step` and cut at `max_frames`."""
-    from dynpose.runtime.sources import open_source
+    from dynpose.io.sources import open_source
 
     for src in spec.sources:
         with open_source(src) as fs:
@@ -147,10 +148,7 @@ def _augmented_crops(
     img: np.ndarray, boxes: np.ndarray, p: AugParams, card: ModelCard, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(uint8 crops, centres, scales) of the variants under one card."""
-    from dynpose.runtime.preprocess import box_to_center_scale
-
-    c, s = box_to_center_scale(boxes, card.aspect_ratio, card.padding)
-    u8 = crop([img], np.zeros(len(boxes), np.int64), c, s, card)
+    u8, c, s = crop_boxes([img], np.zeros(len(boxes), np.int64), boxes, card)
     return photometric(u8, p, seed), c, s
 
 
@@ -201,7 +199,7 @@ def teacher_pass(
     threads: int | None = None,
 ) -> TeacherSet:
     """Run both pose models of the engine dir on every variant of every person of the sources (module doc)."""
-    from dynpose.runtime.engine_set import EngineSet
+    from dynpose.runtime.engine_set import EngineSet, LoadOptions
 
     dets = _load_dets(spec)
     rng = np.random.default_rng(spec.augment.seed)
@@ -209,9 +207,8 @@ def teacher_pass(
     persons = frames = no_boxes = 0
     nbytes = 0
     bar = _bar(progress)
-    with EngineSet.load(
-        engine_dir, backend, device, threads, roles=("small", "large"), detector=spec.detector, det_score=spec.det_score
-    ) as es:
+    load = LoadOptions(backend, device, threads, detector=spec.detector, det_score=spec.det_score)
+    with EngineSet.load(engine_dir, load, roles=POSE_ROLES) as es:
         small, large = es.pose_models
         for fr in _frames(spec):
             boxes = _frame_boxes(fr, dets, es.detector, spec)

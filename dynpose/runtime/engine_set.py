@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from dynpose.engines.manifest import Entry, Manifest
 from dynpose.errors import DynPoseError
+from dynpose.roles import MODEL_ROLES, Role
 from dynpose.runtime.backends import BACKEND_FORMAT, check_backend, load_runner
 from dynpose.runtime.backends.base import Runner
 from dynpose.runtime.model import CropModel, PoseModel, Router
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_ROLES = ("router", "small", "large")
 
 
 def usable_cores() -> int:
@@ -42,7 +42,7 @@ def ort_device(device: str) -> str:
     return "cuda" if "CUDAExecutionProvider" in import_ort().get_available_providers() else "cpu"
 
 
-def pick_entry(manifest: Manifest, engine_dir: Path, role: str, backend: str, device: str) -> tuple[Entry, str, str]:
+def pick_entry(manifest: Manifest, engine_dir: Path, role: Role, backend: str, device: str) -> tuple[Entry, str, str]:
     """(entry, backend, device) for a role: the entry in the backend's own format. Only the router, which is cheap,
     may fall back to its ONNX run by ONNX Runtime (a TensorRT engine dir whose router has no plan still runs), on
     the GPU when ORT has CUDA, else on the CPU; a pose model missing in the asked format is an error."""
@@ -51,7 +51,7 @@ def pick_entry(manifest: Manifest, engine_dir: Path, role: str, backend: str, de
     if entry is not None:
         return entry, backend, device
     onnx_entry = manifest.get(role, "onnx")
-    if role != "router" or onnx_entry is None:
+    if role != Role.ROUTER or onnx_entry is None:
         have = sorted({e.format for e in manifest.entries if e.role == role})
         raise DynPoseError(
             f"engine dir {engine_dir}: no {fmt} '{role}' entry for --backend {backend} (it has: "
@@ -77,13 +77,13 @@ def resolve_threads(threads: int | None, flag: str = "threads") -> int | None:
     return threads
 
 
-def thread_share(role: str, backend: str, device: str, threads: int | None) -> dict[str, Any]:
+def thread_share(role: Role, backend: str, device: str, threads: int | None) -> dict[str, Any]:
     """ONNX Runtime CPU threads for a role. `threads` is the number of CPU cores dynpose may use (default: all):
     small and large run at the same time, so each gets half; the router runs alone before them and gets all."""
     if backend != "ort" or device != "cpu":
         return {}
     cores = threads or usable_cores()
-    return {"intra_op_threads": cores if role == "router" else max(1, cores // 2)}
+    return {"intra_op_threads": cores if role == Role.ROUTER else max(1, cores // 2)}
 
 
 def check_input(model: CropModel, where: str) -> None:
@@ -99,6 +99,27 @@ def check_input(model: CropModel, where: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How an engine dir's models are opened.
+
+    backend: "ort" | "tensorrt" | "torch" (the manifest format it runs); device: "cpu" | "cuda"; threads: CPU cores
+    dynpose may use (None: all); detector: an ONNX detector file to use instead of the manifest's detector entry
+    (which is opened when present), with its score and IoU thresholds; backend_options: keyword options for the
+    backend's loader, given to every model it loads (torch: fp16, channels_last, cuda_graphs, compile; a router
+    that falls back to ONNX Runtime does not get them); with_detector: False opens no detector at all (a process
+    that only runs pose models, e.g. a service replica)."""
+
+    backend: str = "ort"
+    device: str = "cpu"
+    threads: int | None = None
+    detector: str | os.PathLike | None = None
+    det_score: float = 0.5
+    det_iou: float = 0.5
+    backend_options: Mapping[str, Any] | None = None
+    with_detector: bool = True
+
+
 @dataclass
 class EngineSet:
     """The opened models of one engine dir (runners active until `close`)."""
@@ -111,77 +132,67 @@ class EngineSet:
     detector: OnnxDetector | None = None
     backend: str = "ort"
     device: str = "cpu"
-    loaded: dict[str, str] = field(default_factory=dict)  # role -> what was loaded, for summaries
-    entries: dict[str, Entry] = field(default_factory=dict)
+    loaded: dict[Role, str] = field(default_factory=dict)  # what was loaded, for summaries
+    entries: dict[Role, Entry] = field(default_factory=dict)
     backend_options: dict[str, Any] = field(default_factory=dict)  # to the backend's loader (torch: fp16, ...)
 
     @classmethod
     def load(
-        cls,
-        engine_dir: str | os.PathLike,
-        backend: str = "ort",
-        device: str = "cpu",
-        threads: int | None = None,
-        roles: Sequence[str] | None = None,
-        detector: str | os.PathLike | None = None,
-        det_score: float = 0.5,
-        det_iou: float = 0.5,
-        backend_options: Mapping[str, Any] | None = None,
-        with_detector: bool = True,
+        cls, engine_dir: str | os.PathLike, opts: LoadOptions | None = None, roles: Sequence[Role] | None = None
     ) -> EngineSet:
-        """Open the engine dir's models for `backend` on `device`.
-
-        roles: which of router / small / large to open (default: those the manifest has). detector: an ONNX
-        detector file to use instead of the manifest's detector entry (which is opened when present).
-        backend_options: keyword options for the backend's loader, given to every model it loads (torch: fp16,
-        channels_last, cuda_graphs, compile); a router that falls back to ONNX Runtime does not get them.
-        with_detector: False opens no detector at all (a process that only runs pose models, e.g. a service
-        replica)."""
-        check_backend(backend)
-        threads = resolve_threads(threads)
-        if backend_options and backend != "torch":
-            raise DynPoseError(
-                f"backend options {sorted(backend_options)} are torch backend options; --backend {backend} takes its "
-                "precision and layout from the exported files"
-            )
+        """Open the engine dir's models (`roles`: which of router / small / large; default: those the manifest
+        has) as `opts` says, after checking the manifest (every file's size and sha256)."""
         if engine_dir is None or str(engine_dir) == "":
             raise DynPoseError("engine dir: none given; pass the folder dynpose-export wrote (e.g. engines/)")
-        root = Path(engine_dir)
-        manifest = Manifest.load(root, verify=True)
+        return cls.open(Manifest.load(Path(engine_dir), verify=True), opts, roles)
+
+    @classmethod
+    def open(cls, manifest: Manifest, opts: LoadOptions | None = None, roles: Sequence[Role] | None = None) -> EngineSet:
+        """`load` for a manifest already read (and verified) by the caller: the engine dir is not read again."""
+        o = opts or LoadOptions()
+        check_backend(o.backend)
+        threads = resolve_threads(o.threads)
+        if o.backend_options and o.backend != "torch":
+            raise DynPoseError(
+                f"backend options {sorted(o.backend_options)} are torch backend options; --backend {o.backend} takes "
+                "its precision and layout from the exported files"
+            )
+        if manifest.engine_dir is None:
+            raise DynPoseError("EngineSet.open: the manifest was not loaded from an engine dir (Manifest.load)")
         wanted = [r for r in MODEL_ROLES if manifest.get(r) is not None] if roles is None else list(roles)
-        unknown = sorted(set(wanted) - set(MODEL_ROLES))
+        unknown = sorted(str(r) for r in wanted if r not in MODEL_ROLES)
         if unknown:
-            raise DynPoseError(f"EngineSet.load: unknown role(s) {unknown}; use {', '.join(MODEL_ROLES)}")
-        es = cls(root, manifest, backend=backend, device=device, backend_options=dict(backend_options or {}))
+            raise DynPoseError(f"EngineSet.load: unknown role(s) {unknown}; use {', '.join(map(str, MODEL_ROLES))}")
+        es = cls(manifest.engine_dir, manifest, backend=o.backend, device=o.device, backend_options=dict(o.backend_options or {}))
         try:
             for role in wanted:
-                es._open_model(role, threads)
-            if with_detector:
-                es._open_detector(detector, det_score, det_iou)
+                es._open_model(Role(role), threads)
+            if o.with_detector:
+                es._open_detector(o.detector, o.det_score, o.det_iou)
         except BaseException:
             es.close()
             raise
         return es
 
-    def _open_model(self, role: str, threads: int | None) -> None:
+    def _open_model(self, role: Role, threads: int | None) -> None:
         entry, be, dev = pick_entry(self.manifest, self.engine_dir, role, self.backend, self.device)
         opts = {**thread_share(role, be, dev, threads), **(self.backend_options if be == self.backend else {})}
         runner: Runner = load_runner(be, self.engine_dir, entry, dev, **opts)
-        handle: CropModel = Router(runner, entry.card) if role == "router" else PoseModel(runner, entry.card)
+        handle: CropModel = Router(runner, entry.card) if role == Role.ROUTER else PoseModel(runner, entry.card)
         setattr(self, role, handle)  # set before activating, so a failure below still closes it
         runner.activate()
         check_input(handle, f"engine dir {self.engine_dir}: {role} entry {entry.file}")
         self.entries[role] = entry
         self.loaded[role] = f"{entry.model} ({entry.format}, {entry.precision}, {be} on {dev})"
 
-    def solo_model(self, role: str, threads: int | None = None) -> CropModel:
+    def solo_model(self, role: Role, threads: int | None = None) -> CropModel:
         """An opened role's model as it runs *alone*: a second, active handle whose ONNX Runtime CPU session has
         every core dynpose may use (`threads`, default all) instead of the half a pose model gets beside the other
         one, for a baseline timed on its own; the caller deactivates its runner. Other backends (one GPU stream per
         runner, no thread split) and the router (it already gets every core) return the opened handle itself."""
         handle = self.require(role)
         entry = self.entries[role]
-        if role == "router" or entry.format != "onnx" or getattr(handle.runner, "device", "cpu") != "cpu":
+        if role == Role.ROUTER or entry.format != "onnx" or getattr(handle.runner, "device", "cpu") != "cpu":
             return handle
         cores = resolve_threads(threads) or usable_cores()
         runner = load_runner("ort", self.engine_dir, entry, "cpu", intra_op_threads=cores).activate()
@@ -189,18 +200,18 @@ class EngineSet:
 
     def _open_detector(self, path: str | os.PathLike | None, det_score: float, det_iou: float) -> None:
         det_path = Path(path) if path is not None else None
-        if det_path is None and self.manifest.get("detector") is not None:
-            det_path = self.engine_dir / self.manifest.require("detector").file
+        if det_path is None and self.manifest.get(Role.DETECTOR) is not None:
+            det_path = self.engine_dir / self.manifest.require(Role.DETECTOR).file
         if det_path is None:
             return
         from dynpose.runtime.detector import OnnxDetector
 
         dev = ort_device(self.device)
         self.detector = OnnxDetector(det_path, score_thr=det_score, iou_thr=det_iou, device=dev)
-        self.loaded["detector"] = f"{det_path} (ort on {dev})"
+        self.loaded[Role.DETECTOR] = f"{det_path} (ort on {dev})"
 
     # -- use -------------------------------------------------------------------------------------------------------
-    def require(self, role: str) -> CropModel:
+    def require(self, role: Role) -> CropModel:
         """The opened handle of a role, or a one-line error saying it is not there."""
         handle = getattr(self, role, None) if role in MODEL_ROLES else None
         if handle is None:
@@ -212,7 +223,7 @@ class EngineSet:
     @property
     def pose_models(self) -> tuple[PoseModel, PoseModel]:
         """(small, large), both required."""
-        small, large = self.require("small"), self.require("large")
+        small, large = self.require(Role.SMALL), self.require(Role.LARGE)
         assert isinstance(small, PoseModel) and isinstance(large, PoseModel)
         return small, large
 

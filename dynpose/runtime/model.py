@@ -1,20 +1,17 @@
-"""Model handles: a runner plus its card, owning a person crop's whole way through one model.
+"""Model handles: a runner plus its card, owning a crop's way through one model once it is cut.
 
-    box -> centre/scale (`geometry`) -> uint8 affine crop (`crop`) -> normalise (`inputs`) -> infer (+ flip)
-        -> decode to image pixels (`PoseModel.decode`) | router scores (`Router.scores`)
+    uint8 crop (`plan.Plan.crop`) -> normalise (`inputs`) -> infer (+ flip) -> decode to image pixels
+        (`PoseModel.run`) | router scores (`Router.run`)
 
 A pose model's outputs are all of its runner's outputs in graph order (one heatmap tensor, or SimDR's x and y
 vectors); the card's decoder says how they flip and decode (`decode.average_flip_outputs`, `decode.decode_outputs`).
-
-Each step is one plain function of `dynpose.runtime.preprocess` / `decode`; the handle only binds them to a card
-and a runner, so the Dispatcher, router training, calibration and the benchmarks all crop and decode the same way.
-A handle does not own its runner's lifetime: whoever loaded the runner activates and deactivates it (an
-`EngineSet`, or a `with` block around the handle).
+Cutting crops is the planner's job (`dynpose.runtime.plan`), so every executor (local workers, Ray Serve replicas),
+router training, calibration and the benchmarks feed a handle the same pixels. A handle does not own its runner's
+lifetime: whoever loaded the runner activates and deactivates it (an `EngineSet`, or a `with` block).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -24,7 +21,7 @@ from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.runtime.backends.base import Runner
 from dynpose.runtime.decode import average_flip_outputs, decode_outputs
-from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
+from dynpose.runtime.preprocess import normalize
 
 
 @dataclass
@@ -38,23 +35,9 @@ class CropModel:
     def name(self) -> str:
         return self.card.name
 
-    def geometry(self, boxes_xywh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N,4) x,y,w,h boxes -> centres (N,2) and scales (N,2) in pixels for this model's aspect and padding."""
-        return box_to_center_scale(boxes_xywh, self.card.aspect_ratio, self.card.padding)
-
-    def crop(
-        self, images: Sequence[np.ndarray], frame_index: np.ndarray, centers: np.ndarray, scales: np.ndarray
-    ) -> np.ndarray:
-        """uint8 (N,H,W,3) crops in this model's colour order (`preprocess.crop`)."""
-        return crop(images, frame_index, centers, scales, self.card)
-
     def inputs(self, crops_u8: np.ndarray) -> np.ndarray:
         """uint8 crops -> the normalised fp32 NCHW batch the runner takes."""
         return normalize(crops_u8, self.card)
-
-    def same_crop(self, other: CropModel) -> bool:
-        """Both models see identical input tensors for a box, so one crop serves both."""
-        return same_crop(self.card, other.card)
 
     def activate(self) -> None:
         self.runner.activate()
@@ -93,25 +76,9 @@ class PoseModel(CropModel):
         x, y in image pixels, score, by the card's decoder (heatmaps: msra/dark/udp; simdr: both vectors)."""
         return np.asarray(decode_outputs(outputs, centers, scales, self.card), dtype=np.float32)
 
-    def keypoints(
-        self,
-        images: Sequence[np.ndarray],
-        frame_index: np.ndarray,
-        centers: np.ndarray,
-        scales: np.ndarray,
-        flip: bool = False,
-    ) -> np.ndarray:
-        """The whole path for boxes already turned into this model's centre/scale."""
-        x = self.inputs(self.crop(images, frame_index, centers, scales))
-        return self.decode(self.infer(x, flip), centers, scales)
-
-    def __call__(self, image_bgr: np.ndarray, boxes_xywh: np.ndarray, flip: bool = False) -> np.ndarray:
-        """Keypoints (N,K,3) for the (N,>=4) x,y,w,h boxes of one BGR image."""
-        boxes = _xywh(boxes_xywh)
-        if len(boxes) == 0:
-            return np.zeros((0, self.card.keypoint_set.num, 3), np.float32)
-        c, s = self.geometry(boxes)
-        return self.keypoints([image_bgr], np.zeros(len(boxes), np.int64), c, s, flip)
+    def run(self, crops_u8: np.ndarray, centers: np.ndarray, scales: np.ndarray, flip: bool = False) -> np.ndarray:
+        """uint8 crops cut at (centre, scale) -> keypoints (N,K,3) in image pixels: normalise, infer, decode."""
+        return self.decode(self.infer(self.inputs(crops_u8), flip), centers, scales)
 
 
 class Router(CropModel):
@@ -128,31 +95,6 @@ class Router(CropModel):
             raise DynPoseError(f"router {self.card.name!r}: output has shape {s.shape}, expected (N,3) scores")
         return s
 
-    def __call__(self, image_bgr: np.ndarray, boxes_xywh: np.ndarray) -> np.ndarray:
-        """Scores (N,3) for the (N,>=4) x,y,w,h boxes of one BGR image."""
-        boxes = _xywh(boxes_xywh)
-        c, s = self.geometry(boxes)
-        return self.scores(self.inputs(self.crop([image_bgr], np.zeros(len(boxes), np.int64), c, s)))
-
-
-def _xywh(boxes: np.ndarray) -> np.ndarray:
-    """(M,4|5) or one (4|5,) box -> (M,4) float64 x,y,w,h."""
-    b = np.asarray(boxes, dtype=np.float64)
-    if b.size == 0:
-        return np.zeros((0, 4))
-    b = b[None] if b.ndim == 1 else b
-    if b.ndim != 2 or b.shape[1] < 4:
-        raise DynPoseError(f"boxes must be (M,4) or (M,5) x,y,w,h[,score], got shape {b.shape}")
-    return b[:, :4]
-
-
-def same_crop(a: ModelCard, b: ModelCard) -> bool:
-    """Two cards make identical input tensors for a box, so one crop serves both models."""
-    return (
-        a.input_size == b.input_size
-        and a.color_order == b.color_order
-        and a.mean == b.mean
-        and a.std == b.std
-        and a.padding == b.padding
-        and (a.decoder == "udp") == (b.decoder == "udp")
-    )
+    def run(self, crops_u8: np.ndarray) -> np.ndarray:
+        """uint8 crops -> scores (N,>=2)."""
+        return self.scores(self.inputs(crops_u8))

@@ -1,122 +1,283 @@
-"""Routing policies: which crops go to the small model and which to the large one.
+"""Routing policies: which persons the large model answers for. One small class per family, parsed once.
 
-A policy is parsed from a short string (the form the CLI's `--route` and the manifest's `route` take):
+A policy is written as a short string (the CLI's `--route`, the manifest's `route`, a request's `route`):
 
-| policy | a crop goes to the large model when | router? |
+| policy | the large model answers for a person when | reads |
 | --- | --- | --- |
-| `band:LO,HI` | LO <= score[1] <= HI (the DynPose release rule, default 0.59,0.69) | yes |
-| `threshold:T` | score[1] >= T | yes |
-| `fraction:F` | it is among the round(F*N) crops with the highest score[1] of this call | yes |
-| `all-small` / `all-large` | never / always | no |
-| `box:AREA` | its box has w*h >= AREA px² (small boxes go to the small model) | no |
-| `box-threshold:AREA,T` | w*h >= AREA and score[1] >= T (the router decides among boxes big enough to gain) | yes |
+| `all-small` / `all-large` | never / always | - |
+| `box:AREA` | its box has w*h >= AREA px² (small boxes go to the small model) | the box |
+| `band:LO,HI` | LO <= router score[1] <= HI (the DynPose release rule, default 0.59,0.69) | the router |
+| `threshold:T` | router score[1] >= T | the router |
+| `fraction:F` | it is among the round(F*N) persons of the batch with the highest router score[1] | the router |
+| `box-threshold:AREA,T` | w*h >= AREA and router score[1] >= T | the box, the router |
+| `cascade:T` | the small model ran first and its confidence (mean keypoint score) is below T | the small model |
 
-A NaN router score (a broken crop or a numeric blow-up) sends the crop to the large model, the safe choice, and is
+What a policy reads decides the plan's first stage (`plan.py`): nothing (every person goes straight to its
+model), the router (router crops first), or the small model (every person runs on the small model; the ones it is
+unsure of are run again on the large model, whose answer replaces the small one's).
+
+A NaN signal (a broken crop, a numeric blow-up) sends the person to the large model, the safe choice, and is
 counted so a run can report it.
 
-Why `box-threshold`: the box area is a free signal (no model runs for it). The large model's extra input
-resolution can only help where the box holds more pixels than the small model's input, so a person far away gains
-little whatever the router says; the router's score then only has to rank the bigger persons.
+Why `box-threshold`: the box area is a free signal. The large model's extra input resolution can only help where the
+box holds more pixels than the small model's input, so a person far away gains little whatever the router says.
 
-The second half of the module is the cost model of a route (`RouteCosts`): per-crop costs measured on this machine
-and backend (`dynpose-bench --store-costs`, stored in the manifest's `notes.costs`), the break-even fraction, and
-the one line the Pipeline logs when an engine dir's pair cannot pay (`log_route_costs`).
+Why the cascade's confidence is the small model's mean keypoint score: on a real pedestrian video it ranks the
+persons where the small model disagrees with the large one far better than the box area does (Spearman +0.65
+against the small model's OKS to the large model's keypoints, box area -0.11), it is free (the decoder computes it),
+and it means the same for heatmap and SimCC models (both scores are per-joint maxima).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from typing import ClassVar
 
 import numpy as np
 
 from dynpose.errors import DynPoseError
 
-log = logging.getLogger(__name__)
-
-KINDS = ("band", "threshold", "fraction", "all-small", "all-large", "box", "box-threshold")
 USAGE = (
-    "use band:LO,HI | threshold:T | fraction:F | all-small | all-large | box:AREA | box-threshold:AREA,T "
-    "(e.g. band:0.59,0.69)"
+    "use all-small | all-large | box:AREA | band:LO,HI | threshold:T | fraction:F | box-threshold:AREA,T | "
+    "cascade:T (e.g. band:0.59,0.69)"
 )
 
 
+class Signal(Enum):
+    """What a policy reads before it decides, besides the box."""
+
+    ROUTER = "router score"  # score[1] of the router
+    CONFIDENCE = "small-model confidence"  # mean keypoint score of the small model
+
+
 @dataclass(frozen=True)
-class Decision:
-    """Per-crop routing: `large[i]` is True when crop i goes to the large model; `nan` counts NaN router scores."""
+class Signals:
+    """The signals of N persons: box areas always, router scores and the small model's confidence when read."""
+
+    areas: np.ndarray  # (N,) box w*h in px²
+    router: np.ndarray | None = None  # (N,) router score[1]
+    confidence: np.ndarray | None = None  # (N,) the small model's mean keypoint score
+
+    def __len__(self) -> int:
+        return len(self.areas)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Per person: True where the large model answers; `nan` counts persons sent large by a NaN signal."""
 
     large: np.ndarray
     nan: int = 0
 
-    @property
-    def num_large(self) -> int:
-        return int(self.large.sum())
-
-    @property
-    def num_small(self) -> int:
-        return int(self.large.size - self.large.sum())
-
 
 @dataclass(frozen=True)
-class Policy:
-    kind: str
-    params: tuple[float, ...] = ()
+class ModelCosts:
+    """Measured per-crop costs in ms (one batch size, backend, device): each pose model's whole way (crop,
+    normalise, infer, decode) and the router's; `large_crop` is the large model's crop share, saved on persons sent
+    large when the router's crop serves the large model (`shared_crop`)."""
+
+    small: float
+    large: float
+    router: float
+    batch: int = 8
+    large_crop: float = 0.0
+    shared_crop: bool = False
+
+
+class Policy(ABC):
+    """One routing family. `decide` is pure: the same signals give the same routing."""
+
+    reads: ClassVar[frozenset[Signal]] = frozenset()
 
     @property
     def needs_router(self) -> bool:
-        """all-* and box decide without the router, so the runtime skips running it."""
-        return self.kind in ("band", "threshold", "fraction", "box-threshold")
+        return Signal.ROUTER in self.reads
+
+    @property
+    def cascades(self) -> bool:
+        """The small model runs on every person first (its confidence is the signal)."""
+        return Signal.CONFIDENCE in self.reads
+
+    @abstractmethod
+    def decide(self, signals: Signals) -> Routing:
+        """Route N persons by their signals (those this family `reads` must be given)."""
+
+    @abstractmethod
+    def to_string(self) -> str:
+        """The string `parse_policy` reads back into this policy."""
 
     def __str__(self) -> str:
-        if not self.params:
-            return self.kind
-        return f"{self.kind}:" + ",".join(f"{p:g}" for p in self.params)
+        return self.to_string()
 
-    def decide(self, scores: np.ndarray | None, boxes_xywh: np.ndarray) -> Decision:
-        """Route N crops. `scores` is the router output (N,C>=2) (column 1 is used) or None for router-free
-        policies; `boxes_xywh` is (N,>=4)."""
-        boxes = np.asarray(boxes_xywh, dtype=np.float64)
-        boxes = boxes.reshape(len(boxes), -1) if boxes.size else np.zeros((len(boxes), 4))
-        n = boxes.shape[0]
-        if self.kind == "all-small":
-            return Decision(np.zeros(n, dtype=bool))
-        if self.kind == "all-large":
-            return Decision(np.ones(n, dtype=bool))
-        if self.kind == "box":
-            return Decision(boxes[:, 2] * boxes[:, 3] >= self.params[0])
-        if scores is None:
-            raise DynPoseError(f"routing policy {self}: needs router scores, none were given")
-        s = np.asarray(scores, dtype=np.float64)
-        if s.ndim != 2 or s.shape[0] != n or s.shape[1] < 2:
-            raise DynPoseError(f"routing policy {self}: router output must be (N={n}, >=2), got {s.shape}")
-        s1 = s[:, 1]
-        isnan = ~np.isfinite(s1)
-        to_large = isnan
-        if self.kind == "band":
-            lo, hi = self.params
-            with np.errstate(invalid="ignore"):
-                large = (s1 >= lo) & (s1 <= hi)
-        elif self.kind == "threshold":
-            with np.errstate(invalid="ignore"):
-                large = s1 >= self.params[0]
-        elif self.kind == "box-threshold":
-            big = boxes[:, 2] * boxes[:, 3] >= self.params[0]
-            with np.errstate(invalid="ignore"):
-                large = big & (s1 >= self.params[1])
-            to_large = isnan & big  # a small box goes small whatever its score: only big ones fall back to large
-        else:  # fraction
-            k = int(round(self.params[0] * n))
-            large = np.zeros(n, dtype=bool)
-            if k > 0:
-                # stable sort on -score: ties keep input order, so a call's routing is reproducible
-                order = np.argsort(-np.where(isnan, np.inf, s1), kind="stable")
-                large[order[:k]] = True
-        return Decision(large | to_large, int(isnan.sum()))
+    def fixed_share(self) -> float | None:
+        """The share of persons sent to the large model when it is known without data (None: it depends on them)."""
+        return None
+
+    def cost(self, costs: ModelCosts, share: float) -> float:
+        """Expected ms per person when `share` of them end on the large model, run one after another: the device
+        time a person takes (two pose models at once on a CPU can beat it; the benchmark measures that)."""
+        f = float(share)
+        if self.cascades:  # every person on the small model, the escalated ones on the large one too
+            return costs.small + f * costs.large
+        cost = (1.0 - f) * costs.small + f * costs.large
+        if self.needs_router:
+            cost += costs.router - (f * costs.large_crop if costs.shared_crop else 0.0)
+        return cost
+
+    def _require(self, values: np.ndarray | None, n: int, what: str) -> np.ndarray:
+        if values is None:
+            raise DynPoseError(f"routing policy {self}: needs {what}, none were given")
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if len(v) != n:
+            raise DynPoseError(f"routing policy {self}: {len(v)} {what} for {n} persons")
+        return v
 
 
+def _finite_mask(v: np.ndarray) -> np.ndarray:
+    return np.isfinite(v)
+
+
+@dataclass(frozen=True)
+class AllSmall(Policy):
+    def decide(self, signals: Signals) -> Routing:
+        return Routing(np.zeros(len(signals), dtype=bool))
+
+    def to_string(self) -> str:
+        return "all-small"
+
+    def fixed_share(self) -> float | None:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class AllLarge(Policy):
+    def decide(self, signals: Signals) -> Routing:
+        return Routing(np.ones(len(signals), dtype=bool))
+
+    def to_string(self) -> str:
+        return "all-large"
+
+    def fixed_share(self) -> float | None:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class BoxArea(Policy):
+    area: float
+
+    def decide(self, signals: Signals) -> Routing:
+        return Routing(np.asarray(signals.areas, dtype=np.float64) >= self.area)
+
+    def to_string(self) -> str:
+        return f"box:{self.area:g}"
+
+
+class _RouterPolicy(Policy):
+    """A family that reads router score[1]; NaN scores go large."""
+
+    reads = frozenset({Signal.ROUTER})
+
+    def decide(self, signals: Signals) -> Routing:
+        s = self._require(signals.router, len(signals), "router scores")
+        ok = _finite_mask(s)
+        with np.errstate(invalid="ignore"):
+            large = self._large(np.where(ok, s, np.nan), signals)
+        nan_large = ~ok & self._nan_goes_large(signals)
+        return Routing(large | nan_large, int((~ok).sum()))
+
+    @abstractmethod
+    def _large(self, scores: np.ndarray, signals: Signals) -> np.ndarray: ...
+
+    def _nan_goes_large(self, signals: Signals) -> np.ndarray:
+        return np.ones(len(signals), dtype=bool)
+
+
+@dataclass(frozen=True)
+class Band(_RouterPolicy):
+    lo: float
+    hi: float
+
+    def _large(self, scores: np.ndarray, signals: Signals) -> np.ndarray:
+        return (scores >= self.lo) & (scores <= self.hi)
+
+    def to_string(self) -> str:
+        return f"band:{self.lo:g},{self.hi:g}"
+
+
+@dataclass(frozen=True)
+class Threshold(_RouterPolicy):
+    threshold: float
+
+    def _large(self, scores: np.ndarray, signals: Signals) -> np.ndarray:
+        return scores >= self.threshold
+
+    def to_string(self) -> str:
+        return f"threshold:{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class Fraction(_RouterPolicy):
+    fraction: float
+
+    def _large(self, scores: np.ndarray, signals: Signals) -> np.ndarray:
+        n = len(scores)
+        k = int(round(self.fraction * n))
+        large = np.zeros(n, dtype=bool)
+        if k > 0:
+            # NaN first (they go large anyway); a stable sort on -score keeps input order on ties, so a batch's
+            # routing is reproducible
+            order = np.argsort(-np.where(np.isnan(scores), np.inf, scores), kind="stable")
+            large[order[:k]] = True
+        return large
+
+    def to_string(self) -> str:
+        return f"fraction:{self.fraction:g}"
+
+    def fixed_share(self) -> float | None:
+        return self.fraction
+
+
+@dataclass(frozen=True)
+class BoxThreshold(_RouterPolicy):
+    area: float
+    threshold: float
+
+    def _large(self, scores: np.ndarray, signals: Signals) -> np.ndarray:
+        return self._big(signals) & (scores >= self.threshold)
+
+    def _nan_goes_large(self, signals: Signals) -> np.ndarray:
+        return self._big(signals)  # a small box goes small whatever its score: only big ones fall back to large
+
+    def _big(self, signals: Signals) -> np.ndarray:
+        return np.asarray(signals.areas, dtype=np.float64) >= self.area
+
+    def to_string(self) -> str:
+        return f"box-threshold:{self.area:g},{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class Cascade(Policy):
+    """The small model first; persons whose confidence is below `threshold` are run again on the large model."""
+
+    threshold: float
+    reads: ClassVar[frozenset[Signal]] = frozenset({Signal.CONFIDENCE})
+
+    def decide(self, signals: Signals) -> Routing:
+        c = self._require(signals.confidence, len(signals), "small-model confidences")
+        ok = _finite_mask(c)
+        with np.errstate(invalid="ignore"):
+            large = ~ok | (c < self.threshold)
+        return Routing(large, int((~ok).sum()))
+
+    def to_string(self) -> str:
+        return f"cascade:{self.threshold:g}"
+
+
+# -- parsing ---------------------------------------------------------------------------------------------------------
 def _floats(text: str, arg: str, count: int) -> tuple[float, ...]:
     parts = [p.strip() for p in arg.split(",")] if arg.strip() else []
     if len(parts) != count:
@@ -130,8 +291,46 @@ def _floats(text: str, arg: str, count: int) -> tuple[float, ...]:
     return vals
 
 
+def _in_range(text: str, name: str, v: float, lo: float, hi: float) -> float:
+    if not lo <= v <= hi:
+        raise DynPoseError(f"routing policy {text!r}: {name} must be in [{lo:g}, {hi:g}], got {v:g}; {USAGE}")
+    return v
+
+
+def _area(text: str, v: float) -> float:
+    if v < 0:
+        raise DynPoseError(f"routing policy {text!r}: AREA must be >= 0 px²; {USAGE}")
+    return v
+
+
+def _band(text: str, arg: str) -> Policy:
+    lo, hi = _floats(text, arg, 2)
+    if lo > hi:
+        raise DynPoseError(f"routing policy {text!r}: LO must be <= HI; {USAGE}")
+    return Band(lo, hi)
+
+
+def _box_threshold(text: str, arg: str) -> Policy:
+    a, t = _floats(text, arg, 2)
+    return BoxThreshold(_area(text, a), t)
+
+
+# kind -> how its argument is read (the whole table of families; kinds without an argument take none)
+_PARSERS: dict[str, Callable[[str, str], Policy]] = {
+    "all-small": lambda text, arg: AllSmall(),
+    "all-large": lambda text, arg: AllLarge(),
+    "box": lambda text, arg: BoxArea(_area(text, _floats(text, arg, 1)[0])),
+    "band": _band,
+    "threshold": lambda text, arg: Threshold(_floats(text, arg, 1)[0]),
+    "fraction": lambda text, arg: Fraction(_in_range(text, "the fraction", _floats(text, arg, 1)[0], 0.0, 1.0)),
+    "box-threshold": _box_threshold,
+    "cascade": lambda text, arg: Cascade(_in_range(text, "the confidence threshold", _floats(text, arg, 1)[0], 0.0, 1.0)),
+}
+KINDS = tuple(_PARSERS)
+
+
 def parse_policy(text: str | Policy) -> Policy:
-    """'band:0.59,0.69' -> Policy; a bad string raises DynPoseError naming the accepted forms."""
+    """'band:0.59,0.69' -> Band(0.59, 0.69); a policy passes through; a bad string is a one-line error."""
     if isinstance(text, Policy):
         return text
     if not isinstance(text, str) or not text.strip():
@@ -139,157 +338,9 @@ def parse_policy(text: str | Policy) -> Policy:
     raw = text.strip()
     kind, _, arg = raw.partition(":")
     kind = kind.strip().lower()
-    if kind in ("all-small", "all-large"):
-        if arg.strip():
-            raise DynPoseError(f"routing policy {raw!r}: {kind} takes no value; {USAGE}")
-        return Policy(kind)
-    if kind == "band":
-        lo, hi = _floats(raw, arg, 2)
-        if lo > hi:
-            raise DynPoseError(f"routing policy {raw!r}: LO must be <= HI; {USAGE}")
-        return Policy(kind, (lo, hi))
-    if kind == "threshold":
-        return Policy(kind, _floats(raw, arg, 1))
-    if kind == "fraction":
-        (f,) = _floats(raw, arg, 1)
-        if not 0.0 <= f <= 1.0:
-            raise DynPoseError(f"routing policy {raw!r}: the fraction must be in [0, 1]; {USAGE}")
-        return Policy(kind, (f,))
-    if kind == "box":
-        (a,) = _floats(raw, arg, 1)
-        if a < 0:
-            raise DynPoseError(f"routing policy {raw!r}: AREA must be >= 0 px²; {USAGE}")
-        return Policy(kind, (a,))
-    if kind == "box-threshold":
-        a, thr = _floats(raw, arg, 2)
-        if a < 0:
-            raise DynPoseError(f"routing policy {raw!r}: AREA must be >= 0 px²; {USAGE}")
-        return Policy(kind, (a, thr))
-    raise DynPoseError(f"routing policy {raw!r}: unknown kind {kind!r}; {USAGE}")
-
-
-# -- what a route costs ------------------------------------------------------------------------------------------
-COST_BATCH = 8  # the batch the cost lines quote: a busy frame's micro-batch (batch 1 is the latency view)
-
-
-@dataclass(frozen=True)
-class RouteCosts:
-    """Measured per-crop costs in ms at one batch size on one backend/device: each pose model's whole way (crop,
-    normalise, infer, decode) and the router's (crop, normalise, infer). `large_crop` is the large model's crop and
-    normalise share, which the runtime saves on crops routed large when the router's crop serves the large model
-    (`shared_crop`).
-
-    The model is the sequential sum of the stages (router on every crop, then each crop on one pose model): the
-    device time a crop takes. On a CPU the Dispatcher runs the two pose models at once on their own cores, which
-    can beat the sum when both get work; the benchmark measures that, this predicts the serial floor."""
-
-    small: float
-    large: float
-    router: float
-    batch: int = COST_BATCH
-    large_crop: float = 0.0
-    shared_crop: bool = False
-
-    def per_crop(self, fraction: float, router: bool = True) -> float:
-        """Expected ms per crop when `fraction` of the crops go to the large model (`router`: the policy runs it)."""
-        f = float(fraction)
-        cost = (1.0 - f) * self.small + f * self.large
-        if router:
-            cost += self.router - (f * self.large_crop if self.shared_crop else 0.0)
-        return cost
-
-    def speedup(self, fraction: float, router: bool = True) -> float:
-        """Crops/s against large-only at this fraction (> 1: the route pays)."""
-        return self.large / self.per_crop(fraction, router)
-
-    def break_even(self, router: bool = True) -> float | None:
-        """The largest fraction of crops the route may send to the large model and still be no slower than
-        large-only; None when no fraction pays (the small model plus the router cost at least the large model)."""
-        at0 = self.per_crop(0.0, router)
-        if at0 >= self.large:
-            return None
-        slope = self.per_crop(1.0, router) - at0
-        return 1.0 if slope <= 0 else min(1.0, (self.large - at0) / slope)
-
-
-def route_costs(record: Mapping[str, Any] | None, batch: int = COST_BATCH) -> RouteCosts | None:
-    """`RouteCosts` from a stored cost record (`Manifest.costs`; written by `dynpose.bench.costs`) at `batch`
-    (the nearest measured batch when that one was not measured); None without small and large figures."""
-    if not record:
-        return None
-    roles = record.get("roles", {})
-
-    def ms(role: str, part: str = "total") -> float | None:
-        per_batch = roles.get(role, {}).get("ms", {})
-        if not per_batch:
-            return None
-        b = min(per_batch, key=lambda k: abs(int(k) - batch))
-        v = per_batch[b].get(part)
-        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-    small, large = ms("small"), ms("large")
-    if small is None or large is None:
-        return None
-    router = ms("router")
-    return RouteCosts(
-        small=small,
-        large=large,
-        router=router if router is not None else math.inf,
-        batch=batch,
-        large_crop=ms("large", "crop") or 0.0,
-        shared_crop=bool(record.get("shared_crop", False)),
-    )
-
-
-def known_fraction(policy: Policy, notes: Mapping[str, Any]) -> float | None:
-    """The share of crops a policy sends to the large model when it is known without data: fixed by the policy,
-    or measured by `dynpose-train-router --calibrate` for this very policy (`notes.router_calibration`)."""
-    if policy.kind in ("all-small", "all-large"):
-        return 0.0 if policy.kind == "all-small" else 1.0
-    if policy.kind == "fraction":
-        return policy.params[0]
-    cal = notes.get("router_calibration")
-    if isinstance(cal, Mapping) and cal.get("policy") == str(policy) and isinstance(cal.get("fraction"), (int, float)):
-        return float(cal["fraction"])
-    return None
-
-
-def cost_line(costs: RouteCosts, policy: Policy | None, fraction: float | None, where: str = "") -> tuple[int, str]:
-    """(logging level, one line) saying whether a route can pay by the measured costs, and its break-even fraction.
-    `policy` None: routing with the router in general; `fraction`: the share of crops it sends large, if known."""
-    router = policy is None or policy.needs_router
-    name = "routing" if policy is None else f"route {policy}"
-    head = f"{where}: " if where else ""
-    parts = f"per crop at batch {costs.batch}: small {costs.small:.1f} ms, large {costs.large:.1f} ms"
-    parts += f", router {costs.router:.1f} ms" if router else ""
-    be = costs.break_even(router)
-    if be is None:
-        what = "the small model plus the router cost" if router else "the small model costs"
-        return logging.WARNING, (
-            f"{head}{name} cannot pay: {what} at least as much as the large model alone ({parts}); it is slower "
-            "than all-large at any fraction"
-        )
-    if fraction is None:
-        return logging.INFO, (
-            f"{head}{name} beats large-only while it sends under {be:.0%} of the crops to the large model "
-            f"(break-even; at most {costs.speedup(0.0, router):.2f}x at 0%; {parts})"
-        )
-    slower = fraction > be + 1e-9
-    return logging.WARNING if slower else logging.INFO, (
-        f"{head}{name} sends {fraction:.0%} of the crops to the large model: {costs.speedup(fraction, router):.2f}x "
-        f"large-only by the measured costs, {'slower' if slower else 'faster'} than large-only (break-even "
-        f"{be:.0%}; {parts})"
-    )
-
-
-def log_route_costs(manifest: Any, policy: Policy, backend: str, device: str, where: str = "") -> str | None:
-    """Log one line on whether `policy` pays on this backend/device, when the manifest holds measured costs
-    (`dynpose-bench --store-costs`); returns the line (None: no costs stored, or nothing to say for all-large)."""
-    if policy.kind == "all-large":
-        return None
-    costs = route_costs(manifest.costs(backend, device))
-    if costs is None or (policy.needs_router and not math.isfinite(costs.router)):
-        return None  # nothing measured (or not the router this route needs): no claim either way
-    level, line = cost_line(costs, policy, known_fraction(policy, manifest.notes), where)
-    log.log(level, "%s", line)
-    return line
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise DynPoseError(f"routing policy {raw!r}: unknown kind {kind!r}; {USAGE}")
+    if kind in ("all-small", "all-large") and arg.strip():
+        raise DynPoseError(f"routing policy {raw!r}: {kind} takes no value; {USAGE}")
+    return parser(raw, arg)

@@ -1,6 +1,6 @@
 """DynPose as an HTTP service on Ray Serve (see docs/serving.md).
 
-- `Client(url, timeout, retries)`: `.pose(image_bgr, boxes=None, route=None) -> list[PersonPose]` (no Ray needed);
+- `Client(url, timeout, retries)`: `.pose(image_bgr, boxes=None, route=None) -> list[Person]` (no Ray needed);
 - `ServeConfig` / `check_config`, `Service.start(cfg, host, port, address)`: start the service from Python;
 - `build_app(cfg)`: the Ray Serve application (`dynpose.serve.app`) for `serve.run` or a Serve config file.
 """

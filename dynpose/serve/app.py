@@ -5,10 +5,10 @@
                  +--whole image (no boxes given)-----> detector
 
 - `Ingress` (the HTTP entry; `ingress` replicas): reads and checks the request, decodes the image, asks the
-  detector for boxes when none came, cleans the boxes (`pipeline.prepare_boxes`), crops for the router, runs it and
-  the policy, crops each box for the model it goes to (uint8, the model's input size and colour order) and sends
-  the crops to that model's deployment; then rescoring and OKS-NMS (`pipeline.persons_from_dispatch`), so an answer
-  is what `Pipeline` gives for the same image and boxes.
+  detector for boxes when none came, validates them (`Boxes.of`), plans them (`plan.make_plan`, the planner
+  `Pipeline` uses) and runs the plan with `RemoteExecutor` (`execute.execute_async`): the router in the ingress,
+  each pose model's uint8 crops (`Plan.crop`) sent to that model's deployment; then rescoring and OKS-NMS
+  (`pipeline.persons_of`), so an answer is what `Pipeline` gives for the same image and boxes.
 - `PoseModelDeployment` (`small` and `large`, each its own replica count): normalises, infers (+ flip) and decodes
   crops to image pixels. `serve.batch` gathers the crops of concurrent requests into one model run (up to
   `max_batch` crops, waiting at most `batch_wait_ms` for a batch to fill).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,12 +37,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from dynpose.errors import DynPoseError
+from dynpose.roles import POSE_ROLES, Role
+from dynpose.runtime.engine_set import LoadOptions
+from dynpose.runtime.model import Router
+from dynpose.runtime.plan import Done, Plan, Work
 from dynpose.serve.config import ServeConfig, has_detector
 from dynpose.serve.http import HttpError, decode_request_image, one_line, parse_pose_request, read_body
 
 log = logging.getLogger(__name__)
-
-MODELS = ("small", "large")
 ENDPOINTS = {"/v1/pose": "POST", "/healthz": "GET", "/v1/info": "GET", "/v1/stats": "GET"}
 
 
@@ -104,15 +107,13 @@ def _replica_names() -> tuple[str, str]:
 class PoseModelDeployment:
     """One pose model (`role` small or large) of the engine dir; crops of concurrent requests run as one batch."""
 
-    def __init__(self, role: str, cfg: ServeConfig) -> None:
+    def __init__(self, role: Role, cfg: ServeConfig) -> None:
         from dynpose.runtime.engine_set import EngineSet
         from dynpose.runtime.model import PoseModel
 
         self.role = role
         self.flip = cfg.flip
-        self.engines = EngineSet.load(
-            cfg.engine_dir, cfg.backend, cfg.device, cfg.threads, roles=[role], with_detector=False
-        )
+        self.engines = EngineSet.load(cfg.engine_dir, _load_options(cfg, with_detector=False), roles=[role])
         model = self.engines.require(role)
         assert isinstance(model, PoseModel)
         self.model = model
@@ -135,17 +136,16 @@ class PoseModelDeployment:
 
     def _run(self, items: list[CropBatch]) -> list[np.ndarray]:
         # Runs off the event loop, so the replica keeps queueing the next batch while this one infers.
-        m = self.model
-        x = m.inputs(np.concatenate([it.crops for it in items]))
+        crops = np.concatenate([it.crops for it in items])
         centers = np.concatenate([it.centers for it in items])
         scales = np.concatenate([it.scales for it in items])
-        kps = m.decode(m.infer(x, self.flip), centers, scales)
-        self.stats.add(len(x), len(items))
+        kps = self.model.run(crops, centers, scales, self.flip)
+        self.stats.add(len(crops), len(items))
         bounds = np.cumsum([0] + [len(it.crops) for it in items])
         return [kps[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def ready(self) -> str:
-        return self.role
+        return self.role.value
 
     def info(self) -> dict[str, Any]:
         entry = self.engines.entries[self.role]
@@ -169,7 +169,7 @@ class DetectorDeployment:
     def __init__(self, cfg: ServeConfig) -> None:
         from dynpose.runtime.engine_set import EngineSet
 
-        self.engines = EngineSet.load(cfg.engine_dir, cfg.backend, cfg.device, cfg.threads, roles=[], detector=cfg.detector)
+        self.engines = EngineSet.load(cfg.engine_dir, _load_options(cfg, with_detector=True), roles=[])
         if self.engines.detector is None:
             raise DynPoseError(f"engine dir {cfg.engine_dir}: no detector entry; register one or pass --detector FILE.onnx")
         self.detector = self.engines.detector
@@ -178,15 +178,55 @@ class DetectorDeployment:
         return await asyncio.to_thread(self.detector, image_bgr)
 
     def ready(self) -> str:
-        return "detector"
+        return Role.DETECTOR.value
 
     def info(self) -> dict[str, Any]:
-        return {"loaded": self.engines.loaded.get("detector", ""), "layout": self.detector.layout}
+        return {"loaded": self.engines.loaded.get(Role.DETECTOR, ""), "layout": self.detector.layout}
 
     def __del__(self) -> None:
         engines = getattr(self, "engines", None)
         if engines is not None:
             engines.close()
+
+
+def _load_options(cfg: ServeConfig, with_detector: bool) -> LoadOptions:
+    return LoadOptions(cfg.backend, cfg.device, cfg.threads, detector=cfg.detector, with_detector=with_detector)
+
+
+class RemoteExecutor:
+    """A plan's work on the service's deployments: the router in the ingress replica (off the event loop), each
+    pose model's uint8 crops, cut by the plan, sent to its deployment a max batch at a time (`serve.batch` there
+    gathers the crops of concurrent requests into one model run)."""
+
+    def __init__(
+        self,
+        router: Router | None,
+        handles: dict[Role, DeploymentHandle],
+        max_batch: int,
+        on_stats: Any = lambda snap: None,
+    ) -> None:
+        self.router, self.handles, self.max_batch, self.on_stats = router, handles, max_batch, on_stats
+
+    async def run(self, plan: Plan, work: Sequence[Work]) -> list[Done]:
+        calls = []
+        for w in work:
+            if w.role is Role.ROUTER:
+                calls.append(asyncio.to_thread(self._route, plan, w))
+            else:
+                calls += [self._remote(plan, piece) for piece in w.chunks(self.max_batch)]  # serve.batch's cap
+        return list(await asyncio.gather(*calls))
+
+    def _route(self, plan: Plan, work: Work) -> Done:
+        if self.router is None:
+            raise DynPoseError("the plan asks for the router, which this service has not loaded")
+        return Done(work, self.router.run(plan.crop(work)))
+
+    async def _remote(self, plan: Plan, work: Work) -> Done:
+        crops = await asyncio.to_thread(plan.crop, work)
+        centers, scales = plan.geometry(work.role, work.idx)
+        kps, snap = await self.handles[work.role].infer.remote(CropBatch(crops, centers, scales))
+        self.on_stats(snap)
+        return Done(work, kps)
 
 
 class _Timer:
@@ -226,26 +266,27 @@ class Ingress:
     ) -> None:
         from dynpose.engines.manifest import Manifest
         from dynpose.runtime.engine_set import EngineSet, pick_entry
-        from dynpose.runtime.model import same_crop
         from dynpose.runtime.policy import parse_policy
 
         self.cfg = cfg
-        self.handles = {"small": small, "large": large}
+        self.handles = {Role.SMALL: small, Role.LARGE: large}
         self.detector = detector
-        roles = ["router"] if Manifest.load(cfg.engine_dir, verify=False).get("router") is not None else []
+        manifest = Manifest.load(cfg.engine_dir, verify=True)
         # The router is opened whenever the engine dir has one, so a request may ask for a routed policy.
-        self.engines = EngineSet.load(cfg.engine_dir, cfg.backend, cfg.device, cfg.threads, roles=roles, with_detector=False)
+        roles = [Role.ROUTER] if manifest.get(Role.ROUTER) is not None else []
+        self.engines = EngineSet.open(manifest, _load_options(cfg, with_detector=False), roles=roles)
         self.router = self.engines.router
-        entries = {
-            m: pick_entry(self.engines.manifest, self.engines.engine_dir, m, cfg.backend, cfg.device)[0] for m in MODELS
-        }
-        self.entries = entries
-        self.cards = {m: e.card for m, e in entries.items()}
-        self.keypoint_set = self.cards["large"].keypoint_set
-        self.reuse_router_crop = self.router is not None and same_crop(self.router.card, self.cards["large"])
-        self.default_policy = parse_policy(cfg.route or self.engines.manifest.route)
+        self.cards = {m: pick_entry(manifest, self.engines.engine_dir, m, cfg.backend, cfg.device)[0].card for m in POSE_ROLES}
+        if self.router is not None:
+            self.cards[Role.ROUTER] = self.router.card
+        self.keypoint_set = self.cards[Role.LARGE].keypoint_set
+        self.default_policy = parse_policy(cfg.route or manifest.route)
         self.batch_stats: dict[tuple[str, str], dict[str, Any]] = {}
+        self.executor = RemoteExecutor(self.router, self.handles, cfg.max_batch, self._keep_stats)
         self.counts = {"requests": 0, "ok": 0, "client_errors": 0, "unavailable": 0, "internal_errors": 0, "crops": 0}
+
+    def _keep_stats(self, snap: dict[str, Any]) -> None:
+        self.batch_stats[(snap["model"], snap["replica"])] = snap
 
     # -- HTTP ------------------------------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> Response:
@@ -283,7 +324,10 @@ class Ingress:
             return _error(500, f"internal error: {type(e).__name__}: {one_line(str(e))}")
 
     async def _pose(self, request: Request) -> dict[str, Any]:
-        from dynpose.runtime.pipeline import persons_from_dispatch, prepare_boxes
+        from dynpose.runtime.boxes import Boxes
+        from dynpose.runtime.execute import execute_async
+        from dynpose.runtime.pipeline import persons_of
+        from dynpose.runtime.plan import LARGE, FrameInput, make_plan
 
         t = _Timer()
         body = await read_body(request.stream(), request.headers, self.cfg.max_body_bytes)
@@ -303,16 +347,22 @@ class Ingress:
             boxes = await self.detector.detect.remote(image)
             t.mark("detect")
         try:
-            kept, use_nms, dropped = prepare_boxes(boxes, image.shape, from_detector=req.boxes is None)
+            frame = FrameInput(image, Boxes.of(boxes, image.shape, max_boxes=self.cfg.max_boxes, where="boxes"))
         except DynPoseError as e:
             raise HttpError(400, str(e)) from None
-        res = await self._dispatch(image, kept[:, :4], policy, t)
-        persons = persons_from_dispatch(res, [kept], [use_nms], self.keypoint_set.sigmas)[0]
+        result = await execute_async(make_plan([frame], policy, self.cards), self.executor)
+        t.mark("plan")
+        persons = persons_of(result, self.keypoint_set.sigmas)[0]
         t.mark("post")
-        self.counts["crops"] += len(kept)
+        self.counts["crops"] += len(frame.boxes)
+        large = int((result.model == LARGE).sum())
         return {
             "persons": [p.to_dict(exact=True) for p in persons],
-            "crops": {**res.counts, "dropped_boxes": dropped},
+            "crops": {
+                Role.SMALL.value: len(result.model) - large,
+                Role.LARGE.value: large,
+                "dropped_boxes": frame.boxes.dropped,
+            },
             "route": str(policy),
             "timing_ms": t.total(),
         }
@@ -328,71 +378,16 @@ class Ingress:
             raise HttpError(400, str(e)) from None
         if policy.needs_router and self.router is None:
             raise HttpError(
-                400, f"route {policy}: needs a router and this engine dir has none; use all-small, all-large or box:AREA"
+                400,
+                f"route {policy}: needs a router and this engine dir has none; use all-small, all-large, box:AREA or "
+                "cascade:T",
             )
         return policy
 
-    # -- the Dispatcher's steps, with the pose models behind handles -----------------------------------------------
-    async def _dispatch(self, image: np.ndarray, boxes: np.ndarray, policy: Any, t: _Timer) -> Any:
-        from dynpose.runtime.dispatcher import DispatchResult
-
-        n = len(boxes)
-        res = DispatchResult.empty(n, self.keypoint_set.num, np.zeros(n, np.int64))
-        if n == 0:
-            return res
-        plan = await asyncio.to_thread(self._route_and_crop, image, boxes, policy, res)
-        t.mark("route_crop")
-        calls = []
-        step = self.cfg.max_batch  # serve.batch refuses an item bigger than its max batch
-        for m, (idx, crops) in plan.items():
-            for a in range(0, len(idx), step):
-                sl = idx[a : a + step]
-                item = CropBatch(crops[a : a + step], res.centers[sl], res.scales[sl])
-                calls.append((sl, self.handles[m].infer.remote(item)))
-        replies = await asyncio.gather(*(r for _, r in calls))
-        for (sl, _), (kps, snap) in zip(calls, replies, strict=True):
-            res.keypoints[sl] = kps
-            self.batch_stats[(snap["model"], snap["replica"])] = snap
-        t.mark("pose")
-        return res
-
-    def _route_and_crop(
-        self, image: np.ndarray, boxes: np.ndarray, policy: Any, res: Any
-    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Router scores and the policy's decision into `res`, then each model's uint8 crops: {model: (idx, crops)}.
-        The same steps and functions as `Dispatcher.run` (geometry per model card, router crops reused for the large
-        model when both crop alike)."""
-        from dynpose.runtime.preprocess import box_to_center_scale, crop
-
-        frame_index = np.zeros(len(boxes), np.int64)
-        geometry = {m: box_to_center_scale(boxes, card.aspect_ratio, card.padding) for m, card in self.cards.items()}
-        scores = router_crops = None
-        if policy.needs_router:
-            router = self.router
-            assert router is not None
-            rc, rs = geometry["large"] if self.reuse_router_crop else router.geometry(boxes)
-            router_crops = router.crop([image], frame_index, rc, rs)
-            scores = router.scores(router.inputs(router_crops))
-            res.router_scores[:] = scores[:, 1]
-        decision = policy.decide(scores, boxes)
-        res.large[:] = decision.large
-        res.nan_scores = decision.nan
-        plan = {}
-        for m in MODELS:
-            idx = np.flatnonzero(res.large if m == "large" else ~res.large)
-            if idx.size == 0:
-                continue
-            centers, scales = geometry[m][0][idx], geometry[m][1][idx]
-            res.centers[idx], res.scales[idx] = centers, scales
-            if m == "large" and self.reuse_router_crop and router_crops is not None:
-                plan[m] = (idx, router_crops[idx])
-            else:
-                plan[m] = (idx, crop([image], frame_index[idx], centers, scales, self.cards[m]))
-        return plan
-
     # -- health, info, stats ---------------------------------------------------------------------------------------
     def _downstream(self) -> dict[str, DeploymentHandle]:
-        return {**self.handles, **({"detector": self.detector} if self.detector is not None else {})}
+        handles = {r.value: h for r, h in self.handles.items()}
+        return {**handles, **({Role.DETECTOR.value: self.detector} if self.detector is not None else {})}
 
     async def _healthz(self) -> Response:
         handles = self._downstream()
@@ -412,10 +407,10 @@ class Ingress:
         infos = dict(zip(handles, await asyncio.gather(*(h.info.remote() for h in handles.values())), strict=True))
         models = {k: v["loaded"] for k, v in infos.items()}
         if self.router is not None:
-            models["router"] = self.engines.loaded["router"]
+            models[Role.ROUTER.value] = self.engines.loaded[Role.ROUTER]
         cards = {k: v["card"] for k, v in infos.items() if "card" in v}
         if self.router is not None:
-            cards["router"] = self.router.card.to_dict()
+            cards[Role.ROUTER.value] = self.router.card.to_dict()
         cfg = self.cfg
         return {
             "engine_dir": cfg.engine_dir,
@@ -431,7 +426,7 @@ class Ingress:
                 "onnxruntime": onnxruntime.__version__,
                 "manifest": {k: v["versions"] for k, v in infos.items() if "versions" in v},
             },
-            "replicas": {k: str(v) for k, v in cfg.replicas.items() if k != "detector" or self.detector is not None},
+            "replicas": {k: str(v) for k, v in cfg.replicas.items() if k != Role.DETECTOR or self.detector is not None},
             "replicas_running": await asyncio.to_thread(_running_replicas, cfg.app_name),  # a blocking call
             "batching": {"max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms},
             "limits": {"max_body_mb": cfg.max_body_mb, "max_pixels": cfg.max_pixels, "max_boxes": cfg.max_boxes},
@@ -441,7 +436,7 @@ class Ingress:
         """Requests this ingress replica answered, and the pose replicas' batches (the latest totals each replica
         reported with its answers; a replica that died keeps its last totals)."""
         models: dict[str, dict[str, Any]] = {}
-        for m in MODELS:
+        for m in POSE_ROLES:
             snaps = [s for (model, _), s in sorted(self.batch_stats.items()) if model == m]
             agg: dict[str, Any] = {"batches": 0, "crops": 0, "calls": 0, "crops_hist": {}, "calls_hist": {}}
             for s in snaps:
@@ -452,7 +447,7 @@ class Ingress:
                         agg[k][str(size)] = agg[k].get(str(size), 0) + count
             agg["mean_crops_per_batch"] = round(agg["crops"] / agg["batches"], 3) if agg["batches"] else None
             agg["replicas"] = [{k: s[k] for k in ("replica", "actor", "batches", "crops")} for s in snaps]
-            models[m] = agg
+            models[m.value] = agg
         return {"requests": dict(self.counts), "models": models}
 
     def __del__(self) -> None:
@@ -486,21 +481,21 @@ def build_app(cfg: ServeConfig) -> Any:
     pose_ongoing = max(2 * cfg.max_batch, 8)  # room for the next batch to queue while one runs
     pose = {
         m: PoseModelDeployment.options(  # type: ignore[attr-defined]
-            name=m,
+            name=m.value,
             max_ongoing_requests=pose_ongoing,
             ray_actor_options=model_actor,
             **cfg.replicas[m].options(target_ongoing=cfg.max_batch),
             **common,
         ).bind(m, cfg)
-        for m in MODELS
+        for m in POSE_ROLES
     }
     detector = None
     if has_detector(cfg):
         detector = DetectorDeployment.options(  # type: ignore[attr-defined]
-            name="detector",
+            name=Role.DETECTOR.value,
             max_ongoing_requests=8,
             ray_actor_options=model_actor,
-            **cfg.replicas["detector"].options(2),
+            **cfg.replicas[Role.DETECTOR].options(2),
             **common,
         ).bind(cfg)
     return Ingress.options(  # type: ignore[attr-defined]
@@ -509,4 +504,4 @@ def build_app(cfg: ServeConfig) -> Any:
         ray_actor_options=model_actor,  # the router runs here
         **cfg.replicas["ingress"].options(target_ongoing=max(1, cfg.max_ongoing // 2)),
         **common,
-    ).bind(pose["small"], pose["large"], detector, cfg)
+    ).bind(pose[Role.SMALL], pose[Role.LARGE], detector, cfg)

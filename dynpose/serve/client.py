@@ -2,7 +2,7 @@
 
     from dynpose.serve import Client
     client = Client("http://127.0.0.1:8000", timeout=30, retries=5)
-    persons = client.pose(cv2.imread("photo.jpg"), boxes=dets)      # -> list[PersonPose]
+    persons = client.pose(cv2.imread("photo.jpg"), boxes=dets)      # -> list[Person]
 
 `pose(image_bgr)` sends the image PNG-encoded (lossless: the service sees exactly the pixels given, so its answer
 equals an in-process `Pipeline` on that array); `pose_file(path)` / `pose_bytes(data)` send a JPEG or PNG file as
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.runtime.person import Person
 
 RETRY_STATUSES = (502, 503, 504)
 _CONNECTION_ERRORS = (ConnectionError, http.client.HTTPException)  # refused, reset, dropped, a cut-off answer
@@ -47,29 +48,11 @@ class ServiceError(DynPoseError):
 class PoseAnswer:
     """A decoded `/v1/pose` answer: the persons, crops per model, the route used and the service's stage times."""
 
-    persons: list[Any]  # list[PersonPose]
+    persons: list[Person]
     crops: dict[str, int] = field(default_factory=dict)
     route: str = ""
     timing_ms: dict[str, float] = field(default_factory=dict)
     attempts: int = 1
-
-
-def _nan(v: Any) -> float:
-    return float("nan") if v is None else float(v)
-
-
-def person_from_dict(d: dict[str, Any]) -> Any:
-    """A `PersonPose` from its `to_dict()` record (null numbers back to NaN)."""
-    from dynpose.runtime.pipeline import PersonPose
-
-    kps = np.array([[_nan(v) for v in kp] for kp in d["keypoints"]], dtype=np.float32).reshape(-1, 3)
-    return PersonPose(
-        box=np.array([_nan(v) for v in d["box"]], dtype=np.float64),
-        score=_nan(d["score"]),
-        keypoints=kps,
-        model=str(d["model"]),
-        router_score=_nan(d.get("router_score")),
-    )
 
 
 def _boxes_json(boxes: Any) -> list[list[float]] | None:
@@ -105,7 +88,7 @@ class Client:
 
     # -- pose ------------------------------------------------------------------------------------------------------
     def pose(self, image_bgr: np.ndarray, boxes: Any = None, route: str | None = None) -> list[Any]:
-        """Persons (`PersonPose`) in a BGR uint8 image; boxes (M,4|5) x,y,w,h[,score] or None (the service's
+        """Persons (`Person`) in a BGR uint8 image; boxes (M,4|5) x,y,w,h[,score] or None (the service's
         detector finds them); route: a routing policy for this request (default: the service's)."""
         import cv2
 
@@ -133,7 +116,7 @@ class Client:
             payload["route"] = route
         d, attempts = self.request("POST", "/v1/pose", json.dumps(payload).encode(), "application/json")
         return PoseAnswer(
-            persons=[person_from_dict(p) for p in d["persons"]],
+            persons=[Person.from_dict(p) for p in d["persons"]],
             crops=d.get("crops", {}),
             route=d.get("route", ""),
             timing_ms=d.get("timing_ms", {}),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dynpose.errors import DynPoseError
-from dynpose.runtime.sources import MAX_PIXELS
+from dynpose.io.sources import MAX_PIXELS
 
 APP_NAME = "dynpose"
 DEPLOYMENTS = ("ingress", "detector", "small", "large")

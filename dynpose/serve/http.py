@@ -190,8 +190,8 @@ async def parse_pose_request(
 
 def decode_request_image(data: bytes, max_pixels: int) -> np.ndarray:
     """The request's image as BGR uint8: 413 when its header claims more than `max_pixels` (checked before any
-    decoding, as `dynpose.runtime.sources` does for files), 400 when it cannot be decoded."""
-    from dynpose.runtime.sources import decode_image_bytes, image_header_size
+    decoding, as `dynpose.io.sources` does for files), 400 when it cannot be decoded."""
+    from dynpose.io.sources import decode_image_bytes, image_header_size
 
     size = image_header_size(data[: 1 << 16])
     if size is not None and size[0] * size[1] > max_pixels:

@@ -179,7 +179,7 @@ def _closed_loop(
 def run_pipeline_load(pipe: Any, items: Sequence[LoadItem], concurrency: int, requests: int) -> dict[str, Any]:
     """The same closed loop against an in-process `Pipeline` (each request decodes its JPEG, as the service does):
     the baseline the service's overhead is measured against."""
-    from dynpose.runtime.sources import decode_image_bytes
+    from dynpose.io.sources import decode_image_bytes
 
     def call(it: LoadItem) -> int:
         image = decode_image_bytes(it.data, it.name)

@@ -1,7 +1,7 @@
 """Calibration crop sets: real person crops made with exactly the runtime's preprocessing.
 
 Boxes come from COCO-format keypoint annotations, COCO-format detection files or MPII-style lists (center/scale);
-each box is cropped with the runtime's one crop primitive (`dynpose.runtime.preprocess.crop`) under the model's card,
+each box is cropped with the runtime's one crop primitive (`dynpose.runtime.plan.crop_at`) under the model's card,
 so INT8 ranges are measured on the inputs the runtime will feed. The set is split by image: crops of *gate* images
 never calibrate, they only judge the quantized model. Crops are cached as the primitive's uint8 pixels in the engine
 dir's cache folder, keyed by a hash of the input files and the card fields that change a crop.
@@ -22,7 +22,8 @@ from dynpose.data import gt_boxes, image_id_map, load_coco, load_detections, res
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
-from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
+from dynpose.runtime.plan import box_geometry, crop_at
+from dynpose.runtime.preprocess import normalize
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_TARGETS = ("ort", "tensorrt")
@@ -227,9 +228,7 @@ def _crop(
     for i, b in enumerate(boxes):
         by_image.setdefault(b.image, []).append(i)
     n = len(boxes)
-    c0, s0 = box_to_center_scale(
-        np.stack([b.box for b in boxes]) if boxes else np.empty((0, 4)), card.aspect_ratio, card.padding
-    )
+    c0, s0 = box_geometry(np.stack([b.box for b in boxes]) if boxes else np.empty((0, 4)), card)
     centers, scales = [c0], [s0]
     for _ in range(jitter):
         assert rng is not None
@@ -245,7 +244,7 @@ def _crop(
         img = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
         if img is None:
             raise DynPoseError(f"calibration image {img_path}: cannot be read as an image")
-        u8 = crop(
+        u8 = crop_at(
             [img],
             np.zeros(passes * len(idx), np.int64),
             np.concatenate([c[idx] for c in centers]),

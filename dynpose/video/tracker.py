@@ -8,15 +8,13 @@ and never change or repeat); a tentative track missed once ends, a confirmed one
 
 Between detections a track's next box comes from its own keypoints (`box_from_keypoints`): the visible keypoints'
 extent padded around its centre by the card's padding (1.25, as the official HRNet code pads boxes and as rtmlib's
-and MMDeploy's pose trackers pad keypoint boxes); the Dispatcher then pads and aspect-corrects it like any box.
+and MMDeploy's pose trackers pad keypoint boxes); the planner then pads and aspect-corrects it like any box.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 
 from dynpose.errors import DynPoseError
@@ -57,12 +55,8 @@ class Track:
     hits: int = 1
     missed: int = 0
     track_id: int | None = None  # public id, set on confirmation
-    large: bool | None = None  # the kept routing decision (temporal routing)
-    routed_at: int = -1  # frame of that decision
-    routed_conf: float = 0.0  # keypoint confidence when it was made
     center: np.ndarray | None = None  # centre of the visible keypoints' extent
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(2))  # of `center`, pixels per frame
-    state: dict[str, Any] = field(default_factory=dict)  # per-track state of the stream (the smoother)
 
     @property
     def confidence(self) -> float:
@@ -87,7 +81,7 @@ def box_from_keypoints(keypoints: np.ndarray, kpt_thr: float = 0.3, padding: flo
     size = (hi - lo) * padding
     if not (size > 1.0).any():
         return None
-    size = np.maximum(size, 1.0)  # keypoints on a line: the Dispatcher's aspect correction widens the box
+    size = np.maximum(size, 1.0)  # keypoints on a line: the planner's aspect correction widens the box
     center = (lo + hi) / 2.0
     return np.array([center[0] - size[0] / 2, center[1] - size[1] / 2, size[0], size[1]])
 

@@ -2,12 +2,12 @@
 
 Heatmap models do not survive naive INT8: a heatmap's peak moves by a pixel when a few layers lose precision, and
 one pixel at 1/4 resolution is a large keypoint error. So after ONNX Runtime's `quantize_static` (Q/DQ format),
-the quantized model is judged against fp32 on held-out crops (`dynpose.runtime.compare.PoseJudge`: mean keypoint
+the quantized model is judged against fp32 on held-out crops (`dynpose.export.judges.PoseJudge`: mean keypoint
 OKS, decoded from all outputs: SimDR's two vectors too), and while the gate fails the most sensitive layers go back to
 fp32 (`nodes_to_exclude`): first the output heads (the heatmap conv; SimDR's two linear layers and their bias Adds),
 then layers ranked by the quantization noise they inject on real activations (weight + input + output
 noise-to-signal ratio, measured with the calibration ranges). The number kept in fp32 doubles until the gate holds,
-then a short bisection trims it (`dynpose.calibration.search`). Calibration runs once; its ranges are cached (ORT's
+then a short bisection trims it (`dynpose.export.calibration.search`). Calibration runs once; its ranges are cached (ORT's
 calibration cache) so each search step only rewrites the graph.
 
 Two flavours: `ort` (uint8 asymmetric activations, int8 per-channel weights: what ORT's CPU kernels run fast) and
@@ -32,13 +32,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from dynpose.calibration.crops import CalibSpec, CropSet, build_crop_set
-from dynpose.calibration.search import MAX_STEPS, Trial, best_trial, search_fp32_layers
+from dynpose.export.calibration.crops import CalibSpec, CropSet, build_crop_set
+from dynpose.export.calibration.search import MAX_STEPS, Trial, best_trial, search_fp32_layers
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import copy_metadata, io_names, load_onnx, name_nodes, open_session, run_session_all
-from dynpose.runtime.compare import Check, PoseJudge, compare_speed
+from dynpose.export.judges import Check, PoseJudge, compare_speed
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +513,7 @@ def quantize_router_int8(
     """INT8 Q/DQ router: calibrate on the spec's crops made under the router's card and quantize once; write `dst`.
 
     No layer search: the router's output is three scores, not heatmaps, and the caller judges the result by routing
-    decisions on the returned held-out gate crops (`dynpose.runtime.compare.RouterJudge`). Returns (checks, gate).
+    decisions on the returned held-out gate crops (`dynpose.export.judges.RouterJudge`). Returns (checks, gate).
     """
     src, dst = Path(src), Path(dst)
     spec.validate()

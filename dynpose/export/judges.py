@@ -29,7 +29,7 @@ from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session, rel_l2, run_session_all
 from dynpose.runtime.decode import decode_outputs
-from dynpose.runtime.policy import parse_policy
+from dynpose.runtime.policy import Signals, parse_policy
 from dynpose.runtime.postprocess import oks
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,9 @@ def router_agreement(test_out: Outputs, ref_out: Outputs, route: str) -> dict[st
     if not np.isfinite(test).all():
         return {"finite": False, "policy": policy, "crops": len(ref)}
     diff = np.abs(test - ref)
-    boxes = np.zeros((len(ref), 4))  # only box: policies read boxes, and those are replaced above
+    areas = np.zeros(len(ref))  # only box policies read areas, and those are replaced above
     p = parse_policy(policy)
-    same = p.decide(test, boxes).large == p.decide(ref, boxes).large
+    same = p.decide(Signals(areas, router=test[:, 1])).large == p.decide(Signals(areas, router=ref[:, 1])).large
     return {
         "finite": True,
         "policy": policy,

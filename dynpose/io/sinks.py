@@ -30,11 +30,12 @@ from typing import IO, Any, Protocol
 from dynpose.errors import DynPoseError
 from dynpose.fileio import write_json_atomic
 from dynpose.keypoints import KeypointSet
-from dynpose.runtime.sources import Frame, FrameSource
+from dynpose.io.sources import Frame, FrameSource
+from dynpose.runtime.person import Person
 
 
 class ResultSink(Protocol):
-    def write(self, frame: Frame, persons: Sequence[Any]) -> None: ...
+    def write(self, frame: Frame, persons: Sequence[Person]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -75,7 +76,7 @@ class CocoJsonSink:
         self.no_id: list[str] = []  # frames without an image id (they get no COCO results)
         self.count = 0
 
-    def write(self, frame: Frame, persons: Sequence[Any]) -> None:
+    def write(self, frame: Frame, persons: Sequence[Person]) -> None:
         if frame.image_id is None:
             self.no_id.append(frame.name)
             return
@@ -103,7 +104,7 @@ class JsonLinesSink:
         self._file: IO[str] | None = open(self._tmp, "w")  # noqa: SIM115 (closed in close/abort)
         self.count = 0
 
-    def write(self, frame: Frame, persons: Sequence[Any]) -> None:
+    def write(self, frame: Frame, persons: Sequence[Person]) -> None:
         assert self._file is not None
         line = {
             "frame": frame.index,
@@ -162,8 +163,8 @@ class DrawingSink:
         self._writer: Any = None
         self.count = 0
 
-    def write(self, frame: Frame, persons: Sequence[Any]) -> None:
-        from dynpose.runtime.vis import VideoWriter, draw_persons, write_image
+    def write(self, frame: Frame, persons: Sequence[Person]) -> None:
+        from dynpose.io.vis import VideoWriter, draw_persons, write_image
 
         img = draw_persons(frame.image_bgr, [p for p in persons if p.score >= self.min_score], self.keypoint_set)
         if self.video_name is None:
@@ -204,7 +205,7 @@ class PoseTrackSink:
         self.annotations: list[dict[str, Any]] = []
         self.untracked = 0  # persons left out (no confirmed track yet)
 
-    def write(self, frame: Frame, persons: Sequence[Any]) -> None:
+    def write(self, frame: Frame, persons: Sequence[Person]) -> None:
         image_id = frame.index
         self.images.append(
             {
@@ -216,7 +217,7 @@ class PoseTrackSink:
             }
         )
         for p in persons:
-            track_id = getattr(p, "track_id", None)
+            track_id = p.track_id
             if track_id is None:
                 self.untracked += 1
                 continue

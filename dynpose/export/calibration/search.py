@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynpose.runtime.compare import Check
+from dynpose.export.judges import Check
 
 MAX_STEPS = 12
 
