@@ -105,7 +105,7 @@ def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float]
     from dynpose.runtime.dispatcher import Dispatcher
     from dynpose.runtime.engine_set import EngineSet
     from dynpose.runtime.postprocess import rescore
-    from dynpose.runtime.sources import read_image
+    from dynpose.io.sources import read_image
 
     gt = shared / "data" / "coco" / "test_coco.json"
     ds = load_coco(gt)

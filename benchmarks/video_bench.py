@@ -9,7 +9,7 @@ into memory first (a short clip is played forwards and backwards until it has `-
 the tracker, the detector and the Dispatcher, not the decoder. The settings take turns within every round (the
 order rotates), each round a whole pass over the frames with a fresh tracker; frames/s is the median over the
 rounds with the slowest and fastest round. Mean OKS compares each setting's poses with those of the detector every
-frame and routing every frame (`dynpose.runtime.tracking.pose_agreement`: Hungarian matching per frame, unmatched
+frame and routing every frame (`dynpose.video.pose_agreement`: Hungarian matching per frame, unmatched
 reference persons count 0). Counts (detector calls, router crops, pose crops per model) are per pass.
 """
 
@@ -30,7 +30,7 @@ SHARED = REPO.parent / "shared"
 
 def load_frames(video: Path, n: int) -> list[Any]:
     """The video's frames, played forwards then backwards (ping-pong) until there are `n`."""
-    from dynpose.runtime.sources import Frame, open_source
+    from dynpose.io.sources import Frame, open_source
 
     with open_source(video) as src:
         images = [f.image_bgr for f in src]
@@ -43,7 +43,7 @@ def load_frames(video: Path, n: int) -> list[Any]:
 
 def one_pass(pipe: Any, frames: list[Any], options: Any) -> tuple[float, list[list[Any]], dict[str, int]]:
     """One pass of a fresh tracker over the frames: seconds, persons per frame, counts."""
-    from dynpose.runtime.tracking import VideoTracker
+    from dynpose.video import VideoTracker
 
     video = VideoTracker(pipe, options, fps=[30.0])
     before = dict(pipe.stats.crops)
@@ -77,7 +77,7 @@ def main() -> None:
 
     from dynpose.runtime.engine_set import EngineSet
     from dynpose.runtime.pipeline import Pipeline
-    from dynpose.runtime.tracking import VideoOptions, pose_agreement
+    from dynpose.video import VideoOptions, pose_agreement
 
     frames = load_frames(args.video, args.frames)
     settings = {

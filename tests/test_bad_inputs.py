@@ -27,7 +27,7 @@ from dynpose.errors import DynPoseError
 from dynpose.eval.coco import evaluate_results
 from dynpose.fileio import write_json_atomic
 from dynpose.models.card import ModelCard
-from dynpose.runtime.sources import FrameSource, decode_image, open_source
+from dynpose.io.sources import FrameSource, decode_image, open_source
 
 
 def one_line_error(fn: Callable[[], Any], match: str, names: str | Path | None = None) -> str:
@@ -271,7 +271,7 @@ def test_bad_results(tmp_path: Path, shared: Path, text: str, match: str) -> Non
     one_line_error(lambda: evaluate_results(f, shared / "data" / "coco" / "test_coco.json"), match, names=f)
 
 
-# -- frame sources and images (dynpose.runtime.sources) -------------------------------------------------------------
+# -- frame sources and images (dynpose.io.sources) -------------------------------------------------------------
 def tiny_jpeg_claiming(width: int, height: int) -> bytes:
     """A real 8x8 JPEG (629 bytes) whose frame header (SOF0) is patched to claim width x height."""
     ok, buf = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))

@@ -250,7 +250,7 @@ def test_real_model_results_match_pycocotools(tinypose_engine_dir: Path, coco_gt
     """TinyPose 256x192 through the runtime on the sample's GT boxes: a real result file, scored both ways."""
     from dynpose.data import gt_boxes, load_coco, resolve_image
     from dynpose.runtime.pipeline import Pipeline
-    from dynpose.runtime.sources import read_image
+    from dynpose.io.sources import read_image
 
     ds = load_coco(coco_gt)
     results = []

@@ -13,12 +13,13 @@ import cv2
 import numpy as np
 import pytest
 
-from dynpose import PersonPose, Pipeline
+from dynpose import Person, Pipeline, Role
 from dynpose.data import gt_boxes, image_id_map, load_coco, load_detections
 from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.fileio import write_json_atomic
-from dynpose.runtime.pipeline import clean_boxes
+from dynpose.runtime.boxes import Boxes
+from dynpose.runtime.person import Decision
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +59,13 @@ def test_coco_detections_to_results_json(tinypose_engine_dir: Path, coco, coco_d
         results = []
         for iid, img in images.items():
             persons = p(img, dets[iid])
-            assert all(isinstance(x, PersonPose) and x.model == "large" for x in persons)
+            assert all(isinstance(x, Person) and x.model is Role.LARGE for x in persons)
             results.extend(x.to_coco(iid) for x in persons)
         st = p.stats
-    assert st.frames == 4 and st.crops == {"small": 0, "large": sum(len(d) for d in dets.values())}
+    n = sum(len(d) for d in dets.values())
+    assert st.frames == 4 and st.crops == {Role.ROUTER: 0, Role.SMALL: 0, Role.LARGE: n}
     # OKS-NMS (detections carry scores) removed duplicates
-    assert st.persons == len(results) < st.crops["large"]
+    assert st.persons == len(results) < st.crops[Role.LARGE]
     out = tmp_path / "results.json"
     write_json_atomic(out, results)
     back = json.loads(out.read_text())
@@ -77,7 +79,7 @@ def test_eight_threads_equal_serial(pipe: Pipeline, coco) -> None:
     images, gt, _ = coco
     ids = sorted(images) * 2
     serial = [pipe(images[i], gt[i]) for i in ids]
-    got: list[list[PersonPose] | None] = [None] * len(ids)
+    got: list[list[Person] | None] = [None] * len(ids)
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(ids))
 
@@ -114,7 +116,7 @@ def test_gt_boxes_skip_nms_and_detection_scores_enable_it(pipe: Pipeline, coco) 
     assert len(pipe(images[iid], with_scores, nms=False)) == 2
 
 
-def test_clean_boxes_drops_and_counts() -> None:
+def test_boxes_drop_and_count_what_cannot_be_cropped() -> None:
     boxes = np.array(
         [
             [10, 10, 50, 80, 0.9],  # fine
@@ -127,12 +129,59 @@ def test_clean_boxes_drops_and_counts() -> None:
             [np.nan, 10, 30, 30, 0.9],  # NaN coordinate
         ]
     )
-    kept, dropped = clean_boxes(boxes, (100, 200, 3))
-    assert dropped == 6 and kept[:, 4].tolist() == [0.9, 0.8]
-    kept, dropped = clean_boxes(boxes[:2, :4], (100, 200, 3))
-    assert dropped == 0 and kept[:, 4].tolist() == [1.0, 1.0]
+    kept = Boxes.of(boxes, (100, 200, 3))
+    assert kept.dropped == 6 and kept.scores.tolist() == [0.9, 0.8] and kept.rows.tolist() == [0, 1]
+    kept = Boxes.of(boxes[:2, :4], (100, 200, 3))
+    assert kept.dropped == 0 and kept.scores.tolist() == [1.0, 1.0] and not kept.scored
     with pytest.raises(DynPoseError, match="boxes must be"):
-        clean_boxes(np.zeros((2, 3)), (100, 200, 3))
+        Boxes.of(np.zeros((2, 3)), (100, 200, 3))
+
+
+def test_persons_carry_the_row_of_their_box_and_kept_decisions(tinypose_engine_dir: Path, coco) -> None:
+    """A caller finds its box by `Person.index` (dropped boxes leave gaps, never a shift), and a kept decision
+    skips the router for that box."""
+    images, gt, _ = coco
+    img, boxes = images[197388], gt[197388]
+    given = np.concatenate([[[0, 0, 0, 10]], boxes])  # row 0 is unusable
+    with Pipeline.from_engine_dir(tinypose_engine_dir, route="threshold:2") as p:  # nobody large by the router
+        keep = [None, Role.LARGE] + [None] * (len(boxes) - 1)
+        persons = p.run_batch([img], [given], keep=[keep])[0]
+        assert p.stats.crops[Role.ROUTER] == len(boxes) - 1  # the kept box skipped the router
+    assert [x.index for x in persons] == list(range(1, len(given)))
+    for x in persons:
+        np.testing.assert_array_equal(x.box, given[x.index])
+    first = persons[0]
+    assert first.model is Role.LARGE and first.decision is Decision.KEPT and np.isnan(first.router_score)
+    assert all(x.model is Role.SMALL and x.decision is Decision.POLICY for x in persons[1:])
+
+
+def test_one_manifest_read_and_one_policy_parse_per_pipeline(tinypose_engine_dir: Path) -> None:
+    """Following `route` and the manifest through `from_engine_dir`: each is read or parsed once (spies count
+    the real functions' calls)."""
+    import dynpose.engines.manifest as manifest_mod
+    import dynpose.runtime.pipeline as pipeline_mod
+    import dynpose.runtime.policy as policy_mod
+
+    calls = {"load": 0, "parse": 0}
+    real_load, real_parse = manifest_mod.Manifest.load.__func__, policy_mod.parse_policy  # type: ignore[attr-defined]
+
+    def load(cls, *a, **k):
+        calls["load"] += 1
+        return real_load(cls, *a, **k)
+
+    def parse(text):
+        calls["parse"] += isinstance(text, str)  # a Policy passed through is not parsed again
+        return real_parse(text)
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(manifest_mod.Manifest, "load", classmethod(load))
+        mp.setattr(pipeline_mod, "parse_policy", parse)
+        with Pipeline.from_engine_dir(tinypose_engine_dir, route="fraction:0.5") as p:
+            assert str(p.policy) == "fraction:0.5"
+    finally:
+        mp.undo()
+    assert calls == {"load": 1, "parse": 1}
 
 
 def test_dropped_boxes_counted_in_stats(tinypose_engine_dir: Path, coco) -> None:
@@ -141,31 +190,28 @@ def test_dropped_boxes_counted_in_stats(tinypose_engine_dir: Path, coco) -> None
     boxes = np.concatenate([gt[785][:1], [[0, 0, 0, 10], [5000, 5000, 10, 10]]])
     with Pipeline.from_engine_dir(tinypose_engine_dir, route="all-small") as p:
         persons = p(img, boxes)
-        assert len(persons) == 1 and persons[0].model == "small" and np.isnan(persons[0].router_score)
+        assert len(persons) == 1 and persons[0].model is Role.SMALL and np.isnan(persons[0].router_score)
         assert p.stats.dropped_boxes == 2
         assert p(img, np.zeros((0, 4))) == []
 
 
-def test_run_many_micro_batches_equal_per_frame(tinypose_engine_dir: Path, coco) -> None:
+def test_batched_frames_equal_per_frame(tinypose_engine_dir: Path, coco) -> None:
     images, gt, _ = coco
     ids = sorted(images)
-    frames = [(iid, images[iid], gt[iid]) for iid in ids]
-    # box:AREA routes per crop, so batching frames together must not change any result
+    # box:AREA routes per crop, so planning frames together must not change any result
     with Pipeline.from_engine_dir(tinypose_engine_dir, route="box:20000") as p:
-        single = {iid: p(img, b) for iid, img, b in frames}
-        n0 = p.stats.dispatches
-        batched = dict(p.run_many(frames, max_batch=1000))
-        assert p.stats.dispatches == n0 + 1  # all four frames in one dispatch
-        per_frame = dict(p.run_many(frames, max_batch=1000, max_latency_ms=0))
-        assert p.stats.dispatches == n0 + 1 + len(frames)
-        by_crops = list(p.run_many(frames, max_batch=10))
-    assert [t for t, _ in by_crops] == ids  # input order kept
+        single = {iid: p(images[iid], gt[iid]) for iid in ids}
+        n0 = p.stats.batches
+        together = next(p.run_frames([[p.prepare(images[iid], gt[iid]) for iid in ids]]))
+        assert p.stats.batches == n0 + 1  # all four frames in one plan
+        pairs = list(p.run_frames([[p.prepare(images[i], gt[i]) for i in ids[k : k + 2]] for k in (0, 2)], depth=2))
+        assert p.stats.batches == n0 + 3
     models = {x.model for persons in single.values() for x in persons}
-    assert models == {"small", "large"}
-    for res in (batched, per_frame, dict(by_crops)):
-        for iid in ids:
-            assert [x.model for x in res[iid]] == [x.model for x in single[iid]]
-            for x, y in zip(res[iid], single[iid], strict=True):
+    assert models == {Role.SMALL, Role.LARGE}
+    for got in (together, pairs[0] + pairs[1]):
+        for iid, persons in zip(ids, got, strict=True):  # input order kept
+            assert [x.model for x in persons] == [x.model for x in single[iid]]
+            for x, y in zip(persons, single[iid], strict=True):
                 np.testing.assert_allclose(x.keypoints, y.keypoints, atol=1e-3)
 
 
@@ -190,7 +236,7 @@ def test_errors(tinypose_engine_dir: Path, tmp_path: Path, coco) -> None:
     with pytest.raises(DynPoseError, match="routing policy"):
         Pipeline.from_engine_dir(tinypose_engine_dir, route="median")
     with pytest.raises(DynPoseError, match="unknown backend"):
-        Pipeline.from_engine_dir(tinypose_engine_dir, backend="openvino")
+        Pipeline.from_engine_dir(tinypose_engine_dir, backend="tensorflow")
     # registered ONNX pose models have no torch state_dict: asking the torch backend for them is an error, not a
     # silent switch to ONNX Runtime
     with pytest.raises(DynPoseError, match="no torch 'small' entry"):
@@ -198,7 +244,7 @@ def test_errors(tinypose_engine_dir: Path, tmp_path: Path, coco) -> None:
     # tampered engine dir: the manifest's sha256 no longer matches
     bad = tmp_path / "engines"
     shutil.copytree(tinypose_engine_dir, bad)
-    small = bad / Manifest.load(bad).require("small").file
+    small = bad / Manifest.load(bad).require(Role.SMALL).file
     data = bytearray(small.read_bytes())
     data[-1] ^= 0xFF
     small.write_bytes(bytes(data))

@@ -29,7 +29,11 @@ from dynpose.export.api import export_model, register_onnx
 from dynpose.models import create_model, get_card
 from dynpose.export.judges import PoseJudge, decode_keypoints
 from dynpose.runtime.decode import average_flip_outputs, average_flip_simdr, decode_outputs, decode_simdr
-from dynpose.runtime.dispatcher import Dispatcher
+from dynpose.roles import Role
+from dynpose.runtime.boxes import Boxes
+from dynpose.runtime.execute import LocalExecutor, execute
+from dynpose.runtime.plan import LARGE, FrameInput, Plan, PlanResult, Work, make_plan
+from dynpose.runtime.policy import parse_policy
 from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.pipeline import Pipeline
 
@@ -42,7 +46,7 @@ CARD = get_card("simdr_hrnet_w32")
 def simdr_dir(tmp_path_factory: pytest.TempPathFactory, tinypose_128: Path) -> Path:
     """TinyPose-128 small, SimDR-W32 large (its default role), the router: all through the export API."""
     eng = tmp_path_factory.mktemp("simdr_engines")
-    register_onnx(tinypose_128, tinypose_card(96, 128), eng, role="small", progress=False)
+    register_onnx(tinypose_128, tinypose_card(96, 128), eng, role=Role.SMALL, progress=False)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights (on purpose) and torch's exporter notices
@@ -54,7 +58,7 @@ def simdr_dir(tmp_path_factory: pytest.TempPathFactory, tinypose_128: Path) -> P
 @pytest.fixture(scope="module")
 def torch_simdr(simdr_dir: Path) -> torch.nn.Module:
     """The PyTorch model with the exported weights (the engine dir's torch entry)."""
-    entry = Manifest.load(simdr_dir).get("large", "torch")
+    entry = Manifest.load(simdr_dir).get(Role.LARGE, "torch")
     assert entry is not None
     m = create_model("simdr_hrnet_w32")
     m.load_state_dict(torch.load(simdr_dir / entry.file, weights_only=True))
@@ -79,7 +83,7 @@ def _torch_outputs(m: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
 
 def test_export_writes_both_outputs(simdr_dir: Path) -> None:
     man = Manifest.load(simdr_dir)
-    e = man.get("large", "onnx")
+    e = man.get(Role.LARGE, "onnx")
     assert e is not None and e.model == "simdr_hrnet_w32" and e.card == CARD  # default_role: large
     assert e.output_name == "simdr_x"  # the manifest names the first output
     proto = onnx.load(str(simdr_dir / e.file), load_external_data=False)
@@ -91,8 +95,16 @@ def test_export_writes_both_outputs(simdr_dir: Path) -> None:
     assert {"fp32_rel_l2_random_b1", "fp32_rel_l2_random_b5", "fp32_rel_l2_real_b1", "fp32_rel_l2_real_b5"} <= set(e.checks)
 
 
+def _run(engines: EngineSet, images: list, boxes: list, policy: str, flip: bool = False) -> tuple[Plan, PlanResult]:
+    models = {r: m for r in (Role.ROUTER, Role.SMALL, Role.LARGE) if (m := getattr(engines, r)) is not None}
+    frames = [FrameInput(im, Boxes.of(b, im.shape)) for im, b in zip(images, boxes, strict=True)]
+    plan = make_plan(frames, parse_policy(policy), {r: m.card for r, m in models.items()})
+    with LocalExecutor(models, flip) as ex:
+        return plan, execute(plan, ex)
+
+
 @pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
-def test_dispatcher_keypoints_equal_pytorch(
+def test_runtime_keypoints_equal_pytorch(
     simdr_dir: Path, torch_simdr: torch.nn.Module, coco_people: list, flip: bool
 ) -> None:
     """All crops to SimDR: the runtime's keypoints are the PyTorch model's outputs decoded by the official formulas
@@ -100,18 +112,19 @@ def test_dispatcher_keypoints_equal_pytorch(
     images = [img for img, _ in coco_people]
     boxes = [b for _, b in coco_people]
     with EngineSet.load(simdr_dir) as engines:
-        small, large = engines.pose_models
-        with Dispatcher(small, large, router=engines.router, policy="all-large", flip=flip) as d:
-            res = d.run(images, boxes)
-        x = large.inputs(large.crop(images, res.frame_index, res.centers, res.scales))
-    assert res.large.all() and len(x) == 12
+        plan, res = _run(engines, images, boxes, "all-large", flip)
+        everyone = np.arange(len(plan))
+        large = engines.require(Role.LARGE)
+        x = large.inputs(plan.crop(Work(Role.LARGE, everyone)))
+        centers, scales = plan.geometry(Role.LARGE, everyone)
+    assert (res.model == LARGE).all() and len(x) == 12
     ox, oy = _torch_outputs(torch_simdr, x)
     if flip:
         fx, fy = _torch_outputs(torch_simdr, x[..., ::-1])
         px, py = average_flip_simdr(ox, oy, fx, fy, CARD.keypoint_set.flip_index())
-        want = decode_simdr(px, py, res.centers, res.scales, CARD, softmax=False)
+        want = decode_simdr(px, py, centers, scales, CARD, softmax=False)
     else:
-        want = decode_simdr(ox, oy, res.centers, res.scales, CARD)
+        want = decode_simdr(ox, oy, centers, scales, CARD)
     np.testing.assert_allclose(res.keypoints[..., :2], want[..., :2], atol=1e-3)
     np.testing.assert_allclose(res.keypoints[..., 2], want[..., 2], rtol=1e-3, atol=1e-6)
 
@@ -136,18 +149,17 @@ def test_flip_outputs_decode_like_the_official_probabilities() -> None:
 
 
 def test_pair_routes_between_heatmaps_and_simdr(simdr_dir: Path, coco_people: list, coco_dir: Path) -> None:
-    """fraction:0.5: both models get crops; each crop's keypoints are its own model's (the Dispatcher decodes each
+    """fraction:0.5: both models get crops; each crop's keypoints are its own model's (the runtime decodes each
     model by its card), and the Pipeline gives COCO-17 people."""
     images = [img for img, _ in coco_people]
     boxes = [b for _, b in coco_people]
     with EngineSet.load(simdr_dir) as engines:
-        small, large = engines.pose_models
-        with Dispatcher(small, large, router=engines.router, policy="fraction:0.5") as d:
-            res = d.run(images, boxes)
-        assert 0 < res.large.sum() < len(res.large)
-        for model, idx in ((large, np.flatnonzero(res.large)), (small, np.flatnonzero(~res.large))):
-            c, s = model.geometry(np.concatenate(boxes)[idx])
-            alone = model.keypoints(images, res.frame_index[idx], c, s)
+        plan, res = _run(engines, images, boxes, "fraction:0.5")
+        large = res.model == LARGE
+        assert 0 < large.sum() < len(large)
+        for role, idx in ((Role.LARGE, np.flatnonzero(large)), (Role.SMALL, np.flatnonzero(~large))):
+            model = engines.require(role)
+            alone = model.run(plan.crop(Work(role, idx)), *plan.geometry(role, idx))  # type: ignore[attr-defined]
             np.testing.assert_allclose(res.keypoints[idx], alone, rtol=1e-5, atol=1e-4)
         with Pipeline.from_engine_set(engines, route="fraction:0.5", flip=True) as pipe:
             persons = pipe(images[0], boxes[0])
@@ -182,7 +194,7 @@ def test_judges_decode_both_outputs(simdr_dir: Path, coco_dir: Path) -> None:
     from dynpose.export.verify import gate_crops
     from dynpose.onnx_utils import open_session, run_session_all
 
-    e = Manifest.load(simdr_dir).get("large", "onnx")
+    e = Manifest.load(simdr_dir).get(Role.LARGE, "onnx")
     assert e is not None
     crops, _ = gate_crops(CARD, None)
     assert crops is not None and len(crops) == 12
@@ -203,7 +215,7 @@ def test_judges_decode_both_outputs(simdr_dir: Path, coco_dir: Path) -> None:
 
 
 def test_fp16_two_outputs_through_the_gate(simdr_dir: Path, tmp_path: Path) -> None:
-    e = Manifest.load(simdr_dir).get("large", "onnx")
+    e = Manifest.load(simdr_dir).get(Role.LARGE, "onnx")
     assert e is not None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # onnxconverter-common: one line per weight below fp16's range
@@ -223,7 +235,7 @@ def test_int8_heads_are_both_linear_layers(simdr_dir: Path) -> None:
     """The INT8 search keeps the output heads first: for SimDR both linear layers and their bias Adds."""
     from dynpose.export.calibration.quantize import OP_TYPES
 
-    e = Manifest.load(simdr_dir).get("large", "onnx")
+    e = Manifest.load(simdr_dir).get(Role.LARGE, "onnx")
     assert e is not None
     model = onnx.load(str(simdr_dir / e.file), load_external_data=False)
     heads = head_nodes(model, OP_TYPES["ort"])

@@ -13,8 +13,8 @@ import pytest
 
 from dynpose.errors import DynPoseError
 from dynpose.keypoints import COCO17
-from dynpose.runtime.sources import open_source
-from dynpose.runtime.vis import VideoWriter, draw_persons, model_color, write_image
+from dynpose.io.sources import open_source
+from dynpose.io.vis import VideoWriter, draw_persons, model_color, write_image
 
 
 @dataclass
@@ -121,7 +121,7 @@ def test_draw_persons(coco_dir, tmp_path):
 
 
 def test_header_sizes_match_the_decoder(coco_dir, shared, tmp_path):
-    from dynpose.runtime.sources import image_header_size
+    from dynpose.io.sources import image_header_size
 
     img = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
     cases = {".jpg": [], ".png": [], ".bmp": [], ".tif": [], ".webp": [], "lossless.webp": [cv2.IMWRITE_WEBP_QUALITY, 101]}
@@ -159,7 +159,7 @@ def test_oversized_images_are_skipped_before_decoding(coco_dir, tmp_path, caplog
 def test_read_image_returns_none_and_says_why(tmp_path, caplog):
     from test_bad_inputs import tiny_jpeg_claiming
 
-    from dynpose.runtime.sources import read_image
+    from dynpose.io.sources import read_image
 
     (tmp_path / "bomb.jpg").write_bytes(tiny_jpeg_claiming(65000, 65000))
     with caplog.at_level(logging.WARNING):

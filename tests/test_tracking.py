@@ -17,20 +17,21 @@ import pytest
 from clips import blank, pan, static, write_clip
 
 from dynpose.errors import DynPoseError
-from dynpose.runtime.dispatcher import Dispatcher
-from dynpose.runtime.engine_set import EngineSet
+from dynpose.io.sources import Frame, open_source
+from dynpose.roles import Role
+from dynpose.runtime.engine_set import EngineSet, LoadOptions
+from dynpose.runtime.person import Decision
 from dynpose.runtime.pipeline import Pipeline
-from dynpose.runtime.sources import Frame, open_source
-from dynpose.runtime.tracking import (
+from dynpose.runtime.postprocess import iou_matrix
+from dynpose.video import (
     OneEuroConfig,
     OneEuroFilter,
     StreamStats,
+    StreamTracker,
     Tracker,
     TrackerConfig,
     VideoOptions,
-    VideoTracker,
     box_from_keypoints,
-    iou_matrix,
     parse_smoothing,
     pose_agreement,
 )
@@ -42,7 +43,7 @@ PAN_PX = 240  # the window moves this far right over the clip: people move left 
 @pytest.fixture(scope="module")
 def engines(tinypose_engine_dir: Path, shared: Path) -> Iterator[EngineSet]:
     det = shared / "models" / "picodet_s_320_pedestrian.onnx"
-    with EngineSet.load(tinypose_engine_dir, detector=det, threads=2) as e:
+    with EngineSet.load(tinypose_engine_dir, LoadOptions(detector=det, threads=2)) as e:
         yield e
 
 
@@ -53,15 +54,17 @@ def frames_of(images: Sequence[np.ndarray]) -> list[Frame]:
 def run(
     engines: EngineSet, frames: Sequence[Frame], options: VideoOptions, route: str = "all-large", fps: float = 10.0
 ) -> tuple[list[list], StreamStats, list[int]]:
-    """One stream through a VideoTracker: each frame's persons, the stream's counters, router crops per frame."""
+    """One stream through a StreamTracker, a plan per frame: each frame's persons, the stream's counters, router
+    crops per frame."""
     with Pipeline.from_engine_set(engines, route=route) as pipe:
-        video = VideoTracker(pipe, options, fps=[fps])
+        stream = StreamTracker(options, pipe, fps=fps)
         outs, crops = [], []
         for f in frames:
-            before = video.stats.router_crops
-            outs.append(video.step([f])[0])
-            crops.append(video.stats.router_crops - before)
-        return outs, video.streams[0].stats, crops
+            before = stream.stats.router_crops
+            step = stream.prepare(f)
+            outs.append(stream.finish(step, next(pipe.run_frames([[step.input]]))[0]))
+            crops.append(stream.stats.router_crops - before)
+        return outs, stream.stats, crops
 
 
 def median_router_threshold(engines: EngineSet, image: np.ndarray) -> str:
@@ -170,33 +173,31 @@ def test_video_options_refused(options: VideoOptions, message: str) -> None:
         options.validate()
 
 
-def test_dispatcher_forced_decisions_hook(engines: EngineSet, coco_dir: Path) -> None:
-    """Forced boxes skip the router and go where told; -1 boxes are routed as without the hook; no hook (or all
-    -1) gives the very same result as before."""
+def test_kept_decisions_skip_the_router_and_the_rest_route_as_before(engines: EngineSet, coco_dir: Path) -> None:
+    """Kept boxes skip the router and go where told; the others are routed as without kept decisions; no kept
+    decision (or all None) gives the very same result as before."""
     img = cv2.imread(str(coco_dir / "000000197388.jpg"))
     boxes = engines.detector(img)[:, :4]
-    small, large = engines.pose_models
-    with Dispatcher(small, large, engines.router, policy="fraction:0.5") as d:
-        plain = d.run([img], [boxes])
-        same = d.run([img], [boxes], decisions=[np.full(len(boxes), -1)])
-        forced = np.array([1, 0, -1, -1, 0])[: len(boxes)]
-        hooked = d.run([img], [boxes], decisions=[forced])
-    for name in ("keypoints", "large", "router_scores", "centers", "scales"):
-        np.testing.assert_array_equal(getattr(plain, name), getattr(same, name))
     assert len(boxes) == 5
-    assert hooked.large[:2].tolist() == [True, False] and not hooked.large[4]
-    assert np.isnan(hooked.router_scores[[0, 1, 4]]).all() and np.isfinite(hooked.router_scores[2:4]).all()
-    np.testing.assert_allclose(hooked.router_scores[2:4], plain.router_scores[2:4], rtol=1e-6)
-    assert hooked.large[2:4].sum() == 1  # fraction 0.5 of the two routed boxes
-    with Dispatcher(small, large, engines.router, policy="fraction:0.5") as d, pytest.raises(DynPoseError, match="-1"):
-        d.run([img], [boxes], decisions=[np.full(len(boxes), 2)])
-    # through the Pipeline: a box it drops (entirely outside the image) takes its decision with it
     with Pipeline.from_engine_set(engines, route="fraction:0.5") as pipe:
+        plain = pipe.run_batch([img], [boxes])[0]
+        same = pipe.run_batch([img], [boxes], keep=[[None] * 5])[0]
+        hooked = pipe.run_batch([img], [boxes], keep=[[Role.LARGE, Role.SMALL, None, None, Role.SMALL]])[0]
+        for a, b in zip(plain, same, strict=True):
+            np.testing.assert_array_equal(a.keypoints, b.keypoints)
+            assert (a.model, a.index) == (b.model, b.index) and a.router_score == b.router_score
+        by = {p.index: p for p in hooked}
+        assert [by[i].model for i in (0, 1, 4)] == [Role.LARGE, Role.SMALL, Role.SMALL]
+        assert all(by[i].decision is Decision.KEPT and np.isnan(by[i].router_score) for i in (0, 1, 4))
+        routed = [by[i] for i in (2, 3)]
+        assert all(p.decision is Decision.POLICY and np.isfinite(p.router_score) for p in routed)
+        assert sum(p.model is Role.LARGE for p in routed) == 1  # fraction 0.5 of the two routed boxes
+        # a box the Pipeline drops (entirely outside the image) takes its kept decision with it
         outside = np.concatenate([[[-500.0, -500.0, 10.0, 10.0]], boxes])
-        persons = pipe.run_batch([img], [outside], decisions=[np.array([1, 0, 0, 0, 0, 0])])[0]
-        assert [p.model for p in persons] == ["small"] * 5 and pipe.stats.dropped_boxes == 1
-        with pytest.raises(DynPoseError, match="6 decisions for 5 boxes"):
-            pipe.run_batch([img], [boxes], decisions=[np.zeros(6)])
+        persons = pipe.run_batch([img], [outside], keep=[[Role.LARGE] + [Role.SMALL] * 5])[0]
+        assert [p.model for p in persons] == [Role.SMALL] * 5 and pipe.stats.dropped_boxes == 1
+        with pytest.raises(DynPoseError, match="6 kept decisions for 5 boxes"):
+            pipe.run_batch([img], [boxes], keep=[[None] * 6])
 
 
 # -- clips ---------------------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def test_temporal_routing_calls_the_router_less_with_the_same_decisions(engines:
     kept, st_kept, crops = run(engines, clip, VideoOptions(track=True, reroute_every=4), route=route)
     decisions = [{p.track_id: p.model for p in persons} for persons in every]
     assert decisions == [{p.track_id: p.model for p in persons} for persons in kept]
-    assert {m for d in decisions for m in d.values()} == {"small", "large"}  # a real mix, not one model
+    assert {m for d in decisions for m in d.values()} == {Role.SMALL, Role.LARGE}  # a real mix, not one model
     n = len(every[0])
     assert st_every.router_crops == 8 * n and st_every.router_saved == 0
     assert crops == [n, 0, 0, 0, n, 0, 0, 0]  # new tracks, then again when the decisions are 4 frames old

@@ -20,13 +20,12 @@ from clips import pan, write_clip
 
 from dynpose.cli.run import main
 from dynpose.errors import DynPoseError
-from dynpose.runtime.boxes import DetectorBoxes
-from dynpose.runtime.engine_set import EngineSet
+from dynpose.io.box_sources import DetectorBoxes
+from dynpose.io.sinks import JsonLinesSink, Outputs
+from dynpose.io.sources import Frame, FrameSource, open_source
+from dynpose.runtime.engine_set import EngineSet, LoadOptions
 from dynpose.runtime.pipeline import Pipeline
-from dynpose.runtime.process import StreamError, process, process_video
-from dynpose.runtime.sinks import JsonLinesSink, Outputs
-from dynpose.runtime.sources import Frame, FrameSource, open_source
-from dynpose.runtime.tracking import VideoOptions
+from dynpose.video import LoopOptions, StreamError, VideoOptions, run
 
 
 def run_cli(*args: str | Path) -> tuple[int, str, str]:
@@ -61,7 +60,7 @@ def detector(shared: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def engines(tinypose_engine_dir: Path, detector: Path) -> Iterator[EngineSet]:
-    with EngineSet.load(tinypose_engine_dir, detector=detector, threads=2) as e:
+    with EngineSet.load(tinypose_engine_dir, LoadOptions(detector=detector, threads=2)) as e:
         yield e
 
 
@@ -126,12 +125,12 @@ def test_video_flags_refused_before_loading(tinypose_engine_dir: Path, street: P
 
 
 def _run_video(engines: EngineSet, sources: list[Path], out_dir: Path, options: VideoOptions) -> tuple[list, int]:
-    """process_video over `sources` (JSON lines per source into out_dir) -> the lines, the dispatch count."""
+    """The run loop over `sources` (JSON lines per source into out_dir) -> the lines, the count of plans."""
     with Pipeline.from_engine_set(engines, route="threshold:0.50874") as pipe:
         srcs = [open_source(s) for s in sources]
         sinks = [[JsonLinesSink(out_dir / f"{s.stem}.jsonl")] for s in sources]
-        process_video(pipe, srcs, sinks, options, progress=False)
-        return [read_lines(out_dir / f"{s.stem}.jsonl") for s in sources], pipe.stats.dispatches
+        run(pipe, srcs, sinks, options=LoopOptions(video=options, progress=False))
+        return [read_lines(out_dir / f"{s.stem}.jsonl") for s in sources], pipe.stats.batches
 
 
 def test_two_sources_at_once_give_the_one_at_a_time_results(
@@ -142,7 +141,7 @@ def test_two_sources_at_once_give_the_one_at_a_time_results(
     opts = VideoOptions(track=True, det_every=3, reroute_every=4)
     (tmp_path / "both").mkdir(), (tmp_path / "alone").mkdir()
     both, dispatches = _run_video(engines, [street, pan_video], tmp_path / "both", opts)
-    assert dispatches == 12  # 12 steps: frames of both sources went out together
+    assert dispatches == 12  # 12 steps: frames of both sources were planned together
     for i, src in enumerate([street, pan_video]):
         (alone,), _ = _run_video(engines, [src], tmp_path / "alone", opts)
         assert len(alone) == len(both[i])
@@ -157,7 +156,7 @@ def test_cli_many_sources_write_per_source_outputs(
     tinypose_engine_dir: Path, street: Path, detector: Path, tmp_path: Path
 ) -> None:
     """Two sources with the same file name: outputs named by source (street, street-2), a summary line each. (A
-    per-crop policy: `fraction:F` ranks the crops of a whole dispatch, so batched sources would sway each other.)"""
+    per-crop policy: `fraction:F` ranks the crops of a whole batch, so batched sources would sway each other.)"""
     a, b = tmp_path / "a" / "street.mp4", tmp_path / "b" / "street.mp4"
     for p in (a, b):
         p.parent.mkdir()
@@ -238,7 +237,7 @@ def test_source_failing_mid_stream_keeps_what_was_written(engines: EngineSet, st
         outputs = Outputs(out=str(tmp_path / "t.jsonl"), vis=str(tmp_path / "vis"))
         sinks = [outputs.sinks(s, pipe.keypoint_set, stem=n) for s, n in zip(srcs, ["bad", "good"], strict=True)]
         with pytest.raises(StreamError, match=rf"source {street}: reading failed after 3 frame\(s\) \(.*Input/output") as e:
-            process_video(pipe, srcs, sinks, VideoOptions(track=True, det_every=2), progress=False)
+            run(pipe, srcs, sinks, options=LoopOptions(video=VideoOptions(track=True, det_every=2), progress=False))
     assert [ln["frame"] for ln in read_lines(tmp_path / "t_bad.jsonl")] == [0, 1, 2]
     assert len(read_lines(tmp_path / "t_good.jsonl")) == 5
     assert count_frames(tmp_path / "vis" / "bad.mp4") == 3 and count_frames(tmp_path / "vis" / "good.mp4") == 5
@@ -253,8 +252,27 @@ def test_single_source_run_failing_mid_stream_keeps_what_was_written(
     out = tmp_path / "t.jsonl"
     with Pipeline.from_engine_set(engines, route="all-large") as pipe:
         with pytest.raises(StreamError, match="reading failed after 2 frame") as e:
-            process(pipe, FailingSource(str(street), ok=2), DetectorBoxes(), [JsonLinesSink(out)], progress=False)
-    assert [ln["frame"] for ln in read_lines(out)] == [0, 1]
-    assert e.value.report.frames == 2
-    with pytest.raises(DynPoseError, match="sink lists"):
-        process_video(pipe, [open_source(street)], [], progress=False)
+            src = FailingSource(str(street), ok=2)
+            run(pipe, [src], [[JsonLinesSink(out)]], [DetectorBoxes()], LoopOptions(progress=False))
+        assert [ln["frame"] for ln in read_lines(out)] == [0, 1]
+        assert e.value.report.frames == 2
+        with pytest.raises(DynPoseError, match="sink lists"):
+            run(pipe, [open_source(street)], [], options=LoopOptions(progress=False))
+
+
+def test_an_image_folder_takes_the_same_loop_batched_by_boxes(tinypose_engine_dir: Path, coco_dir: Path) -> None:
+    """A folder of images is a stream of unrelated frames to the loop: untracked, its frames are planned together
+    until a plan holds `max_batch` boxes, and its persons equal a per-image Pipeline call."""
+    from dynpose.io.box_sources import FileBoxes
+    from dynpose.io.sinks import CocoJsonSink
+
+    dets = FileBoxes.detections(coco_dir / "test_coco_det_AP_H_56.json", coco_dir)
+    with Pipeline.from_engine_dir(tinypose_engine_dir, route="box:17734") as pipe:
+        coco = CocoJsonSink(None)
+        report = run(pipe, [open_source(coco_dir)], [[coco]], [dets], LoopOptions(max_batch=70, progress=False))
+        assert report.frames == 4 and pipe.stats.batches == 2  # 118 boxes in plans of >= 70
+        single = []
+        with open_source(coco_dir) as src:
+            for f in src:
+                single += [p.to_coco(f.image_id) for p in pipe(f.image_bgr, dets.boxes(f))]
+    assert coco.results == single

@@ -89,7 +89,10 @@ def _sequential_frame(models: dict[Role, CropModel], policy: Policy, path: Path,
         st.routed[r.value] += int(sum(res.role(i) == r for i in range(len(res.model))))
     sigmas = models[Role.LARGE].card.keypoint_set.sigmas
     areas = np.prod(res.scales, axis=1)
-    st.timed("rescore_nms", lambda: oks_nms(res.keypoints, rescore(res.keypoints, boxes.scores, thr=RESCORE_THR), areas, OKS_NMS_THR, sigmas))
+    st.timed(
+        "rescore_nms",
+        lambda: oks_nms(res.keypoints, rescore(res.keypoints, boxes.scores, thr=RESCORE_THR), areas, OKS_NMS_THR, sigmas),
+    )
 
 
 def pipeline_benchmark(

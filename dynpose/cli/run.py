@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from dynpose.io.sources import FrameSource
     from dynpose.runtime.pipeline import Pipeline
     from dynpose.runtime.policy import Policy
-    from dynpose.video import LoopOptions, RunReport, VideoOptions
+    from dynpose.video import LoopOptions, RunReport
 
 EPILOG = """\b
 Examples:

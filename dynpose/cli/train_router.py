@@ -226,8 +226,8 @@ def _unlabelled_spec(kw: dict[str, Any]) -> Any:
 def _int8_calib(spec: Any) -> Any:
     """Calibration crops for an INT8 router trained without labels: each detections file with the source folders
     holding its images."""
-    from dynpose.export.calibration.crops import CalibSpec, Source
     from dynpose.data import image_id_map, load_detections
+    from dynpose.export.calibration.crops import CalibSpec, Source
 
     sources = []
     for d in spec.detections:

@@ -217,7 +217,7 @@ class RoleCosts:
             ms[int(b)] = {k: _positive_ms(parts.get(k), f"{where} ms[{b}].{k}") for k in COST_PARTS}
             if ms[int(b)]["total"] <= 0:
                 raise DynPoseError(f"{where}: ms[{b}].total must be > 0, got {ms[int(b)]['total']}")
-        threads = d.get("threads") if isinstance(d.get("threads"), dict) else {}
+        threads: dict[Any, Any] = d["threads"] if isinstance(d.get("threads"), dict) else {}
         return cls(
             str(d.get("file", "")),
             str(d.get("sha256", "")),
@@ -275,8 +275,8 @@ class CostRecord:
             roles,
             bool(d.get("shared_crop", False)),
             str(d.get("measured", "")),
-            d.get("machine") if isinstance(d.get("machine"), dict) else {},
-            d.get("repeats") if _is_int(d.get("repeats")) else 0,
+            d["machine"] if isinstance(d.get("machine"), dict) else {},
+            d["repeats"] if _is_int(d.get("repeats")) else 0,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,7 +309,9 @@ class RouteCalibration:
         ok = isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and 0.0 <= f <= 1.0
         if f is not None and not ok:
             raise DynPoseError(f"{where}: 'fraction' must be a share in [0, 1], got {_short(f)}")
-        return cls(d["policy"], float(f) if f is not None else None, {k: v for k, v in d.items() if k not in ("policy", "fraction")})
+        return cls(
+            d["policy"], float(f) if f is not None else None, {k: v for k, v in d.items() if k not in ("policy", "fraction")}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "fraction": self.fraction, **self.figures}

@@ -18,18 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.export.calibration.crops import NEEDS_CALIB, CalibSpec, CropSet
-from dynpose.export.calibration.quantize import Int8Options
 from dynpose.engines.manifest import PRECISIONS, ROLES, Entry, tool_versions
 from dynpose.errors import DynPoseError
+from dynpose.export.calibration.crops import NEEDS_CALIB, CalibSpec, CropSet
+from dynpose.export.calibration.quantize import Int8Options
 from dynpose.export.commit import commit, existing_manifest, staging
+from dynpose.export.judges import Check, judge_for
 from dynpose.export.route import ROUTER_WEIGHTS, UNTUNED_ROUTE, default_route
 from dynpose.export.steps import PlanOptions, adopt_onnx, to_fp16, to_int8, to_onnx, to_plan
 from dynpose.export.verify import gate_crops
 from dynpose.fileio import sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import check_onnx, io_names, load_onnx, opset_of
-from dynpose.export.judges import Check, judge_for
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import onnx
 from dynpose.export.calibration.crops import CalibSpec, CropSet
 from dynpose.export.calibration.quantize import Int8Options, quantize_router_int8, search_int8
 from dynpose.export.fp16 import convert_fp16
+from dynpose.export.judges import Check, Judge, PoseJudge, compare_speed
 from dynpose.export.onnx_export import export_torch
 from dynpose.export.verify import NO_CROPS, verify_onnx_batches, verify_torch_vs_onnx
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import io_names, load_onnx, open_session, run_session_all, set_card
-from dynpose.export.judges import Check, Judge, PoseJudge, compare_speed
 
 log = logging.getLogger(__name__)
 

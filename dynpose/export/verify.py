@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.export.calibration.crops import CalibSpec, CropSet, coco_person_crops
 from dynpose.errors import DynPoseError
+from dynpose.export.calibration.crops import CalibSpec, CropSet, coco_person_crops
+from dynpose.export.judges import Check
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session, rel_l2, run_session_all
-from dynpose.export.judges import Check
 
 log = logging.getLogger(__name__)
 

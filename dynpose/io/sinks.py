@@ -29,8 +29,8 @@ from typing import IO, Any, Protocol
 
 from dynpose.errors import DynPoseError
 from dynpose.fileio import write_json_atomic
-from dynpose.keypoints import KeypointSet
 from dynpose.io.sources import Frame, FrameSource
+from dynpose.keypoints import KeypointSet
 from dynpose.runtime.person import Person
 
 

@@ -93,25 +93,21 @@ def threshold_at(s1: np.ndarray, k: int) -> float:
 def policy_string(threshold: float, s1: np.ndarray) -> str:
     """`threshold:T` with as few digits as keep the decisions on these scores unchanged (the manifest stays
     readable, and a rounded T never moves a crop across the cut)."""
-    from dynpose.runtime.policy import parse_policy
-
     s = np.asarray(s1, dtype=np.float64)
     want = s >= threshold
     for digits in (3, 4, 6, 9, 12, 17):
         text = f"threshold:{threshold:.{digits}g}"
-        if np.array_equal(s >= parse_policy(text).params[0], want):
+        if np.array_equal(s >= float(text.partition(":")[2]), want):
             return text
     return f"threshold:{threshold!r}"
 
 
 def policy_for_fraction(s1: np.ndarray, fraction: float) -> tuple[str, float]:
     """(policy string, achieved fraction) sending `fraction` of these crops to the large model."""
-    from dynpose.runtime.policy import parse_policy
-
     s = np.asarray(s1, dtype=np.float64)
     k = int(round(check_fraction(fraction) * len(s)))
     text = policy_string(threshold_at(s, k), s)
-    large = parse_policy(text).decide(np.stack([s, s, s], axis=1), np.zeros((len(s), 4))).large
+    large = parse_policy(text).decide(Signals(np.zeros(len(s)), router=s)).large
     return text, float(large.mean())
 
 

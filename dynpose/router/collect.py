@@ -28,8 +28,8 @@ from dynpose.engines.manifest import Entry, Manifest
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
-from dynpose.router.targets import crop_error, joint_distances
 from dynpose.roles import POSE_ROLES, Role
+from dynpose.router.targets import crop_error, joint_distances
 from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.plan import FrameInput, box_geometry, crop_at
 

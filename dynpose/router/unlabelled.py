@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from dynpose.errors import DynPoseError
-from dynpose.roles import POSE_ROLES
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
+from dynpose.roles import POSE_ROLES
 from dynpose.router.augment import AugmentConfig, AugParams, jitter_boxes, photometric, sample_params, unflip_keypoints
 from dynpose.router.collect import CACHE_DIRNAME, ROUTER_CROPS_IN_MEMORY
 from dynpose.runtime.model import PoseModel

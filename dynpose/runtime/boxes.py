@@ -51,9 +51,7 @@ class Boxes:
         return cls(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), scored)
 
     @classmethod
-    def of(
-        cls, boxes: Any, image_shape: Sequence[int], max_boxes: int = MAX_BOXES, where: str = "boxes"
-    ) -> Boxes:
+    def of(cls, boxes: Any, image_shape: Sequence[int], max_boxes: int = MAX_BOXES, where: str = "boxes") -> Boxes:
         """(M,4|5) or one (4|5,) x,y,w,h[,score] -> the usable boxes (see the module doc). `where` names the input
         in the one-line errors (a file, a request, the detector)."""
         if isinstance(boxes, Boxes):

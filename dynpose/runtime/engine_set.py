@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -163,7 +162,9 @@ class EngineSet:
         unknown = sorted(str(r) for r in wanted if r not in MODEL_ROLES)
         if unknown:
             raise DynPoseError(f"EngineSet.load: unknown role(s) {unknown}; use {', '.join(map(str, MODEL_ROLES))}")
-        es = cls(manifest.engine_dir, manifest, backend=o.backend, device=o.device, backend_options=dict(o.backend_options or {}))
+        es = cls(
+            manifest.engine_dir, manifest, backend=o.backend, device=o.device, backend_options=dict(o.backend_options or {})
+        )
         try:
             for role in wanted:
                 es._open_model(Role(role), threads)

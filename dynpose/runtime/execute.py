@@ -26,9 +26,9 @@ from typing import Protocol
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.models.card import ModelCard
 from dynpose.roles import Role
 from dynpose.runtime.model import CropModel, PoseModel, Router
-from dynpose.models.card import ModelCard
 from dynpose.runtime.plan import AuditSample, Done, FrameInput, Plan, PlanResult, Work, make_plan
 from dynpose.runtime.policy import AllLarge, AllSmall
 
@@ -170,7 +170,6 @@ async def execute_async(plan: Plan, executor: AsyncExecutor) -> PlanResult:
     while work := plan.next_work():
         plan.take(await executor.run(plan, work))
     return plan.result()
-
 
 
 def run_both(

@@ -70,7 +70,6 @@ class Person:
         }
         return out
 
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Person:
         """A person from its `to_dict()` record (null numbers back to NaN), e.g. a service answer."""

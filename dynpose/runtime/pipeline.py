@@ -160,7 +160,12 @@ class Pipeline:
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod
     def from_engine_set(
-        cls, engines: EngineSet, route: str | Policy | None = None, flip: bool = False, max_batch: int = 64, own: bool = False
+        cls,
+        engines: EngineSet,
+        route: str | Policy | None = None,
+        flip: bool = False,
+        max_batch: int = 64,
+        own: bool = False,
     ) -> Pipeline:
         """A pipeline over opened models. route: a policy (`band:LO,HI`, `threshold:T`, `fraction:F`, `all-small`,
         `all-large`, `box:AREA`, `cascade:T`, ...); None takes the manifest's. own: close `engines` with it."""

@@ -301,7 +301,8 @@ class Plan:
             else:
                 self.keypoints[w.role][w.idx] = d.out
                 if w.role is Role.SMALL and self.policy.cascades:
-                    self.confidence[w.idx] = np.nanmean(np.nan_to_num(d.out[:, :, 2], nan=0.0), axis=1)
+                    # a NaN keypoint score is a broken answer: its confidence is NaN, which escalates and is counted
+                    self.confidence[w.idx] = np.mean(d.out[:, :, 2], axis=1)
             self.crops[w.role] += len(w.idx)
             if d.span is not None:
                 self.spans.append((w.role, d.span[0], d.span[1], len(w.idx)))

@@ -276,7 +276,9 @@ class Ingress:
         roles = [Role.ROUTER] if manifest.get(Role.ROUTER) is not None else []
         self.engines = EngineSet.open(manifest, _load_options(cfg, with_detector=False), roles=roles)
         self.router = self.engines.router
-        self.cards = {m: pick_entry(manifest, self.engines.engine_dir, m, cfg.backend, cfg.device)[0].card for m in POSE_ROLES}
+        self.cards = {
+            m: pick_entry(manifest, self.engines.engine_dir, m, cfg.backend, cfg.device)[0].card for m in POSE_ROLES
+        }
         if self.router is not None:
             self.cards[Role.ROUTER] = self.router.card
         self.keypoint_set = self.cards[Role.LARGE].keypoint_set

@@ -15,6 +15,7 @@ from typing import Any
 
 from dynpose.errors import DynPoseError
 from dynpose.io.sources import MAX_PIXELS
+from dynpose.roles import POSE_ROLES, Role
 
 APP_NAME = "dynpose"
 DEPLOYMENTS = ("ingress", "detector", "small", "large")
@@ -128,8 +129,8 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
     root = Path(cfg.engine_dir).expanduser().resolve()
     manifest = Manifest.load(root, verify=False)
     policy = parse_policy(cfg.route if cfg.route is not None else manifest.route)
-    for role in ("small", "large") + (("router",) if policy.needs_router else ()):
-        if role == "router" and manifest.get("router") is None:
+    for role in POSE_ROLES + ((Role.ROUTER,) if policy.needs_router else ()):
+        if role is Role.ROUTER and manifest.get(Role.ROUTER) is None:
             raise DynPoseError(
                 f"engine dir {root}: routing policy {policy} needs a router but the manifest has none; export one "
                 "(`dynpose-export --role router`) or pick --route all-large / all-small / box:AREA"

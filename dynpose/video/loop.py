@@ -37,7 +37,7 @@ from dynpose.io.sinks import ResultSink
 from dynpose.io.sources import Frame, FrameSource, ReadAhead, source_stems
 from dynpose.runtime.pipeline import Pipeline
 from dynpose.runtime.plan import FrameInput
-from dynpose.video.tracking import StreamStats, StreamTracker, Step, VideoOptions
+from dynpose.video.tracking import Step, StreamStats, StreamTracker, VideoOptions
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,9 @@ def _open_streams(
         stack.callback(reader.close)
         tracker = StreamTracker(options.video, pipe, bx, src.fps)
         bar = stack.enter_context(
-            tqdm(total=src.total, unit="frame", desc=name, position=i, disable=None if options.progress else True, leave=False)
+            tqdm(
+                total=src.total, unit="frame", desc=name, position=i, disable=None if options.progress else True, leave=False
+            )
         )
         streams.append(_Stream(src, reader, tracker, sk, StreamReport(src.source, name), bar))
     return streams

@@ -181,7 +181,9 @@ class StreamTracker:
         self.stats.key_frames += 1
         self.stats.redetections += redetect
         if self.tracker is None:
-            return Step(frame, self.pipe.prepare(frame.image_bgr, boxes, keep=self._keep([None] * len(boxes), idx)), True, [])
+            return Step(
+                frame, self.pipe.prepare(frame.image_bgr, boxes, keep=self._keep([None] * len(boxes), idx)), True, []
+            )
         matched = self.tracker.match_boxes(boxes.xywh)
         tracks: list[Track | None] = [None] * (len(boxes) + boxes.dropped)
         for r, t in zip(boxes.rows, matched, strict=True):
@@ -226,7 +228,7 @@ class StreamTracker:
         owners = self.tracker.update(
             idx,
             np.array([p.box for p in obs], dtype=np.float64).reshape(-1, 4),
-            np.array([p.keypoints for p in obs], dtype=np.float32).reshape(len(obs), -1, 3),
+            np.array([p.keypoints for p in obs], dtype=np.float32).reshape(len(obs), self.pipe.keypoint_set.num, 3),
             np.array([p.box_score for p in obs], dtype=np.float64),
             known=None if step.key else [step.tracks[p.index] for p in obs],
             births=step.key,

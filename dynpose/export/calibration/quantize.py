@@ -32,13 +32,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from dynpose.errors import DynPoseError
 from dynpose.export.calibration.crops import CalibSpec, CropSet, build_crop_set
 from dynpose.export.calibration.search import MAX_STEPS, Trial, best_trial, search_fp32_layers
-from dynpose.errors import DynPoseError
+from dynpose.export.judges import Check, PoseJudge, compare_speed
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import copy_metadata, io_names, load_onnx, name_nodes, open_session, run_session_all
-from dynpose.export.judges import Check, PoseJudge, compare_speed
 
 log = logging.getLogger(__name__)
 
