@@ -100,12 +100,13 @@ def lowering_notes(engine_dir: Path, precision: str) -> list[str]:
 
 def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float], shared: Path) -> dict[str, float]:
     """config name -> COCO AP on the sample's GT boxes."""
+    from dynpose.runtime.dispatcher import Dispatcher
+
     from dynpose.data import gt_boxes, load_coco, resolve_image
     from dynpose.eval.coco import evaluate_results
-    from dynpose.runtime.dispatcher import Dispatcher
+    from dynpose.io.sources import read_image
     from dynpose.runtime.engine_set import EngineSet
     from dynpose.runtime.postprocess import rescore
-    from dynpose.io.sources import read_image
 
     gt = shared / "data" / "coco" / "test_coco.json"
     ds = load_coco(gt)

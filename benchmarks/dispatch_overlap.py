@@ -37,11 +37,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import cv2
+    from dynpose.runtime.dispatcher import Dispatcher
 
     from dynpose.data import gt_boxes, load_coco
     from dynpose.models.card import ModelCard
     from dynpose.runtime.backends.ort import OrtRunner
-    from dynpose.runtime.dispatcher import Dispatcher
     from dynpose.runtime.model import PoseModel
 
     cards, runners = {}, {}

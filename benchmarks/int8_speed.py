@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dynpose.export.calibration.crops import CalibSpec, coco_person_crops
 from dynpose.engines.manifest import Manifest
 from dynpose.export.api import export_model, register_onnx
+from dynpose.export.calibration.crops import CalibSpec, coco_person_crops
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session
 

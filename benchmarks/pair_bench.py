@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dynpose.runtime.dispatcher import Dispatcher
 
 from dynpose.bench.stats import paired_ratio_ci
 from dynpose.bench.timing import (
@@ -51,10 +52,9 @@ from dynpose.bench.timing import (
     timed_rounds,
     versions,
 )
-from dynpose.export.calibration.crops import CalibSpec
 from dynpose.engines.manifest import Manifest
 from dynpose.export.api import export_all
-from dynpose.runtime.dispatcher import Dispatcher
+from dynpose.export.calibration.crops import CalibSpec
 from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.model import PoseModel, Router
 from dynpose.runtime.policy import Policy, parse_policy

@@ -1,9 +1,14 @@
 """The package's shape, checked from its sources (no import of the code under test):
 
-- no import cycle between dynpose's subpackages and top-level modules (DESIGN.md's direction: cli -> serve / bench /
-  router -> export / calibration -> runtime -> engines, models -> small shared modules);
-- no function longer than 80 lines;
-- one affine-warp crop primitive, one ONNX Runtime session opener, one engine-dir loader.
+- no import cycle between dynpose's subpackages and top-level modules, and imports only downward: cli -> serve /
+  bench / router -> export (with its INT8 calibration) -> video -> io -> runtime -> engines, models -> small shared
+  modules;
+- no function longer than 80 lines, and none outside `cli/` with more than 8 parameters;
+- one affine-warp crop primitive, one ONNX Runtime session opener, one engine-dir loader, and one planner: person
+  crops and their centre/scale are computed in `runtime/plan.py` only (executors, calibration, router data and the
+  benchmarks call it);
+- the engine dir's roles are spelled only in `roles.py` (`Role`): no "router", "small", "large" or "detector" string
+  literal anywhere else.
 """
 
 from __future__ import annotations
@@ -90,12 +95,22 @@ def test_the_cycle_finder_finds_cycles() -> None:
     assert find_cycle({"a": {"b": []}, "b": {"c": []}}) is None
 
 
+# Each unit with the units it must never import (what sits above it).
+ABOVE = {
+    "export": {"cli", "serve", "bench", "router"},
+    "video": {"cli", "serve", "bench", "router", "export"},
+    "io": {"cli", "serve", "bench", "router", "export", "video"},
+    "runtime": {"cli", "serve", "bench", "router", "export", "video", "io"},
+}
+SHARED = ("engines", "models", "onnx_utils", "data", "fileio", "keypoints", "errors", "roles")
+
+
 def test_layers_point_down() -> None:
-    """The low layers never import the high ones (the runtime knows nothing of export, routers' training, the CLIs,
-    the service or the benchmark)."""
+    """The low layers never import the high ones (the runtime knows nothing of files, video, export, routers'
+    training, the CLIs, the service or the benchmark; io knows nothing of the run loop)."""
     graph = import_graph()
-    high = {"cli", "serve", "bench", "router", "export", "calibration"}
-    for low in ("runtime", "engines", "models", "onnx_utils", "data", "fileio", "keypoints", "errors"):
+    rules = {**ABOVE, **dict.fromkeys(SHARED, ABOVE["runtime"] | {"runtime"})}
+    for low, high in rules.items():
         bad = sorted(set(graph.get(low, {})) & high)
         assert not bad, f"{low} imports {bad}: {[graph[low][b][0] for b in bad]}"
 
@@ -112,22 +127,53 @@ def test_no_function_over_80_lines() -> None:
     assert not long, "functions over 80 lines (split them): " + "; ".join(long)
 
 
-def _calls(attr: str) -> list[str]:
-    """Files that call `<anything>.attr(` or `attr(`."""
-    out = []
+MAX_PARAMETERS = 8
+
+
+def test_no_function_outside_the_cli_takes_more_than_8_parameters() -> None:
+    """Beyond 8 parameters a function wants an options object (the CLIs' click commands take one per flag)."""
+    many = []
     for path, tree in _modules():
+        if path.relative_to(PKG).parts[0] == "cli":
+            continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call):
-                f = node.func
-                name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
-                if name == attr:
-                    out.append(str(path.relative_to(PKG)))
-    return sorted(set(out))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+                names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+                if len(names) > MAX_PARAMETERS:
+                    many.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name} ({len(names)} parameters)")
+    assert not many, "functions with more than 8 parameters (pass an options object): " + "; ".join(many)
 
 
-def test_one_crop_primitive_one_session_opener_one_engine_loader() -> None:
-    # the affine warp of person crops happens in preprocess.crop only (the detector resizes whole images)
-    assert _calls("warpAffine") == ["runtime/preprocess.py"]
-    assert _calls("InferenceSession") == ["onnx_utils.py"]
-    # runners for an engine dir's entries are made by EngineSet.load only
-    assert _calls("load_runner") == ["runtime/engine_set.py"]
+ROLE_NAMES = {"router", "small", "large", "detector"}
+
+
+def test_roles_are_spelled_only_in_the_role_module() -> None:
+    found = [
+        f"{path.relative_to(PKG.parent)}:{node.lineno} {node.value!r}"
+        for path, tree in _modules()
+        if path.relative_to(PKG) != Path("roles.py")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in ROLE_NAMES
+    ]
+    assert not found, "role names as string literals (use dynpose.roles.Role): " + "; ".join(found)
+
+
+def test_person_crops_and_their_geometry_come_from_the_planner_only() -> None:
+    """No second place computes router crops or per-model crops: the crop primitive and the box -> centre/scale
+    geometry (`runtime/preprocess.py`) are imported by `runtime/plan.py` alone (everyone else asks the plan, or its
+    `crop_boxes` / `crop_at` / `box_geometry` for boxes outside a plan)."""
+    primitives = {"crop", "box_to_center_scale"}
+    users = sorted(
+        f"{path.relative_to(PKG)} imports {alias.name}"
+        for path, tree in _modules()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "dynpose.runtime.preprocess"
+        for alias in node.names
+        if alias.name in primitives and path.relative_to(PKG) != Path("runtime/plan.py")
+    )
+    assert not users, "person crops or their geometry computed outside the planner: " + "; ".join(users)
+    assert not [
+        p for p, t in _modules() for n in ast.walk(t) if isinstance(n, ast.Import) and "preprocess" in ast.unparse(n)
+    ]

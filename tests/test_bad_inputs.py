@@ -26,8 +26,8 @@ from dynpose.engines.manifest import MANIFEST_NAME, Entry, Manifest
 from dynpose.errors import DynPoseError
 from dynpose.eval.coco import evaluate_results
 from dynpose.fileio import write_json_atomic
-from dynpose.models.card import ModelCard
 from dynpose.io.sources import FrameSource, decode_image, open_source
+from dynpose.models.card import ModelCard
 
 
 def one_line_error(fn: Callable[[], Any], match: str, names: str | Path | None = None) -> str:

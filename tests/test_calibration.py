@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import tinypose_card
 
-from dynpose.export.calibration.crops import CalibSpec, build_crop_set
-from dynpose.export.calibration.quantize import quantize_int8, quiet_ort_quantization
 from dynpose.cli.export import main as export_cli
 from dynpose.data import gt_boxes, load_coco
 from dynpose.engines.manifest import Manifest, content_name
 from dynpose.errors import DynPoseError
 from dynpose.export.api import register_onnx
+from dynpose.export.calibration.crops import CalibSpec, build_crop_set
+from dynpose.export.calibration.quantize import quantize_int8, quiet_ort_quantization
 from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
 
 CARD128 = tinypose_card(96, 128)

@@ -249,8 +249,8 @@ def test_cli_eval(coco_gt: Path, mpii_gt: Path, tmp_path: Path) -> None:
 def test_real_model_results_match_pycocotools(tinypose_engine_dir: Path, coco_gt: Path) -> None:
     """TinyPose 256x192 through the runtime on the sample's GT boxes: a real result file, scored both ways."""
     from dynpose.data import gt_boxes, load_coco, resolve_image
-    from dynpose.runtime.pipeline import Pipeline
     from dynpose.io.sources import read_image
+    from dynpose.runtime.pipeline import Pipeline
 
     ds = load_coco(coco_gt)
     results = []

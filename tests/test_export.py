@@ -16,9 +16,9 @@ from dynpose.cli.export import main as export_cli
 from dynpose.engines.manifest import Manifest, content_name
 from dynpose.errors import DynPoseError
 from dynpose.export.api import register_onnx
+from dynpose.export.judges import measure_speedup
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session, read_card, run_session
-from dynpose.export.judges import measure_speedup
 
 TP128_CARD = {
     "name": "tinypose_128x96",

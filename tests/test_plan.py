@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import tinypose_card
 
 from dynpose.data import gt_boxes, load_coco
 from dynpose.engines.manifest import Manifest
@@ -23,8 +24,6 @@ from dynpose.runtime.person import Decision
 from dynpose.runtime.plan import LARGE, SMALL, Done, FrameInput, Purpose, make_plan, same_crop
 from dynpose.runtime.policy import parse_policy
 from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize, to_model_colors, warp_matrix
-
-from conftest import tinypose_card
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +218,9 @@ def test_cascade_answers_are_each_model_alone(models, coco_frames) -> None:
     assert (res.confidence[esc] < t).all() and (res.confidence[~esc] >= t).all()
     for i, sl in enumerate(res.frame_slices()):
         want = np.where(
-            esc[sl][:, None, None], alone(models[Role.LARGE], images[i], boxes[i]), alone(models[Role.SMALL], images[i], boxes[i])
+            esc[sl][:, None, None],
+            alone(models[Role.LARGE], images[i], boxes[i]),
+            alone(models[Role.SMALL], images[i], boxes[i]),
         )
         np.testing.assert_allclose(res.keypoints[sl], want, atol=1e-3)
 
@@ -277,7 +278,9 @@ def test_small_and_large_workers_overlap(models, coco_frames) -> None:
     spans = {role: (a, b, n) for role, a, b, n in res.spans}
     assert spans[Role.SMALL][2] + spans[Role.LARGE][2] == 48 and spans[Role.ROUTER][2] == 48
     (s0, s1, _), (l0, l1, _) = spans[Role.SMALL], spans[Role.LARGE]
-    print(f"small {1e3 * (s1 - s0):.0f} ms, large {1e3 * (l1 - l0):.0f} ms, overlap {1e3 * (min(s1, l1) - max(s0, l0)):.0f} ms")
+    print(
+        f"small {1e3 * (s1 - s0):.0f} ms, large {1e3 * (l1 - l0):.0f} ms, overlap {1e3 * (min(s1, l1) - max(s0, l0)):.0f} ms"
+    )
     assert min(s1, l1) - max(s0, l0) > 0
     # the router ran before both pose models
     assert spans[Role.ROUTER][1] <= min(s0, l0)

@@ -12,13 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dynpose.export.calibration.crops import CalibSpec, Source
 from dynpose.cli.export import main as export_cli
 from dynpose.engines.manifest import DEFAULT_ROUTE, Manifest, content_name
 from dynpose.errors import DynPoseError
 from dynpose.export.api import default_route, export_model
-from dynpose.onnx_utils import open_session, run_session
+from dynpose.export.calibration.crops import CalibSpec, Source
 from dynpose.export.judges import router_agreement
+from dynpose.onnx_utils import open_session, run_session
 
 
 @pytest.fixture(scope="module")

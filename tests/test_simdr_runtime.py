@@ -20,22 +20,22 @@ import torch
 from click.testing import CliRunner
 from conftest import tinypose_card
 
-from dynpose.export.calibration.crops import CalibSpec
-from dynpose.export.calibration.quantize import head_nodes
 from dynpose.data import gt_boxes, image_id_map, load_coco
 from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.api import export_model, register_onnx
-from dynpose.models import create_model, get_card
+from dynpose.export.calibration.crops import CalibSpec
+from dynpose.export.calibration.quantize import head_nodes
 from dynpose.export.judges import PoseJudge, decode_keypoints
-from dynpose.runtime.decode import average_flip_outputs, average_flip_simdr, decode_outputs, decode_simdr
+from dynpose.models import create_model, get_card
 from dynpose.roles import Role
 from dynpose.runtime.boxes import Boxes
+from dynpose.runtime.decode import average_flip_outputs, average_flip_simdr, decode_outputs, decode_simdr
+from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.execute import LocalExecutor, execute
+from dynpose.runtime.pipeline import Pipeline
 from dynpose.runtime.plan import LARGE, FrameInput, Plan, PlanResult, Work, make_plan
 from dynpose.runtime.policy import parse_policy
-from dynpose.runtime.engine_set import EngineSet
-from dynpose.runtime.pipeline import Pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from dynpose.errors import DynPoseError
-from dynpose.keypoints import COCO17
 from dynpose.io.sources import open_source
 from dynpose.io.vis import VideoWriter, draw_persons, model_color, write_image
+from dynpose.keypoints import COCO17
 
 
 @dataclass

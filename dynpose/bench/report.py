@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dynpose.fileio import atomic_path
+from dynpose.roles import Role
 
 
 def _ratio_text(r: dict[str, Any]) -> str:
@@ -34,8 +35,8 @@ def model_lines(result: dict[str, Any]) -> list[str]:
     th = result.get("threads")
     if th:
         lines.append(
-            f"threads: baselines run alone on {th['solo']}; routed configurations: router {th['router']}, small "
-            f"{th['small']} + large {th['large']} at once"
+            f"threads: baselines run alone on {th['solo']}; routed configurations: router {th[Role.ROUTER.value]}, "
+            f"small {th[Role.SMALL.value]} + large {th[Role.LARGE.value]} at once"
         )
     return lines
 
@@ -45,7 +46,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     and the pipeline, for the terminal and logs."""
     lines = model_lines(result)
     lines.append(
-        f"{'batch':>5}  {'config':<28} {'crops/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'large':>6}  vs large-only [95% CI]"
+        f"{'batch':>5}  {'config':<28} {'crops/s':>8} {'p50 ms':>8} {'p95 ms':>8} {Role.LARGE.value:>6}  "
+        "vs large-only [95% CI]"
     )
     for r in result["crops"]:
         lines.append(

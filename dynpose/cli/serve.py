@@ -12,6 +12,7 @@ import click
 
 from dynpose.cli.common import check_threads, setup_logging, sigterm_as_interrupt, user_errors
 from dynpose.errors import DynPoseError
+from dynpose.roles import Role
 
 if TYPE_CHECKING:
     from dynpose.serve.config import ServeConfig
@@ -105,7 +106,12 @@ def main(
     if engine_dir is None:
         raise DynPoseError("--engine-dir: none given; pass the folder dynpose-export wrote (or run `dynpose-serve bench`)")
     setup_logging(quiet)
-    counts = {"ingress": ingress_replicas, "detector": detector_replicas, "small": small_replicas, "large": large_replicas}
+    counts = {
+        "ingress": ingress_replicas,
+        Role.DETECTOR.value: detector_replicas,
+        Role.SMALL.value: small_replicas,
+        Role.LARGE.value: large_replicas,
+    }
     cfg = ServeConfig(
         engine_dir=str(engine_dir),
         backend=backend,

@@ -58,7 +58,11 @@ def _fractions(text: str) -> tuple[float, ...]:
     "--detections", multiple=True, type=click.Path(dir_okay=False), help="COCO-format person detections (repeatable)."
 )
 @click.option(
-    "--detector", default=None, type=click.Path(dir_okay=False), help="ONNX person detector [default: the engine dir's]."
+    "--detector",
+    "detector_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="ONNX person detector [default: the engine dir's].",
 )
 @click.option("--det-score", default=0.3, show_default=True, type=float, help="--unlabelled: smallest box score used.")
 @click.option("--copies", default=8, show_default=True, type=int, help="--unlabelled: augmented variants per person.")
@@ -218,7 +222,7 @@ def _unlabelled_spec(kw: dict[str, Any]) -> Any:
     aug = AugmentConfig(copies=kw["copies"], flip=0.0 if kw["no_flip"] else 0.5, seed=kw["seed"])
     return UnlabelledSpec(
         sources=tuple(Path(s) for s in kw["unlabelled"]), detections=tuple(Path(d) for d in kw["detections"]),
-        detector=Path(kw["detector"]) if kw["detector"] else None, det_score=kw["det_score"],
+        detector=Path(kw["detector_file"]) if kw["detector_file"] else None, det_score=kw["det_score"],
         max_frames=kw["max_frames"], frame_step=kw["frame_step"], augment=aug,
     )  # fmt: skip
 
@@ -246,7 +250,7 @@ def _train(kw: dict[str, Any], console: Any) -> Any:
         raise DynPoseError("train either from labels (--ann and --images) or without them (--unlabelled SRC), not both")
     if not unlabelled and not (kw["ann"] and kw["images"]):
         raise DynPoseError("labelled training needs --ann and --images")
-    if not unlabelled and (kw["detections"] or kw["detector"]):
+    if not unlabelled and (kw["detections"] or kw["detector_file"]):
         raise DynPoseError("--detections/--detector give boxes for --unlabelled sources (or --calibrate); labels have boxes")
     # label-free variants carry their own mirrors (with their own targets); the labelled loop adds mirrors itself
     job = _job(kw, flip=not kw["no_flip"] and not unlabelled)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from dynpose.models.card import ModelCard
-from dynpose.roles import Role
+from dynpose.roles import ROLE_NAMES, Role
 
 if TYPE_CHECKING:
     import onnx
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "dynpose.manifest"
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-ROLES = ("router", "small", "large", "detector")
+ROLES = ROLE_NAMES
 # "torch": a zoo model's state_dict (.pt) beside its ONNX, for the PyTorch backend (CPU or CUDA without TensorRT).
 FORMATS = ("onnx", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -19,6 +19,7 @@ from pathlib import Path
 from dynpose.engines.manifest import Entry, Manifest, commit_staged
 from dynpose.errors import DynPoseError
 from dynpose.export.route import default_route
+from dynpose.roles import Role
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def commit(
     route becomes `default_route(manifest, router_weights)` and its reason is logged."""
     engine_dir = Path(engine_dir)
     manifest = existing_manifest(engine_dir)
-    if router_weights is not None and any(e.role == "router" for e in entries):
+    if router_weights is not None and any(e.role == Role.ROUTER for e in entries):
         manifest.route, why = default_route(manifest, router_weights)
         log.info(why)
     commit_staged(engine_dir, stage, entries, manifest)

@@ -28,6 +28,7 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session, rel_l2, run_session_all
+from dynpose.roles import Role
 from dynpose.runtime.decode import decode_outputs
 from dynpose.runtime.policy import Signals, parse_policy
 from dynpose.runtime.postprocess import oks
@@ -246,7 +247,7 @@ class RouterJudge(Judge):
 
 def judge_for(card: ModelCard, min_score: float, route: str | None = None) -> Judge:
     """The judge for the card's task: `RouterJudge` under `route` for a router, `PoseJudge` otherwise."""
-    if card.task == "router":
+    if card.task == Role.ROUTER:
         if route is None:
             raise DynPoseError(f"router {card.name}: judging a lower-precision router needs the route it runs under")
         return RouterJudge(card, min_score, route)

@@ -29,6 +29,7 @@ from dynpose.export.onnx_export import export_torch
 from dynpose.export.verify import NO_CROPS, verify_onnx_batches, verify_torch_vs_onnx
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import io_names, load_onnx, open_session, run_session_all, set_card
+from dynpose.roles import Role
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def to_fp16(
     else:
         check, x = judge.files(dst, src, crops, "fp16"), crops.x
         log.info(judge.summary(check))
-    if check and card.task == "router":  # as ever: routers record their CPU speed at every precision
+    if check and card.task == Role.ROUTER:  # as ever: routers record their CPU speed at every precision
         figures.update(compare_speed(src, dst, x, "fp16", card.name, SPEED_HINT["fp16"]).figures)
     return dst, Check("fp16", check.passed, {**figures, **check.figures}, check.message)
 
@@ -151,7 +152,7 @@ def to_plan(
 def _finite_on_random(path: Path, card: ModelCard, precision: str) -> tuple[Check, np.ndarray]:
     """The check a model gets when no real crops are at hand: finite outputs (all of them) on random input (8 crops
     for a router, as its speed is timed on them too; 2 for a pose model). Returns the check and the input."""
-    router = card.task == "router"
+    router = card.task == Role.ROUTER
     x = np.random.default_rng(0).standard_normal((8 if router else 2, 3, card.input_height, card.input_width))
     x = x.astype(np.float32)
     if all(np.isfinite(o).all() for o in run_session_all(open_session(path), x)):

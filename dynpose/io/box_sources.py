@@ -23,6 +23,7 @@ import numpy as np
 
 from dynpose.errors import DynPoseError
 from dynpose.io.sources import Frame
+from dynpose.roles import Role
 
 
 class BoxSource(Protocol):
@@ -39,7 +40,7 @@ class BoxSource(Protocol):
 class DetectorBoxes:
     """Boxes from the Pipeline's detector."""
 
-    name: str = "detector"
+    name: str = Role.DETECTOR.value
 
     def boxes(self, frame: Frame) -> np.ndarray | None:
         return None

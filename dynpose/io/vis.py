@@ -15,11 +15,12 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.fileio import make_temp_beside, replace_into, write_bytes_atomic
 from dynpose.keypoints import KeypointSet, get_keypoint_set
+from dynpose.roles import Role
 
 # BGR. The two DynPose roles get fixed, easily told apart colours; any other model name gets a stable colour.
 MODEL_COLORS: dict[str, tuple[int, int, int]] = {
-    "small": (80, 200, 60),  # green
-    "large": (40, 110, 250),  # orange
+    Role.SMALL.value: (80, 200, 60),  # green
+    Role.LARGE.value: (40, 110, 250),  # orange
 }
 _PALETTE = ((230, 160, 40), (200, 60, 200), (60, 220, 220), (255, 90, 90), (150, 150, 255), (120, 200, 160))
 

@@ -16,12 +16,13 @@ from typing import Any
 from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json
 from dynpose.keypoints import KEYPOINT_SETS, KeypointSet, get_keypoint_set
+from dynpose.roles import Role
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 # "detector": a person detector in an engine dir; only its input size matters here (it preprocesses itself).
-TASKS = ("pose", "router", "detector")
+TASKS = ("pose", Role.ROUTER.value, Role.DETECTOR.value)  # a router card is the router role's model
 COLOR_ORDERS = ("rgb", "bgr")
 # msra/dark/udp read heatmaps; simdr reads SimDR's two 1-D outputs (x and y bins, `simdr_split_ratio` per pixel).
 DECODERS = ("msra", "dark", "udp", "simdr")

@@ -25,6 +25,7 @@ from torch import nn
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import COLOR_ORDERS, ModelCard
+from dynpose.roles import Role
 
 FORMATS = ("official", "mmpose1", "mmpose0", "dynpose_router")
 # Card alias whose colour order applies when a local file is recognised as this format.
@@ -349,7 +350,7 @@ def load_weights(
     path, url, alias, digest = _resolve(card, source, progress)
     raw = _torch_load(path, trust_pickle)
     sd, wrapper = _unwrap(raw, path)
-    router = card is not None and card.task == "router"
+    router = card is not None and card.task == Role.ROUTER
     sd, fmt, data_parallel, ignored = convert_state_dict(sd, router=router)
     # A family released under two namings (SimDR: the authors' flat one and `backbone.`) maps its other naming.
     adapt = getattr(model, "adapt_state_dict", None)

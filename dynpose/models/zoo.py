@@ -24,6 +24,7 @@ from dynpose.models.lpn import LPN
 from dynpose.models.resnet import PoseResNet
 from dynpose.models.router import DynPoseRouter
 from dynpose.models.simdr import SimDR
+from dynpose.roles import Role
 
 MMPOSE_COCO = "https://download.openmmlab.com/mmpose/v1/body_2d_keypoint/topdown_heatmap/coco/"
 HRNET_OFFICIAL = (
@@ -180,13 +181,13 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], ModelCard]] = {
     "hourglass_1": _hourglass_row(1),
     "hourglass_2": _hourglass_row(2),
     "dpn": _dpn_row(),
-    "router": (
+    Role.ROUTER.value: (
         DynPoseRouter,
         ModelCard(
             # DynPose trains the router inside MMPose with the pose models' data preprocessor (bgr_to_rgb, ImageNet
             # mean/std), so it is fed exactly the crop the pose models get.
-            name="router",
-            arch="router",
+            name=Role.ROUTER.value,
+            arch=Role.ROUTER.value,
             input_width=192,
             input_height=256,
             color_order="rgb",
@@ -194,7 +195,7 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], ModelCard]] = {
             std=IMAGENET_STD_255,
             keypoints="coco17",
             decoder="msra",
-            task="router",
+            task=Role.ROUTER.value,
             sources={
                 "dynpose": {
                     # `backbone.pth` at the root of the authors' repository; raw/HEAD follows its default branch.

@@ -207,8 +207,8 @@ def cache_key(
     """sha256 over everything that determines the outputs."""
     spec: dict[str, Any] = {
         "version": CACHE_VERSION,
-        "small": small.sha256,
-        "large": large.sha256,
+        Role.SMALL.value: small.sha256,
+        Role.LARGE.value: large.sha256,
         "decoders": [small.card.decoder, large.card.decoder],
         "backend": backend,
         "ann": sha256_file(ann_path),
@@ -292,19 +292,26 @@ def _cache_file(engine_dir: str | os.PathLike, cache_dir: str | os.PathLike | No
     return Path(cache_dir or Path(engine_dir) / CACHE_DIRNAME) / f"{prefix}-{key[:16]}.npz"
 
 
+@dataclass(frozen=True)
+class CollectOptions:
+    """Where both models run and how their outputs are cached."""
+
+    backend: str = "ort"
+    device: str = "cpu"
+    cache_dir: str | os.PathLike | None = None  # default: the engine dir's cache folder
+    use_cache: bool = True
+    min_keypoints: int = 1  # ground-truth persons with fewer labelled keypoints are left out
+    progress: bool = True
+
+
 def collect_outputs(
-    engine_dir: str | os.PathLike,
-    ann_path: str | os.PathLike,
-    images_dir: str | os.PathLike,
-    *,
-    backend: str = "ort",
-    device: str = "cpu",
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    min_keypoints: int = 1,
-    progress: bool = True,
+    engine_dir: str | os.PathLike, ann_path: str | os.PathLike, images_dir: str | os.PathLike, **options: Any
 ) -> tuple[CropOutputs, Crops]:
-    """Run the engine dir's small and large models on every ground-truth crop (or load the cached result)."""
+    """Run the engine dir's small and large models on every ground-truth crop (or load the cached result).
+    `options`: `CollectOptions` fields."""
+    o = CollectOptions(**options)
+    backend, device, cache_dir, use_cache, progress = o.backend, o.device, o.cache_dir, o.use_cache, o.progress
+    min_keypoints = o.min_keypoints
     small, large = pose_entries(Manifest.load(engine_dir), engine_dir, backend)
     crops = gt_crops(load_coco(ann_path), images_dir, min_keypoints)
     kset = large.card.keypoint_set

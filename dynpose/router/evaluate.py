@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dynpose.roles import Role
 from dynpose.router.calibrate import routed_ap, router_scores
 from dynpose.router.collect import CropOutputs, collect_outputs
 
@@ -137,7 +138,7 @@ def evaluate_router(
     s1 = router_scores(engine_dir, crops, backend=backend, device=device)[:, 1].astype(np.float64)
     gain = out.oks_large - out.oks_small
     rho = spearmanr(s1, gain)
-    sigmas = Manifest.load(engine_dir, verify=False).require("large").card.keypoint_set.sigmas
+    sigmas = Manifest.load(engine_dir, verify=False).require(Role.LARGE).card.keypoint_set.sigmas
     rho_t = spearmanr(teacher_signal(out, sigmas), gain)
     n = len(out)
     rng = np.random.default_rng(seed)
@@ -192,7 +193,7 @@ def detection_eval(
 
     det, crops = collect_det_outputs(engine_dir, detections, images_dir, ann_path, **options)
     gt = gt_crops(load_coco(ann_path), images_dir)
-    sigmas = Manifest.load(engine_dir, verify=False).require("large").card.keypoint_set.sigmas
+    sigmas = Manifest.load(engine_dir, verify=False).require(Role.LARGE).card.keypoint_set.sigmas
     gain, matched = detection_gain(det, gt, sigmas)
     s1 = router_scores(engine_dir, crops, backend=options.get("backend", "ort"), device=options.get("device", "cpu"))[:, 1]
     boxes = np.concatenate([det.boxes[:, :4], det.scores[:, None]], axis=1)

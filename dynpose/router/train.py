@@ -21,6 +21,7 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path
 from dynpose.models.card import ModelCard
+from dynpose.roles import Role
 from dynpose.router.targets import LOSS_WEIGHTS, Targets, router_loss
 
 if TYPE_CHECKING:
@@ -432,7 +433,7 @@ def train_unlabelled(engine_dir: str | os.PathLike, spec: Any, job: TrainJob) ->
     from dynpose.engines.manifest import Manifest
     from dynpose.keypoints import get_keypoint_set
 
-    kset = get_keypoint_set(Manifest.load(engine_dir, verify=False).require("large").card.keypoints)
+    kset = get_keypoint_set(Manifest.load(engine_dir, verify=False).require(Role.LARGE).card.keypoints)
     targets, _ = teacher_targets(ts.kpts_small, ts.kpts_large, ts.boxes, ts.crop_wh, kset.sigmas)
     title = f"label-free router training ({ts.num_persons} persons x {spec.augment.copies} variants)"
     rep = fit_and_export(engine_dir, model, ts.crops, targets, job, title)

@@ -28,7 +28,7 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import ModelCard
-from dynpose.roles import POSE_ROLES
+from dynpose.roles import POSE_ROLES, Role
 from dynpose.router.augment import AugmentConfig, AugParams, jitter_boxes, photometric, sample_params, unflip_keypoints
 from dynpose.router.collect import CACHE_DIRNAME, ROUTER_CROPS_IN_MEMORY
 from dynpose.runtime.model import PoseModel
@@ -269,7 +269,7 @@ def teacher_key(engine_dir: str | os.PathLike, spec: UnlabelledSpec, router_card
 
     m = Manifest.load(engine_dir, verify=False)
     small, large = pose_entries(m, engine_dir, backend)
-    det = m.get("detector")
+    det = m.get(Role.DETECTOR)
     detector = sha256_file(spec.detector) if spec.detector else (det.sha256 if det is not None else None)
     d = {
         "version": TEACHER_CACHE_VERSION,
@@ -278,7 +278,7 @@ def teacher_key(engine_dir: str | os.PathLike, spec: UnlabelledSpec, router_card
         "backend": backend,
         "sources": [_source_digest(Path(s)) for s in spec.sources],
         "detections": [sha256_file(p) for p in spec.detections],
-        "detector": detector,
+        Role.DETECTOR.value: detector,
         "spec": [spec.det_score, spec.min_box, spec.max_frames, spec.frame_step, spec.augment.to_dict()],
     }
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -32,6 +32,7 @@ from dynpose.engines.manifest import Entry, Manifest
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.models.router import DynPoseRouter
+from dynpose.roles import Role
 
 ROUTER_INPUTS = ("full", "pooled")
 POOLED_NAME = "router_pooled"
@@ -64,7 +65,7 @@ def make_router(kind: str = "full", init: str | os.PathLike | None = None, trust
         raise DynPoseError(f"--router-input {kind!r}: use {' or '.join(ROUTER_INPUTS)}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")  # training replaces them
-        full = create_model("router", weights=None if init is None else str(init), trust_pickle=trust_pickle)
+        full = create_model(Role.ROUTER.value, weights=None if init is None else str(init), trust_pickle=trust_pickle)
     if kind == "full":
         return full
     model = PooledRouter()
@@ -82,7 +83,7 @@ def _drop_stale_router_entries(engine_dir: Path, keep: list[Entry]) -> list[str]
 
     m = Manifest.load(engine_dir, verify=False)
     kept = {(e.role, e.format) for e in keep}
-    stale = [e for e in m.entries if e.role == "router" and (e.role, e.format) not in kept]
+    stale = [e for e in m.entries if e.role == Role.ROUTER and (e.role, e.format) not in kept]
     m.entries = [e for e in m.entries if e not in stale]
     m.route, why = default_route(m, "trained")
     m.save(engine_dir)
@@ -118,14 +119,14 @@ def export_router(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*random weights.*")
             entries = export_model(
-                "router", engine_dir, role="router", weights=str(checkpoint), precision=precision, calib=calib,
+                Role.ROUTER.value, engine_dir, role=Role.ROUTER, weights=str(checkpoint), precision=precision, calib=calib,
                 min_oks=0.0, fmt=fmt, progress=progress, router_weights="trained",
             )  # fmt: skip
         return entries, default_route(Manifest.load(engine_dir, verify=False), "trained")[1]
     with tempfile.TemporaryDirectory(prefix="dynpose-router-") as tmp:
         onnx_path = export_torch(model, Path(tmp) / f"{POOLED_NAME}.onnx", card)
         entries = register_onnx(
-            onnx_path, card, engine_dir, role="router", precision=precision, calib=calib, min_oks=0.0, fmt=fmt,
+            onnx_path, card, engine_dir, role=Role.ROUTER, precision=precision, calib=calib, min_oks=0.0, fmt=fmt,
             progress=progress,
         )  # fmt: skip
     return entries, _drop_stale_router_entries(engine_dir, entries)[0]

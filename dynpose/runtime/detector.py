@@ -19,6 +19,7 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.models.card import IMAGENET_MEAN_255, IMAGENET_STD_255
 from dynpose.onnx_utils import open_session
+from dynpose.roles import Role
 
 IMAGENET_MEAN = np.array(IMAGENET_MEAN_255, dtype=np.float32)
 IMAGENET_STD = np.array(IMAGENET_STD_255, dtype=np.float32)
@@ -75,7 +76,7 @@ class OnnxDetector:
             raise DynPoseError(f"detector {self.path}: file not found; pass an ONNX person detector (e.g. PicoDet)")
         self.score_thr = float(score_thr)
         self.iou_thr = float(iou_thr)
-        self.session = open_session(self.path, device, intra_op_threads, what="detector")
+        self.session = open_session(self.path, device, intra_op_threads, what=Role.DETECTOR.value)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise DynPoseError(f"detector {self.path}: expected one N x 3 x H x W image input")

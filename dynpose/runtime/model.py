@@ -19,6 +19,7 @@ import numpy as np
 
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
+from dynpose.roles import Role
 from dynpose.runtime.backends.base import Runner
 from dynpose.runtime.decode import average_flip_outputs, decode_outputs
 from dynpose.runtime.preprocess import normalize
@@ -85,7 +86,7 @@ class Router(CropModel):
     """The DynPose router: crops -> scores (N,3); score[1] is what the routing policies read."""
 
     def __post_init__(self) -> None:
-        if self.card.task != "router":
+        if self.card.task != Role.ROUTER:
             raise DynPoseError(f"model {self.card.name!r}: a Router needs a router card, this one is {self.card.task}")
 
     def scores(self, x: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from dynpose.io.sources import MAX_PIXELS
 from dynpose.roles import POSE_ROLES, Role
 
 APP_NAME = "dynpose"
-DEPLOYMENTS = ("ingress", "detector", "small", "large")
+DEPLOYMENTS = ("ingress", Role.DETECTOR.value, Role.SMALL.value, Role.LARGE.value)
 # Boxes one request may carry: memory per request stays bounded (crops are made all at once) and one client
 # cannot hold the pose replicas for seconds. COCO's most crowded image has under 100 persons.
 MAX_BOXES = 512
@@ -146,4 +146,4 @@ def has_detector(cfg: ServeConfig) -> bool:
     """Whether the service runs a detector (requests without boxes are then answered)."""
     from dynpose.engines.manifest import Manifest
 
-    return cfg.detector is not None or Manifest.load(cfg.engine_dir, verify=False).get("detector") is not None
+    return cfg.detector is not None or Manifest.load(cfg.engine_dir, verify=False).get(Role.DETECTOR) is not None

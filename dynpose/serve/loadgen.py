@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.roles import Role
 from dynpose.serve.client import Client
 
 
@@ -116,7 +117,7 @@ def run_load(
         ans = client.pose_bytes(it.data, it.boxes, route)
         with lock:
             persons[0] += len(ans.persons)
-        return int(ans.crops.get("small", 0)) + int(ans.crops.get("large", 0))
+        return int(ans.crops.get(Role.SMALL, 0)) + int(ans.crops.get(Role.LARGE, 0))
 
     lat, errors, crops, wall = _closed_loop(call, items, concurrency, requests)
     after = client.stats()

@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -486,17 +486,16 @@ def quantize_int8(
     dst: str | os.PathLike,
     card: ModelCard,
     spec: CalibSpec,
-    *,
-    target: str = "ort",
     min_oks: float = 0.95,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    max_steps: int = MAX_STEPS,
+    **options: Any,
 ) -> dict[str, Any]:
     """`search_int8` with a `PoseJudge(card, min_oks)` (0 disables the gate): the manifest figures, or a
-    DynPoseError with the best OKS reached when no exclusion set meets `min_oks`."""
-    options = Int8Options(target, Path(cache_dir) if cache_dir is not None else None, progress, max_steps)
-    return search_int8(src, dst, spec, PoseJudge(card, min_oks), options).require().figures
+    DynPoseError with the best OKS reached when no exclusion set meets `min_oks`. `options`: `Int8Options` fields
+    (target, cache_dir, progress, max_steps)."""
+    o = Int8Options(**options)
+    if o.cache_dir is not None:
+        o = replace(o, cache_dir=Path(o.cache_dir))
+    return search_int8(src, dst, spec, PoseJudge(card, min_oks), o).require().figures
 
 
 # -- the router: quantized once ----------------------------------------------------------------------------------------

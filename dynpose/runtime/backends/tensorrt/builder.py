@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -184,24 +185,31 @@ def _attach_timing_cache(config: Any, cache_path: Path | None) -> None:
         config.set_timing_cache(cache, ignore_mismatch=True)
 
 
-def build_engine(
-    onnx_path: str | os.PathLike,
-    plan_path: str | os.PathLike,
-    *,
-    input_name: str,
-    input_chw: tuple[int, int, int],
-    max_batch: int,
-    opt_batch: int | None = None,
-    timing_cache: str | os.PathLike | None = None,
-    opt_level: int = 3,
-    workspace_gb: float | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Build `plan_path` from `onnx_path`; returns the metadata the manifest keeps in `entry.tensorrt`.
+@dataclass(frozen=True)
+class BuildOptions:
+    """A plan's input profile (the input's name and C x H x W, batches 1..max_batch with `opt_batch` the one tuned
+    for) and how the builder works (timing cache file, optimisation level, workspace, a progress display)."""
+
+    input_name: str
+    input_chw: tuple[int, int, int]
+    max_batch: int
+    opt_batch: int | None = None
+    timing_cache: str | os.PathLike | None = None
+    opt_level: int = 3
+    workspace_gb: float | None = None
+    progress: bool = True
+
+
+def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """Build `plan_path` from `onnx_path` (`options`: `BuildOptions` fields); returns the metadata the manifest
+    keeps in `entry.tensorrt`.
 
     The plan runs only with the same TensorRT version on a GPU of the same compute capability, which is why
     both are recorded: the runtime checks them before deserialising.
     """
+    o = BuildOptions(**options)
+    input_name, input_chw, max_batch, opt_batch = o.input_name, o.input_chw, o.max_batch, o.opt_batch
+    timing_cache, opt_level, workspace_gb, progress = o.timing_cache, o.opt_level, o.workspace_gb, o.progress
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     opt = _check_build_args(onnx_path, input_chw, max_batch, opt_batch, opt_level)
     trt = import_tensorrt()
