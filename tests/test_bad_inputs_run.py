@@ -232,12 +232,19 @@ def test_many_boxes_run_in_bounded_windows(pipe: Pipeline, coco_dir: Path) -> No
     rng = np.random.default_rng(0)
     n = 200
     boxes = np.concatenate([rng.uniform(0, 200, (n, 2)), np.full((n, 2), 120.0)], axis=1)
-    d = pipe.dispatcher
-    res = d.run([image], [boxes])
-    assert res.counts == {"small": n // 2, "large": n // 2}  # fraction:0.5 over all 200 boxes, not per window
-    for model in ("router", "small", "large"):
-        counts = [s.count for s in res.spans if s.model == model]
-        assert sum(counts) == (n if model == "router" else n // 2) and max(counts) <= d.window < n
+    from dynpose.roles import MODEL_ROLES, Role
+    from dynpose.runtime.execute import LocalExecutor, execute
+    from dynpose.runtime.plan import LARGE, make_plan
+
+    assert pipe.engines is not None
+    models = {r: pipe.engines.require(r) for r in MODEL_ROLES}
+    with LocalExecutor(models) as ex:
+        res = execute(make_plan([pipe.prepare(image, boxes)], pipe.policy, pipe.cards), ex)
+    assert int((res.model == LARGE).sum()) == n // 2  # fraction:0.5 over all 200 boxes, not per window
+    for role in MODEL_ROLES:
+        counts = [count for r, _, _, count in res.spans if r is role]
+        window = models[role].runner.max_batch
+        assert sum(counts) == (n if role is Role.ROUTER else n // 2) and max(counts) <= window < n
 
 
 def test_sigterm_keeps_what_was_done_and_leaves_no_temp_files(

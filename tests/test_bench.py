@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from dynpose import bench
 from dynpose.cli.bench import main as bench_main
 from dynpose.errors import DynPoseError
+from dynpose.roles import Role
 
 
 def one_line_error(args: list[str]) -> str:
@@ -151,8 +152,8 @@ def test_default_outputs_and_store_costs(tinypose_engine_dir: Path, tmp_path: Pa
     assert all(row["ratio_ci"] is not None for row in rows if not row["reference"])
     m = Manifest.load(eng)
     costs = m.costs("ort", "cpu")
-    assert costs is not None and set(costs["roles"]) == {"router", "small", "large"}
-    assert costs["roles"]["small"]["sha256"] == m.require("small", "onnx").sha256
+    assert costs is not None and set(costs.roles) == {Role.ROUTER, Role.SMALL, Role.LARGE}
+    assert costs.roles[Role.SMALL].sha256 == m.require(Role.SMALL, "onnx").sha256
     assert "routing beats large-only" in run.stdout or "cannot pay" in run.stdout
     assert m.costs("ort", "cuda") is None and Manifest.load(tinypose_engine_dir).costs("ort", "cpu") is None
 
@@ -241,38 +242,41 @@ def test_load_monitor_sees_another_busy_process() -> None:
 
 def test_solo_models_get_every_core(tinypose_engine_dir: Path) -> None:
     from dynpose.bench.timing import solo_models, threads_of
-    from dynpose.runtime.engine_set import EngineSet
+    from dynpose.runtime.engine_set import EngineSet, LoadOptions
 
-    with EngineSet.load(tinypose_engine_dir, roles=("small", "large"), threads=2) as es:
+    with EngineSet.load(tinypose_engine_dir, LoadOptions(threads=2), roles=(Role.SMALL, Role.LARGE)) as es:
         with solo_models(es, threads=2) as solo:
-            assert threads_of(solo["large"]) == 2 and threads_of(solo["small"]) == 2
+            assert threads_of(solo[Role.LARGE]) == 2 and threads_of(solo[Role.SMALL]) == 2
             assert threads_of(es.large) == threads_of(es.small) == 1  # the two workers split the cores
-            assert solo["large"].runner is not es.large.runner
+            assert solo[Role.LARGE].runner is not es.large.runner
         assert es.large.runner.session is not None  # the engine set's own runners stay open
 
 
 def test_measure_and_store_costs(tinypose_engine_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from dynpose.bench.costs import measure_costs, store_costs
+    from dynpose.bench.costs import measure_costs, model_costs, store_costs
     from dynpose.engines.manifest import Manifest
+    from dynpose.roles import MODEL_ROLES
     from dynpose.runtime.engine_set import EngineSet
-    from dynpose.runtime.policy import route_costs
 
     eng = Path(shutil.copytree(tinypose_engine_dir, tmp_path / "eng"))
     with EngineSet.load(eng) as es:
         rec = measure_costs(es, batches=(1, 2), repeats=1, warmup=0)
-    assert rec["shared_crop"] is True  # the 256x192 router crops like the large TinyPose
-    for role in ("router", "small", "large"):
-        ms = rec["roles"][role]["ms"]["2"]
+    assert rec.shared_crop is True  # the 256x192 router crops like the large TinyPose
+    for role in MODEL_ROLES:
+        ms = rec.roles[role].ms[2]
         assert ms["total"] == pytest.approx(ms["crop"] + ms["infer"] + ms["decode"]) and ms["infer"] > 0
-    assert rec["roles"]["router"]["ms"]["2"]["decode"] == 0.0
-    store_costs(eng, rec, "ort", "cpu")
-    c = route_costs(Manifest.load(eng).costs("ort", "cpu"), batch=8)  # nearest measured batch: 2
-    assert c is not None and c.batch == 8 and c.large == rec["roles"]["large"]["ms"]["2"]["total"]
+    assert rec.roles[Role.ROUTER].ms[2]["decode"] == 0.0
+    store_costs(eng, rec)
+    stored = Manifest.load(eng).costs("ort", "cpu")
+    assert stored == rec  # the typed record round-trips through the manifest's JSON
+    c = model_costs(stored, batch=8)  # nearest measured batch: 2
+    assert c is not None and c.batch == 8 and c.large == rec.roles[Role.LARGE].ms[2]["total"]
     # a role whose entry changed since (another sha256) drops out of the stored costs
     m = Manifest.load(eng)
     m.notes["costs"]["ort/cpu"]["roles"]["small"]["sha256"] = "0" * 64
     m.save(eng)
-    assert set(Manifest.load(eng).costs("ort", "cpu")["roles"]) == {"router", "large"}
-    assert route_costs(Manifest.load(eng).costs("ort", "cpu")) is None  # no small model figure: nothing to say
+    left = Manifest.load(eng).costs("ort", "cpu")
+    assert left is not None and set(left.roles) == {Role.ROUTER, Role.LARGE}
+    assert model_costs(left) is None  # no small model figure: nothing to say

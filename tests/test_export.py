@@ -19,6 +19,7 @@ from dynpose.export.api import register_onnx
 from dynpose.export.judges import measure_speedup
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session, read_card, run_session
+from dynpose.roles import Role
 
 TP128_CARD = {
     "name": "tinypose_128x96",
@@ -298,7 +299,7 @@ def test_cli_stores_costs_once_the_pair_is_there(tmp_path: Path, tinypose_128: P
     assert code == 0 and "cost small" in out and "cost large" in out, out
     m = Manifest.load(eng)
     rec = m.costs("ort", "cpu")
-    assert rec is not None and set(rec["roles"]) == {"small", "large"}
-    assert rec["roles"]["large"]["ms"]["8"]["total"] > 0
+    assert rec is not None and set(rec.roles) == {Role.SMALL, Role.LARGE}
+    assert rec.roles[Role.LARGE].ms[8]["total"] > 0
     code, out = _run(["--model", "router", "--weights", "random", "--no-costs", *base])
     assert code == 0 and "cost " not in out

@@ -227,18 +227,18 @@ def _router_dir(tmp: Path, router: torch.nn.Module) -> Path:
 
 
 def test_engine_set_passes_backend_options(tmp_path: Path, router: torch.nn.Module) -> None:
-    from dynpose.runtime.engine_set import EngineSet
+    from dynpose.runtime.engine_set import EngineSet, LoadOptions
 
     engine_dir = _router_dir(tmp_path, router)
     x = _crops(3, 256, 192, seed=6)
-    with EngineSet.load(engine_dir, "torch", "cpu", backend_options={"channels_last": True}) as es:
+    with EngineSet.load(engine_dir, LoadOptions("torch", "cpu", backend_options={"channels_last": True})) as es:
         runner = es.require("router").runner
         assert isinstance(runner, TorchRunner) and runner.options == TorchOptions(channels_last=True)
         np.testing.assert_allclose(runner.infer(x), _direct(router, x), rtol=1e-4, atol=1e-5)
     with pytest.raises(DynPoseError, match=r"backend options \['fp16'\] are torch backend options; --backend ort"):
-        EngineSet.load(engine_dir, "ort", "cpu", backend_options={"fp16": True})
+        EngineSet.load(engine_dir, LoadOptions("ort", "cpu", backend_options={"fp16": True}))
     with pytest.raises(DynPoseError, match=r"unknown torch backend option\(s\) \['fp8'\]"):
-        EngineSet.load(engine_dir, "torch", "cpu", backend_options={"fp8": True})
+        EngineSet.load(engine_dir, LoadOptions("torch", "cpu", backend_options={"fp8": True}))
 
 
 def test_bench_flags_belong_to_the_torch_backend(tmp_path: Path, router: torch.nn.Module) -> None:

@@ -209,7 +209,7 @@ def test_calibrate_hits_target_fraction(engine_dir: Path, coco_dir: Path, fracti
     from dynpose.data import load_coco
     from dynpose.router.calibrate import router_scores
     from dynpose.router.collect import gt_crops
-    from dynpose.runtime.policy import parse_policy
+    from dynpose.runtime.policy import Signals, Threshold, parse_policy
 
     ann = coco_dir / "test_coco.json"
     r = _cli(
@@ -228,13 +228,13 @@ def test_calibrate_hits_target_fraction(engine_dir: Path, coco_dir: Path, fracti
     assert "policy threshold:" in r.stdout and "AP " in r.stdout
     m = Manifest.load(engine_dir)
     policy = parse_policy(m.route)
-    assert policy.kind == "threshold"
+    assert isinstance(policy, Threshold)
     # re-apply the stored policy to the router's scores on the same data: the fraction is hit
     crops = gt_crops(load_coco(ann), coco_dir)
     scores = router_scores(engine_dir, crops)
-    achieved = policy.decide(scores, crops.boxes).large.mean()
+    achieved = policy.decide(Signals(crops.areas, router=scores[:, 1])).large.mean()
     assert abs(achieved - float(fraction)) <= 0.05
-    assert m.notes["router_calibration"]["fraction"] == pytest.approx(achieved)
+    assert m.calibration is not None and m.calibration.fraction == pytest.approx(achieved)
 
 
 def test_calibrate_ap_drop(engine_dir: Path, coco_dir: Path):

@@ -267,5 +267,5 @@ def cost_lines(record: CostRecord, batch: int = COST_BATCH) -> list[str]:
     costs = model_costs(record, batch)
     if costs is not None and math.isfinite(costs.router):
         # any router policy has this cost line; a threshold stands for them all
-        lines.append(cost_line(costs, Threshold(0.5), None)[1].replace("route threshold:0.5", "routing with the router"))
+        lines.append(cost_line(costs, Threshold(0.5), None)[1].replace("route threshold:0.5", "routing"))
     return lines
