@@ -14,6 +14,7 @@ import numpy as np
 
 from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json
+from dynpose.keypoints import KEYPOINT_SETS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -100,6 +101,60 @@ def _keypoints(v: object, num: int | None, where: str) -> np.ndarray:
     return np.asarray(v, dtype=np.float64).reshape(-1, 3)
 
 
+@dataclass(frozen=True)
+class KeypointLayout:
+    """How many keypoints a COCO-format file gives each person, and where that number was read.
+
+    `source` is "category" (the category's name list, the usual case) or "annotations": the category lists more names
+    than the persons' `keypoints` hold and its first names are a known set's (HumanArt: 21 names, the 17 COCO joints
+    in `keypoints`, the 21-joint set in `keypoints_21`). `names` are the names of those joints (empty when the file
+    names none); `listed` is how many names the category lists; `other_fields` the annotations' other
+    `keypoints_*` fields, which are not read.
+    """
+
+    num: int | None
+    names: tuple[str, ...]
+    source: str
+    listed: int
+    other_fields: tuple[str, ...] = ()
+
+    def note(self) -> str | None:
+        """One line saying that the count came from the annotations, or None when the category's list gave it."""
+        if self.source != "annotations" or not self.listed:
+            return None
+        unread = f"; {', '.join(repr(f) for f in self.other_fields)} not read" if self.other_fields else ""
+        return (
+            f"the category lists {self.listed} keypoint names, the persons' 'keypoints' hold {self.num} (the first "
+            f"{self.num} names): scoring {self.num} keypoints per person{unread}"
+        )
+
+
+def keypoint_layout(d: dict, where: str) -> KeypointLayout:
+    """The keypoint count of a COCO-format document: the category's name list, unless that list is longer than what
+    the annotations' `keypoints` hold and begins with the names of a known set of that size (COCO-17, CrowdPose-14):
+    then the annotations' count, as pycocotools and xtcocotools read `keypoints` whatever the names say. A file whose
+    persons hold different counts and no name list to settle it is a DynPoseError."""
+    names: tuple[str, ...] = ()
+    for c in d.get("categories", []) or []:
+        if isinstance(c, dict) and c.get("keypoints"):
+            names = tuple(str(n) for n in c["keypoints"])
+            break
+    anns = [a for a in d.get("annotations", []) if isinstance(a, dict)]
+    counts = sorted({len(a["keypoints"]) // 3 for a in anns if isinstance(a.get("keypoints"), list) and a["keypoints"]})
+    if not counts or len(names) in counts:
+        return KeypointLayout(len(names) or None, names, "category", len(names))
+    known = {ks.num: ks.names for ks in KEYPOINT_SETS.values()}
+    if len(counts) == 1 and len(names) > counts[0] and names[: counts[0]] == known.get(counts[0]):
+        num = counts[0]
+        extra = sorted({k for a in anns for k in a if k.startswith("keypoints_")})
+        return KeypointLayout(num, names[:num], "annotations", len(names), tuple(extra))
+    if not names and len(counts) == 1:
+        return KeypointLayout(counts[0], (), "annotations", 0)
+    if not names:
+        raise DynPoseError(f"{where}: persons hold {counts} keypoints each; one count per file")
+    return KeypointLayout(len(names), names, "category", len(names))
+
+
 def _coco_image(im: object, where: str) -> CocoImage:
     im = _record(im, where, ("id", "file_name"))
     if not isinstance(im["file_name"], str) or not im["file_name"]:
@@ -127,11 +182,7 @@ def load_coco(path: str | os.PathLike) -> CocoDataset:
     for key in ("images", "annotations"):
         if not isinstance(d[key], list):
             raise DynPoseError(f"annotation file {path}: {key!r} must be a list, got {type(d[key]).__name__}")
-    names: list[str] = []
-    for c in d.get("categories", []):
-        if isinstance(c, dict) and c.get("keypoints"):
-            names = [str(n) for n in c["keypoints"]]
-            break
+    layout = keypoint_layout(d, f"annotation file {path}")
     images = {}
     for i, im in enumerate(d["images"]):
         image = _coco_image(im, f"annotation file {path}: image {i}")
@@ -141,10 +192,10 @@ def load_coco(path: str | os.PathLike) -> CocoDataset:
         a = _record(a, where, ("image_id", "bbox"))
         if as_id(a.get("category_id", 1), "category_id", where) != 1:
             continue
-        p = _coco_person(a, len(names) or None, where)
+        p = _coco_person(a, layout.num, where)
         if p.image_id in images:
             images[p.image_id].persons.append(p)
-    return CocoDataset(Path(path), images, names)
+    return CocoDataset(Path(path), images, list(layout.names))
 
 
 def resolve_image(images_dir: str | os.PathLike, file_name: str) -> Path:

@@ -177,3 +177,25 @@ def test_person_crops_and_their_geometry_come_from_the_planner_only() -> None:
     assert not [
         p for p, t in _modules() for n in ast.walk(t) if isinstance(n, ast.Import) and "preprocess" in ast.unparse(n)
     ]
+
+
+def _calls(attr: str) -> list[str]:
+    """Files that call `<anything>.attr(` or `attr(`."""
+    out = []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+                if name == attr:
+                    out.append(str(path.relative_to(PKG)))
+    return sorted(set(out))
+
+
+def test_one_crop_primitive_one_session_opener_one_engine_loader() -> None:
+    # the affine warp of person crops happens in preprocess.crop only (the detector resizes whole images; the key-frame
+    # planner warps a whole-frame grey thumbnail to undo the camera's motion, no crop)
+    assert _calls("warpAffine") == ["keyframes.py", "runtime/preprocess.py"]
+    assert _calls("InferenceSession") == ["onnx_utils.py"]
+    # runners for an engine dir's entries are made by EngineSet.load only
+    assert _calls("load_runner") == ["runtime/engine_set.py"]

@@ -14,7 +14,7 @@ from dynpose.data import gt_boxes, load_coco
 from dynpose.keypoints import COCO17
 from dynpose.models.card import ModelCard
 from dynpose.runtime.backends.ort.runner import OrtRunner
-from dynpose.runtime.decode import average_flip, blur_kernel_size, decode_heatmaps, flip_back, get_max_preds
+from dynpose.runtime.decode import average_flip, decode_heatmaps, flip_back, get_max_preds
 from dynpose.runtime.postprocess import oks, oks_matrix, oks_nms, rescore
 from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
 
@@ -258,12 +258,6 @@ def test_udp_matches_mmpose():
         kp = ref_udp(hm[i], kernel=11) / np.array([47, 63]) * input_size
         ref = kp / input_size * s[i] + c[i] - 0.5 * s[i]
         np.testing.assert_allclose(out[i, :, :2], ref, atol=1e-3)
-
-
-def test_blur_kernel_follows_mmpose():
-    assert blur_kernel_size(48) == 11
-    assert blur_kernel_size(72) == 17
-    assert blur_kernel_size(24) % 2 == 1 and blur_kernel_size(24) < 11
 
 
 def test_subpixel_recovery_on_synthetic_gaussians():

@@ -6,15 +6,18 @@ import contextlib
 import copy
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from eval_fixtures import closed_form_results, humanart_doc, ochuman_doc, write
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from dynpose.cli.eval import main as eval_main
+from dynpose.data import load_coco
 from dynpose.errors import DynPoseError
 from dynpose.eval.coco import evaluate_results
 from dynpose.eval.mpii import head_sizes, load_mpii, pckh
@@ -353,3 +356,94 @@ def test_coco17_predictions_on_mpii_are_mapped(mpii_gt: Path, caplog: pytest.Log
     assert "no prediction for pelvis, thorax, upper_neck, head_top" in caplog.text
     with pytest.raises(DynPoseError, match="cannot be matched to that order"):
         pckh(mpii_gt.with_suffix(".jsonl"), anns)
+
+
+# -- HumanArt, OCHuman, CrowdPose as xtcocotools (MMPose's CocoMetric) scores them ---------------------------------
+# Frozen xtcocotools 1.14.3 figures for eval_fixtures.closed_form_results on each file, made by running the real
+# package (its pure-Python COCO / COCOeval; the compiled mask module is not used for keypoints) the way MMPose's
+# CocoMetric calls it: COCOeval(gt, dt, 'keypoints', None, use_area=True) for COCO / OCHuman / HumanArt,
+# ('keypoints_crowd', CrowdPose sigmas, use_area=False) for CrowdPose, use_area=False for a file without 'area'.
+XTCOCOTOOLS = {
+    "humanart": [0.4381215622, 0.7722772277, 0.4871287129, 0.397029703, 0.5139376438]
+    + [0.6583333333, 1.0, 0.75, 0.44, 0.8142857143],
+    "ochuman": [0.4381215622, 0.7722772277, 0.4871287129, 0.397029703, 0.5139376438]
+    + [0.6583333333, 1.0, 0.75, 0.44, 0.8142857143],
+    "coco_no_area": [0.4349394939, 0.5913091309, 0.501650165, 0.3653465347, 0.5676810648]
+    + [0.725, 0.9166666667, 0.8333333333, 0.3666666667, 0.8444444444],
+    # AP AP50 AP75 AR AR50 AR75 AP(easy) AP(medium) AP(hard)
+    "crowdpose": [0.6301650165, 0.8, 0.6666666667, 0.95, 1.0, 1.0, -1.0, 0.6302, -1.0],
+    "crowdpose_split": [0.6301650165, 0.8, 0.6666666667, 0.95, 1.0, 1.0, 0.7, -1.0, 0.6],
+}
+
+
+@pytest.fixture(scope="module")
+def coco_doc(coco_gt: Path) -> dict:
+    return json.loads(coco_gt.read_text())
+
+
+def test_humanart_scores_its_17_joints(coco_doc: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    doc = humanart_doc(coco_doc)
+    gt = write(doc, tmp_path / "test_humanart.json")
+    with caplog.at_level(logging.INFO, logger="dynpose"):
+        perfect = evaluate_results(gt_as_results(gt), gt)
+    assert perfect["stats"][:3] == [1.0, 1.0, 1.0] and perfect["kind"] == "coco"
+    assert perfect["keypoints_per_person"] == 17 and perfect["keypoints_from"] == "annotations"
+    assert "the category lists 21 keypoint names, the persons' 'keypoints' hold 17" in caplog.text
+    assert "'keypoints_21' not read" in caplog.text
+    res = closed_form_results(doc)
+    got = evaluate_results(res, gt, kind="coco")  # an explicit kind agrees with the 17 joints
+    want, _ = direct_pycocotools(gt, res)
+    assert got["stats"] == want.tolist()
+    np.testing.assert_allclose(got["stats"], XTCOCOTOOLS["humanart"], atol=1e-9)
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    run = CliRunner().invoke(eval_main, ["--gt", str(gt), "--results", str(tmp_path / "r.json"), "--kind", "coco"])
+    assert run.exit_code == 0 and "scoring 17 keypoints per person" in run.stderr, run.output
+    ds = load_coco(gt)  # the runtime's reader takes the same count
+    assert len(ds.keypoint_names) == 17 and all(p.keypoints.shape == (17, 3) for p in ds.images[785].persons)
+
+
+def test_ochuman_and_a_file_without_area(coco_doc: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    doc = ochuman_doc(coco_doc)
+    gt = write(doc, tmp_path / "ochuman.json")
+    res = closed_form_results(doc)
+    got = evaluate_results(res, gt)
+    assert got["keypoints_from"] == "category"
+    assert got["stats"] == direct_pycocotools(gt, res)[0].tolist()
+    np.testing.assert_allclose(got["stats"], XTCOCOTOOLS["ochuman"], atol=1e-9)
+    for a in doc["annotations"]:  # pycocotools would raise KeyError; xtcocotools' use_area=False scores it
+        del a["area"], a["num_keypoints"]
+    bare = write(doc, tmp_path / "no_area.json")
+    got = evaluate_results(closed_form_results(doc), bare)
+    np.testing.assert_allclose(got["stats"], XTCOCOTOOLS["coco_no_area"], atol=1e-9)
+    assert "14 person(s) without 'area'; their OKS scale is bbox w*h*0.53" in caplog.text
+
+
+def test_crowdpose_matches_xtcocotools(crowd_gt: Path, tmp_path: Path) -> None:
+    doc = json.loads(crowd_gt.read_text())
+    np.testing.assert_allclose(
+        evaluate_results(closed_form_results(doc), crowd_gt)["stats"], XTCOCOTOOLS["crowdpose"], atol=1e-9
+    )
+    doc["images"][0]["crowdIndex"], doc["images"][1]["crowdIndex"] = 0.05, 0.9
+    split = write(doc, tmp_path / "split.json")
+    np.testing.assert_allclose(
+        evaluate_results(closed_form_results(doc), split)["stats"], XTCOCOTOOLS["crowdpose_split"], atol=1e-9
+    )
+
+
+def test_keypoint_count_rule(coco_doc: dict, tmp_path: Path) -> None:
+    from dynpose.data import keypoint_layout
+
+    extended = copy.deepcopy(coco_doc)  # a COCO-17 file whose category names one joint more
+    extended["categories"][0]["keypoints"] = [*extended["categories"][0]["keypoints"], "head_top"]
+    layout = keypoint_layout(extended, "gt")
+    assert (layout.num, layout.source, layout.listed) == (17, "annotations", 18)
+    assert evaluate_results(gt_as_results(write(extended, tmp_path / "x.json")), tmp_path / "x.json")["AP"] == 1.0
+    renamed = copy.deepcopy(extended)  # longer list, but not beginning with COCO's names: the category's count stands
+    renamed["categories"][0]["keypoints"] = [f"k{i}" for i in range(18)]
+    assert keypoint_layout(renamed, "gt").num == 18
+    with pytest.raises(DynPoseError, match=r"18 keypoints per person; COCO-style eval knows 17"):
+        evaluate_results([], write(renamed, tmp_path / "y.json"))
+    with pytest.raises(
+        DynPoseError, match=r"kind 'crowdpose' needs 14 keypoints per person, the file has 17; use --kind coco"
+    ):
+        evaluate_results([], tmp_path / "x.json", kind="crowdpose")

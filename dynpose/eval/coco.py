@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.data import as_id, as_number
+from dynpose.data import KeypointLayout, as_id, as_number, keypoint_layout
 from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json
 from dynpose.keypoints import COCO17, COCO17_TO_CROWDPOSE14, CROWDPOSE14, map_keypoints
@@ -64,30 +64,23 @@ def quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
-def _num_keypoints(gt: dict, where: str) -> int:
-    for c in gt.get("categories", []):
-        if c.get("keypoints"):
-            return len(c["keypoints"])
-    for a in gt["annotations"]:
-        if a.get("keypoints"):
-            return len(a["keypoints"]) // 3
-    raise DynPoseError(f"{where}: no keypoint category and no annotated keypoints; is this a keypoint annotation file?")
-
-
-def resolve_kind(gt: dict, kind: str, where: str = "ground truth") -> str:
-    """'coco' or 'crowdpose' from the GT's keypoint count (17 or 14); an explicit kind must match that count."""
+def resolve_kind(gt: dict, kind: str, where: str = "ground truth", layout: KeypointLayout | None = None) -> str:
+    """'coco' or 'crowdpose' from the GT's keypoint count (17 or 14; `dynpose.data.keypoint_layout`, passed in when
+    the caller has it); an explicit kind must match that count."""
     if kind not in KINDS:
         raise DynPoseError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
-    k = _num_keypoints(gt, where)
+    k = (layout or keypoint_layout(gt, where)).num
+    if k is None:
+        raise DynPoseError(f"{where}: no keypoint category and no annotated keypoints; is this a keypoint annotation file?")
     by_count = {COCO17.num: "coco", CROWDPOSE14.num: "crowdpose"}
-    if kind == "auto":
-        if k not in by_count:
-            raise DynPoseError(f"{where}: {k} keypoints per person; COCO-style eval knows 17 (COCO) and 14 (CrowdPose)")
-        return by_count[k]
-    want = COCO17.num if kind == "coco" else CROWDPOSE14.num
-    if k != want:
-        raise DynPoseError(f"{where}: kind {kind!r} needs {want} keypoints per person, the file has {k}; use --kind auto")
-    return kind
+    if k not in by_count:
+        raise DynPoseError(f"{where}: {k} keypoints per person; COCO-style eval knows 17 (COCO) and 14 (CrowdPose)")
+    if kind != "auto" and by_count[k] != kind:
+        want = COCO17.num if kind == "coco" else CROWDPOSE14.num
+        raise DynPoseError(
+            f"{where}: kind {kind!r} needs {want} keypoints per person, the file has {k}; use --kind {by_count[k]} (or auto)"
+        )
+    return by_count[k]
 
 
 def _frame_results(rec: Any, where: str) -> list[dict]:
@@ -250,6 +243,51 @@ def _crowdpose_gt(gt: dict) -> dict:
     return gt
 
 
+def _labelled(a: dict) -> int:
+    return int(np.count_nonzero(np.asarray(a.get("keypoints") or [], dtype=np.float64)[2::3] > 0))
+
+
+def _coco_gt(gt: dict, where: str) -> dict:
+    """COCO-kind ground truth as pycocotools needs it. pycocotools reads each person's 'num_keypoints' (its ignore
+    rule) and 'area' (the OKS scale) and crashes without them; xtcocotools (what MMPose scores OCHuman and HumanArt
+    with) counts the labelled joints instead and, for files without 'area' (its use_area=False), takes bbox w*h*0.53.
+    Missing fields are filled the xtcocotools way (a copy, with a warning); present ones are used as they are, with a
+    warning where 'num_keypoints' disagrees with the labelled joints, the one place the two tools then differ."""
+    anns = gt["annotations"]
+    off = sum("num_keypoints" in a and a["num_keypoints"] != _labelled(a) for a in anns)
+    if off:
+        log.warning(
+            f"{where}: {off} person(s) have a 'num_keypoints' other than their labelled joints; pycocotools (used "
+            "here) ignores a person by 'num_keypoints' == 0, xtcocotools (MMPose) by no labelled joint",
+        )
+    no_num = sum("num_keypoints" not in a for a in anns)
+    no_area = sum("area" not in a for a in anns)
+    if not no_num and not no_area:
+        return gt
+    if no_area:
+        log.warning(f"{where}: {no_area} person(s) without 'area'; their OKS scale is bbox w*h*0.53 (xtcocotools)")
+    fixed = []
+    for a in anns:
+        a = dict(a)
+        a.setdefault("num_keypoints", _labelled(a))
+        if "area" not in a:
+            a["area"] = a["bbox"][2] * a["bbox"][3] * CROWDPOSE_AREA_FACTOR
+        fixed.append(a)
+    return {**gt, "annotations": fixed}
+
+
+def _prepare_gt(gt: dict, kind: str, mapped: bool, where: str) -> dict:
+    """The ground truth pycocotools is given: the kind's fixes (`_coco_gt`, `_crowdpose_gt`), head and neck masked for
+    mapped COCO-17 results; the note on annotation id 0."""
+    if any(a.get("id") == 0 for a in gt["annotations"]):
+        log.warning(
+            f"{where}: an annotation has id 0, which pycocotools reads as 'unmatched'; its matches count as false "
+            "positives (renumber annotation ids from 1 to avoid this)",
+        )
+    out = _crowdpose_gt(gt) if kind == "crowdpose" else _coco_gt(gt, where)
+    return _mask_unmapped(out) if mapped else out
+
+
 def _cocoeval(coco_gt: Any, coco_dt: Any, kind: str, img_ids: list | None = None) -> Any:
     from pycocotools.cocoeval import COCOeval
 
@@ -300,7 +338,11 @@ def evaluate_results(
     gt_data = read_json(gt, "ground truth", hint="pass a COCO-format file")
     if not isinstance(gt_data, dict) or "images" not in gt_data or "annotations" not in gt_data:
         raise DynPoseError(f"ground truth {gt}: not COCO format (needs 'images' and 'annotations')")
-    kind = resolve_kind(gt_data, kind, f"ground truth {gt}")
+    layout = keypoint_layout(gt_data, f"ground truth {gt}")
+    kind = resolve_kind(gt_data, kind, f"ground truth {gt}", layout)
+    note = layout.note()
+    if note:
+        log.info(f"ground truth {gt}: {note}")
     where = f"results {results}" if not isinstance(results, list) else "results"
     raw = load_results(results)
     num_kpts = COCO17.num if kind == "coco" else CROWDPOSE14.num
@@ -313,14 +355,7 @@ def evaluate_results(
     if not res:
         log.warning(f"{where}: no results; every AP/AR is 0 (or -1 where the ground truth has no persons)")
 
-    if any(a.get("id") == 0 for a in gt_data["annotations"]):
-        log.warning(
-            f"ground truth {gt}: an annotation has id 0, which pycocotools reads as 'unmatched'; its matches "
-            "count as false positives (renumber annotation ids from 1 to avoid this)",
-        )
-    gt_eval = _crowdpose_gt(gt_data) if kind == "crowdpose" else gt_data
-    if mapped:
-        gt_eval = _mask_unmapped(gt_eval)
+    gt_eval = _prepare_gt(gt_data, kind, mapped, f"ground truth {gt}")
     out_buf = io.StringIO()
     sink: Any = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(out_buf)
     with sink:
@@ -349,6 +384,7 @@ def evaluate_results(
     if verbose:
         print(summary, end="")
     out: dict[str, Any] = {"kind": kind, **dict(zip(names, stats, strict=True))}
+    out.update(keypoints_per_person=layout.num, keypoints_from=layout.source)
     out.update(names=list(names), stats=stats, summary=summary, num_results=len(res), num_images=len(gt_data["images"]))
     if mapped:
         out.update(mapped_from="coco17", joints_scored=sum(src is not None for src in COCO17_TO_CROWDPOSE14))

@@ -49,6 +49,11 @@ class ModelCard:
     arch: str = "onnx"
     # Box padding around the person before cropping (official HRNet and MMPose use 1.25).
     padding: float = 1.25
+    # DARK / UDP only: the Gaussian kernel that modulates the heatmaps before the Taylor step, as the model's
+    # reference config sets it (docs/runtime.md, "Decoding fidelity"); None: 11, the default of MMPose and DarkPose.
+    blur_kernel: int | None = None
+    # The Gaussian sigma (heatmap pixels) of the training targets that kernel was chosen for; recorded, not read.
+    heatmap_sigma: float | None = None
     # SimDR only: classification bins per input pixel (the x output has input_width * ratio bins).
     simdr_split_ratio: float = 2.0
     # Known checkpoint sources: alias -> {"url": ..., "color_order": ..., "sha256_prefix": ...}
@@ -99,6 +104,9 @@ class ModelCard:
                 raise bad(f"'keypoints' must be one of {sorted(KEYPOINT_SETS)}, got {self.keypoints!r}")
             if self.decoder not in DECODERS:
                 raise bad(f"'decoder' must be one of {DECODERS}, got {self.decoder!r}")
+        blur_problem = _heatmap_blur_problem(self)
+        if blur_problem:
+            raise bad(blur_problem)
         ratio = self.simdr_split_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
             raise bad(f"'simdr_split_ratio' must be a finite number > 0, got {ratio!r}")
@@ -141,3 +149,16 @@ class ModelCard:
     def with_(self, **changes: Any) -> ModelCard:
         """A copy with some fields changed (cards are shared; never mutate one in place)."""
         return replace(self, **changes)
+
+
+def _heatmap_blur_problem(card: ModelCard) -> str | None:
+    """What is wrong with `blur_kernel` / `heatmap_sigma`, or None. The kernel: an odd int >= 3 (OpenCV's GaussianBlur
+    needs odd sides; the references' zero-padded blur needs a border of at least one pixel); the sigma: a finite
+    number > 0. Both may be None (not given)."""
+    k = card.blur_kernel
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 3 or k % 2 == 0):
+        return f"'blur_kernel' must be an odd integer >= 3 (11 in most reference configs), got {k!r}"
+    sigma = card.heatmap_sigma
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf):
+        return f"'heatmap_sigma' must be a finite number > 0 (heatmap pixels), got {sigma!r}"
+    return None

@@ -71,7 +71,14 @@ def _official(where: str, file: str, color_order: str) -> dict[str, Any]:
 
 
 def _pose_card(name: str, sources: dict[str, dict[str, Any]], **fields: Any) -> ModelCard:
-    """A COCO-17 pose card; `fields` override the 256x192 / RGB / ImageNet / msra defaults."""
+    """A COCO-17 pose card; `fields` override the 256x192 / RGB / ImageNet / msra defaults.
+
+    blur_kernel / heatmap_sigma (read by the dark and udp decoders): the heatmap models here (but DPN) are trained at
+    256x192 or 256x256 with sigma-2 targets, and every reference that decodes such a model with DARK or UDP blurs with
+    11: MMPose's
+    HRNet-W32/W48 and ResNet-50/101/152 `*_dark*_coco-256x192` and `*_udp*` configs, its MPII 256x256 DARK configs,
+    DarkPose's `w32/w48_256x192`, `res*_256x192` and MPII `*_256x256` experiments (docs/runtime.md).
+    """
     card: dict[str, Any] = {
         "name": name,
         "arch": name,
@@ -84,6 +91,8 @@ def _pose_card(name: str, sources: dict[str, dict[str, Any]], **fields: Any) -> 
         "decoder": "msra",
         "task": "pose",
         "sources": sources,
+        "blur_kernel": 11,
+        "heatmap_sigma": 2.0,
     }
     card.update(fields)
     return ModelCard(**card)
@@ -103,7 +112,8 @@ def _simdr_row(width: int) -> tuple[Callable[..., nn.Module], ModelCard]:
         "official": _official(SIMCC_OFFICIAL, f"pose_hrnet_w{width}_256x192.pth", "rgb"),
         "sithu31296": _official(SIMDR_SITHU, f"HRNet-w{width} 256x192", "rgb"),
     }
-    card = _pose_card(name, sources, decoder="simdr", simdr_split_ratio=2.0)
+    # 1-D classification outputs: no heatmap to blur, so no kernel or heatmap sigma
+    card = _pose_card(name, sources, decoder="simdr", simdr_split_ratio=2.0, blur_kernel=None, heatmap_sigma=None)
     return (lambda **kw: SimDR(width=width, input_size=card.input_size, split_ratio=card.simdr_split_ratio, **kw)), card
 
 
@@ -116,7 +126,17 @@ def _hourglass_row(stacks: int) -> tuple[Callable[..., nn.Module], ModelCard]:
 
 def _dpn_row() -> tuple[Callable[..., nn.Module], ModelCard]:
     official = _official(DPN_OFFICIAL, "iter-<N>.pth", "bgr")
-    card = _pose_card("dpn", {"official": official}, color_order="bgr", mean=DPN_MEAN_255, std=DPN_STD_255)
+    # No DARK/UDP reference decodes DPN: its own COCO test blurs with 5 (dataset/attribute.py TEST.GAUSSIAN_KERNEL)
+    # before its shift post-process, and its targets are point maps blurred with fixed kernels, not a sigma.
+    card = _pose_card(
+        "dpn",
+        {"official": official},
+        color_order="bgr",
+        mean=DPN_MEAN_255,
+        std=DPN_STD_255,
+        blur_kernel=5,
+        heatmap_sigma=None,
+    )
     return (lambda **kw: DPN(input_size=card.input_size, **kw)), card
 
 

@@ -65,12 +65,15 @@ def average_flip(
     return back
 
 
-def blur_kernel_size(heatmap_width: int) -> int:
-    """DARK/UDP modulation kernel: MMPose uses 11 for 64x48 heatmaps and 17 for 96x72, i.e. 6*sigma - 1 with the
-    target sigma (2 at width 48) growing with the heatmap; kept odd and at least 3."""
-    sigma = 2.0 * heatmap_width / 48.0
-    k = max(3, int(round(6.0 * sigma - 1.0)))
-    return k if k % 2 == 1 else k + 1
+# MMPose's MSRAHeatmap / UDPHeatmap `blur_kernel_size` and DarkPose's `TEST.BLUR_KERNEL` default: what a card that
+# does not name its kernel gets (docs/runtime.md, "Decoding fidelity").
+DEFAULT_BLUR_KERNEL = 11
+
+
+def blur_kernel(card: ModelCard) -> int:
+    """The DARK / UDP modulation kernel of `card`: its `blur_kernel` as its reference config sets it (11 for most
+    models, 3 for DarkPose and PP-TinyPose at 128x96, 17 in MMPose's ResNet-152 DARK at 384x288), else 11."""
+    return card.blur_kernel if card.blur_kernel is not None else DEFAULT_BLUR_KERNEL
 
 
 def gaussian_blur(heatmaps: np.ndarray, kernel: int) -> np.ndarray:
@@ -103,10 +106,10 @@ def _refine_quarter(coords: np.ndarray, hm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _refine_dark(coords: np.ndarray, hm: np.ndarray) -> np.ndarray:
+def _refine_dark(coords: np.ndarray, hm: np.ndarray, kernel: int) -> np.ndarray:
     """DARK (Zhang et al.): blurred log-heatmap, one Newton step from the argmax (official `taylor`)."""
     n, k, h, w = hm.shape
-    logh = np.log(np.maximum(gaussian_blur(hm, blur_kernel_size(w)), 1e-10)).astype(np.float64)
+    logh = np.log(np.maximum(gaussian_blur(hm, kernel), 1e-10)).astype(np.float64)
     px = coords[..., 0].astype(np.int64)
     py = coords[..., 1].astype(np.int64)
     ok = (px > 1) & (px < w - 2) & (py > 1) & (py < h - 2)
@@ -134,10 +137,10 @@ def _refine_dark(coords: np.ndarray, hm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _refine_dark_udp(coords: np.ndarray, hm: np.ndarray) -> np.ndarray:
+def _refine_dark_udp(coords: np.ndarray, hm: np.ndarray, kernel: int) -> np.ndarray:
     """MMPose `refine_keypoints_dark_udp`: blur, clip to [1e-3, 50], log, edge padding, one Newton step."""
     n, k, h, w = hm.shape
-    logh = np.log(np.clip(gaussian_blur(hm, blur_kernel_size(w)), 1e-3, 50.0)).astype(np.float64)
+    logh = np.log(np.clip(gaussian_blur(hm, kernel), 1e-3, 50.0)).astype(np.float64)
     pad = np.pad(logh, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
     x = np.clip(coords[..., 0].astype(np.int64), 0, w - 1) + 1
     y = np.clip(coords[..., 1].astype(np.int64), 0, h - 1) + 1
@@ -176,7 +179,8 @@ def decode_heatmaps(heatmaps: np.ndarray, centers: np.ndarray, scales: np.ndarra
     """(N,K,h,w) heatmaps of crops made at (centre, scale) in pixels -> (N,K,3) x, y in image pixels, score.
 
     The decoder is `card.decoder`: msra (argmax + quarter-pixel shift), dark (Taylor refinement of the blurred
-    log-heatmap) or udp (MMPose UDP refinement, unbiased (size-1) scaling). Score is the heatmap maximum.
+    log-heatmap) or udp (MMPose UDP refinement, unbiased (size-1) scaling); dark and udp blur with
+    `blur_kernel(card)`. Score is the heatmap maximum.
     """
     hm = np.asarray(heatmaps, dtype=np.float32)
     if hm.ndim != 4:
@@ -196,9 +200,9 @@ def decode_heatmaps(heatmaps: np.ndarray, centers: np.ndarray, scales: np.ndarra
         if card.decoder == "msra":
             coords = _refine_quarter(peaks, hm).astype(np.float64)
         elif card.decoder == "dark":
-            coords = _refine_dark(peaks, hm)
+            coords = _refine_dark(peaks, hm, blur_kernel(card))
         else:
-            coords = _refine_dark_udp(peaks, hm)
+            coords = _refine_dark_udp(peaks, hm, blur_kernel(card))
     # NaN/inf heatmaps (a broken engine) must not turn into NaN positions; their score stays NaN to show it
     coords = np.where(np.isfinite(coords), coords, peaks)
 

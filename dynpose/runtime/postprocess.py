@@ -85,10 +85,15 @@ def oks_nms(
     thr: float = 0.9,
     sigmas: Sequence[float] | None = None,
 ) -> list[int]:
-    """Official HRNet `oks_nms`: greedy by score, drop instances whose OKS with a kept one exceeds `thr`.
+    """Official HRNet / MMPose `oks_nms`: greedy by score, drop instances whose OKS with a kept one exceeds `thr`.
 
     keypoints (N,K,2|3), scores (N,), areas (N,) (box w*h); returns kept indices, highest score first. The OKS
     here uses the mean of both areas and all keypoints, as the official code does.
+
+    Ties: of equal scores the later index goes first, i.e. the references' `scores.argsort()[::-1]` with a stable
+    sort (two identical candidates scored [0.5, 0.5] keep [1], as theirs). Their own tie order is numpy's: its
+    default argsort is not stable (on AVX-512 CPUs even five scores can come back out of input order), so the
+    references have no fixed rule there; this one does not depend on the machine.
     """
     kp = np.asarray(keypoints, dtype=np.float64)
     if kp.size == 0 or len(kp) == 0:
@@ -99,7 +104,7 @@ def oks_nms(
         raise DynPoseError(f"oks_nms: keypoints {kp.shape}, {len(sc)} scores and {len(ar)} areas do not match")
     var = (2.0 * _sigmas_for(kp.shape[1], sigmas)) ** 2
     xy = kp[..., :2]
-    order = np.argsort(-sc, kind="stable")
+    order = np.argsort(sc, kind="stable")[::-1]
     keep: list[int] = []
     while order.size > 0:
         i = int(order[0])
