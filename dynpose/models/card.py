@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,15 @@ TASKS = ("pose", "router", "detector")
 COLOR_ORDERS = ("rgb", "bgr")
 # msra/dark/udp read heatmaps; simdr reads SimDR's two 1-D outputs (x and y bins, `simdr_split_ratio` per pixel).
 DECODERS = ("msra", "dark", "udp", "simdr")
+# How SimDR/SimCC vectors score and flip (`decode.decode_simdr`, `decode.average_flip_outputs`): "official" as the
+# SimDR authors' `validate_simdr` (softmax; score the larger of the two maxima; flip test: softmax average, x shifted
+# one bin), "mmpose" as MMPose's `SimCCLabel.decode` / `RTMCCHead.predict` (raw logits; score the smaller maximum,
+# position -1 bin where it is <= 0; flip test: logits averaged, no shift).
+SIMDR_RULES = ("official", "mmpose")
+# The UDP refinement's blur: "zero" as MMPose 1.x `refine_keypoints_dark_udp` (zero padding, each map's maximum
+# kept), "reflect" as MMPose 0.x `post_dark_udp`, which the official ViTPose evaluates with (OpenCV's reflecting
+# border, no rescaling). They agree for peaks inside the map and part within a few pixels of its edge.
+BLUR_BORDERS = ("zero", "reflect")
 
 
 @dataclass
@@ -50,7 +60,15 @@ class ModelCard:
     padding: float = 1.25
     # SimDR only: classification bins per input pixel (the x output has input_width * ratio bins).
     simdr_split_ratio: float = 2.0
-    # Known checkpoint sources: alias -> {"url": ..., "color_order": ..., "sha256_prefix": ...}
+    # SimDR only: whose scoring and flip-test rule decodes the vectors (SIMDR_RULES).
+    simdr_rule: str = "official"
+    # DARK / UDP only: the Gaussian kernel that modulates the heatmaps before the Taylor step, as the model's config
+    # sets it (ViTPose: 11); None: derived from the heatmap width (`decode.blur_kernel_size`).
+    blur_kernel: int | None = None
+    # UDP only: the border the modulating blur assumes (BLUR_BORDERS); set from the checkpoint's source on load.
+    blur_border: str = "zero"
+    # Known checkpoint sources: alias -> {"url": ..., "color_order": ..., "sha256_prefix": ..., "card": {field: value}}
+    # ("card": settings that follow the weights' origin, applied when that source is loaded).
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,6 +121,7 @@ class ModelCard:
             raise bad(f"'simdr_split_ratio' must be a finite number > 0, got {ratio!r}")
         if not self.padding > 0:
             raise bad(f"'padding' must be > 0, got {self.padding!r}")
+        _check_decoder_settings(self, bad)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,3 +159,13 @@ class ModelCard:
     def with_(self, **changes: Any) -> ModelCard:
         """A copy with some fields changed (cards are shared; never mutate one in place)."""
         return replace(self, **changes)
+
+
+def _check_decoder_settings(card: ModelCard, bad: Callable[[str], DynPoseError]) -> None:
+    if card.simdr_rule not in SIMDR_RULES:
+        raise bad(f"'simdr_rule' must be one of {SIMDR_RULES}, got {card.simdr_rule!r}")
+    if card.blur_border not in BLUR_BORDERS:
+        raise bad(f"'blur_border' must be one of {BLUR_BORDERS}, got {card.blur_border!r}")
+    k = card.blur_kernel
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 3 or k % 2 == 0):
+        raise bad(f"'blur_kernel' must be an odd integer >= 3 (ViTPose and MMPose use 11 at 64x48), got {k!r}")
