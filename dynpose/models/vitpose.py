@@ -137,17 +137,19 @@ class HeatmapHead(nn.Module):
 
 
 class ViTPose(nn.Module):
-    """N x 3 x H x W crop -> N x K x H/4 x W/4 heatmaps. `size`: s, b, l or h."""
+    """N x 3 x H x W crop -> N x K x H/4 x W/4 heatmaps. `size`: s, b, l or h (or a `ViTSize` of your own: the
+    tests build a tiny one to run the whole export and runtime path in seconds)."""
 
-    def __init__(self, size: str = "s", num_joints: int = 17, input_size: tuple[int, int] = (192, 256)) -> None:
+    def __init__(self, size: str | ViTSize = "s", num_joints: int = 17, input_size: tuple[int, int] = (192, 256)) -> None:
         super().__init__()
-        if size not in SIZES:
+        if not isinstance(size, ViTSize) and size not in SIZES:
             raise ValueError(f"ViTPose size must be one of {sorted(SIZES)}, got {size!r}")
         w, h = input_size
         if w % PATCH or h % PATCH:
             raise ValueError(f"ViTPose input size must be a multiple of {PATCH}, got {input_size}")
-        self.backbone = VisionTransformer(SIZES[size], input_size)
-        self.head = HeatmapHead(SIZES[size].dims, num_joints)
+        arch = size if isinstance(size, ViTSize) else SIZES[size]
+        self.backbone = VisionTransformer(arch, input_size)
+        self.head = HeatmapHead(arch.dims, num_joints)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
