@@ -462,3 +462,12 @@ def test_alias_download_from_a_local_server(
         assert_same_weights(random_t, m)
     finally:
         srv.stop()
+
+
+def test_vitpose_h_is_refused_by_the_onnx_exporter_in_one_line(tmp_path: Path) -> None:
+    from dynpose.export.onnx_export import export_torch
+
+    m = meta_model("vitpose_h")  # 637 M parameters: 2.55 GB of fp32, over protobuf's 2 GB
+    with pytest.raises(DynPoseError, match=r"export of vitpose_h: 2\.55 GB of fp32 weights do not fit one ONNX file"):
+        export_torch(m, tmp_path / "h.onnx", m.card)
+    assert not list(tmp_path.iterdir())
