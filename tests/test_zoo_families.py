@@ -129,6 +129,17 @@ def test_cards() -> None:
         assert (card.decoder, card.blur_kernel, card.input_size, card.color_order) == ("udp", 11, (192, 256), "rgb")
         assert card.sources["official"]["url"] is None and "ViTAE-Transformer/ViTPose" in card.sources["official"]["manual"]
     assert get_card("simdr_hrnet_w32").simdr_rule == "official"  # the SimDR authors' rule stays theirs
+    # The example cards for users' own RTMPose / ViTPose ONNX files decode and crop as the zoo cards do.
+    from dynpose.models import ModelCard
+
+    cards = Path(__file__).parents[1] / "examples" / "cards"
+    for file, name in (
+        ("rtmpose_256x192", "rtmpose_t"),
+        ("rtmpose_384x288", "rtmpose_l_384x288"),
+        ("vitpose_256x192", "vitpose_b"),
+    ):
+        example = ModelCard.from_json_file(cards / f"{file}.json")
+        assert example == get_card(name).with_(name=file, arch="onnx", sources={})
 
 
 def test_forward_shapes_and_crowdpose_heads() -> None:

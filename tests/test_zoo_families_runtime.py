@@ -3,7 +3,8 @@ ViTPose heatmap large model) exported, checked for ops TensorRT and OpenVINO tak
 and decoded per card, run by `dynpose-run`, collected for router training, and lowered to fp16 and INT8 through the
 accuracy gates.
 
-RTMPose-t is the zoo model itself, exported by `dynpose-export` from an MMPose-format checkpoint file (weights from
+RTMPose-t is the zoo model itself, exported by `dynpose-export --checkpoint URL` from an MMPose-format file served by
+http.server on 127.0.0.1 (weights from
 `tests/zoo_inputs.py`, with real spread: PyTorch's default initialisation collapses CSPNeXt's features to one value
 for every crop). The large model is a tiny ViTPose (the zoo's ViTPose code at 64 wide, 2 layers: ViTPose-S itself
 is 24 M parameters) exported through the export step and registered under a ViTPose card; the router has random
@@ -12,8 +13,11 @@ weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -23,6 +27,7 @@ import pytest
 import torch
 import zoo_inputs as zi
 from click.testing import CliRunner
+from test_weights import Server
 
 from dynpose.calibration.crops import CalibSpec
 from dynpose.data import gt_boxes, image_id_map, load_coco
@@ -30,7 +35,7 @@ from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.api import export_model, register_onnx
 from dynpose.export.steps import to_onnx
-from dynpose.models import create_model, get_card
+from dynpose.models import ModelCard, create_model, get_card
 from dynpose.models.layouts import layout_of
 from dynpose.models.vitpose import ViTPose, ViTSize
 from dynpose.runtime.decode import average_flip_outputs, decode_outputs
@@ -40,7 +45,8 @@ from dynpose.runtime.engine_set import EngineSet
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RTM = get_card("rtmpose_t")
-TINY_VIT = get_card("vitpose_s").with_(name="tiny_vitpose", sources={})
+# A user's ViTPose ONNX gets the example card (the zoo card's crop and decoding, no sources).
+TINY_VIT = ModelCard.from_json_file(Path(__file__).parents[1] / "examples" / "cards" / "vitpose_256x192.json")
 # What TensorRT's ONNX parser and OpenVINO's ONNX frontend both take at opset 17 (and what these graphs need).
 STANDARD_OPS = {
     "Add", "Clip", "Concat", "Conv", "ConvTranspose", "Div", "Erf", "GlobalAveragePool", "HardSigmoid",
@@ -57,21 +63,42 @@ def tiny_vitpose() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def rtm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
-    """An MMPose-format RTMPose-t file with weights that tell crops apart, and the model holding them."""
+    """An MMPose-format RTMPose-t file, named as MMPose names its releases (with its own sha256 prefix), with
+    weights that tell crops apart, and the model holding them."""
     m = create_model("rtmpose_t")
     m.load_state_dict(zi.deterministic_state_dict(layout_of(m.state_dict()), seed=10))
-    path = tmp_path_factory.mktemp("ckpt") / "rtmpose-t.pth"
-    torch.save({"meta": {"epoch": 420}, "state_dict": m.state_dict()}, path)
+    root = tmp_path_factory.mktemp("www") / "projects" / "rtmposev1"
+    root.mkdir(parents=True)
+    tmp = root / "tmp.pth"
+    torch.save({"meta": {"epoch": 420}, "state_dict": m.state_dict()}, tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]
+    path = root / f"rtmpose-tiny_simcc-aic-coco_pt-aic-coco_420e-256x192-{digest}_20230126.pth"
+    tmp.rename(path)
     return path, m.eval()
 
 
 @pytest.fixture(scope="module")
-def pair_dir(tmp_path_factory: pytest.TempPathFactory, rtm_checkpoint: tuple[Path, torch.nn.Module]) -> Path:
+def pair_dir(tmp_path_factory: pytest.TempPathFactory, rtm_checkpoint: tuple[Path, torch.nn.Module]) -> Iterator[Path]:
+    """`dynpose-export --model rtmpose_t --checkpoint URL` from http.server on 127.0.0.1 (download, sha256 check,
+    cache, strict load, export), the tiny ViTPose registered as large with the example ViTPose card, the router."""
     from dynpose.cli.export import main
 
     eng = tmp_path_factory.mktemp("families")
-    r = CliRunner().invoke(main, ["--model", "rtmpose_t", "--checkpoint", str(rtm_checkpoint[0]), "--engine-dir", str(eng)])
-    assert r.exit_code == 0, r.output
+    www = rtm_checkpoint[0].parents[2]
+    srv = Server(www)
+    home = os.environ.get("DYNPOSE_HOME")
+    os.environ["DYNPOSE_HOME"] = str(tmp_path_factory.mktemp("home"))
+    try:
+        url = f"{srv.base}/{rtm_checkpoint[0].relative_to(www).as_posix()}"
+        r = CliRunner().invoke(main, ["--model", "rtmpose_t", "--checkpoint", url, "--engine-dir", str(eng)])
+        assert r.exit_code == 0, r.output
+        assert len(srv.requests) == 1
+    finally:
+        srv.stop()
+        if home is None:
+            os.environ.pop("DYNPOSE_HOME")
+        else:
+            os.environ["DYNPOSE_HOME"] = home
     work = tmp_path_factory.mktemp("tiny_vit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,7 +107,7 @@ def pair_dir(tmp_path_factory: pytest.TempPathFactory, rtm_checkpoint: tuple[Pat
         register_onnx(fp32, TINY_VIT, eng, role="large", progress=False)
         torch.manual_seed(0)
         export_model("router", eng, weights="random", progress=False)
-    return eng
+    yield eng
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +132,7 @@ def test_dynpose_export_wrote_rtmpose_t(pair_dir: Path, rtm_checkpoint: tuple[Pa
     assert e is not None and e.model == "rtmpose_t" and e.card == RTM  # default role small; MMPose card, RGB
     assert e.output_name == "simdr_x" and e.checks["fp32_rel_l2"] < 1e-4
     assert {"fp32_rel_l2_random_b5", "fp32_rel_l2_real_b5"} <= set(e.checks)
-    assert e.checkpoint_sha256 is not None
+    assert e.checkpoint_sha256 is not None and e.checkpoint_sha256.startswith(rtm_checkpoint[0].name.rsplit("-", 1)[1][:8])
     proto = onnx.load(str(pair_dir / e.file), load_external_data=False)
     dims = [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output]
     assert [o.name for o in proto.graph.output] == ["simdr_x", "simdr_y"] and dims == [
