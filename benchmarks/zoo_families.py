@@ -50,6 +50,7 @@ from dynpose.export.api import export_all, export_model
 from dynpose.models import create_model, get_card
 from dynpose.models.flops import count_flops
 from dynpose.onnx_utils import open_session
+from dynpose.roles import Role
 from dynpose.runtime.dispatcher import Dispatcher
 from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.model import PoseModel
@@ -108,15 +109,15 @@ def _complete(eng: Path, roles: dict[str, str], precision: str) -> bool:
 def model_file(work: Path, name: str, precision: str, shared: Path) -> Path:
     """The model's ONNX at `precision` (exported by the export API on first use, reused after)."""
     eng = work / "models" / f"{name}.{precision}"
-    if not _complete(eng, {"small": name}, precision):
+    if not _complete(eng, {Role.SMALL: name}, precision):
         t0 = time.perf_counter()
         calib = calib_spec(shared) if precision == "int8" else None
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            export_model(name, eng, role="small", precision=precision, calib=calib, min_oks=0.0, progress=False)
+            export_model(name, eng, role=Role.SMALL, precision=precision, calib=calib, min_oks=0.0, progress=False)
         print(f"exported {name} {precision} in {time.perf_counter() - t0:.0f}s", flush=True)
-    entry = Manifest.load(eng).get("small", "onnx")
+    entry = Manifest.load(eng).get(Role.SMALL, "onnx")
     assert entry is not None
     return eng / entry.file
 
@@ -124,13 +125,18 @@ def model_file(work: Path, name: str, precision: str, shared: Path) -> Path:
 def pair_dir(work: Path, pair: str, precision: str, shared: Path) -> Path:
     small, large = pair.split("/")
     eng = work / "pairs" / f"{small}+{large}.{precision}"
-    if not _complete(eng, {"small": small, "large": large}, precision):
+    if not _complete(eng, {Role.SMALL: small, Role.LARGE: large}, precision):
         t0 = time.perf_counter()
         calib = calib_spec(shared) if precision == "int8" else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_all(
-                eng, models={"small": small, "large": large}, precision=precision, calib=calib, min_oks=0.0, progress=False
+                eng,
+                models={Role.SMALL: small, Role.LARGE: large},
+                precision=precision,
+                calib=calib,
+                min_oks=0.0,
+                progress=False,
             )
         print(f"exported {eng.name} in {time.perf_counter() - t0:.0f}s", flush=True)
     return eng
@@ -172,7 +178,7 @@ def add_pairs(cfg: Configs, dirs: dict[tuple[str, str], Path], batch: int, fract
         small, large = es.pose_models
         alone_name = f"{pair.split('/')[1]} alone {precision}"
         if alone_name not in cfg.calls:
-            solo = es.solo_model("large")
+            solo = es.solo_model(Role.LARGE)
             cfg.closing.append(solo)
             assert isinstance(solo, PoseModel)
             d = Dispatcher(solo, solo, policy="all-large")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Heatmaps: UDP targets (sigma 2) at 1/4 of the input, decoded the UDP way (the card's decoder "udp").
+# Patch side of every ViTPose config (16x16 patches, padding 2: a 16 x 12 token grid at 256x192).
 PATCH = 16
 
 
