@@ -37,7 +37,9 @@ def layout(shared: Path, name: str) -> tuple[dict[str, list[int]], int]:
 
 def test_list_models() -> None:
     seeds = ["lpn_50", "lpn_101", "lpn_152", "simdr_hrnet_w32", "simdr_hrnet_w48", "hourglass_1", "hourglass_2", "dpn"]
-    assert list_models() == NAMES[:-1] + seeds + ["router"]  # the seed models: tests/test_zoo_seeds.py
+    families = ["rtmpose_t", "rtmpose_s", "rtmpose_m", "rtmpose_l", "rtmpose_m_384x288", "rtmpose_l_384x288"]
+    families += ["vitpose_s", "vitpose_b", "vitpose_l", "vitpose_h"]  # tests/test_zoo_families.py
+    assert list_models() == NAMES[:-1] + seeds + families + ["router"]  # the seed models: tests/test_zoo_seeds.py
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -142,7 +142,7 @@ def test_flip_outputs_decode_like_the_official_probabilities() -> None:
     want = decode_simdr(px, py, c, s, CARD, softmax=False)
     np.testing.assert_array_equal(got[..., :2], want[..., :2])
     np.testing.assert_allclose(got[..., 2], want[..., 2], rtol=1e-5)
-    with pytest.raises(DynPoseError, match="reads two outputs"):
+    with pytest.raises(DynPoseError, match=r"expects SimCC/SimDR vectors .* \(first differing: no output 1\)"):
         decode_outputs([x], c, s, CARD)
     with pytest.raises(DynPoseError, match="2 outputs but 1"):
         average_flip_outputs([x, y], [fx], CARD)

@@ -42,13 +42,15 @@ DYNPOSE_SET = {"router": "router", "small": "resnet_50", "large": "hrnet_w32"}
 
 
 # Zoo families exported as the large model unless --role says otherwise: the accurate, costly ones (HRNet and
-# SimDR-HRNet, the stacked hourglasses, DPN); ResNet SimpleBaselines, LPN and everything else are small.
-LARGE_FAMILIES = ("hrnet", "simdr_hrnet", "hourglass", "dpn")
+# SimDR-HRNet, the stacked hourglasses, DPN, RTMPose-m/l, ViTPose); ResNet SimpleBaselines, LPN, RTMPose-t/s and
+# everything else are small.
+LARGE_FAMILIES = ("hrnet", "simdr_hrnet", "hourglass", "dpn", "rtmpose_m", "rtmpose_l", "vitpose")
 
 
 def default_role(name: str) -> str:
-    """router for the router; large for hrnet_*, simdr_hrnet_*, hourglass_* and dpn; small for resnet_*, lpn_* and
-    everything else. An explicit role (`export_model(role=...)`, `--role`) overrides it."""
+    """router for the router; large for hrnet_*, simdr_hrnet_*, hourglass_*, dpn, rtmpose_m*, rtmpose_l* and
+    vitpose_*; small for resnet_*, lpn_*, rtmpose_t, rtmpose_s and everything else. An explicit role
+    (`export_model(role=...)`, `--role`) overrides it."""
     if name == "router" or name.endswith("router"):
         return "router"
     if any(name == f or name.startswith(f + "_") for f in LARGE_FAMILIES):

@@ -29,6 +29,8 @@ OP_BLOCK_LIST = [
     "CumSum",
     "ReduceSum",
     "ReduceMean",
+    # RTMPose's ScaleNorm: the sum of squares inside the L2 norm overflows fp16 long before the norm does.
+    "ReduceL2",
     "Softmax",
     "Exp",
     "Pow",

@@ -16,12 +16,15 @@ from typing import Any
 
 import onnx
 
+from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import check_onnx, copy_metadata, set_card
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+# protobuf's limit on one serialized message: an ONNX file holding its weights inline must stay under it.
+PROTOBUF_LIMIT = 2**31
 
 
 def slim(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -61,6 +64,12 @@ def export_torch(
     import torch
 
     path = Path(path)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if weight_bytes >= PROTOBUF_LIMIT * 0.95:
+        raise DynPoseError(
+            f"export of {card.name}: {weight_bytes / 1e9:.2f} GB of fp32 weights do not fit one ONNX file (protobuf's "
+            "2 GB limit) and dynpose writes no external-data ONNX yet; export a smaller model (ViTPose-L and below)"
+        )
     model = model.eval().cpu()
     dummy = torch.randn(2, 3, card.input_height, card.input_width)
     with torch.no_grad():

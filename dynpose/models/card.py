@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ TASKS = ("pose", Role.ROUTER.value, Role.DETECTOR.value)  # a router card is the
 COLOR_ORDERS = ("rgb", "bgr")
 # msra/dark/udp read heatmaps; simdr reads SimDR's two 1-D outputs (x and y bins, `simdr_split_ratio` per pixel).
 DECODERS = ("msra", "dark", "udp", "simdr")
+# How SimDR/SimCC vectors score and flip (`decode.decode_simdr`, `decode.average_flip_outputs`): "official" as the
+# SimDR authors' `validate_simdr` (softmax; score the larger of the two maxima; flip test: softmax average, x shifted
+# one bin), "mmpose" as MMPose's `SimCCLabel.decode` / `RTMCCHead.predict` (raw logits; score the smaller maximum,
+# position -1 bin where it is <= 0; flip test: logits averaged, no shift).
+SIMDR_RULES = ("official", "mmpose")
+# The UDP refinement's blur: "zero" as MMPose 1.x `refine_keypoints_dark_udp` (zero padding, each map's maximum
+# kept), "reflect" as MMPose 0.x `post_dark_udp`, which the official ViTPose evaluates with (OpenCV's reflecting
+# border, no rescaling). They agree for peaks inside the map and part within a few pixels of its edge.
+BLUR_BORDERS = ("zero", "reflect")
 
 
 @dataclass
@@ -56,7 +66,12 @@ class ModelCard:
     heatmap_sigma: float | None = None
     # SimDR only: classification bins per input pixel (the x output has input_width * ratio bins).
     simdr_split_ratio: float = 2.0
-    # Known checkpoint sources: alias -> {"url": ..., "color_order": ..., "sha256_prefix": ...}
+    # SimDR only: whose scoring and flip-test rule decodes the vectors (SIMDR_RULES).
+    simdr_rule: str = "official"
+    # UDP only: the border the modulating blur assumes (BLUR_BORDERS); set from the checkpoint's source on load.
+    blur_border: str = "zero"
+    # Known checkpoint sources: alias -> {"url": ..., "color_order": ..., "sha256_prefix": ..., "card": {field: value}}
+    # ("card": settings that follow the weights' origin, applied when that source is loaded).
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,6 +127,7 @@ class ModelCard:
             raise bad(f"'simdr_split_ratio' must be a finite number > 0, got {ratio!r}")
         if not self.padding > 0:
             raise bad(f"'padding' must be > 0, got {self.padding!r}")
+        _check_decoder_settings(self, bad)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -162,3 +178,10 @@ def _heatmap_blur_problem(card: ModelCard) -> str | None:
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf):
         return f"'heatmap_sigma' must be a finite number > 0 (heatmap pixels), got {sigma!r}"
     return None
+
+
+def _check_decoder_settings(card: ModelCard, bad: Callable[[str], DynPoseError]) -> None:
+    if card.simdr_rule not in SIMDR_RULES:
+        raise bad(f"'simdr_rule' must be one of {SIMDR_RULES}, got {card.simdr_rule!r}")
+    if card.blur_border not in BLUR_BORDERS:
+        raise bad(f"'blur_border' must be one of {BLUR_BORDERS}, got {card.blur_border!r}")

@@ -37,7 +37,9 @@ class ModelCost:
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, int], batch: int = 1) -> int:
-    """FLOPs of one eval-mode forward of `model` on a batch x 3 x h x w input (`input_size` is (w, h))."""
+    """FLOPs of one eval-mode forward of `model` on a batch x 3 x h x w input (`input_size` is (w, h)). A model built
+    on the meta device (`with torch.device("meta"): create_model(...)`) is counted without memory or compute, which
+    is how ViTPose-L/H are counted cheaply."""
     w, h = input_size
     if batch < 1 or w < 1 or h < 1:
         raise DynPoseError(f"count_flops: batch and input size must be positive, got batch {batch}, size {input_size}")
@@ -45,7 +47,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, int], batch: int = 1) -
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(batch, 3, h, w))
+            model(torch.zeros(batch, 3, h, w, device=next(model.parameters(), torch.zeros(0)).device))
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())

@@ -24,6 +24,7 @@ from torch import nn
 
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
+from dynpose.models import layouts
 from dynpose.models.card import COLOR_ORDERS, ModelCard
 from dynpose.roles import Role
 
@@ -234,6 +235,15 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
 StateDict = dict[str, torch.Tensor]
 
 
+def strip_wrappers(sd: StateDict) -> tuple[StateDict, bool, list[str]]:
+    """Remove DataParallel `module.` prefixes and MMPose 1.x `data_preprocessor.*` buffers (MMPose drops them on load
+    too). Returns (state_dict, data_parallel, ignored keys)."""
+    data_parallel = any(k.startswith("module.") for k in sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    ignored = [k for k in sd if k.startswith("data_preprocessor.")]
+    return {k: v for k, v in sd.items() if not k.startswith("data_preprocessor.")}, data_parallel, ignored
+
+
 def convert_state_dict(sd: StateDict, router: bool = False) -> tuple[StateDict, str, bool, list[str]]:
     """Map a checkpoint's names onto the zoo's (official) names.
 
@@ -241,10 +251,7 @@ def convert_state_dict(sd: StateDict, router: bool = False) -> tuple[StateDict, 
     `head.` -> MMPose 1.x, everything under `backbone.` -> the DynPose router release (or a head-less MMPose file,
     which the strict check then reports), otherwise the official plain layout.
     """
-    data_parallel = any(k.startswith("module.") for k in sd)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    ignored = [k for k in sd if k.startswith("data_preprocessor.")]
-    sd = {k: v for k, v in sd.items() if not k.startswith("data_preprocessor.")}
+    sd, data_parallel, ignored = strip_wrappers(sd)
     keys = list(sd)
     prefixes: tuple[str, ...]
     if any(k.startswith("keypoint_head.") for k in keys):
@@ -265,10 +272,8 @@ def convert_state_dict(sd: StateDict, router: bool = False) -> tuple[StateDict, 
     return out, fmt, data_parallel, ignored
 
 
-def _mismatch_message(model_sd: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> tuple[str, int]:
-    missing = [k for k in model_sd if k not in sd]
-    missing_nbt = [k for k in missing if k.endswith("num_batches_tracked")]
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+def _mismatch_message(model_sd: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> str:
+    missing = [k for k in model_sd if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in model_sd]
     wrong = [
         f"{k} (checkpoint {list(sd[k].shape)}, model {list(v.shape)})"
@@ -286,7 +291,50 @@ def _mismatch_message(model_sd: dict[str, torch.Tensor], sd: dict[str, torch.Ten
         parts.append(f"{len(unexpected)} unexpected tensor(s): {few(unexpected)}")
     if wrong:
         parts.append(f"{len(wrong)} with the wrong shape: {few(wrong)}")
-    return "; ".join(parts), len(missing_nbt)
+    return "; ".join(parts)
+
+
+def _found(sd: StateDict, router: bool) -> str:
+    """What a refused checkpoint is, for its message: the zoo model (and format) it fits, if any."""
+    found = layouts.identify(sd, lambda s: convert_state_dict(s, router=router)[0])
+    return f"the {found} layout" if found else f"a layout of no zoo model ({len(sd)} tensors)"
+
+
+def _to_model_names(model: nn.Module, sd: StateDict, path: Path) -> tuple[StateDict, str, bool, list[str]]:
+    """A checkpoint's tensors -> the model's names, checked strictly; (state_dict, format, data_parallel, ignored).
+
+    A model that reads checkpoint formats of its own (`layouts.ReadsCheckpointFormats`: RTMPose, ViTPose) is
+    checked in the file's own format, so a refusal names tensors as the file does; the others go through the
+    prefix rules of `convert_state_dict` (and an `adapt_state_dict` method, SimDR's second naming). A refusal is one
+    line: the found and the expected layout and the first tensor where they differ."""
+    card: ModelCard | None = getattr(model, "card", None)
+    name = card.name if card is not None else type(model).__name__
+    hint = f" (known sources: {', '.join(card.sources)})" if card is not None and card.sources else ""
+    router = card is not None and card.task == Role.ROUTER
+    if isinstance(model, layouts.ReadsCheckpointFormats):
+        plain, data_parallel, ignored = strip_wrappers(sd)
+        formats = model.checkpoint_formats()
+        fmt = layouts.best_format(formats, layouts.layout_of(plain))
+        first = layouts.first_difference(formats[fmt], layouts.layout_of(plain))
+        if first is not None:
+            raise DynPoseError(
+                f"checkpoint {path} holds {_found(sd, router)}, but {name} expects its {fmt} layout: first differing "
+                f"tensor {first}; use a {name} checkpoint{hint}"
+            )
+        return model.from_checkpoint(plain, fmt), fmt, data_parallel, ignored
+    out, fmt, data_parallel, ignored = convert_state_dict(sd, router=router)
+    adapt = getattr(model, "adapt_state_dict", None)  # a family released under two namings (SimDR)
+    if callable(adapt):
+        out = adapt(out)
+    model_sd = model.state_dict()
+    problems = _mismatch_message(model_sd, out)
+    if problems:
+        first = layouts.first_difference(layouts.layout_of(model_sd), layouts.layout_of(out))
+        raise DynPoseError(
+            f"checkpoint {path} (detected format {fmt}, {_found(sd, router)}) does not fit {name}: {problems}; first "
+            f"differing tensor {first}; use a {name} checkpoint{hint}"
+        )
+    return out, fmt, data_parallel, ignored
 
 
 def attach(model: nn.Module, **attrs: Any) -> nn.Module:
@@ -337,42 +385,30 @@ def load_weights(
     source: a local path, an http(s) URL (downloaded once into `cache_dir()`), or an alias from `model.card.sources`
     ("mmpose", "official", ...). Official, MMPose 1.x/0.x, DataParallel (`module.`) and DynPose router
     (`backbone.`) layouts are recognised, bare or under a "state_dict"/"model" key; a model with an
-    `adapt_state_dict(sd) -> sd` method (SimDR) maps a second official naming of its own.
+    `adapt_state_dict(sd) -> sd` method (SimDR) maps a second official naming of its own, and a model whose own
+    names are a release's (RTMPose, ViTPose: `layouts.ReadsCheckpointFormats`) is checked in each format it reads.
+    A refused file names the found and expected layout and the first differing tensor, and loads nothing.
     trust_pickle: allow checkpoints that need pickle code execution (CLI `--trust-checkpoint`); never for files
     from an untrusted source.
     color_order: override the colour order the weights expect ("rgb"/"bgr"); by default it comes from the card
-    source (alias, or the one of the detected format: official SimpleBaseline = BGR, MMPose/HRNet = RGB).
+    source (alias, or the one of the detected format: official SimpleBaseline = BGR, MMPose/HRNet = RGB). That source's
+    "card" settings are applied too (official ViTPose: `blur_border="reflect"`, its evaluation's blur).
     """
     card: ModelCard | None = getattr(model, "card", None)
-    name = card.name if card is not None else type(model).__name__
     if color_order is not None and color_order not in COLOR_ORDERS:
         raise DynPoseError(f"color_order must be one of {COLOR_ORDERS}, got {color_order!r}")
     path, url, alias, digest = _resolve(card, source, progress)
-    raw = _torch_load(path, trust_pickle)
-    sd, wrapper = _unwrap(raw, path)
-    router = card is not None and card.task == Role.ROUTER
-    sd, fmt, data_parallel, ignored = convert_state_dict(sd, router=router)
-    # A family released under two namings (SimDR: the authors' flat one and `backbone.`) maps its other naming.
-    adapt = getattr(model, "adapt_state_dict", None)
-    if callable(adapt):
-        sd = adapt(sd)
-
-    model_sd = model.state_dict()
-    problems, missing_nbt = _mismatch_message(model_sd, sd)
-    if problems:
-        hint = f"known sources: {', '.join(card.sources)}" if card is not None and card.sources else ""
-        raise DynPoseError(
-            f"checkpoint {path} (detected format {fmt}) does not fit {name}: {problems}; use a {name} checkpoint"
-            + (f" ({hint})" if hint else "")
-        )
-    # Checked above: strict apart from num_batches_tracked, which keeps the model's own (unused in eval) value.
+    sd, wrapper = _unwrap(_torch_load(path, trust_pickle), path)
+    sd, fmt, data_parallel, ignored = _to_model_names(model, sd, path)
+    missing_nbt = sum(1 for k in model.state_dict() if k not in sd)
+    # Checked by _to_model_names: strict apart from num_batches_tracked, which keeps the model's own (unused in eval)
+    # value. Nothing is loaded before that check, so a refused file leaves the model as it was.
     model.load_state_dict(sd, strict=False)
-
+    entry = (card.sources.get(alias or _FORMAT_ALIAS[fmt]) if card is not None else None) or {}
     if color_order is None:
-        entry = (card.sources.get(alias or _FORMAT_ALIAS[fmt]) if card is not None else None) or {}
         color_order = entry.get("color_order") or (card.color_order if card is not None else "rgb")
-    if card is not None:
-        attach(model, card=card.with_(color_order=color_order))
+    if card is not None:  # the source's own card settings (official ViTPose: its blur border) come with its weights
+        attach(model, card=card.with_(**{**entry.get("card", {}), "color_order": color_order}))
     loaded = LoadedCheckpoint(
         format=fmt,
         path=path,

@@ -23,7 +23,9 @@ from dynpose.models.hrnet import PoseHighResolutionNet
 from dynpose.models.lpn import LPN
 from dynpose.models.resnet import PoseResNet
 from dynpose.models.router import DynPoseRouter
+from dynpose.models.rtmpose import RTMPose
 from dynpose.models.simdr import SimDR
+from dynpose.models.vitpose import ViTPose
 from dynpose.roles import Role
 
 MMPOSE_COCO = "https://download.openmmlab.com/mmpose/v1/body_2d_keypoint/topdown_heatmap/coco/"
@@ -55,6 +57,49 @@ DPN_OFFICIAL = (
 # MMPose 0.x model zoo (configs/body_2d_keypoint/topdown_heatmap/coco/hourglass_coco.md): Hourglass-52 at 256x256.
 MMPOSE_HOURGLASS52 = (
     "https://download.openmmlab.com/mmpose/top_down/hourglass/hourglass52_coco_256x256-4ec713ba_20200709.pth"
+)
+# MMPose 1.x releases of RTMPose (projects/rtmpose/README.md and configs/body_2d_keypoint/rtmpose/{coco,body8}/*.yml).
+MMPOSE_RTMPOSE = "https://download.openmmlab.com/mmpose/v1/projects/rtmposev1/"
+RTMPOSE_FILES = {  # name -> alias -> file: "mmpose" the AIC+COCO files MMPose recommends, "mmpose-coco" COCO only
+    "rtmpose_t": {
+        "mmpose": "rtmpose-tiny_simcc-aic-coco_pt-aic-coco_420e-256x192-cfc8f33d_20230126.pth",
+        "mmpose-coco": "rtmpose-tiny_simcc-coco_pt-aic-coco_420e-256x192-e613ba3f_20230127.pth",
+        "body7": "rtmpose-t_simcc-body7_pt-body7_420e-256x192-026a1439_20230504.pth",
+    },
+    "rtmpose_s": {
+        "mmpose": "rtmpose-s_simcc-aic-coco_pt-aic-coco_420e-256x192-fcb2599b_20230126.pth",
+        "mmpose-coco": "rtmpose-s_simcc-coco_pt-aic-coco_420e-256x192-8edcf0d7_20230127.pth",
+        "body7": "rtmpose-s_simcc-body7_pt-body7_420e-256x192-acd4a1ef_20230504.pth",
+    },
+    "rtmpose_m": {
+        "mmpose": "rtmpose-m_simcc-aic-coco_pt-aic-coco_420e-256x192-63eb25f7_20230126.pth",
+        "mmpose-coco": "rtmpose-m_simcc-coco_pt-aic-coco_420e-256x192-d8dd5ca4_20230127.pth",
+        "body7": "rtmpose-m_simcc-body7_pt-body7_420e-256x192-e48f03d0_20230504.pth",
+    },
+    "rtmpose_l": {
+        "mmpose": "rtmpose-l_simcc-aic-coco_pt-aic-coco_420e-256x192-f016ffe0_20230126.pth",
+        "mmpose-coco": "rtmpose-l_simcc-coco_pt-aic-coco_420e-256x192-1352a4d2_20230127.pth",
+        "body7": "rtmpose-l_simcc-body7_pt-body7_420e-256x192-4dba18fc_20230504.pth",
+    },
+    "rtmpose_m_384x288": {
+        "mmpose": "rtmpose-m_simcc-aic-coco_pt-aic-coco_420e-384x288-a62a0b32_20230228.pth",
+        "body7": "rtmpose-m_simcc-body7_pt-body7_420e-384x288-65e718c4_20230504.pth",
+    },
+    "rtmpose_l_384x288": {
+        "mmpose": "rtmpose-l_simcc-aic-coco_pt-aic-coco_420e-384x288-97d6cb0f_20230228.pth",
+        "body7": "rtmpose-l_simcc-body7_pt-body7_420e-384x288-3f5a1437_20230504.pth",
+    },
+}
+# MMPose 1.x ViTPose (configs/body_2d_keypoint/topdown_heatmap/coco/vitpose_coco.yml, the classic-decoder models).
+VITPOSE_FILES = {
+    "s": "td-hm_ViTPose-small_8xb64-210e_coco-256x192-62d7a712_20230314.pth",
+    "b": "td-hm_ViTPose-base_8xb64-210e_coco-256x192-216eae50_20230314.pth",
+    "l": "td-hm_ViTPose-large_8xb64-210e_coco-256x192-53609f55_20230314.pth",
+    "h": "td-hm_ViTPose-huge_8xb64-210e_coco-256x192-e32adcd4_20230314.pth",
+}
+VITPOSE_OFFICIAL = (
+    "the official ViTPose release (https://github.com/ViTAE-Transformer/ViTPose, README 'MS COCO' table, "
+    "{file} row, OneDrive link)"
 )
 # The DPN repository normalises BGR crops with the ImageNet statistics listed in BGR order (config.py INPUT.MEANS).
 DPN_MEAN_255 = (103.53, 116.28, 123.675)
@@ -140,6 +185,37 @@ def _dpn_row() -> tuple[Callable[..., nn.Module], ModelCard]:
     return (lambda **kw: DPN(input_size=card.input_size, **kw)), card
 
 
+def _rtmpose_row(name: str) -> tuple[Callable[..., nn.Module], ModelCard]:
+    # RTMPose configs: RGB (bgr_to_rgb), ImageNet mean/std on 0-255, SimCCLabel with split ratio 2 decoded by MMPose's
+    # rule (raw logits, smaller maximum as score), flip test on (logits averaged, no shift).
+    size = name.split("_")[1]
+    w, h = (288, 384) if name.endswith("_384x288") else (192, 256)
+    sources = {
+        alias: {"url": MMPOSE_RTMPOSE + file, "color_order": "rgb", "format": "mmpose1"}
+        for alias, file in RTMPOSE_FILES[name].items()
+    }
+    card = _pose_card(
+        name, sources, input_width=w, input_height=h, decoder="simdr", simdr_split_ratio=2.0, simdr_rule="mmpose"
+    )
+    return (lambda **kw: RTMPose(size, input_size=card.input_size, split_ratio=card.simdr_split_ratio, **kw)), card
+
+
+def _vitpose_row(size: str) -> tuple[Callable[..., nn.Module], ModelCard]:
+    # Both configs: RGB, ImageNet mean/std, UDP crops and heatmaps (sigma 2), UDP decoding with an 11-pixel blur
+    # (official test_cfg modulate_kernel=11; MMPose UDPHeatmap's blur_kernel_size default 11), flip without shift. The
+    # card is MMPose 1.x's (zero-padded blur); loading an official file sets the official blur border.
+    sources = {
+        "mmpose": _mmpose(VITPOSE_FILES[size]),
+        # The official evaluation's UDP blur (MMPose 0.x post_dark_udp) comes with the official weights.
+        "official": {
+            **_official(VITPOSE_OFFICIAL, f"ViTPose-{size.upper()} 256x192", "rgb"),
+            "card": {"blur_border": "reflect"},
+        },
+    }
+    card = _pose_card(f"vitpose_{size}", sources, decoder="udp", blur_kernel=11)
+    return (lambda **kw: ViTPose(size, input_size=card.input_size, **kw)), card
+
+
 # name -> (builder, card). The only registry in the package; add a model by adding a row.
 MODELS: dict[str, tuple[Callable[..., nn.Module], ModelCard]] = {
     "hrnet_w32": (
@@ -201,6 +277,8 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], ModelCard]] = {
     "hourglass_1": _hourglass_row(1),
     "hourglass_2": _hourglass_row(2),
     "dpn": _dpn_row(),
+    **{name: _rtmpose_row(name) for name in RTMPOSE_FILES},
+    **{f"vitpose_{size}": _vitpose_row(size) for size in VITPOSE_FILES},
     Role.ROUTER.value: (
         DynPoseRouter,
         ModelCard(

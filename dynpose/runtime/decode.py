@@ -91,6 +91,16 @@ def gaussian_blur(heatmaps: np.ndarray, kernel: int) -> np.ndarray:
     return flat.reshape(shape)
 
 
+def gaussian_blur_reflect(heatmaps: np.ndarray, kernel: int) -> np.ndarray:
+    """MMPose 0.x `post_dark_udp`'s blur (the official ViTPose evaluation): OpenCV's Gaussian with its default
+    reflecting border (BORDER_REFLECT_101) and no rescaling of the maximum."""
+    hm = np.array(heatmaps, dtype=np.float32, copy=True)
+    flat = hm.reshape(-1, hm.shape[-2], hm.shape[-1])
+    for i in range(flat.shape[0]):
+        flat[i] = cv2.GaussianBlur(flat[i], (kernel, kernel), 0)
+    return hm
+
+
 def _refine_quarter(coords: np.ndarray, hm: np.ndarray) -> np.ndarray:
     """Official HRNet post-process: move a quarter pixel toward the higher neighbour, away from the border."""
     n, k, h, w = hm.shape
@@ -137,10 +147,12 @@ def _refine_dark(coords: np.ndarray, hm: np.ndarray, kernel: int) -> np.ndarray:
     return out
 
 
-def _refine_dark_udp(coords: np.ndarray, hm: np.ndarray, kernel: int) -> np.ndarray:
-    """MMPose `refine_keypoints_dark_udp`: blur, clip to [1e-3, 50], log, edge padding, one Newton step."""
+def _refine_dark_udp(coords: np.ndarray, hm: np.ndarray, kernel: int, border: str = "zero") -> np.ndarray:
+    """MMPose `refine_keypoints_dark_udp`: blur, clip to [1e-3, 50], log, edge padding, one Newton step. border
+    "reflect": the blur of MMPose 0.x `post_dark_udp` (the official ViTPose's evaluation) instead."""
     n, k, h, w = hm.shape
-    logh = np.log(np.clip(gaussian_blur(hm, kernel), 1e-3, 50.0)).astype(np.float64)
+    blur = gaussian_blur_reflect if border == "reflect" else gaussian_blur
+    logh = np.log(np.clip(blur(hm, kernel), 1e-3, 50.0)).astype(np.float64)
     pad = np.pad(logh, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
     x = np.clip(coords[..., 0].astype(np.int64), 0, w - 1) + 1
     y = np.clip(coords[..., 1].astype(np.int64), 0, h - 1) + 1
@@ -202,7 +214,7 @@ def decode_heatmaps(heatmaps: np.ndarray, centers: np.ndarray, scales: np.ndarra
         elif card.decoder == "dark":
             coords = _refine_dark(peaks, hm, blur_kernel(card))
         else:
-            coords = _refine_dark_udp(peaks, hm, blur_kernel(card))
+            coords = _refine_dark_udp(peaks, hm, blur_kernel(card), card.blur_border)
     # NaN/inf heatmaps (a broken engine) must not turn into NaN positions; their score stays NaN to show it
     coords = np.where(np.isfinite(coords), coords, peaks)
 
@@ -258,6 +270,18 @@ def simdr_maxima(
     return coords, np.maximum(max_x, max_y)
 
 
+def simdr_maxima_mmpose(simdr_x: np.ndarray, simdr_y: np.ndarray, split_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(N,K,Wx), (N,K,Wy) -> (N,K,2) x, y in input (crop) pixels and (N,K) scores, as MMPose's `SimCCLabel.decode`
+    (`get_simcc_maximum` without softmax): each vector's argmax over the raw values, the score the *smaller* of the
+    two maxima, both bins set to -1 where that score is <= 0, then divided by the split ratio."""
+    x, y = _check_simdr(simdr_x, simdr_y)
+    ix, iy = np.argmax(x, axis=2), np.argmax(y, axis=2)
+    scores = np.minimum(np.take_along_axis(x, ix[..., None], axis=2), np.take_along_axis(y, iy[..., None], axis=2))[..., 0]
+    coords = np.stack([ix, iy], axis=2).astype(np.float64)
+    coords[scores <= 0] = -1.0
+    return coords / float(split_ratio), scores
+
+
 def flip_back_simdr(vectors: np.ndarray, flip_index: list[int], axis: str) -> np.ndarray:
     """SimDR vectors of a horizontally flipped crop -> the original frame: swap left/right keypoints, and for the x
     vectors also mirror the bins (official `flip_back_simdr`); y vectors are not mirrored."""
@@ -291,6 +315,18 @@ def average_flip_simdr(
     return px, py
 
 
+def average_flip_simdr_logits(
+    simdr_x: np.ndarray, simdr_y: np.ndarray, flipped_x: np.ndarray, flipped_y: np.ndarray, flip_index: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """MMPose's SimCC flip test (`RTMCCHead.predict` with `flip_vectors`): the mirrored pass's vectors flipped back
+    (left/right swapped, x bins mirrored) and averaged with the first pass's raw values, no shift. Returns logits."""
+    x, y = _check_simdr(simdr_x, simdr_y)
+    fx, fy = _check_simdr(flipped_x, flipped_y)
+    back_x = flip_back_simdr(fx, flip_index, "x")
+    back_y = flip_back_simdr(fy, flip_index, "y")
+    return (x + back_x) * 0.5, (y + back_y) * 0.5
+
+
 def _crop_to_image(coords: np.ndarray, centers: np.ndarray, scales: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Points on a w x h grid spanning the crop -> image pixels: the inverse of the official get_affine_transform
     (rot 0), isotropic by the scale's width, as `decode_heatmaps` does for msra/dark."""
@@ -310,8 +346,10 @@ def decode_simdr(
     """SimDR outputs of crops made at (centre, scale) in pixels -> (N,K,3) x, y in image pixels, score.
 
     `simdr_maxima` with `card.simdr_split_ratio` gives input-pixel positions, mapped to the image like the msra
-    decoder's heatmap positions but on the input grid (official transform_preds with output_size = IMAGE_SIZE).
-    softmax: as in `simdr_maxima` (False for the probabilities `average_flip_simdr` returns).
+    decoder's heatmap positions but on the input grid (official transform_preds with output_size = IMAGE_SIZE;
+    MMPose's `keypoints / input_size * scale + center - scale / 2` is the same map). A card with
+    `simdr_rule="mmpose"` (RTMPose) scores by `simdr_maxima_mmpose` instead, on the raw values: `softmax` is then
+    not used. softmax: as in `simdr_maxima` (False for the probabilities `average_flip_simdr` returns).
     """
     x, y = _check_simdr(simdr_x, simdr_y)
     n, k, wx = x.shape
@@ -330,26 +368,62 @@ def decode_simdr(
     out = np.zeros((n, k, 3), dtype=np.float32)
     if n == 0:
         return out
-    coords, scores = simdr_maxima(x, y, ratio, softmax=softmax)
+    if card.simdr_rule == "mmpose":
+        coords, scores = simdr_maxima_mmpose(x, y, ratio)
+    else:
+        coords, scores = simdr_maxima(x, y, ratio, softmax=softmax)
     out[..., :2] = _crop_to_image(coords, centers, scales, card.input_size)
     out[..., 2] = scores
     return out
 
 
 # -- any decoder: what the runtime calls ------------------------------------------------------------------------------
+def _describe(shapes: Sequence[Sequence[int]]) -> str:
+    dims = [" x ".join(["N", *map(str, sh[1:])]) for sh in shapes]
+    if len(shapes) >= 2 and all(len(sh) == 3 for sh in shapes[:2]):
+        return "SimCC/SimDR vectors " + " and ".join(dims[:2])
+    if shapes and len(shapes[0]) == 4:
+        return "heatmaps " + dims[0]
+    return "outputs " + ", ".join(dims)
+
+
+def output_layout_problem(shapes: Sequence[Sequence[int]], card: ModelCard) -> str | None:
+    """None when outputs of these shapes (batch axis first, graph order) are what the card's decoder reads; else one
+    line naming the expected layout, the found one and the first differing output."""
+    k = card.keypoint_set.num
+    if card.decoder == "simdr":
+        ratio = card.simdr_split_ratio
+        want = [(k, int(card.input_width * ratio)), (k, int(card.input_height * ratio))]
+        expected = f"SimCC/SimDR vectors N x {k} x {want[0][1]} and N x {k} x {want[1][1]}"
+        got = [tuple(sh[1:]) for sh in shapes[:2]]
+        bad = next((i for i in range(2) if i >= len(got) or got[i] != want[i]), None)
+        hint = "a heatmap decoder (msra, dark, udp)"
+    else:
+        expected = f"heatmaps N x {k} x h x w"
+        got = [tuple(sh[1:]) for sh in shapes[:1]]
+        bad = None if got and len(got[0]) == 3 and got[0][0] == k else 0
+        hint = "decoder simdr" if len(shapes) >= 2 and all(len(sh) == 3 for sh in shapes[:2]) else "another card"
+    if bad is None:
+        return None
+    first = f"output {bad} is N x {' x '.join(map(str, got[bad]))}" if bad < len(got) else f"no output {bad}"
+    return (
+        f"model card {card.name!r} (decoder {card.decoder}) expects {expected}, but the model gives "
+        f"{_describe(shapes)} (first differing: {first}); give it a card with {hint} that matches the model"
+    )
+
+
 def decode_outputs(outputs: Sequence[np.ndarray], centers: np.ndarray, scales: np.ndarray, card: ModelCard) -> np.ndarray:
     """A pose model's raw outputs (graph order) for crops made at (centre, scale) -> (N,K,3) x, y in image pixels,
     score, by the card's decoder: `decode_simdr` on the first two outputs (x then y vectors, logits) for simdr,
-    `decode_heatmaps` on the first output otherwise."""
+    `decode_heatmaps` on the first output otherwise. Outputs the decoder cannot read (a SimCC model under a heatmap
+    card, or the reverse) are refused in one line (`output_layout_problem`)."""
     outs = list(outputs)
     if not outs:
         raise DynPoseError(f"model card {card.name!r}: decode got no outputs")
+    problem = output_layout_problem([np.shape(o) for o in outs], card)
+    if problem:
+        raise DynPoseError(problem)
     if card.decoder == "simdr":
-        if len(outs) < 2:
-            raise DynPoseError(
-                f"model card {card.name!r}: the simdr decoder reads two outputs (x and y vectors), the model gave "
-                f"{len(outs)}; use a heatmap decoder (msra, dark, udp) for a heatmap model"
-            )
         return decode_simdr(outs[0], outs[1], centers, scales, card)
     return decode_heatmaps(outs[0], centers, scales, card)
 
@@ -357,16 +431,19 @@ def decode_outputs(outputs: Sequence[np.ndarray], centers: np.ndarray, scales: n
 def average_flip_outputs(outputs: Sequence[np.ndarray], flipped: Sequence[np.ndarray], card: ModelCard) -> list[np.ndarray]:
     """The card's flip test on a batch's outputs and its mirrored batch's -> outputs `decode_outputs` reads.
 
-    Heatmaps: `average_flip` on each output (the one-pixel shift except for UDP). SimDR: `average_flip_simdr` on the
-    x and y vectors, returned as log-probabilities, so that they stay logits to the decoder: the softmax of log p is
-    p itself (p sums to 1), so the flip-averaged probabilities decode, and score, as the official flip test's do,
-    through the same `decode_outputs` call as plain outputs. Probabilities are floored at the smallest normal
-    float32 to keep the logs finite.
+    Heatmaps: `average_flip` on each output (the one-pixel shift except for UDP). SimDR under MMPose's rule
+    (`card.simdr_rule`, RTMPose): `average_flip_simdr_logits`, logits in, logits out. SimDR under the authors' rule:
+    `average_flip_simdr` on the x and y vectors, returned as log-probabilities, so that they stay logits to the
+    decoder: the softmax of log p is p itself (p sums to 1), so the flip-averaged probabilities decode, and score, as
+    the official flip test's do, through the same `decode_outputs` call as plain outputs. Probabilities are floored
+    at the smallest normal float32 to keep the logs finite.
     """
     outs, flips = list(outputs), list(flipped)
     if len(outs) != len(flips):
         raise DynPoseError(f"flip test: {len(outs)} outputs but {len(flips)} outputs of the mirrored batch")
     flip_index = card.keypoint_set.flip_index()
+    if card.decoder == "simdr" and len(outs) >= 2 and card.simdr_rule == "mmpose":
+        return [*average_flip_simdr_logits(outs[0], outs[1], flips[0], flips[1], flip_index), *outs[2:]]
     if card.decoder == "simdr" and len(outs) >= 2:
         px, py = average_flip_simdr(outs[0], outs[1], flips[0], flips[1], flip_index)
         tiny = np.finfo(np.float32).tiny
