@@ -90,3 +90,19 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def plan_and_run(engines, images, boxes, policy: str, flip: bool = False):
+    """The runtime's way for the given boxes of `images` through an opened engine set: (the plan, its result).
+    Tests read the plan's crops and geometry to check the answers against a model run by hand."""
+    from dynpose.roles import MODEL_ROLES
+    from dynpose.runtime.boxes import Boxes
+    from dynpose.runtime.execute import LocalExecutor, execute
+    from dynpose.runtime.plan import FrameInput, make_plan
+    from dynpose.runtime.policy import parse_policy
+
+    models = {r: m for r in MODEL_ROLES if (m := getattr(engines, r)) is not None}
+    frames = [FrameInput(im, Boxes.of(b, im.shape)) for im, b in zip(images, boxes, strict=True)]
+    plan = make_plan(frames, parse_policy(policy), {r: m.card for r, m in models.items()})
+    with LocalExecutor(models, flip) as ex:
+        return plan, execute(plan, ex)

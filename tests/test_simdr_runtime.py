@@ -18,7 +18,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tinypose_card
+from conftest import plan_and_run, tinypose_card
 
 from dynpose.data import gt_boxes, image_id_map, load_coco
 from dynpose.engines.manifest import Manifest
@@ -29,13 +29,10 @@ from dynpose.export.calibration.quantize import head_nodes
 from dynpose.export.judges import PoseJudge, decode_keypoints
 from dynpose.models import create_model, get_card
 from dynpose.roles import Role
-from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.decode import average_flip_outputs, average_flip_simdr, decode_outputs, decode_simdr
 from dynpose.runtime.engine_set import EngineSet
-from dynpose.runtime.execute import LocalExecutor, execute
 from dynpose.runtime.pipeline import Pipeline
-from dynpose.runtime.plan import LARGE, FrameInput, Plan, PlanResult, Work, make_plan
-from dynpose.runtime.policy import parse_policy
+from dynpose.runtime.plan import LARGE, Work
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -95,14 +92,6 @@ def test_export_writes_both_outputs(simdr_dir: Path) -> None:
     assert {"fp32_rel_l2_random_b1", "fp32_rel_l2_random_b5", "fp32_rel_l2_real_b1", "fp32_rel_l2_real_b5"} <= set(e.checks)
 
 
-def _run(engines: EngineSet, images: list, boxes: list, policy: str, flip: bool = False) -> tuple[Plan, PlanResult]:
-    models = {r: m for r in (Role.ROUTER, Role.SMALL, Role.LARGE) if (m := getattr(engines, r)) is not None}
-    frames = [FrameInput(im, Boxes.of(b, im.shape)) for im, b in zip(images, boxes, strict=True)]
-    plan = make_plan(frames, parse_policy(policy), {r: m.card for r, m in models.items()})
-    with LocalExecutor(models, flip) as ex:
-        return plan, execute(plan, ex)
-
-
 @pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
 def test_runtime_keypoints_equal_pytorch(
     simdr_dir: Path, torch_simdr: torch.nn.Module, coco_people: list, flip: bool
@@ -112,7 +101,7 @@ def test_runtime_keypoints_equal_pytorch(
     images = [img for img, _ in coco_people]
     boxes = [b for _, b in coco_people]
     with EngineSet.load(simdr_dir) as engines:
-        plan, res = _run(engines, images, boxes, "all-large", flip)
+        plan, res = plan_and_run(engines, images, boxes, "all-large", flip)
         everyone = np.arange(len(plan))
         large = engines.require(Role.LARGE)
         x = large.inputs(plan.crop(Work(Role.LARGE, everyone)))
@@ -154,7 +143,7 @@ def test_pair_routes_between_heatmaps_and_simdr(simdr_dir: Path, coco_people: li
     images = [img for img, _ in coco_people]
     boxes = [b for _, b in coco_people]
     with EngineSet.load(simdr_dir) as engines:
-        plan, res = _run(engines, images, boxes, "fraction:0.5")
+        plan, res = plan_and_run(engines, images, boxes, "fraction:0.5")
         large = res.model == LARGE
         assert 0 < large.sum() < len(large)
         for role, idx in ((Role.LARGE, np.flatnonzero(large)), (Role.SMALL, np.flatnonzero(~large))):

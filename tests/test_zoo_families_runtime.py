@@ -27,20 +27,22 @@ import pytest
 import torch
 import zoo_inputs as zi
 from click.testing import CliRunner
-from dynpose.calibration.crops import CalibSpec
-from dynpose.runtime.dispatcher import Dispatcher
+from conftest import plan_and_run
 from test_weights import Server
 
 from dynpose.data import gt_boxes, image_id_map, load_coco
 from dynpose.engines.manifest import Manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.api import export_model, register_onnx
+from dynpose.export.calibration.crops import CalibSpec
 from dynpose.export.steps import to_onnx
 from dynpose.models import ModelCard, create_model, get_card
 from dynpose.models.layouts import layout_of
 from dynpose.models.vitpose import ViTPose, ViTSize
+from dynpose.roles import Role
 from dynpose.runtime.decode import average_flip_outputs, decode_outputs
 from dynpose.runtime.engine_set import EngineSet
+from dynpose.runtime.plan import LARGE, Work, same_crop
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -179,18 +181,18 @@ def test_rtmpose_keypoints_are_pytorch_decoded_the_mmpose_way(
     images = [img for img, _ in coco_people]
     boxes = [b for _, b in coco_people]
     with EngineSet.load(pair_dir) as engines:
-        small, large = engines.pose_models
-        with Dispatcher(small, large, router=engines.router, policy="all-small", flip=flip) as d:
-            res = d.run(images, boxes)
-        x = small.inputs(small.crop(images, res.frame_index, res.centers, res.scales))
-    assert not res.large.any() and len(x) == 12
+        plan, res = plan_and_run(engines, images, boxes, "all-small", flip)
+        everyone = np.arange(len(plan))
+        x = engines.require(Role.SMALL).inputs(plan.crop(Work(Role.SMALL, everyone)))
+        centers, scales = plan.geometry(Role.SMALL, everyone)
+    assert not (res.model == LARGE).any() and len(x) == 12
     m = rtm_checkpoint[1]
     with torch.no_grad():
         outs = [o.numpy() for o in m(torch.from_numpy(x))]
         if flip:
             mirrored = [o.numpy() for o in m(torch.from_numpy(np.ascontiguousarray(x[..., ::-1])))]
             outs = average_flip_outputs(outs, mirrored, RTM)  # logits averaged, no shift (RTMCCHead.predict)
-    want = decode_outputs(outs, res.centers, res.scales, RTM)
+    want = decode_outputs(outs, centers, scales, RTM)
     np.testing.assert_allclose(res.keypoints[..., :2], want[..., :2], atol=1e-2)
     np.testing.assert_allclose(res.keypoints[..., 2], want[..., 2], atol=1e-4)
     assert len({tuple(k) for k in res.keypoints[:, :, :2].round(1).reshape(12, -1)}) == 12  # crops told apart
@@ -203,13 +205,13 @@ def test_mixed_decoders_in_one_pair(pair_dir: Path, coco_people: list) -> None:
     boxes = [b for _, b in coco_people]
     with EngineSet.load(pair_dir) as engines:
         small, large = engines.pose_models
-        assert (small.card.decoder, large.card.decoder) == ("simdr", "udp") and not small.same_crop(large)
-        with Dispatcher(small, large, router=engines.router, policy="fraction:0.5", flip=True) as d:
-            res = d.run(images, boxes)
-        assert 0 < res.large.sum() < len(res.large)
-        for model, idx in ((large, np.flatnonzero(res.large)), (small, np.flatnonzero(~res.large))):
-            c, s = model.geometry(np.concatenate(boxes)[idx])
-            alone = model.keypoints(images, res.frame_index[idx], c, s, flip=True)
+        assert (small.card.decoder, large.card.decoder) == ("simdr", "udp") and not same_crop(small.card, large.card)
+        plan, res = plan_and_run(engines, images, boxes, "fraction:0.5", flip=True)
+        routed = res.model == LARGE
+        assert 0 < routed.sum() < len(routed)
+        for role, idx in ((Role.LARGE, np.flatnonzero(routed)), (Role.SMALL, np.flatnonzero(~routed))):
+            model = engines.require(role)
+            alone = model.run(plan.crop(Work(role, idx)), *plan.geometry(role, idx), flip=True)  # type: ignore[attr-defined]
             np.testing.assert_allclose(res.keypoints[idx], alone, rtol=1e-5, atol=1e-4)
 
 

@@ -195,7 +195,15 @@ def _rtmpose_row(name: str) -> tuple[Callable[..., nn.Module], ModelCard]:
         for alias, file in RTMPOSE_FILES[name].items()
     }
     card = _pose_card(
-        name, sources, input_width=w, input_height=h, decoder="simdr", simdr_split_ratio=2.0, simdr_rule="mmpose"
+        name,
+        sources,
+        input_width=w,
+        input_height=h,
+        decoder="simdr",
+        simdr_split_ratio=2.0,
+        simdr_rule="mmpose",
+        blur_kernel=None,  # SimCC vectors: no heatmap to blur
+        heatmap_sigma=None,
     )
     return (lambda **kw: RTMPose(size, input_size=card.input_size, split_ratio=card.simdr_split_ratio, **kw)), card
 
