@@ -102,6 +102,7 @@ def _options(engine_dir: Path, kw: dict[str, Any]) -> BenchOptions:
     from dynpose import bench
     from dynpose.bench.options import DEFAULTS, BenchOptions
 
+    _guard(engine_dir, kw)
     device = str(kw["device"])
     batches = tuple(bench.parse_batches(kw["batch"])) if kw["batch"] is not None else ()
     fracs = tuple(bench.parse_fractions(kw["fractions"])) if str(kw["fractions"]).strip() else ()
@@ -145,6 +146,17 @@ def _options(engine_dir: Path, kw: dict[str, Any]) -> BenchOptions:
         store_costs=bool(kw["store_costs"]),
         backend_options=backend_options,
     )
+
+
+def _guard(engine_dir: Path, kw: dict[str, Any]) -> None:
+    """--json / --plot may not replace the engine dir's files (its bench/ folder is where figures go) or an input."""
+    from dynpose.fileio import OutputGuard
+
+    root = Path(engine_dir)
+    own = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "bench"] if root.is_dir() else []
+    guard = OutputGuard.of({"--engine-dir": own, "--detections": kw["detections"]}, sources={"--images": kw["images"]})
+    guard.check_file(kw["json_out"], "--json")
+    guard.check_file(kw["plot_out"], "--plot")
 
 
 def _torch_options(kw: dict[str, Any], backend: str, device: str) -> dict[str, Any]:

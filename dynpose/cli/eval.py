@@ -11,7 +11,7 @@ from rich.table import Table
 
 from dynpose.cli.common import setup_logging, user_errors
 from dynpose.errors import DynPoseError
-from dynpose.fileio import write_json_atomic
+from dynpose.fileio import OutputGuard, write_json_atomic
 
 
 def _gt_is_mpii(gt: Path) -> bool:
@@ -77,6 +77,7 @@ def main(gt: Path, results: Path, kind: str, json_out: Path | None, verbose: boo
     """Score pose results: COCO keypoint AP/AR via pycocotools (COCO, OCHuman, HumanArt; CrowdPose with its own
     sigmas and easy/medium/hard split) or MPII PCKh@0.5 / @0.1."""
     setup_logging()
+    OutputGuard.of({"--gt": gt, "--results": results}).check_file(json_out, "--json")
     res = run_eval(gt, results, kind, verbose)
     title = {"coco": "COCO keypoint AP/AR", "crowdpose": "CrowdPose AP/AR", "mpii": f"MPII PCKh@{res.get('thr', 0.5)}"}
     click.echo(f"{title[res['kind']]}: {results}")

@@ -14,6 +14,7 @@ from dynpose.cli.common import check_finite, check_threads, setup_logging, sigte
 from dynpose.errors import DynPoseError
 
 if TYPE_CHECKING:
+    from dynpose.fileio import OutputGuard
     from dynpose.runtime.boxes import BoxSource
     from dynpose.runtime.pipeline import Pipeline
     from dynpose.runtime.process import VideoReport
@@ -154,12 +155,21 @@ def _check_source(o: RunOptions, src: FrameSource, boxes: BoxSource) -> None:
         )
 
 
+def _output_guard(o: RunOptions) -> OutputGuard:
+    """What this run reads, which --out and --vis may not replace (`dynpose.fileio.OutputGuard`)."""
+    from dynpose.fileio import OutputGuard
+
+    sources = [s for s in o.source if not (s.strip().isdigit() and not Path(s).exists())]  # a webcam is no file
+    inputs = {"--detections": o.detections, "--gt-boxes": o.gt_boxes, "--ann": o.ann, "--eval": o.eval_gt}
+    return OutputGuard.of({**inputs, "--detector": o.detector}, {"--engine-dir": o.engine_dir}, {"--source": sources})
+
+
 def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[ResultSink]]:
     """Each source's sinks (per-source file names when there are several); none left half-made on an error."""
     from dynpose.runtime.sinks import Outputs
     from dynpose.runtime.sources import source_stems
 
-    outputs = Outputs(o.out, o.out_format, o.vis, o.vis_score, collect=o.eval_gt is not None)
+    outputs = Outputs(o.out, o.out_format, o.vis, o.vis_score, collect=o.eval_gt is not None, guard=_output_guard(o))
     stems: list[str | None] = list(source_stems(o.source)) if len(srcs) > 1 else [None]
     made: list[list[ResultSink]] = []
     try:

@@ -180,13 +180,14 @@ def bench(
     json_out: Path | None,
 ) -> None:
     """Load a running service: req/s, crops/s, p50/p95/p99 latency, errors, and the pose batches formed."""
-    from dynpose.fileio import write_json_atomic
+    from dynpose.fileio import OutputGuard, write_json_atomic
     from dynpose.runtime.sinks import check_writable_file
     from dynpose.serve.client import Client
     from dynpose.serve.loadgen import format_report, load_items, run_load
 
     if json_out is not None:
         check_writable_file(json_out, "--json")  # an unwritable destination fails before the load runs
+        OutputGuard.of({"--detections": detections}, sources={"--images": images}).check_file(json_out, "--json")
     items = load_items(images, detections)
     client = Client(url, timeout=timeout, retries=retries)
     if not client.healthy():

@@ -208,6 +208,7 @@ def _job(kw: dict[str, Any], flip: bool) -> Any:
         device=kw["device"], precision=kw["precision"], cache_dir=kw["cache_dir"], use_cache=not kw["no_cache"],
         export=not kw["no_export"], trust_pickle=kw["trust_checkpoint"], min_agreement=kw["min_agreement"],
         progress=not kw["quiet"], threads=kw["threads"],
+        reads={"--eval-ann": kw["eval_ann"], "--eval-dets": kw["eval_dets"]},
     )  # fmt: skip
 
 
