@@ -15,7 +15,11 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# every image suffix OpenCV decodes (its imread list), so an image is never opened as a video
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".avif", ".tif", ".tiff", ".jp2", ".j2k", ".gif",
+    ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".pam", ".pfm", ".sr", ".ras", ".hdr", ".pic",
+)  # fmt: skip
 
 
 @dataclass

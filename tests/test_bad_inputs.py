@@ -290,7 +290,34 @@ def tiny_png_claiming(width: int, height: int) -> bytes:
     return bytes(b)
 
 
+def tiny_gif_claiming(width: int, height: int) -> bytes:
+    """A 29-byte GIF: a logical screen and one image of width x height, an LZW stream of a single code."""
+    screen = struct.pack("<HH", width, height) + b"\x00\x00\x00"
+    image = b"," + struct.pack("<HHHH", 0, 0, width, height) + b"\x00" + b"\x02\x02\x44\x01\x00"
+    return b"GIF89a" + screen + image + b";"
+
+
+def bigtiff_claiming(width: int, height: int) -> bytes:
+    """A 212-byte BigTIFF (version 43, 64-bit offsets) whose one strip claims width x height 8-bit pixels."""
+    tags = [(256, 16, width), (257, 16, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 16, 0), (277, 3, 1)]
+    tags += [(278, 16, height), (279, 16, width * height)]
+    ifd = struct.pack("<Q", len(tags)) + b"".join(struct.pack("<HHQQ", t, typ, 1, v) for t, typ, v in tags)
+    return b"II" + struct.pack("<HHHQ", 43, 8, 0, 16) + ifd + struct.pack("<Q", 0)
+
+
 IMAGE_CASES = [
+    ("gif-24000-squared", "bomb.gif", tiny_gif_claiming(24000, 24000), {}, r"24000 x 24000 pixels .* 50,000,000"),
+    ("gif-named-jpg", "bomb.jpg", tiny_gif_claiming(30000, 30000), {}, r"30000 x 30000 pixels .* 50,000,000"),
+    ("bigtiff-20000-squared", "big.tif", bigtiff_claiming(20000, 20000), {}, r"20000 x 20000 pixels .* 50,000,000"),
+    (
+        "hdr-unsized",
+        "a.hdr",
+        b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 30000 +X 30000\n",
+        {},
+        r"Radiance HDR .* --max-pixels 0",
+    ),
+    ("pam-unsized", "a.pam", b"P7\nWIDTH 30000\nHEIGHT 30000\n", {}, r"PAM image, a format whose size dynpose cannot read"),
+    ("not-an-image", "a.png", b"hello, I am text", {}, r"not a readable image"),
     ("jpeg-65000-squared", "big.jpg", tiny_jpeg_claiming(65000, 65000), {}, r"65000 x 65000 pixels .* 50,000,000"),
     ("png-20000-squared", "big.png", tiny_png_claiming(20000, 20000), {}, r"20000 x 20000 pixels .* limit of 50,000,000"),
     ("jpeg-over-own-limit", "a.jpg", tiny_jpeg_claiming(300, 200), {"max_pixels": 50_000}, r"300 x 200 .* 50,000 "),
@@ -361,3 +388,21 @@ def test_bad_write_destination(tmp_path: Path, make: Callable[[Path], Path], obj
     after = dest.lstat() if dest.exists() else None
     assert (before is None) == (after is None) and (before is None or before.st_mode == after.st_mode)  # untouched
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_the_service_answers_image_bombs_413_before_decoding() -> None:
+    """The service's image decoding (`decode_request_image`) uses the same header check as files: 413 for a GIF or
+    BigTIFF bomb (not a decode of GBs and HTTP 200), 400 for what is not an image."""
+    from dynpose.serve.http import HttpError, decode_request_image
+
+    for data, status, match in [
+        (tiny_gif_claiming(24000, 24000), 413, r"image: 24000 x 24000 pixels by its header, over the service's limit"),
+        (bigtiff_claiming(20000, 20000), 413, r"image: 20000 x 20000 pixels"),
+        (b"#?RADIANCE\n\n-Y 9 +X 9\n", 400, r"Radiance HDR .* send a JPEG or PNG file"),
+        (b"plain text", 400, r"not a readable image"),
+    ]:
+        with pytest.raises(HttpError) as e:
+            decode_request_image(data, 50_000_000)
+        assert e.value.status == status and re.search(match, e.value.message), e.value.message
+    ok, png = cv2.imencode(".png", np.zeros((20, 30, 3), np.uint8))
+    assert decode_request_image(png.tobytes(), 50_000_000).shape == (20, 30, 3)

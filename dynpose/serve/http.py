@@ -190,15 +190,15 @@ async def parse_pose_request(
 
 def decode_request_image(data: bytes, max_pixels: int) -> np.ndarray:
     """The request's image as BGR uint8: 413 when its header claims more than `max_pixels` (checked before any
-    decoding, as `dynpose.runtime.sources` does for files), 400 when it cannot be decoded."""
-    from dynpose.runtime.sources import decode_image_bytes, image_header_size
+    decoding, for every format OpenCV decodes: `dynpose.runtime.imagesize`), 400 when it cannot be decoded."""
+    from dynpose.runtime.imagesize import ImageTooLarge
+    from dynpose.runtime.sources import decode_image_bytes
 
-    size = image_header_size(data[: 1 << 16])
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise HttpError(
-            413, f"image: {size[0]} x {size[1]} pixels by its header, over the service's limit of {max_pixels:,}"
-        )
     try:
         return decode_image_bytes(data, "image", max_pixels)
+    except ImageTooLarge as e:
+        raise HttpError(
+            413, f"image: {e.width} x {e.height} pixels by its header, over the service's limit of {max_pixels:,}"
+        ) from None
     except DynPoseError as e:
         raise HttpError(400, f"{e}; send a JPEG or PNG file") from None
