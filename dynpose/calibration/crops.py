@@ -20,7 +20,7 @@ import numpy as np
 
 from dynpose.data import gt_boxes, image_id_map, load_coco, load_detections, resolve_image
 from dynpose.errors import DynPoseError
-from dynpose.fileio import atomic_path, sha256_file
+from dynpose.fileio import atomic_path, read_json, sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.runtime.preprocess import box_to_center_scale, crop, normalize
 
@@ -96,8 +96,8 @@ class CalibSpec:
 
 def _sniff(path: Path) -> str | None:
     try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        d = read_json(path, "calibration file")
+    except DynPoseError:
         return None
     if isinstance(d, dict) and "images" in d and "annotations" in d:
         return "coco"
@@ -167,7 +167,9 @@ def _boxes(src: Source, det_score: float) -> list[_Box]:
             for d in dets:
                 out.append(_Box(ids[iid], d[:4], float(d[2] * d[3]), None))
     elif src.kind == "mpii":
-        for r in json.loads(src.path.read_text()):
+        from dynpose.eval.mpii import load_mpii
+
+        for r in load_mpii(src.path, need=("center", "scale", "image")):
             # MPII's scale is the person height / 200 around `center`.
             s = float(r["scale"]) * 200.0
             cx, cy = (float(v) for v in r["center"])
