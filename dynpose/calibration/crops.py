@@ -60,6 +60,9 @@ class CalibSpec:
     seed: int = 0
 
     def validate(self) -> None:
+        n = self.max_crops
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise DynPoseError(f"--calib-max-crops {n!r}: must be an integer >= 1 (the most calibration crops to use)")
         if not self.sources:
             raise DynPoseError(NEEDS_CALIB)
         for s in self.sources:

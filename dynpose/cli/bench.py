@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dynpose.cli.common import check_finite, check_threads, user_errors
+from dynpose.cli.common import check_finite, check_threads, user_errors, version_option
 from dynpose.errors import DynPoseError
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ def _policies(text: str | None, engine_dir: Path) -> tuple[str, ...]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EPILOG)
+@version_option
 @click.option("--engine-dir", required=True, type=click.Path(path_type=Path), help="Engine dir with manifest.json.")
 @click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

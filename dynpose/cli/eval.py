@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dynpose.cli.common import setup_logging, user_errors
+from dynpose.cli.common import setup_logging, user_errors, version_option
 from dynpose.errors import DynPoseError
 from dynpose.fileio import OutputGuard, write_json_atomic
 
@@ -59,6 +59,7 @@ MPII predictions: (N,16,2) joints in annotation order, as .npy or a JSON list (o
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@version_option
 @click.option(
     "--gt", "gt", required=True, type=click.Path(path_type=Path), help="Annotation file (COCO format or MPII JSON)."
 )

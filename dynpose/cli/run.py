@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dynpose.cli.common import check_finite, check_threads, setup_logging, sigterm_as_interrupt, user_errors
+from dynpose.cli.common import check_finite, check_threads, setup_logging, sigterm_as_interrupt, user_errors, version_option
 from dynpose.errors import DynPoseError
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ Examples:
 \b
 Routing policies (--route): band:LO,HI (DynPose release rule, large iff LO <= router score <= HI),
 threshold:T, fraction:F (top F of each batch by router score go large), all-small, all-large,
-box:AREA (boxes under AREA px² go small). Default: the engine dir manifest's policy.
+box:AREA (boxes under AREA px² go small), box-threshold:AREA,T (large iff w*h >= AREA and router
+score >= T). Default: the engine dir manifest's policy.
 """
 
 
@@ -183,6 +184,7 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EPILOG)
+@version_option
 @click.option("--engine-dir", required=True, type=click.Path(path_type=str), help="Engine dir with manifest.json.")
 @click.option(
     "--source",

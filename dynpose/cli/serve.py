@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from dynpose.cli.common import check_threads, setup_logging, sigterm_as_interrupt, user_errors
+from dynpose.cli.common import check_threads, setup_logging, sigterm_as_interrupt, user_errors, version_option
 from dynpose.errors import DynPoseError
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ GET /v1/stats. Replica counts take N or MIN-MAX (autoscaling). See docs/serving.
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@version_option
 @click.option("--engine-dir", type=click.Path(path_type=Path), help="Engine dir with manifest.json (starts the service).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP address (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)

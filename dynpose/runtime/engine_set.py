@@ -19,7 +19,7 @@ from dynpose.engines.manifest import Entry, Manifest
 from dynpose.errors import DynPoseError
 from dynpose.runtime.backends import BACKEND_FORMAT, check_backend, load_runner
 from dynpose.runtime.backends.base import Runner
-from dynpose.runtime.model import CropModel, PoseModel, Router
+from dynpose.runtime.model import CropModel, PoseModel, Router, check_outputs
 
 if TYPE_CHECKING:
     from dynpose.runtime.detector import OnnxDetector
@@ -170,7 +170,9 @@ class EngineSet:
         handle: CropModel = Router(runner, entry.card) if role == "router" else PoseModel(runner, entry.card)
         setattr(self, role, handle)  # set before activating, so a failure below still closes it
         runner.activate()
-        check_input(handle, f"engine dir {self.engine_dir}: {role} entry {entry.file}")
+        where = f"engine dir {self.engine_dir}: {role} entry {entry.file}"
+        check_input(handle, where)
+        check_outputs(handle, where)
         self.entries[role] = entry
         self.loaded[role] = f"{entry.model} ({entry.format}, {entry.precision}, {be} on {dev})"
 
