@@ -127,8 +127,9 @@ class ModelCard:
             raise DynPoseError(f"{where}: missing required field(s) {missing}")
         try:
             card = cls(**d)
-        except DynPoseError:
-            raise
+        except DynPoseError as e:  # checked before it knew `where`: name the file too
+            msg = str(e).removeprefix("model card")
+            raise DynPoseError(f"{where}{'' if msg.startswith(':') else ' '}{msg.lstrip()}") from None
         except (TypeError, ValueError) as e:
             raise DynPoseError(f"{where}: {e}") from None
         card.validate(where)

@@ -140,17 +140,16 @@ def check_output_shapes(shapes: Sequence[tuple[int, ...]], card: ModelCard, wher
     starting with `where` (the role and the file): a router's (N, >=2) scores; a heatmap model's N x K x h x w
     with K the card's keypoints; a SimDR model's two N x K x bins vectors. Checked at export and at load, so a
     14-heatmap model under a 17-keypoint card, or one with vector outputs, is refused before it runs."""
+    got = ", ".join(" x ".join(["N", *map(str, s[1:])]) for s in shapes) or "none"
     if card.task == "router":
         if not shapes or len(shapes[0]) != 2 or shapes[0][1] < 2:
-            first = list(shapes[0]) if shapes else "none"
-            raise DynPoseError(f"{where}: output shape {first}, but a router gives (N, 3) scores; is this a router model?")
+            raise DynPoseError(f"{where}: outputs {got}, but a router gives N x 3 scores; is this a router model?")
         return
     if card.task != "pose":
         return
     k = card.keypoint_set.num
     simdr = card.decoder == "simdr"
     need, rank, what = (2, 3, f"two N x {k} x bins vectors (x, y)") if simdr else (1, 4, f"N x {k} x h x w heatmaps")
-    got = [list(s) for s in shapes]
     if len(shapes) < need or any(len(s) != rank or s[1] != k for s in shapes[:need]):
         raise DynPoseError(
             f"{where}: outputs {got}, but its card ({card.keypoints}, {k} keypoints, decoder {card.decoder}) reads "
@@ -164,9 +163,7 @@ def check_outputs(model: CropModel, where: str) -> None:
     x = np.zeros((1, 3, model.card.input_height, model.card.input_width), np.float32)
     try:
         outs = model.runner.infer_all(x)
-    except DynPoseError:
-        raise
-    except Exception as e:  # the runtime's own error types (ONNX Runtime, TensorRT, torch)
+    except Exception as e:  # the runtime's own error types (ONNX Runtime, TensorRT, torch), or the runner's
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise DynPoseError(f"{where}: the model fails on a test crop ({first}); re-export it or check the file") from None
     check_output_shapes([o.shape for o in outs], model.card, where)
