@@ -505,3 +505,21 @@ def test_the_service_answers_image_bombs_413_before_decoding() -> None:
         assert e.value.status == status and re.search(match, e.value.message), e.value.message
     ok, png = cv2.imencode(".png", np.zeros((20, 30, 3), np.uint8))
     assert decode_request_image(png.tobytes(), 50_000_000).shape == (20, 30, 3)
+
+
+def test_the_service_parser_answers_json_bombs_400() -> None:
+    """The service's request parser reads JSON with the one reader: nesting 100,000 deep, a 5000-digit integer or a
+    malformed `boxes` field is a one-line 400, not a RecursionError / ValueError and HTTP 500."""
+    from dynpose.serve.http import HttpError, parse_boxes, parse_json_request
+
+    for body, match in [
+        (b"[" * 100_000 + b"]" * 100_000, r"request body: JSON nested too deeply"),
+        (b'{"image": "aGk=", "boxes": [[1, 2, 3, ' + b"9" * 5000 + b"]]}", r"request body: a number in the JSON is too long"),
+        (b"{image:", r"request body: not valid JSON"),
+    ]:
+        with pytest.raises(HttpError) as e:
+            parse_json_request(body, 100)
+        assert e.value.status == 400 and re.search(match, e.value.message), e.value.message
+    with pytest.raises(HttpError) as e:
+        parse_boxes("[" * 100_000, 100)
+    assert e.value.status == 400 and "boxes: " in e.value.message
