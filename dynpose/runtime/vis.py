@@ -82,7 +82,7 @@ def draw_persons(
         img = np.clip(img, 0, 255).astype(np.uint8)
     h, w = img.shape[:2]
     thick = max(1, round(max(h, w) / 500))
-    labels: list[tuple[str, tuple[int, int], tuple[int, int, int], int]] = []  # text, anchor, colour, baseline
+    labels: list[tuple[str, tuple[int, int], tuple[int, int, int]]] = []  # text, anchor (box top-left), colour
     for p in persons:
         color = model_color(getattr(p, "model", ""))
         box = np.asarray(p.box, dtype=np.float64).reshape(-1)[:4]
@@ -91,7 +91,7 @@ def draw_persons(
             cv2.rectangle(img, _pt(x, y), _pt(x + bw, y + bh), color, thick, cv2.LINE_AA)
             track_id = getattr(p, "track_id", None)
             label = f"{getattr(p, 'model', '')} {float(getattr(p, 'score', 0.0)):.2f}".strip()
-            labels.append((f"#{track_id} {label}" if track_id is not None else label, _pt(x, y), color, 0))
+            labels.append((f"#{track_id} {label}" if track_id is not None else label, _pt(x, y), color))
         _draw_skeleton(img, p, ks, color, thick, kpt_thr)
     _draw_labels(img, labels, thick)
     return img
@@ -112,18 +112,15 @@ def _draw_skeleton(
         cv2.circle(img, _pt(*kp[i, :2]), thick + 2, color, 1, cv2.LINE_AA)
 
 
-def _draw_labels(
-    img: np.ndarray, labels: Sequence[tuple[str, tuple[int, int], tuple[int, int, int], int]], thick: int
-) -> None:
+def _draw_labels(img: np.ndarray, labels: Sequence[tuple[str, tuple[int, int], tuple[int, int, int]]], thick: int) -> None:
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick
     sizes, bases = [], []
-    for text, *_ in labels:
+    for text, _, _ in labels:
         (tw, th), base = cv2.getTextSize(text, font, scale, thick)
         sizes.append((tw, th + base))
         bases.append(base)
-    for (text, _, color, _), (x0, y0, x1, y1), base in zip(
-        labels, place_labels([a for _, a, _, _ in labels], sizes, img.shape), bases, strict=True
-    ):
+    rects = place_labels([anchor for _, anchor, _ in labels], sizes, img.shape)
+    for (text, _, color), (x0, y0, x1, y1), base in zip(labels, rects, bases, strict=True):
         cv2.rectangle(img, (x0, y0), (x1, y1), color, -1)
         cv2.putText(img, text, (x0, y1 - base), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
 
