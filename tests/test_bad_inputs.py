@@ -514,7 +514,7 @@ def test_the_service_parser_answers_json_bombs_400() -> None:
 
     for body, match in [
         (b"[" * 100_000 + b"]" * 100_000, r"request body: JSON nested too deeply"),
-        (b'{"image": "aGk=", "boxes": [[1, 2, 3, ' + b"9" * 5000 + b"]]}", r"request body: a number in the JSON is too long"),
+        (b'{"image": "aGk=", "boxes": [[1, 2, 3, ' + b"9" * 5000 + b"]]}", r"request body: a number .* too long"),
         (b"{image:", r"request body: not valid JSON"),
     ]:
         with pytest.raises(HttpError) as e:
