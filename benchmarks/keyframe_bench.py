@@ -43,7 +43,7 @@ RESCORE_THR = 0.2  # the Pipeline's rescoring: box score x mean of the keypoint 
 
 
 def load_frames(video: Path, limit: int | None) -> list[Any]:
-    from dynpose.runtime.sources import Frame, open_source
+    from dynpose.io.sources import Frame, open_source
 
     with open_source(video) as src:
         images = [f.image_bgr for f in src]
@@ -108,9 +108,10 @@ class KeyframeBoxes:
 
 def make_settings(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     """name -> a function running one fresh pass: () -> (persons per frame, detector calls, reasons)."""
+    from dynpose.runtime.tracking import VideoOptions, VideoTracker
+
     from dynpose.keyframes import KeyframeConfig, KeyframePlanner
     from dynpose.runtime.detector import OnnxDetector
-    from dynpose.runtime.tracking import VideoOptions, VideoTracker
 
     scout = OnnxDetector(args.scout, score_thr=args.det_score, intra_op_threads=1) if args.scout else None
     padding = pipe.dispatcher.models["large"].card.padding

@@ -40,18 +40,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from dynpose.calibration.crops import CalibSpec
+from dynpose.runtime.dispatcher import Dispatcher
 
 from dynpose.bench.stats import paired_ratio_ci
 from dynpose.bench.timing import RoundSpec, boxes_for_batch, machine_info, parse_batches, synthetic_frame, timed_rounds
 from dynpose.bench.timing import versions as tool_versions
-from dynpose.calibration.crops import CalibSpec
 from dynpose.engines.manifest import Manifest
 from dynpose.export.api import export_all, export_model
 from dynpose.models import create_model, get_card
 from dynpose.models.flops import count_flops
 from dynpose.onnx_utils import open_session
 from dynpose.roles import Role
-from dynpose.runtime.dispatcher import Dispatcher
 from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.model import PoseModel
 

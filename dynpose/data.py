@@ -6,6 +6,7 @@ boxes count" are decided in one place.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,11 @@ from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json
 from dynpose.keypoints import KEYPOINT_SETS
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# every image suffix OpenCV decodes (its imread list), so an image is never opened as a video
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".avif", ".tif", ".tiff", ".jp2", ".j2k", ".gif",
+    ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".pam", ".pfm", ".sr", ".ras", ".hdr", ".pic",
+)  # fmt: skip
 
 
 @dataclass
@@ -59,8 +64,19 @@ def _short(v: object) -> str:
     return r if len(r) <= 40 else r[:37] + "..."
 
 
+# Largest coordinate or box side taken from a file (pixels): far past any image, small enough that products
+# (areas, scales) stay finite; 1e308 boxes otherwise train a router on infinities.
+MAX_COORD = 1e7
+# Most person boxes one image may have in a detections file (after the score threshold): detectors give <= 100;
+# 100,000 boxes for one image would run for minutes and is a broken file.
+MAX_BOXES_PER_IMAGE = 1000
+
+
 def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A JSON number a float can hold (a 400-digit integer is not one: float() would overflow)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    return not isinstance(v, int) or v.bit_length() <= 1023
 
 
 def as_id(v: object, name: str, where: str) -> int:
@@ -70,10 +86,19 @@ def as_id(v: object, name: str, where: str) -> int:
     return int(v)
 
 
-def as_number(v: object, name: str, where: str) -> float:
-    if not _is_number(v):
-        raise DynPoseError(f"{where}: {name!r} must be a number, got {_short(v)}")
+def as_number(v: object, name: str, where: str, finite: bool = False) -> float:
+    """A number (`finite`: NaN and infinities refused too)."""
+    if not _is_number(v) or (finite and not math.isfinite(float(v))):  # type: ignore[arg-type]
+        raise DynPoseError(f"{where}: {name!r} must be a {'finite ' if finite else ''}number, got {_short(v)}")
     return float(v)  # type: ignore[arg-type]
+
+
+def check_coords(a: np.ndarray, name: str, where: str) -> np.ndarray:
+    """Annotated coordinates must be finite and within +-MAX_COORD pixels."""
+    if not np.isfinite(a).all() or (np.abs(a) > MAX_COORD).any():
+        bad = a[~np.isfinite(a) | (np.abs(a) > MAX_COORD)][0]
+        raise DynPoseError(f"{where}: {name!r} holds {bad:g}; coordinates must be finite and within +-{MAX_COORD:g} pixels")
+    return a
 
 
 def as_box(v: object, where: str) -> np.ndarray:
@@ -83,7 +108,7 @@ def as_box(v: object, where: str) -> np.ndarray:
     return np.asarray(v, dtype=np.float64)
 
 
-def _record(r: object, where: str, needs: tuple[str, ...]) -> dict:
+def check_record(r: object, where: str, needs: tuple[str, ...]) -> dict:
     if not isinstance(r, dict):
         raise DynPoseError(f"{where}: expected an object with {', '.join(needs)}, got {_short(r)}")
     missing = [k for k in needs if k not in r]
@@ -92,7 +117,7 @@ def _record(r: object, where: str, needs: tuple[str, ...]) -> dict:
     return r
 
 
-def _keypoints(v: object, num: int | None, where: str) -> np.ndarray:
+def flat_keypoints(v: object, num: int | None, where: str) -> np.ndarray:
     """(K,3) from a flat [x, y, v] * K list; K must be the category's keypoint count when it names one."""
     if not isinstance(v, list) or not all(_is_number(x) for x in v) or len(v) % 3:
         raise DynPoseError(f"{where}: 'keypoints' must be a flat list of [x, y, visibility] numbers, got {_short(v)}")
@@ -156,7 +181,7 @@ def keypoint_layout(d: dict, where: str) -> KeypointLayout:
 
 
 def _coco_image(im: object, where: str) -> CocoImage:
-    im = _record(im, where, ("id", "file_name"))
+    im = check_record(im, where, ("id", "file_name"))
     if not isinstance(im["file_name"], str) or not im["file_name"]:
         raise DynPoseError(f"{where}: 'file_name' must be a non-empty string, got {_short(im['file_name'])}")
     w, h = (as_id(im.get(k, 0), k, where) for k in ("width", "height"))
@@ -164,9 +189,9 @@ def _coco_image(im: object, where: str) -> CocoImage:
 
 
 def _coco_person(a: dict, num: int | None, where: str) -> Person:
-    bbox = as_box(a["bbox"], where)
-    kp = _keypoints(a.get("keypoints", []), num, where)
-    area = as_number(a["area"], "area", where) if "area" in a else float(bbox[2] * bbox[3])
+    bbox = check_coords(as_box(a["bbox"], where), "bbox", where)
+    kp = check_coords(flat_keypoints(a.get("keypoints", []), num, where), "keypoints", where)
+    area = as_number(a["area"], "area", where, finite=True) if "area" in a else float(bbox[2] * bbox[3])
     iid = as_id(a["image_id"], "image_id", where)
     return Person(as_id(a.get("id", 0), "id", where), iid, bbox, kp, area, as_id(a.get("iscrowd", 0), "iscrowd", where))
 
@@ -182,6 +207,7 @@ def load_coco(path: str | os.PathLike) -> CocoDataset:
     for key in ("images", "annotations"):
         if not isinstance(d[key], list):
             raise DynPoseError(f"annotation file {path}: {key!r} must be a list, got {type(d[key]).__name__}")
+    category_keypoints(d, f"annotation file {path}")  # categories: a list of objects, names strings
     layout = keypoint_layout(d, f"annotation file {path}")
     images = {}
     for i, im in enumerate(d["images"]):
@@ -189,7 +215,7 @@ def load_coco(path: str | os.PathLike) -> CocoDataset:
         images[image.id] = image
     for i, a in enumerate(d["annotations"]):
         where = f"annotation file {path}: annotation {i}"
-        a = _record(a, where, ("image_id", "bbox"))
+        a = check_record(a, where, ("image_id", "bbox"))
         if as_id(a.get("category_id", 1), "category_id", where) != 1:
             continue
         p = _coco_person(a, layout.num, where)
@@ -207,12 +233,15 @@ def resolve_image(images_dir: str | os.PathLike, file_name: str) -> Path:
     raise DynPoseError(f"image {file_name!r} not found under {root}; pass the folder that holds the annotated images")
 
 
-def load_detections(path: str | os.PathLike, score_thr: float = 0.0) -> dict[int, np.ndarray]:
+def load_detections(
+    path: str | os.PathLike, score_thr: float = 0.0, max_per_image: int = MAX_BOXES_PER_IMAGE
+) -> dict[int, np.ndarray]:
     """COCO-format detections (list of {image_id, bbox xywh, score, category_id}) -> image id -> (M,5) x,y,w,h,score.
 
-    Only person detections (category 1) at or above `score_thr` are kept; non-finite or non-positive boxes are
-    dropped here so no later stage sees them. A record of the wrong shape (not an object, a string box, a
-    fractional id) is a one-line DynPoseError naming the file and the record.
+    Only person detections (category 1) at or above `score_thr` are kept; non-finite, non-positive or absurd
+    (past +-MAX_COORD) boxes are dropped here so no later stage sees them. A record of the wrong shape (not an
+    object, a string box, a fractional id) is a one-line DynPoseError naming the file and the record, and so is
+    an image with more than `max_per_image` boxes kept (a broken file; a higher score threshold keeps fewer).
     """
     d = read_json(path, "detections file")
     if not isinstance(d, list):
@@ -220,7 +249,7 @@ def load_detections(path: str | os.PathLike, score_thr: float = 0.0) -> dict[int
     out: dict[int, list[list[float]]] = {}
     for i, r in enumerate(d):
         where = f"detections file {path}: record {i}"
-        r = _record(r, where, ("image_id", "bbox"))
+        r = check_record(r, where, ("image_id", "bbox"))
         if as_id(r.get("category_id", 1), "category_id", where) != 1:
             continue
         x, y, w, h = as_box(r["bbox"], where)
@@ -228,8 +257,32 @@ def load_detections(path: str | os.PathLike, score_thr: float = 0.0) -> dict[int
         iid = as_id(r["image_id"], "image_id", where)
         if not np.isfinite([x, y, w, h, s]).all() or w <= 0 or h <= 0 or s < score_thr:
             continue
-        out.setdefault(iid, []).append([x, y, w, h, s])
+        if max(abs(x), abs(y), w, h) > MAX_COORD:
+            continue
+        boxes = out.setdefault(iid, [])
+        boxes.append([x, y, w, h, s])
+        if len(boxes) > max_per_image:
+            raise DynPoseError(
+                f"detections file {path}: image {iid} has more than {max_per_image} person boxes with score >= "
+                f"{score_thr:g} (a broken file, or keep fewer: --det-score)"
+            )
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def category_keypoints(d: dict, where: str) -> list[str]:
+    """The keypoint names of the file's first category that lists them; `categories` must be a list of objects."""
+    cats = d.get("categories", [])
+    if not isinstance(cats, list):
+        raise DynPoseError(f"{where}: 'categories' must be a list of category objects, got {_short(cats)}")
+    for i, c in enumerate(cats):
+        if not isinstance(c, dict):
+            raise DynPoseError(f"{where}: category {i}: expected an object {{id, name, keypoints}}, got {_short(c)}")
+        names = c.get("keypoints")
+        if names:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise DynPoseError(f"{where}: category {i}: 'keypoints' must be a list of names, got {_short(names)}")
+            return list(names)
+    return []
 
 
 def image_id_map(images_dir: str | os.PathLike, ann: CocoDataset | None = None) -> dict[int, Path]:

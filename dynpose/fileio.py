@@ -9,6 +9,13 @@ the new one, never half of one. Around that rename this module decides the cases
     replaces), not mkstemp's 0600;
   - disk full, a read-only filesystem, a file-size limit or a permission error become one-line `DynPoseError`s,
     and the temp file is removed, so nothing partial is left.
+
+Before any of that, a command asks `OutputGuard` whether an output may go where the user pointed it: never onto a
+file the command reads (the same file after symlinks and hard links), never inside an engine dir it reads, and
+drawings never into the folder their images come from.
+
+Every JSON input is parsed by `parse_json` / `read_json`: a document nested deeper than the parser's recursion
+allows or an integer longer than Python converts (4300 digits) is a one-line error, as malformed JSON is.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import math
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,13 +201,147 @@ def write_json_atomic(dest: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(dest, (dumps_json(obj, indent=2, what=f"cannot write {dest}") + "\n").encode())
 
 
+def parse_json(text: str | bytes, what: str, hint: str = "") -> Any:
+    """Parse JSON text, or raise a one-line DynPoseError starting with `what` (the file or request it came from).
+
+    Besides malformed text this refuses what makes Python's parser itself fail: nesting deeper than its recursion
+    limit (`[[[[...` 100,000 levels: a RecursionError) and integers of more than 4300 digits (a ValueError);
+    both would otherwise escape every reader as a traceback. Numbers past float range (`1e999`) parse as
+    infinity, which each reader's validator refuses or drops like NaN."""
+    tail = f"; {hint}" if hint else ""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno} column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise DynPoseError(f"{what}: not valid JSON{where}{tail}") from None
+    except RecursionError:
+        raise DynPoseError(
+            f"{what}: JSON nested too deeply (arrays/objects inside each other past the parser's limit){tail}"
+        ) from None
+    except ValueError as e:  # int() past sys.get_int_max_str_digits(); json raises no other ValueError
+        why = str(e).split(":")[0] if "digits" in str(e) else str(e)
+        raise DynPoseError(f"{what}: a number in the JSON is too long ({why}){tail}") from None
+
+
 def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
-    """Parse a JSON file, or raise a one-line DynPoseError naming the kind of file (`what`) and where it broke."""
+    """Parse a JSON file (`parse_json`), or raise a one-line DynPoseError naming the kind of file (`what`), the file
+    and where it broke."""
     p = Path(path)
     if not p.is_file():
         raise DynPoseError(f"{what} {p}: file not found")
     try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise DynPoseError(f"{what} {p}: not valid JSON{where}{'; ' + hint if hint else ''}") from None
+        data = p.read_bytes()
+    except OSError as e:
+        raise DynPoseError(f"{what} {p}: cannot be read ({e.strerror or e})") from None
+    return parse_json(data, f"{what} {p}", hint)
+
+
+# -- where outputs may go -------------------------------------------------------------------------------------------
+PathArg = str | os.PathLike | None
+
+
+def _file_id(p: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what `p` names after symlinks; None when nothing is there."""
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _ancestors(p: Path) -> Iterator[Path]:
+    """`p` after resolving the symlinks of its existing part, then each folder above it up to the root."""
+    real = Path(os.path.realpath(p))
+    yield real
+    yield from real.parents
+
+
+def _named(pairs: Mapping[str, PathArg | Iterable[PathArg]]) -> tuple[tuple[str, Path], ...]:
+    out: list[tuple[str, Path]] = []
+    for flag, value in pairs.items():
+        values = [value] if value is None or isinstance(value, str | os.PathLike) else list(value)
+        out += [(flag, Path(v)) for v in values if v is not None and str(v) != ""]
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class OutputGuard:
+    """What a command reads, so that none of its outputs destroys it. Each item is (the flag that named it, path).
+
+    - `inputs`: files (or folders) the command reads; an output file may not be one of them, compared as the same
+      file (st_dev/st_ino, after symlinks: a symlink or hard link to an input is that input).
+    - `keep_out`: folders nothing is written into (an engine dir: a stray file there, or a replaced manifest,
+      leaves it unloadable).
+    - `sources`: what drawings are made of; a drawing folder may not be a source folder, lie inside one (the next
+      run would read the drawings), or be the folder that holds a source file (a drawing keeps its image's name).
+    """
+
+    inputs: tuple[tuple[str, Path], ...] = ()
+    keep_out: tuple[tuple[str, Path], ...] = ()
+    sources: tuple[tuple[str, Path], ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        inputs: Mapping[str, PathArg | Iterable[PathArg]] | None = None,
+        keep_out: Mapping[str, PathArg | Iterable[PathArg]] | None = None,
+        sources: Mapping[str, PathArg | Iterable[PathArg]] | None = None,
+    ) -> OutputGuard:
+        """From flag -> path (or paths, or None for a flag not given). Sources count as inputs too."""
+        src = _named(sources or {})
+        return cls(_named(inputs or {}) + src, _named(keep_out or {}), src)
+
+    def _inside(self, dest: Path, folders: Iterable[tuple[str, Path]]) -> tuple[str, Path] | None:
+        ids = {fid: (flag, p) for flag, p in folders if (fid := _file_id(p)) is not None}
+        if not ids:
+            return None
+        for a in _ancestors(dest):
+            hit = ids.get(_file_id(a))  # type: ignore[arg-type]
+            if hit is not None:
+                return hit
+        return None
+
+    def check_file(self, dest: PathArg, flag: str) -> None:
+        """Refuse writing the file `dest` (named by `flag`) when it is an input or lies inside a kept-out folder."""
+        if dest is None:
+            return
+        d = Path(dest)
+        did = _file_id(d)
+        for iflag, p in self.inputs:
+            if did is not None and _file_id(p) == did:
+                raise DynPoseError(
+                    f"{flag} {d}: that is the {iflag} file {p} (the same file); writing there would destroy the "
+                    "input; pick another output file"
+                )
+        hit = self._inside(d, self.keep_out)
+        if hit is not None:
+            raise DynPoseError(
+                f"{flag} {d}: it lies inside the {hit[0]} folder {hit[1]}, which dynpose owns; writing there would "
+                "break it; pick a file outside it (e.g. runs/)"
+            )
+
+    def check_folder(self, dest: PathArg, flag: str) -> None:
+        """Refuse a folder of drawings `dest` that is or lies inside a kept-out or source folder, or that holds a
+        source file."""
+        if dest is None:
+            return
+        d = Path(dest)
+        hit = self._inside(d, self.keep_out)
+        if hit is not None:
+            raise DynPoseError(
+                f"{flag} {d}: it lies inside the {hit[0]} folder {hit[1]}, which dynpose owns; pick a folder outside "
+                "it (e.g. runs/vis)"
+            )
+        hit = self._inside(d, [(f, p) for f, p in self.sources if p.is_dir()])
+        if hit is not None:
+            raise DynPoseError(
+                f"{flag} {d}: it is, or lies inside, the {hit[0]} folder {hit[1]}; drawings there would replace or "
+                "join the images read; pick a folder outside it (e.g. runs/vis)"
+            )
+        did = _file_id(d)
+        for sflag, p in self.sources:
+            if did is not None and p.is_file() and _file_id(p.parent) == did:
+                raise DynPoseError(
+                    f"{flag} {d}: it is the folder of the {sflag} file {p}; a drawing keeps its input's name and would "
+                    "replace it; pick another folder (e.g. runs/vis)"
+                )

@@ -7,7 +7,6 @@ calibration all import it, and it imports nothing of theirs, so none of them has
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.fileio import parse_json
 
 if TYPE_CHECKING:
     import onnx
@@ -293,7 +293,8 @@ def read_card(path: str | os.PathLike) -> ModelCard | None:
     m = load_onnx(path, external_data=False)
     for p in m.metadata_props:
         if p.key == CARD_KEY:
-            return ModelCard.from_dict(json.loads(p.value), where=f"{path} metadata card")
+            where = f"{path} metadata card"
+            return ModelCard.from_dict(parse_json(p.value, where), where=where)
     return None
 
 

@@ -59,6 +59,14 @@ DETECTIONS_CASES = [
     ("string-score", [DET | {"score": "high"}], r"'score' must be a number, got 'high'"),
     ("string-category", [DET | {"category_id": "1"}], r"'category_id' must be an integer"),
     ("not-json", "[{'image_id': 785}]", r"not valid JSON"),
+    ("nested-100k", "[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"),
+    (
+        "5000-digit-int",
+        "[" + json.dumps(DET)[:-1] + ', "image_id": ' + "7" * 5000 + "}]",
+        r"a number in the JSON is too long",
+    ),
+    ("4000-digit-int-box", [DET | {"bbox": [1, 2, 3, int("9" * 4000)]}], r"'bbox' must be a list of 4 numbers"),
+    ("100k-boxes-one-image", [DET] * 100_000, r"image 785 has more than 1000 person boxes .* --det-score"),
 ]
 
 
@@ -138,7 +146,13 @@ ANNOTATION_CASES = [
     ("keypoints-wrong-length", _set("annotations.0.keypoints", [1.0] * 50), r"'keypoints' must be a flat list"),
     ("keypoints-other-count", _set("annotations.0.keypoints", [1.0] * 42), r"42 keypoint values, .* 17 keypoints need 51"),
     ("keypoints-strings", _set("annotations.0.keypoints", ["1"] * 51), r"'keypoints' must be a flat list of"),
-    ("area-string", _set("annotations.0.area", "big"), r"'area' must be a number"),
+    ("area-string", _set("annotations.0.area", "big"), r"'area' must be a finite number"),
+    ("bbox-1e308", _set("annotations.0.bbox", [0, 0, 1e308, 1e308]), r"annotation 0: 'bbox' holds 1e\+308; .* finite"),
+    ("keypoints-nan", _set("annotations.0.keypoints", [float("nan")] * 51), r"'keypoints' holds nan"),
+    ("bbox-huge-int", _set("annotations.0.bbox", [0, 0, 10**400, 5]), r"'bbox' must be a list of 4 numbers"),
+    ("categories-strings", _set("categories", ["person"]), r"category 0: expected an object \{id, name, keypoints\}"),
+    ("categories-number", _set("categories", 5), r"'categories' must be a list of category objects, got 5"),
+    ("category-keypoints-number", _set("categories.0.keypoints", 17), r"category 0: 'keypoints' must be a list of names"),
     ("iscrowd-string", _set("annotations.0.iscrowd", "no"), r"'iscrowd' must be an integer"),
     ("category-string", _set("annotations.0.category_id", "person"), r"'category_id' must be an integer"),
 ]
@@ -255,7 +269,8 @@ RESULTS_CASES = [
     ("string-score", json.dumps([RES | {"score": "x"}]), r"'score' must be a number"),
     ("crowdpose-on-coco", json.dumps([RES | {"keypoints": [1.0] * 42}]), r"42 keypoint values.*CrowdPose-14 results"),
     ("foreign-id", json.dumps([RES | {"image_id": 1}]), r"image id\(s\) not in the ground truth"),
-    ("jsonl-bad-line", json.dumps(FRAME) + "\n{oops\n", r"line 2 is not valid JSON"),
+    ("jsonl-bad-line", json.dumps(FRAME) + "\n{oops\n", r"line 2: not valid JSON"),
+    ("jsonl-deep-line", json.dumps(FRAME) + "\n" + "[" * 100_000 + "]" * 100_000, r"line 2: JSON nested too deeply"),
     ("jsonl-object-not-frame", json.dumps({"results": []}), r"line 1: expected a dynpose-run frame"),
     ("jsonl-persons-not-list", json.dumps(FRAME | {"persons": "none"}), r"line 1: expected a dynpose-run frame"),
     ("jsonl-flat-keypoints", json.dumps(FRAME | {"persons": [{"score": 1, "keypoints": [1] * 51}]}), r"triples"),
@@ -271,6 +286,105 @@ def test_bad_results(tmp_path: Path, shared: Path, text: str, match: str) -> Non
     one_line_error(lambda: evaluate_results(f, shared / "data" / "coco" / "test_coco.json"), match, names=f)
 
 
+GT_CASES = [
+    ("annotation-no-id", _del("annotations.0.id"), r"annotation 0: lacks 'id'"),
+    ("image-no-id", _del("images.0.id"), r"image 0: lacks 'id'"),
+    ("categories-strings", _set("categories", ["person"]), r"category 0: expected an object"),
+    ("categories-number", _set("categories", 5), r"'categories' must be a list of category objects, got 5"),
+    ("keypoints-strings", _set("annotations.0.keypoints", ["1"] * 51), r"annotation 0: 'keypoints' must be a flat list"),
+    ("keypoints-inf", _set("annotations.0.keypoints", [float("inf")] * 51), r"annotation 0: 'keypoints' holds inf"),
+    ("bbox-1e308", _set("annotations.0.bbox", [0, 0, 1e308, 1]), r"'bbox' holds 1e\+308"),
+    ("area-nan", _set("annotations.0.area", float("nan")), r"'area' must be a finite number, got nan"),
+    ("annotation-list", _set("annotations.0", [1, 2]), r"annotation 0: expected an object"),
+]
+
+
+@pytest.mark.parametrize("mutate,match", [c[1:] for c in GT_CASES], ids=[c[0] for c in GT_CASES])
+def test_bad_ground_truth_for_eval(tmp_path: Path, mutate: Callable[[dict], None], match: str) -> None:
+    """What pycocotools would crash on (KeyError 'id' / 'num_keypoints' / 'area', AttributeError, TypeError) is one
+    line naming the ground truth file and the field, for dynpose-eval and dynpose-run --eval alike."""
+    d = coco_doc()
+    d["annotations"][0]["num_keypoints"] = 17
+    mutate(d)
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(d))
+    one_line_error(lambda: evaluate_results([RES], gt), match, names=gt)
+
+
+def test_ground_truth_without_area_or_num_keypoints_is_filled_as_xtcocotools_does(tmp_path: Path, caplog) -> None:
+    """pycocotools would raise KeyError 'area' / 'num_keypoints'; eval fills them as xtcocotools does (the labelled
+    joints; bbox w*h*0.53) and says so, rather than refusing a file the reference tools score."""
+    import logging
+
+    d = coco_doc()
+    del d["annotations"][0]["area"]
+    d["annotations"][0].pop("num_keypoints", None)
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(d))
+    with caplog.at_level(logging.WARNING, logger="dynpose"):
+        res = evaluate_results([RES | {"keypoints": [100.0, 100.0, 1.0] * 17}], gt)
+    assert res["kind"] == "coco" and res["AP"] == pytest.approx(1.0)
+    assert any("area" in r.getMessage() for r in caplog.records)
+
+
+def test_valid_ground_truth_still_evaluates(tmp_path: Path) -> None:
+    d = coco_doc()
+    d["annotations"][0]["num_keypoints"] = 17
+    d["annotations"][0]["segmentation"] = [[[[[1]]]]]  # fields eval does not read are dropped, not checked
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(d))
+    res = evaluate_results([RES | {"keypoints": [100.0, 100.0, 1.0] * 17}], gt)
+    assert res["kind"] == "coco" and res["AP"] == pytest.approx(1.0)
+
+
+# -- MPII annotations and predictions (dynpose.eval.mpii) -----------------------------------------------------------
+def _mpii_doc() -> list[dict]:
+    return [{"image": "a.jpg", "joints": [[10.0, 20.0]] * 16, "joints_vis": [1] * 16, "center": [5, 5], "scale": 1.0}]
+
+
+MPII_CASES = [
+    ("joints-strings", lambda d: d[0].update(joints=[["a", "b"]] * 16), r"record 0: 'joints' must be 16 \[x, y\] pairs"),
+    ("joints-ragged", lambda d: d[0].update(joints=[[1, 2]] * 15 + [[1]]), r"'joints' must be 16"),
+    ("joints-nan", lambda d: d[0].update(joints=[[float("nan"), 1]] * 16), r"'joints' must be 16"),
+    ("scale-negative", lambda d: d[0].update(scale=-1), r"'scale' must be a number > 0"),
+    ("headbox-short", lambda d: d[0].update(headbox=[1, 2, 3]), r"'headbox' must be"),
+    ("no-joints-vis", lambda d: d[0].pop("joints_vis"), r"record 0 lacks joints_vis"),
+]
+
+
+@pytest.mark.parametrize("mutate", [c[1] for c in MPII_CASES], ids=[c[0] for c in MPII_CASES])
+def test_bad_mpii_annotations(tmp_path: Path, mutate: Callable[[list], None]) -> None:
+    from dynpose.eval.mpii import pckh
+
+    match = dict((c[0], c[2]) for c in MPII_CASES)[next(c[0] for c in MPII_CASES if c[1] is mutate)]
+    d = _mpii_doc()
+    mutate(d)
+    gt = tmp_path / "mpii.json"
+    gt.write_text(json.dumps(d))
+    one_line_error(lambda: pckh(np.zeros((1, 16, 2)), gt), match, names=gt)
+
+
+@pytest.mark.parametrize(
+    "array,match",
+    [
+        (np.array([["a"] * 2] * 16), r"dtype <U1, expected float"),
+        (np.zeros((1, 16, 2), np.complex64), r"dtype complex64, expected float"),
+        (np.zeros((1, 5, 2)), r"shape \(1, 5, 2\), expected \(N,16,2\)"),
+        (np.array([{"a": 1}], dtype=object), r"not a readable .npy array"),
+    ],
+    ids=["strings", "complex", "shape", "object-pickle"],
+)
+def test_bad_mpii_npy_predictions(tmp_path: Path, array: np.ndarray, match: str) -> None:
+    from dynpose.eval.mpii import pckh
+
+    gt = tmp_path / "mpii.json"
+    gt.write_text(json.dumps(_mpii_doc()))
+    preds = tmp_path / "preds.npy"
+    np.save(preds, array, allow_pickle=True)
+    one_line_error(lambda: pckh(preds, gt), match, names=preds)
+
+
+# -- frame sources and images (dynpose.io.sources) -------------------------------------------------------------
 # -- frame sources and images (dynpose.io.sources) -------------------------------------------------------------
 def tiny_jpeg_claiming(width: int, height: int) -> bytes:
     """A real 8x8 JPEG (629 bytes) whose frame header (SOF0) is patched to claim width x height."""
@@ -290,7 +404,34 @@ def tiny_png_claiming(width: int, height: int) -> bytes:
     return bytes(b)
 
 
+def tiny_gif_claiming(width: int, height: int) -> bytes:
+    """A 29-byte GIF: a logical screen and one image of width x height, an LZW stream of a single code."""
+    screen = struct.pack("<HH", width, height) + b"\x00\x00\x00"
+    image = b"," + struct.pack("<HHHH", 0, 0, width, height) + b"\x00" + b"\x02\x02\x44\x01\x00"
+    return b"GIF89a" + screen + image + b";"
+
+
+def bigtiff_claiming(width: int, height: int) -> bytes:
+    """A 212-byte BigTIFF (version 43, 64-bit offsets) whose one strip claims width x height 8-bit pixels."""
+    tags = [(256, 16, width), (257, 16, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 16, 0), (277, 3, 1)]
+    tags += [(278, 16, height), (279, 16, width * height)]
+    ifd = struct.pack("<Q", len(tags)) + b"".join(struct.pack("<HHQQ", t, typ, 1, v) for t, typ, v in tags)
+    return b"II" + struct.pack("<HHHQ", 43, 8, 0, 16) + ifd + struct.pack("<Q", 0)
+
+
 IMAGE_CASES = [
+    ("gif-24000-squared", "bomb.gif", tiny_gif_claiming(24000, 24000), {}, r"24000 x 24000 pixels .* 50,000,000"),
+    ("gif-named-jpg", "bomb.jpg", tiny_gif_claiming(30000, 30000), {}, r"30000 x 30000 pixels .* 50,000,000"),
+    ("bigtiff-20000-squared", "big.tif", bigtiff_claiming(20000, 20000), {}, r"20000 x 20000 pixels .* 50,000,000"),
+    (
+        "hdr-unsized",
+        "a.hdr",
+        b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 30000 +X 30000\n",
+        {},
+        r"Radiance HDR .* --max-pixels 0",
+    ),
+    ("pam-unsized", "a.pam", b"P7\nWIDTH 30000\nHEIGHT 30000\n", {}, r"PAM image, a format whose size dynpose cannot read"),
+    ("not-an-image", "a.png", b"hello, I am text", {}, r"not a readable image"),
     ("jpeg-65000-squared", "big.jpg", tiny_jpeg_claiming(65000, 65000), {}, r"65000 x 65000 pixels .* 50,000,000"),
     ("png-20000-squared", "big.png", tiny_png_claiming(20000, 20000), {}, r"20000 x 20000 pixels .* limit of 50,000,000"),
     ("jpeg-over-own-limit", "a.jpg", tiny_jpeg_claiming(300, 200), {"max_pixels": 50_000}, r"300 x 200 .* 50,000 "),
@@ -361,3 +502,39 @@ def test_bad_write_destination(tmp_path: Path, make: Callable[[Path], Path], obj
     after = dest.lstat() if dest.exists() else None
     assert (before is None) == (after is None) and (before is None or before.st_mode == after.st_mode)  # untouched
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_the_service_answers_image_bombs_413_before_decoding() -> None:
+    """The service's image decoding (`decode_request_image`) uses the same header check as files: 413 for a GIF or
+    BigTIFF bomb (not a decode of GBs and HTTP 200), 400 for what is not an image."""
+    from dynpose.serve.http import HttpError, decode_request_image
+
+    for data, status, match in [
+        (tiny_gif_claiming(24000, 24000), 413, r"image: 24000 x 24000 pixels by its header, over the service's limit"),
+        (bigtiff_claiming(20000, 20000), 413, r"image: 20000 x 20000 pixels"),
+        (b"#?RADIANCE\n\n-Y 9 +X 9\n", 400, r"Radiance HDR .* send a JPEG or PNG file"),
+        (b"plain text", 400, r"not a readable image"),
+    ]:
+        with pytest.raises(HttpError) as e:
+            decode_request_image(data, 50_000_000)
+        assert e.value.status == status and re.search(match, e.value.message), e.value.message
+    ok, png = cv2.imencode(".png", np.zeros((20, 30, 3), np.uint8))
+    assert decode_request_image(png.tobytes(), 50_000_000).shape == (20, 30, 3)
+
+
+def test_the_service_parser_answers_json_bombs_400() -> None:
+    """The service's request parser reads JSON with the one reader: nesting 100,000 deep, a 5000-digit integer or a
+    malformed `boxes` field is a one-line 400, not a RecursionError / ValueError and HTTP 500."""
+    from dynpose.serve.http import HttpError, parse_boxes, parse_json_request
+
+    for body, match in [
+        (b"[" * 100_000 + b"]" * 100_000, r"request body: JSON nested too deeply"),
+        (b'{"image": "aGk=", "boxes": [[1, 2, 3, ' + b"9" * 5000 + b"]]}", r"request body: a number .* too long"),
+        (b"{image:", r"request body: not valid JSON"),
+    ]:
+        with pytest.raises(HttpError) as e:
+            parse_json_request(body, 100)
+        assert e.value.status == 400 and re.search(match, e.value.message), e.value.message
+    with pytest.raises(HttpError) as e:
+        parse_boxes("[" * 100_000, 100)
+    assert e.value.status == 400 and "boxes: " in e.value.message

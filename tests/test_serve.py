@@ -313,7 +313,7 @@ def test_bad_inputs_get_one_line_4xx(service, coco, expected) -> None:
         "boxes not a list": (post({"image": good, "boxes": "many"}), 400, "boxes"),
         "unknown route": (post({"image": good, "boxes": dets[785].tolist(), "route": "median"}), 400, "routing policy"),
         "unknown field": (post({"image": good, "box": [[1, 2, 3, 4]]}), 400, "unknown field"),
-        "not JSON": (_raw(client, "POST", "/v1/pose", b"{image:", js), 400, "not JSON"),
+        "not JSON": (_raw(client, "POST", "/v1/pose", b"{image:", js), 400, "not valid JSON"),
         "text body": (_raw(client, "POST", "/v1/pose", b"hello", {"Content-Type": "text/plain"}), 415, "Content-Type"),
         "body over --max-body-mb": (
             _raw(client, "POST", "/v1/pose", b"x" * (MAX_BODY_MB * 2**20 + 1), js),

@@ -121,37 +121,75 @@ def test_draw_persons(coco_dir, tmp_path):
 
 
 def test_header_sizes_match_the_decoder(coco_dir, shared, tmp_path):
-    from dynpose.io.sources import image_header_size
+    """Every format this OpenCV encodes (and so decodes) is sized from its header as the decoder sizes it, or is
+    one of the few refused as unsizable; the shared fixtures too."""
+    import io
 
-    img = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
-    cases = {".jpg": [], ".png": [], ".bmp": [], ".tif": [], ".webp": [], "lossless.webp": [cv2.IMWRITE_WEBP_QUALITY, 101]}
-    for ext, params in cases.items():
-        ok, buf = cv2.imencode(ext[-5:] if ext.endswith("webp") else ext, img, params)
-        assert ok and image_header_size(buf.tobytes()) == (53, 37), ext
+    from dynpose.io.imagesize import UNSIZED, read_header
+
+    img = np.random.default_rng(0).integers(0, 255, (36, 52, 3), dtype=np.uint8)
+    exts = [
+        ".jpg",
+        ".png",
+        ".bmp",
+        ".tif",
+        ".webp",
+        ".avif",
+        ".jp2",
+        ".gif",
+        ".pbm",
+        ".pgm",
+        ".ppm",
+        ".sr",
+        ".pfm",
+        ".hdr",
+        ".pam",
+    ]
+    seen = set()
+    for ext in exts:
+        src = img.astype(np.float32) / 255 if ext in (".pfm", ".hdr") else img
+        src = img[..., 0] if ext in (".pbm", ".pgm") else src
+        ok, buf = cv2.imencode(ext, src)
+        assert ok, ext
+        h = read_header(io.BytesIO(buf.tobytes()))
+        assert cv2.imdecode(buf, cv2.IMREAD_COLOR).shape[:2] == (36, 52), ext
+        if h.format in {n for _, n in UNSIZED}:
+            assert h.width is None, ext
+        else:
+            assert (h.width, h.height) == (52, 36), (ext, h)
+        seen.add(h.format)
+    assert {"PFM", "Radiance HDR", "PAM"} <= seen and len(seen) == len(exts) - 2  # .pbm/.pgm/.ppm are Pillow's PPM
     for f in [*shared.glob("data/*/*.jpg"), *shared.glob("data/*/*.png")]:
-        h, w = cv2.imread(str(f)).shape[:2]
-        assert image_header_size(f.read_bytes()) == (w, h), f
-    assert image_header_size(b"GIF89a....") is None and image_header_size(b"\xff\xd8\xff") is None
+        rows, cols = cv2.imread(str(f)).shape[:2]
+        with open(f, "rb") as fp:
+            assert (read_header(fp).width, read_header(io.BytesIO(f.read_bytes())).height) == (cols, rows), f
+    assert read_header(io.BytesIO(b"GIF89a....")).width is None and read_header(io.BytesIO(b"\xff\xd8\xff")).width is None
 
 
 def test_oversized_images_are_skipped_before_decoding(coco_dir, tmp_path, caplog):
-    from test_bad_inputs import tiny_jpeg_claiming, tiny_png_claiming
+    from test_bad_inputs import bigtiff_claiming, tiny_gif_claiming, tiny_jpeg_claiming, tiny_png_claiming
 
     shutil.copy(coco_dir / "000000000785.jpg", tmp_path / "000000000785.jpg")
     (tmp_path / "bomb.jpg").write_bytes(tiny_jpeg_claiming(65000, 65000))  # 629 bytes
     (tmp_path / "blank.png").write_bytes(tiny_png_claiming(20000, 20000))
+    (tmp_path / "wide.gif").write_bytes(tiny_gif_claiming(12000, 12000))  # 144 MP in 29 bytes
+    (tmp_path / "gif.png").write_bytes(tiny_gif_claiming(12000, 12000))  # OpenCV decodes by content, so do we
+    (tmp_path / "big.tiff").write_bytes(bigtiff_claiming(20000, 20000))
     with caplog.at_level(logging.WARNING):
         src = open_source(str(tmp_path))
         frames = list(src)
-    assert [f.name for f in frames] == ["000000000785.jpg"] and src.skipped == 2
+    assert [f.name for f in frames] == ["000000000785.jpg"] and src.skipped == 5
     warned = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
-    assert len(warned) == 2 and all("over the limit of 50,000,000" in m for m in warned)
+    assert len(warned) == 5 and all("over the limit of 50,000,000" in m for m in warned)
     assert any("bomb.jpg: 65000 x 65000" in m for m in warned) and any("blank.png: 20000 x 20000" in m for m in warned)
+    assert any("wide.gif: 12000 x 12000" in m for m in warned) and any("gif.png: 12000 x 12000" in m for m in warned)
     # the limit is a parameter: 640 x 425 = 272,000 pixels is over 100,000
     src = open_source(str(tmp_path / "000000000785.jpg"), max_pixels=100_000)
     assert list(src) == [] and src.skipped == 1
     assert len(list(open_source(str(tmp_path / "000000000785.jpg"), max_pixels=None))) == 1
     # without a limit the 65000 x 65000 claim reaches OpenCV, whose error is a skip too, not a cv2.error
+    for bomb in ("wide.gif", "gif.png", "big.tiff"):  # these OpenCV would decode into GBs: not tried here
+        (tmp_path / bomb).unlink()
     src = open_source(str(tmp_path), max_pixels=None)
     assert [f.name for f in src] == ["000000000785.jpg"] and src.skipped == 2
 

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 
 # -- arguments ---------------------------------------------------------------------------------------------------------
+MAX_BATCH = 1024  # largest --batch timed: above it a call's input alone passes 600 MB and a round takes minutes
+
+
 def parse_batches(text: str) -> list[int]:
     """'1,8,32' -> [1, 8, 32]; each a positive integer."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
@@ -38,6 +41,11 @@ def parse_batches(text: str) -> list[int]:
         raise DynPoseError(f"--batch {text!r}: not a comma-separated list of integers (e.g. 1,8,32)") from None
     if not vals or any(v < 1 for v in vals):
         raise DynPoseError(f"--batch {text!r}: batch sizes must be integers >= 1 (e.g. 1,8,32)")
+    if max(vals) > MAX_BATCH:
+        raise DynPoseError(
+            f"--batch {text!r}: {max(vals)} crops per call is over the limit of {MAX_BATCH} (a batch of 1024 "
+            "256x192 crops is 600 MB of input before the model's own memory); time batches up to the engine's max_batch"
+        )
     return sorted(set(vals))
 
 

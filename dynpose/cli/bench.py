@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dynpose.cli.common import check_finite, check_threads, user_errors
+from dynpose.cli.common import check_finite, check_threads, user_errors, version_option
 from dynpose.errors import DynPoseError
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ def _policies(text: str | None, engine_dir: Path) -> tuple[str, ...]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EPILOG)
+@version_option
 @click.option("--engine-dir", required=True, type=click.Path(path_type=Path), help="Engine dir with manifest.json.")
 @click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -102,6 +103,7 @@ def _options(engine_dir: Path, kw: dict[str, Any]) -> BenchOptions:
     from dynpose import bench
     from dynpose.bench.options import DEFAULTS, BenchOptions
 
+    _guard(engine_dir, kw)
     device = str(kw["device"])
     batches = tuple(bench.parse_batches(kw["batch"])) if kw["batch"] is not None else ()
     fracs = tuple(bench.parse_fractions(kw["fractions"])) if str(kw["fractions"]).strip() else ()
@@ -145,6 +147,17 @@ def _options(engine_dir: Path, kw: dict[str, Any]) -> BenchOptions:
         store_costs=bool(kw["store_costs"]),
         backend_options=backend_options,
     )
+
+
+def _guard(engine_dir: Path, kw: dict[str, Any]) -> None:
+    """--json / --plot may not replace the engine dir's files (its bench/ folder is where figures go) or an input."""
+    from dynpose.fileio import OutputGuard
+
+    root = Path(engine_dir)
+    own = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "bench"] if root.is_dir() else []
+    guard = OutputGuard.of({"--engine-dir": own, "--detections": kw["detections"]}, sources={"--images": kw["images"]})
+    guard.check_file(kw["json_out"], "--json")
+    guard.check_file(kw["plot_out"], "--plot")
 
 
 def _torch_options(kw: dict[str, Any], backend: str, device: str) -> dict[str, Any]:

@@ -23,6 +23,14 @@ from dynpose.errors import DynPoseError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def version_option(fn: F) -> F:
+    """`--version` on every command: the command's name and dynpose's version (`dynpose.__version__`, the one
+    pyproject.toml carries), read from the code that runs, not from an installed distribution's metadata."""
+    from dynpose import __version__
+
+    return click.version_option(__version__, "--version", message="%(prog)s (dynpose %(version)s)")(fn)
+
+
 def user_errors(fn: F) -> F:
     """Turn a `DynPoseError` into `error: <message>` on stderr and exit status 2 (no traceback)."""
 

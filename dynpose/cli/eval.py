@@ -9,9 +9,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dynpose.cli.common import setup_logging, user_errors
+from dynpose.cli.common import setup_logging, user_errors, version_option
 from dynpose.errors import DynPoseError
-from dynpose.fileio import write_json_atomic
+from dynpose.fileio import OutputGuard, write_json_atomic
 
 
 def _gt_is_mpii(gt: Path) -> bool:
@@ -59,6 +59,7 @@ MPII predictions: (N,16,2) joints in annotation order, as .npy or a JSON list (o
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@version_option
 @click.option(
     "--gt", "gt", required=True, type=click.Path(path_type=Path), help="Annotation file (COCO format or MPII JSON)."
 )
@@ -77,6 +78,7 @@ def main(gt: Path, results: Path, kind: str, json_out: Path | None, verbose: boo
     """Score pose results: COCO keypoint AP/AR via pycocotools (COCO, OCHuman, HumanArt; CrowdPose with its own
     sigmas and easy/medium/hard split) or MPII PCKh@0.5 / @0.1."""
     setup_logging()
+    OutputGuard.of({"--gt": gt, "--results": results}).check_file(json_out, "--json")
     res = run_eval(gt, results, kind, verbose)
     title = {"coco": "COCO keypoint AP/AR", "crowdpose": "CrowdPose AP/AR", "mpii": f"MPII PCKh@{res.get('thr', 0.5)}"}
     click.echo(f"{title[res['kind']]}: {results}")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dynpose.cli.common import check_finite, setup_logging, sigterm_as_interrupt, user_errors
+from dynpose.cli.common import check_finite, setup_logging, sigterm_as_interrupt, user_errors, version_option
 from dynpose.engines.manifest import Entry
 from dynpose.errors import DynPoseError
 from dynpose.roles import Role
@@ -110,6 +110,7 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EXAMPLES)
+@version_option
 @click.option(
     "--model",
     "model",

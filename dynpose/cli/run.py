@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dynpose.cli.common import check_finite, check_threads, setup_logging, sigterm_as_interrupt, user_errors
+from dynpose.cli.common import check_finite, check_threads, setup_logging, sigterm_as_interrupt, user_errors, version_option
 from dynpose.errors import DynPoseError
 
 if TYPE_CHECKING:
+    from dynpose.fileio import OutputGuard
     from dynpose.io.box_sources import BoxSource
     from dynpose.io.sinks import ResultSink
     from dynpose.io.sources import FrameSource
@@ -43,7 +44,8 @@ Examples:
 \b
 Routing policies (--route): band:LO,HI (DynPose release rule, large iff LO <= router score <= HI),
 threshold:T, fraction:F (top F of each batch by router score go large), all-small, all-large,
-box:AREA (boxes under AREA px² go small). Default: the engine dir manifest's policy.
+box:AREA (boxes under AREA px² go small), box-threshold:AREA,T (large iff w*h >= AREA and router
+score >= T). Default: the engine dir manifest's policy.
 """
 
 
@@ -154,12 +156,21 @@ def _check_source(o: RunOptions, src: FrameSource, boxes: BoxSource) -> None:
         )
 
 
+def _output_guard(o: RunOptions) -> OutputGuard:
+    """What this run reads, which --out and --vis may not replace (`dynpose.fileio.OutputGuard`)."""
+    from dynpose.fileio import OutputGuard
+
+    sources = [s for s in o.source if not (s.strip().isdigit() and not Path(s).exists())]  # a webcam is no file
+    inputs = {"--detections": o.detections, "--gt-boxes": o.gt_boxes, "--ann": o.ann, "--eval": o.eval_gt}
+    return OutputGuard.of({**inputs, "--detector": o.detector}, {"--engine-dir": o.engine_dir}, {"--source": sources})
+
+
 def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[ResultSink]]:
     """Each source's sinks (per-source file names when there are several); none left half-made on an error."""
     from dynpose.io.sinks import Outputs
     from dynpose.io.sources import source_stems
 
-    outputs = Outputs(o.out, o.out_format, o.vis, o.vis_score, collect=o.eval_gt is not None)
+    outputs = Outputs(o.out, o.out_format, o.vis, o.vis_score, collect=o.eval_gt is not None, guard=_output_guard(o))
     stems: list[str | None] = list(source_stems(o.source)) if len(srcs) > 1 else [None]
     made: list[list[ResultSink]] = []
     try:
@@ -173,6 +184,7 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EPILOG)
+@version_option
 @click.option("--engine-dir", required=True, type=click.Path(path_type=str), help="Engine dir with manifest.json.")
 @click.option(
     "--source",

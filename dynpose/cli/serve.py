@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from dynpose.cli.common import check_threads, setup_logging, sigterm_as_interrupt, user_errors
+from dynpose.cli.common import check_threads, setup_logging, sigterm_as_interrupt, user_errors, version_option
 from dynpose.errors import DynPoseError
 from dynpose.roles import Role
 
@@ -37,6 +37,7 @@ GET /v1/stats. Replica counts take N or MIN-MAX (autoscaling). See docs/serving.
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@version_option
 @click.option("--engine-dir", type=click.Path(path_type=Path), help="Engine dir with manifest.json (starts the service).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP address (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
@@ -186,13 +187,14 @@ def bench(
     json_out: Path | None,
 ) -> None:
     """Load a running service: req/s, crops/s, p50/p95/p99 latency, errors, and the pose batches formed."""
-    from dynpose.fileio import write_json_atomic
+    from dynpose.fileio import OutputGuard, write_json_atomic
     from dynpose.io.sinks import check_writable_file
     from dynpose.serve.client import Client
     from dynpose.serve.loadgen import format_report, load_items, run_load
 
     if json_out is not None:
         check_writable_file(json_out, "--json")  # an unwritable destination fails before the load runs
+        OutputGuard.of({"--detections": detections}, sources={"--images": images}).check_file(json_out, "--json")
     items = load_items(images, detections)
     client = Client(url, timeout=timeout, retries=retries)
     if not client.healthy():

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from dynpose.cli.common import check_threads, setup_logging, user_errors
+from dynpose.cli.common import check_threads, setup_logging, user_errors, version_option
 from dynpose.errors import DynPoseError
 
 EXAMPLES = """
@@ -45,6 +45,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EXAMPLES)
+@version_option
 @click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine dir with small + large.")
 @click.option("--ann", default=None, type=click.Path(dir_okay=False), help="COCO-format keypoint annotations (labelled).")
 @click.option("--images", default=None, type=click.Path(file_okay=False), help="Folder with the annotated images.")
@@ -212,6 +213,7 @@ def _job(kw: dict[str, Any], flip: bool) -> Any:
         device=kw["device"], precision=kw["precision"], cache_dir=kw["cache_dir"], use_cache=not kw["no_cache"],
         export=not kw["no_export"], trust_pickle=kw["trust_checkpoint"], min_agreement=kw["min_agreement"],
         progress=not kw["quiet"], threads=kw["threads"],
+        reads={"--eval-ann": kw["eval_ann"], "--eval-dets": kw["eval_dets"]},
     )  # fmt: skip
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -37,9 +36,19 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.data import KeypointLayout, as_id, as_number, keypoint_layout
+from dynpose.data import (
+    KeypointLayout,
+    as_box,
+    as_id,
+    as_number,
+    category_keypoints,
+    check_coords,
+    check_record,
+    flat_keypoints,
+    keypoint_layout,
+)
 from dynpose.errors import DynPoseError
-from dynpose.fileio import read_json
+from dynpose.fileio import parse_json, read_json
 from dynpose.keypoints import COCO17, COCO17_TO_CROWDPOSE14, CROWDPOSE14, map_keypoints
 
 COCO_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -62,6 +71,60 @@ def quiet() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+def _gt_annotation(a: Any, num: int | None, where: str) -> dict[str, Any]:
+    """One checked annotation with the fields COCO keypoint eval reads (others, e.g. segmentation, are dropped)."""
+    a = check_record(a, where, ("id", "image_id", "bbox", "keypoints"))
+    out: dict[str, Any] = {
+        "id": as_id(a["id"], "id", where),
+        "image_id": as_id(a["image_id"], "image_id", where),
+        "category_id": as_id(a.get("category_id", 1), "category_id", where),
+        "iscrowd": as_id(a.get("iscrowd", 0), "iscrowd", where),
+        "bbox": check_coords(as_box(a["bbox"], where), "bbox", where).tolist(),
+        "keypoints": check_coords(flat_keypoints(a["keypoints"], num, where), "keypoints", where).reshape(-1).tolist(),
+    }
+    if "num_keypoints" in a:
+        out["num_keypoints"] = as_id(a["num_keypoints"], "num_keypoints", where)
+    if "area" in a:
+        out["area"] = as_number(a["area"], "area", where, finite=True)
+    return out
+
+
+def _gt_image(im: Any, where: str) -> dict[str, Any]:
+    im = check_record(im, where, ("id",))
+    out: dict[str, Any] = {"id": as_id(im["id"], "id", where)}
+    for k in ("width", "height"):
+        if k in im:
+            out[k] = as_id(im[k], k, where)
+    if isinstance(im.get("file_name"), str):
+        out["file_name"] = im["file_name"]
+    if "crowdIndex" in im:
+        out["crowdIndex"] = as_number(im["crowdIndex"], "crowdIndex", where, finite=True)
+    return out
+
+
+def check_gt(d: Any, where: str) -> dict[str, Any]:
+    """The ground truth as pycocotools gets it, rebuilt from checked fields: every image and annotation an object
+    with integer ids, boxes and keypoints of finite numbers (3 per keypoint of the category), categories a list of
+    objects. A one-line DynPoseError naming the record and the field, where pycocotools would raise a KeyError."""
+    if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
+        raise DynPoseError(f"{where}: not COCO format (needs 'images' and 'annotations')")
+    for key in ("images", "annotations"):
+        if not isinstance(d[key], list):
+            raise DynPoseError(f"{where}: {key!r} must be a list, got {type(d[key]).__name__}")
+    category_keypoints(d, where)  # categories: a list of objects, names strings
+    layout = keypoint_layout(d, where)  # the annotations' count where an extended name list disagrees (HumanArt)
+    cats = [
+        {
+            **{k: c[k] for k in ("name", "supercategory", "keypoints", "skeleton") if k in c},
+            "id": as_id(c.get("id", 1), "id", f"{where}: category {i}"),
+        }
+        for i, c in enumerate(d.get("categories", []))
+    ]
+    images = [_gt_image(im, f"{where}: image {i}") for i, im in enumerate(d["images"])]
+    anns = [_gt_annotation(a, layout.num, f"{where}: annotation {i}") for i, a in enumerate(d["annotations"])]
+    return {"images": images, "annotations": anns, "categories": cats}
 
 
 def resolve_kind(gt: dict, kind: str, where: str = "ground truth", layout: KeypointLayout | None = None) -> str:
@@ -113,11 +176,7 @@ def jsonl_results(path: str | os.PathLike) -> list[dict]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                why = f"line {n} is not valid JSON ({e.msg}); is this dynpose-run's .jsonl?"
-                raise DynPoseError(f"results {p}: {why}") from None
+            rec = parse_json(line, f"results {p}: line {n}", hint="is this dynpose-run's .jsonl?")
             if isinstance(rec, dict) and rec.get("image_id", 0) is None:
                 no_id.append(str(rec.get("name", f"line {n}")))
                 continue
@@ -335,9 +394,7 @@ def evaluate_results(
     AR75 AP(easy) AP(medium) AP(hard)), plus `kind`, `names`, `stats` (the figures in that order), `summary` (text)
     and counts. pycocotools' own prints are shown only when `verbose`.
     """
-    gt_data = read_json(gt, "ground truth", hint="pass a COCO-format file")
-    if not isinstance(gt_data, dict) or "images" not in gt_data or "annotations" not in gt_data:
-        raise DynPoseError(f"ground truth {gt}: not COCO format (needs 'images' and 'annotations')")
+    gt_data = check_gt(read_json(gt, "ground truth", hint="pass a COCO-format file"), f"ground truth {gt}")
     layout = keypoint_layout(gt_data, f"ground truth {gt}")
     kind = resolve_kind(gt_data, kind, f"ground truth {gt}", layout)
     note = layout.note()

@@ -54,23 +54,67 @@ NAMES = tuple(g[0] for g in GROUPS) + ("Mean", "Mean@0.1")
 log = logging.getLogger(__name__)
 
 
-def load_mpii(path: str | os.PathLike) -> list[dict]:
-    """The MPII JSON annotation list, checked for `joints` (16,2) and `joints_vis` (16) on every record."""
+# the fields of an MPII record that are checked when present: (shape, what)
+_MPII_FIELDS = {
+    "joints": ((NUM_JOINTS, 2), "16 [x, y] pairs of finite numbers"),
+    "joints_vis": ((NUM_JOINTS,), "16 numbers"),
+    "center": ((2,), "[x, y], 2 finite numbers"),
+    "scale": ((), "a number > 0 (person height / 200)"),
+    "headbox": ((2, 2), "[[x1, y1], [x2, y2]] of finite numbers"),
+}
+
+
+def _mpii_array(r: dict, key: str, where: str) -> np.ndarray:
+    shape, what = _MPII_FIELDS[key]
+    v = r[key]
+    ok = isinstance(v, list | int | float) and not isinstance(v, bool)
+    try:
+        a = np.asarray(v, dtype=np.float64) if ok else None
+    except (TypeError, ValueError, OverflowError):  # strings, ragged lists
+        a = None
+    if a is None or (a.shape != shape and not (key == "headbox" and a.shape == (4,))) or not np.isfinite(a).all():
+        raise DynPoseError(f"{where}: {key!r} must be {what}, got {str(v)[:40]}")
+    if key == "scale" and not a > 0:
+        raise DynPoseError(f"{where}: 'scale' must be {what}, got {v}")
+    return a
+
+
+def load_mpii(path: str | os.PathLike, need: tuple[str, ...] = ()) -> list[dict]:
+    """The MPII JSON annotation list: every record has `joints` (16,2) and `joints_vis` (16) and the fields in
+    `need`; each of those and `center`, `scale`, `headbox` present is checked (numbers of the right shape)."""
     d = read_json(path, "MPII annotations")
     if not isinstance(d, list) or not d:
         raise DynPoseError(f"MPII annotations {path}: expected a non-empty JSON list of {{image, joints, joints_vis}}")
     for i, r in enumerate(d):
-        if not isinstance(r, dict) or "joints" not in r or "joints_vis" not in r:
-            raise DynPoseError(f"MPII annotations {path}: record {i} lacks joints/joints_vis")
-        if np.asarray(r["joints"]).shape != (NUM_JOINTS, 2) or np.asarray(r["joints_vis"]).shape != (NUM_JOINTS,):
-            raise DynPoseError(f"MPII annotations {path}: record {i} needs joints (16,2) and joints_vis (16)")
+        where = f"MPII annotations {path}: record {i}"
+        missing = [k for k in ("joints", "joints_vis", *need) if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise DynPoseError(f"{where} lacks {', '.join(missing)}")
+        for key in _MPII_FIELDS.keys() & r.keys():
+            _mpii_array(r, key, where)
+        if "image" in r and (not isinstance(r["image"], str) or not r["image"]):
+            raise DynPoseError(f"{where}: 'image' must be a file name, got {str(r['image'])[:40]}")
     return d
+
+
+def _load_npy(p: Path) -> np.ndarray:
+    """A .npy of real numbers (no pickle), or a one-line error naming the file."""
+    if not p.is_file():
+        raise DynPoseError(f"predictions {p}: file not found")
+    try:
+        a = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DynPoseError(f"predictions {p}: not a readable .npy array ({str(e).splitlines()[0][:80]})") from None
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "iuf":
+        raise DynPoseError(f"predictions {p}: dtype {getattr(a, 'dtype', type(a).__name__)}, expected float (N,16,2) joints")
+    return a
 
 
 def load_predictions(preds: np.ndarray | list | str | os.PathLike) -> np.ndarray:
     """(N,16,2) predictions from an array, a nested list, a .npy file, or a JSON file holding a list of (16,2|3)
     per-person joints or {"preds": ...}; a third column (scores) is dropped. COCO-17 joints ((N,17,2|3)) are mapped
     to MPII order with NaN where COCO has no joint (see the module note)."""
+    where = f"predictions {preds}" if isinstance(preds, str | os.PathLike) else "predictions"
     if isinstance(preds, str | os.PathLike):
         p = Path(preds)
         if p.suffix.lower() == ".jsonl":
@@ -79,9 +123,7 @@ def load_predictions(preds: np.ndarray | list | str | os.PathLike) -> np.ndarray
                 "file's order; dynpose-run's .jsonl lists persons per frame and cannot be matched to that order"
             )
         if p.suffix == ".npy":
-            if not p.is_file():
-                raise DynPoseError(f"predictions {p}: file not found")
-            preds = np.load(p)
+            preds = _load_npy(p)
         else:
             d = read_json(p, "predictions")
             preds = d["preds"] if isinstance(d, dict) and "preds" in d else d
@@ -90,13 +132,13 @@ def load_predictions(preds: np.ndarray | list | str | os.PathLike) -> np.ndarray
     try:
         a = np.asarray(preds, dtype=np.float64)
     except (TypeError, ValueError):
-        raise DynPoseError("predictions: not a numeric (N,16,2) array; write one (16,2) list per person") from None
+        raise DynPoseError(f"{where}: not a numeric (N,16,2) array; write one (16,2) list per person") from None
     if a.ndim == 2 and a.shape[1] in (NUM_JOINTS * 2, NUM_JOINTS * 3, COCO17.num * 2, COCO17.num * 3):
         a = a.reshape(len(a), NUM_JOINTS if a.shape[1] in (NUM_JOINTS * 2, NUM_JOINTS * 3) else COCO17.num, -1)
     if a.ndim == 3 and a.shape[1] == COCO17.num and a.shape[2] in (2, 3):
         a = map_keypoints(a, COCO17_TO_MPII16)
     if a.ndim != 3 or a.shape[1] != NUM_JOINTS or a.shape[2] not in (2, 3):
-        raise DynPoseError(f"predictions: shape {a.shape}, expected (N,16,2) in MPII joint order (or (N,17,2) COCO-17)")
+        raise DynPoseError(f"{where}: shape {a.shape}, expected (N,16,2) in MPII joint order (or (N,17,2) COCO-17)")
     return a[:, :, :2]
 
 

@@ -193,7 +193,7 @@ def register_onnx(
     )
     with staging(engine_dir) as stage:
         gate = gate_crops(card, calib)
-        fp32, check = adopt_onnx(model, stage / f"{role}.onnx", card, gate[0], source=src)
+        fp32, check = adopt_onnx(model, stage / f"{role}.onnx", card, gate[0], source=src, role=role)
         return _finish(stage, job, fp32, check.require(), gate, [])
 
 

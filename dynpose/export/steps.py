@@ -68,13 +68,14 @@ def adopt_onnx(
     card: ModelCard,
     real: CropSet | None = None,
     source: str | os.PathLike | None = None,
+    role: str | None = None,
 ) -> tuple[Path, Check]:
     """A user's fp32 ONNX (already read and checked; `source` is its file, named in messages) -> `dst` with the card
     in its metadata, its names kept; checked for an input matching the card, a working dynamic batch and finite
     outputs (`verify_onnx_batches`)."""
     dst = Path(dst)
     onnx.save(set_card(model, card), str(dst))
-    check = verify_onnx_batches(dst, card, real, name=source)
+    check = verify_onnx_batches(dst, card, real, name=source, role=role)
     if check:
         log.info(
             "%s: ONNX checks passed (batch 5 vs 5 x batch 1 relative L2 %.2e)",

@@ -19,7 +19,7 @@ from dynpose.export.calibration.crops import CalibSpec, CropSet, coco_person_cro
 from dynpose.export.judges import Check
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session, rel_l2, run_session_all
-from dynpose.runtime.decode import output_layout_problem
+from dynpose.runtime.model import check_output_shapes
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,20 @@ def verify_torch_vs_onnx(
 
 
 def verify_onnx_batches(
-    onnx_path: str | os.PathLike, card: ModelCard, real: CropSet | None, name: str | os.PathLike | None = None
+    onnx_path: str | os.PathLike,
+    card: ModelCard,
+    real: CropSet | None,
+    name: str | os.PathLike | None = None,
+    role: str | None = None,
 ) -> Check:
     """For a user's ONNX: the input matches the card, a pose model's outputs are what the card's decoder reads
-    (`decode.output_layout_problem`), batch 5 equals five batch-1 runs (dynamic batch works) and outputs are finite,
+    (`model.check_output_shapes`), batch 5 equals five batch-1 runs (dynamic batch works) and outputs are finite,
     for every output. Figures: `batch5_vs_batch1_rel_l2` (the worst output's), `output_shape`
     (the first output's, per crop), and `output_shapes` (every output's) for a model with several. `name`: the file
     to name in messages (the user's own, not the staged copy being checked)."""
     sess = open_session(onnx_path)
     shape = sess.get_inputs()[0].shape
-    where = f"ONNX model {name or onnx_path}"
+    where = f"{role + ' ' if role else ''}ONNX model {name or onnx_path}"
     if len(shape) != 4 or list(shape[1:]) != [3, card.input_height, card.input_width]:
         return Check(
             "fp32",
@@ -137,14 +141,19 @@ def verify_onnx_batches(
         else np.random.default_rng(0).standard_normal((5, 3, card.input_height, card.input_width)).astype(np.float32)
     )
     try:
+        ones = run_session_all(sess, x, batch=1)
+    except Exception as e:  # ONNX Runtime's own error types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return Check("fp32", False, {}, f"{where}: ONNX Runtime fails to run it on a crop ({first}); check the model")
+    try:
+        check_output_shapes([o.shape for o in ones], card, where)
+    except DynPoseError as e:
+        return Check("fp32", False, {}, str(e))
+    try:
         big = run_session_all(sess, x, batch=5)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return Check("fp32", False, {}, f"{where}: batch 5 fails ({first}); export it with a dynamic batch axis")
-    ones = run_session_all(sess, x, batch=1)
-    layout = output_layout_problem([b.shape for b in big], card) if card.task == "pose" else None
-    if layout:
-        return Check("fp32", False, {}, f"{where}: {layout}")
     if not all(np.isfinite(b).all() for b in big):
         return Check("fp32", False, {}, f"{where}: outputs contain NaN/inf on real crops")
     err, _ = worst_rel_l2(big, ones)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from dynpose.errors import DynPoseError
-from dynpose.fileio import write_json_atomic
+from dynpose.fileio import OutputGuard, make_temp_beside, replace_into, write_json_atomic
 from dynpose.io.sources import Frame, FrameSource
 from dynpose.keypoints import KeypointSet
 from dynpose.runtime.person import Person
@@ -100,7 +100,8 @@ class JsonLinesSink:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = check_writable_file(path, "--out")
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        # as every atomic writer: a FIFO or device is refused, a symlink keeps pointing at the new file
+        self._tmp, self._target = make_temp_beside(self.path)
         self._file: IO[str] | None = open(self._tmp, "w")  # noqa: SIM115 (closed in close/abort)
         self.count = 0
 
@@ -124,7 +125,10 @@ class JsonLinesSink:
             return
         try:
             self._file.close()
-            os.replace(self._tmp, self.path)
+            replace_into(self._tmp, self._target, self.path)
+        except DynPoseError:
+            self.abort()
+            raise
         except OSError as e:
             self.abort()
             raise DynPoseError(f"--out {self.path}: cannot write ({e.strerror}); nothing was written") from None
@@ -285,6 +289,7 @@ class Outputs:
     vis: str | None = None
     vis_score: float = 0.3
     collect: bool = False
+    guard: OutputGuard = OutputGuard()  # what the run reads, which its outputs may not replace
 
     def sinks(
         self, src: FrameSource, keypoint_set: KeypointSet, stem: str | None = None, vid_id: int = 1
@@ -294,6 +299,7 @@ class Outputs:
         fmt = out_format(self.out, self.fmt)
         out = per_source(self.out, stem) if self.out is not None else None
         name = stem or (f"webcam{src.source}" if src.kind == "webcam" else Path(src.source).stem)
+        self.guard.check_file(out, "--out")
         sinks: list[ResultSink] = []
         if fmt == "jsonl":
             sinks.append(JsonLinesSink(out))  # type: ignore[arg-type]
@@ -304,6 +310,7 @@ class Outputs:
         if self.vis is not None:
             live = src.kind in ("video", "webcam")
             folder = Path(self.vis) if live or stem is None else Path(self.vis) / stem
+            self.guard.check_folder(folder, "--vis")
             sinks.append(
                 DrawingSink(folder, keypoint_set, video_name=name if live else None, fps=src.fps, min_score=self.vis_score)
             )

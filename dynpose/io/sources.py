@@ -4,9 +4,10 @@
 iterator of `Frame`s. Unreadable images inside a folder are skipped with a warning and counted in `skipped`, so one
 bad file does not stop a long run.
 
-Image size is checked from the file's header before decoding (JPEG SOF, PNG IHDR, BMP, WebP, TIFF): a 629-byte
-JPEG can claim 65000 x 65000 pixels, and decoding even a 20000 x 20000 claim allocates 1.2 GB for a blank frame.
-Images over `max_pixels` (default `MAX_PIXELS`, 50 MP) are skipped with a warning naming the file and the limit.
+Image size is checked from the file's header before decoding, for every format OpenCV decodes
+(`dynpose.io.imagesize`): a 629-byte JPEG can claim 65000 x 65000 pixels, a 35-byte GIF 24000 x 24000, and
+decoding even a 20000 x 20000 claim allocates 1.2 GB for a blank frame. Images over `max_pixels` (default
+`MAX_PIXELS`, 50 MP) are skipped with a warning naming the file and the limit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import struct
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ import numpy as np
 
 from dynpose.data import IMAGE_SUFFIXES
 from dynpose.errors import DynPoseError
+from dynpose.io.imagesize import check_pixels
 
 log = logging.getLogger(__name__)
 
@@ -49,108 +50,30 @@ def _image_id(path: Path) -> int | None:
     return int(path.stem) if path.stem.isdigit() else None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the first SOFn marker; markers before it are skipped by their lengths."""
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length field
-            i += 2
-            continue
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            if i + 9 > len(data):
-                return None
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            return (w, h) if w and h else None  # height 0: defined later by a DNL marker, let the decoder judge
-        i += 2 + length
-    return None
-
-
-def _tiff_size(data: bytes) -> tuple[int, int] | None:
-    """ImageWidth (256) and ImageLength (257) from the first IFD."""
-    order = "<" if data[:2] == b"II" else ">"
-    if len(data) < 8:
-        return None
-    (ifd,) = struct.unpack(order + "I", data[4:8])
-    if ifd + 2 > len(data):
-        return None
-    (n,) = struct.unpack(order + "H", data[ifd : ifd + 2])
-    found: dict[int, int] = {}
-    for k in range(n):
-        off = ifd + 2 + 12 * k
-        if off + 12 > len(data):
-            break
-        tag, typ = struct.unpack(order + "HH", data[off : off + 4])
-        if tag in (256, 257):
-            fmt = "H" if typ == 3 else "I"
-            found[tag] = struct.unpack(order + fmt, data[off + 8 : off + 8 + struct.calcsize(fmt)])[0]
-    return (found[256], found[257]) if 256 in found and 257 in found else None
-
-
-def _webp_size(data: bytes) -> tuple[int, int] | None:
-    chunk = data[12:16]
-    if chunk == b"VP8X" and len(data) >= 30:
-        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
-    if chunk == b"VP8L" and len(data) >= 25:
-        b = int.from_bytes(data[21:25], "little")
-        return 1 + (b & 0x3FFF), 1 + ((b >> 14) & 0x3FFF)
-    if chunk == b"VP8 " and len(data) >= 30:
-        w, h = struct.unpack("<HH", data[26:30])
-        return w & 0x3FFF, h & 0x3FFF
-    return None
-
-
-def image_header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) an image file's header claims, read without decoding; None when the format is not one
-    parsed here or the header is cut short (the decoder then decides)."""
-    try:
-        if data[:2] == b"\xff\xd8":
-            return _jpeg_size(data)
-        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-            w, h = struct.unpack(">II", data[16:24])
-            return int(w), int(h)
-        if data[:2] == b"BM" and len(data) >= 26:
-            w, h = struct.unpack("<ii", data[18:26])
-            return abs(w), abs(h)  # negative height: rows stored top-down
-        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            return _webp_size(data)
-        if data[:4] in (b"II*\x00", b"MM\x00*"):
-            return _tiff_size(data)
-    except struct.error:
-        return None
-    return None
-
-
 def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """BGR uint8 image, or a one-line DynPoseError saying why not (unreadable, not an image, over `max_pixels` by
     its header, which is checked before any decoding; None: no limit). Reads bytes first so non-ASCII paths work."""
     try:
+        if max_pixels is not None:
+            with open(path, "rb") as f:  # the header alone, before the whole file is read
+                check_pixels(f, f"image {path}", max_pixels)
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as e:
         raise DynPoseError(f"image {path}: cannot be read ({e.strerror or e})") from None
-    return decode_image_bytes(data, f"image {path}", max_pixels)
+    return decode_image_bytes(data, f"image {path}", max_pixels, checked=max_pixels is not None)
 
 
-def decode_image_bytes(data: bytes | np.ndarray, what: str = "image", max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+def decode_image_bytes(
+    data: bytes | np.ndarray, what: str = "image", max_pixels: int | None = MAX_PIXELS, checked: bool = False
+) -> np.ndarray:
     """An encoded image (file bytes: JPEG, PNG, ...) -> BGR uint8, with `decode_image`'s checks; `what` names the
-    image in errors (a file, an HTTP request's upload)."""
+    image in errors (a file, an HTTP request's upload). Over `max_pixels` by its header: `ImageTooLarge`
+    (`checked`: the caller has checked the header already)."""
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if buf.size == 0:
         raise DynPoseError(f"{what}: empty file")
-    size = image_header_size(buf[: 1 << 16].tobytes())
-    if max_pixels is not None and size is not None and size[0] * size[1] > max_pixels:
-        raise DynPoseError(
-            f"{what}: {size[0]} x {size[1]} pixels by its header, over the limit of {max_pixels:,} "
-            "(max_pixels; raise it for such images)"
-        )
+    if max_pixels is not None and not checked:
+        check_pixels(data if isinstance(data, bytes) else buf.tobytes(), what, max_pixels)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as e:  # e.g. a header beyond OpenCV's own pixel limit
@@ -236,6 +159,10 @@ class FrameSource(Iterator[Frame]):
             cap.release()
             why = "no camera at that index, or no permission to open it" if cam else "unknown format or corrupt file"
             raise DynPoseError(f"{what}: cannot be opened by OpenCV ({why})")
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if self.max_pixels is not None and w * h > self.max_pixels:  # before the first frame is decoded
+            cap.release()
+            raise DynPoseError(f"{what}: {w} x {h} pixel frames, over the limit of {self.max_pixels:,} (max_pixels)")
         ok, first = cap.read()
         if not ok or first is None:
             cap.release()

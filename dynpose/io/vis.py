@@ -38,14 +38,42 @@ def _pt(x: float, y: float) -> tuple[int, int]:
     return (int(round(x)), int(round(y)))
 
 
+def _overlaps(r: tuple[int, int, int, int], placed: Sequence[tuple[int, int, int, int]]) -> bool:
+    x0, y0, x1, y1 = r
+    return any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in placed)
+
+
+def place_labels(
+    anchors: Sequence[tuple[int, int]], sizes: Sequence[tuple[int, int]], shape: tuple[int, ...]
+) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) for each label (width, height) anchored at a box's top-left corner: just above the box
+    when that space is free, else the nearest free slot one label height further down or up, so the labels of
+    persons standing close together (a crowd, a tracked group) never cover each other."""
+    h, w = shape[:2]
+    placed: list[tuple[int, int, int, int]] = []
+    for (ax, ay), (lw, lh) in zip(anchors, sizes, strict=True):
+        x0 = int(min(max(ax, 0), max(w - lw, 0)))
+        base_y = int(min(max(ay - lh, 0), max(h - lh, 0)))
+        rect = (x0, base_y, x0 + lw, base_y + lh)
+        for k in range(1, 2 * len(anchors) + 2):
+            if not _overlaps(rect, placed):
+                break
+            step = (k + 1) // 2 * (lh + 1) * (1 if k % 2 else -1)  # down 1, up 1, down 2, ...
+            y0 = base_y + step
+            if 0 <= y0 <= h - lh:
+                rect = (x0, y0, x0 + lw, y0 + lh)
+        placed.append(rect)
+    return placed
+
+
 def draw_persons(
     image_bgr: np.ndarray, persons: Sequence[Any], keypoint_set: KeypointSet | str, kpt_thr: float = 0.3
 ) -> np.ndarray:
     """A copy of the image with each person's box, score, model name and skeleton drawn in the model's colour.
 
     `persons`: objects with `.box` (x,y,w,h), `.score`, `.keypoints` (K,3) and `.model`, and optionally `.track_id`
-    (a tracked person's label starts with `#id`). Keypoints scoring below
-    `kpt_thr`, or not finite, are not drawn; neither are limbs touching them.
+    (a tracked person's label starts with `#id`). Keypoints scoring below `kpt_thr`, or not finite, are not drawn;
+    neither are limbs touching them. Labels are drawn last, each in a free slot (`place_labels`).
     """
     ks = get_keypoint_set(keypoint_set) if isinstance(keypoint_set, str) else keypoint_set
     img = np.ascontiguousarray(image_bgr).copy()
@@ -55,34 +83,47 @@ def draw_persons(
         img = np.clip(img, 0, 255).astype(np.uint8)
     h, w = img.shape[:2]
     thick = max(1, round(max(h, w) / 500))
-    radius = thick + 2
-    font_scale = 0.4 * thick
+    labels: list[tuple[str, tuple[int, int], tuple[int, int, int]]] = []  # text, anchor (box top-left), colour
     for p in persons:
         color = model_color(getattr(p, "model", ""))
         box = np.asarray(p.box, dtype=np.float64).reshape(-1)[:4]
-        if np.isfinite(box).all() and box[2] > 0 and box[3] > 0:
+        if np.isfinite(box).all() and box[2] > 0 and box[3] > 0 and (np.abs(box) < 1e6).all():
             x, y, bw, bh = box
             cv2.rectangle(img, _pt(x, y), _pt(x + bw, y + bh), color, thick, cv2.LINE_AA)
             track_id = getattr(p, "track_id", None)
             label = f"{getattr(p, 'model', '')} {float(getattr(p, 'score', 0.0)):.2f}".strip()
-            label = f"#{track_id} {label}" if track_id is not None else label
-            (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
-            ty = int(max(th + base, y))
-            cv2.rectangle(img, (int(x), ty - th - base), (int(x) + tw, ty), color, -1)
-            cv2.putText(
-                img, label, (int(x), ty - base), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thick, cv2.LINE_AA
-            )
-        kp = np.asarray(p.keypoints, dtype=np.float64).reshape(-1, 3)
-        if len(kp) != ks.num:
-            raise DynPoseError(f"draw_persons: {len(kp)} keypoints but keypoint set {ks.name} has {ks.num}")
-        ok = np.isfinite(kp).all(axis=1) & (kp[:, 2] >= kpt_thr) & (np.abs(kp[:, :2]) < 1e6).all(axis=1)
-        for a, b in ks.skeleton:
-            if ok[a] and ok[b]:
-                cv2.line(img, _pt(*kp[a, :2]), _pt(*kp[b, :2]), color, thick + 1, cv2.LINE_AA)
-        for i in np.flatnonzero(ok):
-            cv2.circle(img, _pt(*kp[i, :2]), radius, (255, 255, 255), -1, cv2.LINE_AA)
-            cv2.circle(img, _pt(*kp[i, :2]), radius, color, 1, cv2.LINE_AA)
+            labels.append((f"#{track_id} {label}" if track_id is not None else label, _pt(x, y), color))
+        _draw_skeleton(img, p, ks, color, thick, kpt_thr)
+    _draw_labels(img, labels, thick)
     return img
+
+
+def _draw_skeleton(
+    img: np.ndarray, p: Any, ks: KeypointSet, color: tuple[int, int, int], thick: int, kpt_thr: float
+) -> None:
+    kp = np.asarray(p.keypoints, dtype=np.float64).reshape(-1, 3)
+    if len(kp) != ks.num:
+        raise DynPoseError(f"draw_persons: {len(kp)} keypoints but keypoint set {ks.name} has {ks.num}")
+    ok = np.isfinite(kp).all(axis=1) & (kp[:, 2] >= kpt_thr) & (np.abs(kp[:, :2]) < 1e6).all(axis=1)
+    for a, b in ks.skeleton:
+        if ok[a] and ok[b]:
+            cv2.line(img, _pt(*kp[a, :2]), _pt(*kp[b, :2]), color, thick + 1, cv2.LINE_AA)
+    for i in np.flatnonzero(ok):
+        cv2.circle(img, _pt(*kp[i, :2]), thick + 2, (255, 255, 255), -1, cv2.LINE_AA)
+        cv2.circle(img, _pt(*kp[i, :2]), thick + 2, color, 1, cv2.LINE_AA)
+
+
+def _draw_labels(img: np.ndarray, labels: Sequence[tuple[str, tuple[int, int], tuple[int, int, int]]], thick: int) -> None:
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick
+    sizes, bases = [], []
+    for text, _, _ in labels:
+        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+        sizes.append((tw, th + base))
+        bases.append(base)
+    rects = place_labels([anchor for _, anchor, _ in labels], sizes, img.shape)
+    for (text, _, color), (x0, y0, x1, y1), base in zip(labels, rects, bases, strict=True):
+        cv2.rectangle(img, (x0, y0), (x1, y1), color, -1)
+        cv2.putText(img, text, (x0, y1 - base), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
 
 
 def write_image(path: str | os.PathLike, image_bgr: np.ndarray) -> None:

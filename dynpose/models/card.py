@@ -108,6 +108,8 @@ class ModelCard:
             raise bad(f"'color_order' must be one of {COLOR_ORDERS}, got {self.color_order!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise bad("'mean' and 'std' must have 3 values (0-255 scale)")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):  # else every crop is NaN, blamed on the model
+            raise bad(f"'mean' and 'std' must be finite numbers, got mean {list(self.mean)}, std {list(self.std)}")
         if any(s <= 0 for s in self.std):
             raise bad(f"'std' values must be > 0, got {self.std}")
         if max(self.mean) <= 1.0 and max(self.std) <= 1.0:
@@ -150,8 +152,9 @@ class ModelCard:
             raise DynPoseError(f"{where}: missing required field(s) {missing}")
         try:
             card = cls(**d)
-        except DynPoseError:
-            raise
+        except DynPoseError as e:  # checked before it knew `where`: name the file too
+            msg = str(e).removeprefix("model card")
+            raise DynPoseError(f"{where}{'' if msg.startswith(':') else ' '}{msg.lstrip()}") from None
         except (TypeError, ValueError) as e:
             raise DynPoseError(f"{where}: {e}") from None
         card.validate(where)

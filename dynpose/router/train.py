@@ -289,6 +289,7 @@ class TrainJob:
     calib: Any = None  # CalibSpec for an INT8 router
     progress: bool = True
     threads: int | None = None  # CPU cores for the pose models (EngineSet.load)
+    reads: dict[str, Any] = field(default_factory=dict)  # more files the caller reads (flag -> path): outputs avoid them
 
     def validate(self) -> None:
         self.config.validate()
@@ -358,6 +359,20 @@ def _fp32_onnx(model: torch.nn.Module, path: Path) -> Path:
     return export_torch(model, path, model.card)  # type: ignore[arg-type]
 
 
+def check_outputs(job: TrainJob, engine_dir: str | os.PathLike, inputs: dict[str, Any]) -> None:
+    """The checkpoint and its loss curve may not replace a file the run reads (`inputs`: flag -> path(s)) nor go
+    into the engine dir (`dynpose.fileio.OutputGuard`); checked before any work."""
+    from dynpose.fileio import OutputGuard
+
+    guard = OutputGuard.of({**inputs, "--init": job.init}, {"--engine-dir": engine_dir})
+    guard.check_file(job.out, "--out")
+    guard.check_file(loss_png_path(job), "--out (its loss curve)")
+
+
+def loss_png_path(job: TrainJob) -> Path:
+    return Path(job.loss_png) if job.loss_png is not None else Path(job.out).with_suffix(".loss.png")
+
+
 def fit_and_export(
     engine_dir: str | os.PathLike,
     model: torch.nn.Module,
@@ -372,7 +387,7 @@ def fit_and_export(
     with torch.random.fork_rng():
         result = train_router(model, images, targets.as_array(), model.card, job.config, progress=job.progress)  # type: ignore[arg-type]
     checkpoint = save_checkpoint(model, job.out)
-    png = Path(job.loss_png) if job.loss_png is not None else Path(job.out).with_suffix(".loss.png")
+    png = loss_png_path(job)
     plot_loss_curve(result, png, title=title)
     rep = TrainReport(result, checkpoint, png, len(targets), targets.summary(), start=_start_note(model, job.init))
     if job.export:
@@ -404,6 +419,7 @@ def train_from_engine_dir(
 
         job.calib = CalibSpec(sources=[Source("coco", Path(ann_path), Path(images_dir))])
     job.validate()
+    check_outputs(job, engine_dir, {"--ann": ann_path, **job.reads})
     outputs, crops = collect_outputs(
         engine_dir, ann_path, images_dir, backend=job.backend, device=job.device, cache_dir=job.cache_dir,
         use_cache=job.use_cache, progress=job.progress,
@@ -425,6 +441,8 @@ def train_unlabelled(engine_dir: str | os.PathLike, spec: Any, job: TrainJob) ->
     from dynpose.router.unlabelled import teacher_set
 
     job.validate()
+    reads = {"--unlabelled": spec.sources, "--detections": spec.detections, "--detector": spec.detector}
+    check_outputs(job, engine_dir, {**reads, **job.reads})
     model = seeded_router(job)
     ts = teacher_set(
         engine_dir, spec, model.card, backend=job.backend, device=job.device, cache_dir=job.cache_dir,  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from dynpose.errors import DynPoseError
 from dynpose.roles import MODEL_ROLES, Role
 from dynpose.runtime.backends import BACKEND_FORMAT, check_backend, load_runner
 from dynpose.runtime.backends.base import Runner
-from dynpose.runtime.model import CropModel, PoseModel, Router
+from dynpose.runtime.model import CropModel, PoseModel, Router, check_outputs
 
 if TYPE_CHECKING:
     from dynpose.runtime.detector import OnnxDetector
@@ -182,7 +182,9 @@ class EngineSet:
         handle: CropModel = Router(runner, entry.card) if role == Role.ROUTER else PoseModel(runner, entry.card)
         setattr(self, role, handle)  # set before activating, so a failure below still closes it
         runner.activate()
-        check_input(handle, f"engine dir {self.engine_dir}: {role} entry {entry.file}")
+        where = f"engine dir {self.engine_dir}: {role} entry {entry.file}"
+        check_input(handle, where)
+        check_outputs(handle, where)
         self.entries[role] = entry
         self.loaded[role] = f"{entry.model} ({entry.format}, {entry.precision}, {be} on {dev})"
 

@@ -12,6 +12,7 @@ lifetime: whoever loaded the runner activates and deactivates it (an `EngineSet`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -21,7 +22,7 @@ from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.roles import Role
 from dynpose.runtime.backends.base import Runner
-from dynpose.runtime.decode import average_flip_outputs, decode_outputs
+from dynpose.runtime.decode import average_flip_outputs, decode_outputs, output_layout_problem
 from dynpose.runtime.preprocess import normalize
 
 
@@ -99,3 +100,31 @@ class Router(CropModel):
     def run(self, crops_u8: np.ndarray) -> np.ndarray:
         """uint8 crops -> scores (N,>=2)."""
         return self.scores(self.inputs(crops_u8))
+
+
+def check_output_shapes(shapes: Sequence[tuple[int, ...]], card: ModelCard, where: str) -> None:
+    """A model's outputs (shapes of one batch, N first) must be what its card reads, else a one-line DynPoseError
+    starting with `where` (the role and the file): a router's (N, >=2) scores; a heatmap model's N x K x h x w
+    with K the card's keypoints; a SimDR model's two N x K x bins vectors (`decode.output_layout_problem`, the rule
+    the decoder itself applies). Checked at export and at load, so a
+    14-heatmap model under a 17-keypoint card, or one with vector outputs, is refused before it runs."""
+    if card.task == Role.ROUTER:
+        if not shapes or len(shapes[0]) != 2 or shapes[0][1] < 2:
+            got = ", ".join(" x ".join(["N", *map(str, s[1:])]) for s in shapes) or "none"
+            raise DynPoseError(f"{where}: outputs {got}, but a router gives N x 3 scores; is this a router model?")
+        return
+    problem = output_layout_problem(shapes, card) if card.task == "pose" else None
+    if problem:
+        raise DynPoseError(f"{where}: {problem}")
+
+
+def check_outputs(model: CropModel, where: str) -> None:
+    """Run one blank crop through an opened model and check its outputs against the card (`check_output_shapes`);
+    a model that fails inside its runtime is a one-line error here, naming `where`, not a traceback mid-run."""
+    x = np.zeros((1, 3, model.card.input_height, model.card.input_width), np.float32)
+    try:
+        outs = model.runner.infer_all(x)
+    except Exception as e:  # the runtime's own error types (ONNX Runtime, TensorRT, torch), or the runner's
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DynPoseError(f"{where}: the model fails on a test crop ({first}); re-export it or check the file") from None
+    check_output_shapes([o.shape for o in outs], model.card, where)

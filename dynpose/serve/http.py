@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.fileio import parse_json
 
 POSE_FIELDS = ("image", "boxes", "route")
 
@@ -82,9 +82,9 @@ def parse_boxes(value: Any, max_boxes: int) -> np.ndarray | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise HttpError(400, f"boxes: not JSON ({e.msg} at character {e.pos}); send [[x,y,w,h(,score)], ...]") from None
+            value = parse_json(value, "boxes", hint="send [[x,y,w,h(,score)], ...]")
+        except DynPoseError as e:
+            raise HttpError(400, str(e)) from None
         if value is None:
             return None
     if not isinstance(value, list):
@@ -111,14 +111,11 @@ def parse_route(value: Any) -> str | None:
     return value.strip()
 
 
-def parse_json(body: bytes, max_boxes: int) -> PoseRequest:
-    try:
-        d = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" ({e.msg} at character {e.pos})" if isinstance(e, json.JSONDecodeError) else ""
-        raise HttpError(
-            400, f'request body is not JSON{where}; send {{"image": "<base64>", ...}} or a multipart form'
-        ) from None
+def parse_json_request(body: bytes, max_boxes: int) -> PoseRequest:
+    try:  # the one JSON reader: malformed, too deeply nested or too long a number are all a 400
+        d = parse_json(body, "request body", hint='send {"image": "<base64>", ...} or a multipart form')
+    except DynPoseError as e:
+        raise HttpError(400, str(e)) from None
     if not isinstance(d, dict):
         raise HttpError(400, f"request body: expected a JSON object with {', '.join(POSE_FIELDS)}, got {type(d).__name__}")
     unknown = sorted(set(d) - set(POSE_FIELDS))
@@ -181,7 +178,7 @@ async def parse_pose_request(
             raise HttpError(400, f"query: unknown parameter(s) {unknown}; use boxes and route")
         return PoseRequest(body, parse_boxes(query.get("boxes"), max_boxes), parse_route(query.get("route")))
     if ctype in ("", "application/json", "text/json"):
-        return parse_json(body, max_boxes)
+        return parse_json_request(body, max_boxes)
     raise HttpError(
         415,
         f"Content-Type {ctype!r}: send application/json, multipart/form-data, or the image itself (image/jpeg, image/png)",
@@ -190,15 +187,15 @@ async def parse_pose_request(
 
 def decode_request_image(data: bytes, max_pixels: int) -> np.ndarray:
     """The request's image as BGR uint8: 413 when its header claims more than `max_pixels` (checked before any
-    decoding, as `dynpose.io.sources` does for files), 400 when it cannot be decoded."""
-    from dynpose.io.sources import decode_image_bytes, image_header_size
+    decoding, for every format OpenCV decodes: `dynpose.io.imagesize`), 400 when it cannot be decoded."""
+    from dynpose.io.imagesize import ImageTooLarge
+    from dynpose.io.sources import decode_image_bytes
 
-    size = image_header_size(data[: 1 << 16])
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise HttpError(
-            413, f"image: {size[0]} x {size[1]} pixels by its header, over the service's limit of {max_pixels:,}"
-        )
     try:
         return decode_image_bytes(data, "image", max_pixels)
+    except ImageTooLarge as e:
+        raise HttpError(
+            413, f"image: {e.width} x {e.height} pixels by its header, over the service's limit of {max_pixels:,}"
+        ) from None
     except DynPoseError as e:
         raise HttpError(400, f"{e}; send a JPEG or PNG file") from None

@@ -20,7 +20,7 @@ import numpy as np
 
 from dynpose.data import gt_boxes, image_id_map, load_coco, load_detections, resolve_image
 from dynpose.errors import DynPoseError
-from dynpose.fileio import atomic_path, sha256_file
+from dynpose.fileio import atomic_path, read_json, sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.runtime.plan import box_geometry, crop_at
 from dynpose.runtime.preprocess import normalize
@@ -61,6 +61,9 @@ class CalibSpec:
     seed: int = 0
 
     def validate(self) -> None:
+        n = self.max_crops
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise DynPoseError(f"--calib-max-crops {n!r}: must be an integer >= 1 (the most calibration crops to use)")
         if not self.sources:
             raise DynPoseError(NEEDS_CALIB)
         for s in self.sources:
@@ -97,8 +100,8 @@ class CalibSpec:
 
 def _sniff(path: Path) -> str | None:
     try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        d = read_json(path, "calibration file")
+    except DynPoseError:
         return None
     if isinstance(d, dict) and "images" in d and "annotations" in d:
         return "coco"
@@ -168,7 +171,9 @@ def _boxes(src: Source, det_score: float) -> list[_Box]:
             for d in dets:
                 out.append(_Box(ids[iid], d[:4], float(d[2] * d[3]), None))
     elif src.kind == "mpii":
-        for r in json.loads(src.path.read_text()):
+        from dynpose.eval.mpii import load_mpii
+
+        for r in load_mpii(src.path, need=("center", "scale", "image")):
             # MPII's scale is the person height / 200 around `center`.
             s = float(r["scale"]) * 200.0
             cx, cy = (float(v) for v in r["center"])

@@ -80,7 +80,11 @@ class OrtRunner(Runner):
 
     def _infer(self, batch: np.ndarray) -> list[np.ndarray]:
         assert self.session is not None
-        outs = self.session.run(self._outputs, {self._input: batch})
+        try:
+            outs = self.session.run(self._outputs, {self._input: batch})
+        except Exception as e:  # ONNX Runtime's own error types: a model that cannot run this batch
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise DynPoseError(f"ONNX model {self.path}: ONNX Runtime failed on a batch of {len(batch)} ({first})") from None
         return [np.asarray(o, dtype=np.float32) for o in outs]
 
 
