@@ -441,7 +441,7 @@ def test_keypoint_count_rule(coco_doc: dict, tmp_path: Path) -> None:
     renamed = copy.deepcopy(extended)  # longer list, but not beginning with COCO's names: the category's count stands
     renamed["categories"][0]["keypoints"] = [f"k{i}" for i in range(18)]
     assert keypoint_layout(renamed, "gt").num == 18
-    with pytest.raises(DynPoseError, match=r"18 keypoints per person; COCO-style eval knows 17"):
+    with pytest.raises(DynPoseError, match=r"annotation 0: 51 keypoint values, the category's 18 keypoints need 54"):
         evaluate_results([], write(renamed, tmp_path / "y.json"))
     with pytest.raises(
         DynPoseError, match=r"kind 'crowdpose' needs 14 keypoints per person, the file has 17; use --kind coco"

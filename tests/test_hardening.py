@@ -221,9 +221,10 @@ def failing_model(path: Path) -> Path:
     [
         (
             lambda p: heatmaps_model(p, 14),
-            r"large ONNX model .*m.onnx: outputs N x 14 x 64 x 48, but its card \(coco17, 17",
+            r"large ONNX model .*m.onnx: model card .* expects heatmaps N x 17 x h x w, but the model gives heatmaps "
+            r"N x 14 x 64 x 48 .*keypoint set \(14 keypoints\)",
         ),
-        (vector_model, r"large ONNX model .*m.onnx: outputs N x 3, but its card .* N x 17 x h x w heatmaps"),
+        (vector_model, r"large ONNX model .*m.onnx: model card .* expects heatmaps N x 17 x h x w, but the model gives"),
         (failing_model, r"large ONNX model .*m.onnx: ONNX Runtime fails to run it on a crop \(.*Reshape"),
     ],
     ids=["14-heatmaps-17-keypoint-card", "vector-outputs", "fails-in-onnxruntime"],
@@ -255,7 +256,7 @@ def test_broken_models_are_refused_at_load(tinypose_engine_dir: Path, tmp_path: 
     large = next(e for e in doc["entries"] if e["role"] == "large")
     large["card"]["keypoints"] = "crowdpose14"  # the file gives 17 heatmaps
     (eng / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(DynPoseError, match=r"large entry .*: outputs N x 17 x 64 x 48, but its card \(crowdpose14, 14"):
+    with pytest.raises(DynPoseError, match=r"large entry .*: model card .* expects heatmaps N x 14 x h x w, but .*N x 17 x 64"):
         EngineSet.load(eng, roles=["large"])
 
     eng = tmp_path / "b"

@@ -394,8 +394,9 @@ def evaluate_results(
     AR75 AP(easy) AP(medium) AP(hard)), plus `kind`, `names`, `stats` (the figures in that order), `summary` (text)
     and counts. pycocotools' own prints are shown only when `verbose`.
     """
-    gt_data = check_gt(read_json(gt, "ground truth", hint="pass a COCO-format file"), f"ground truth {gt}")
-    layout = keypoint_layout(gt_data, f"ground truth {gt}")
+    raw = read_json(gt, "ground truth", hint="pass a COCO-format file")
+    gt_data = check_gt(raw, f"ground truth {gt}")
+    layout = keypoint_layout(raw, f"ground truth {gt}")  # the checked copy drops fields (keypoints_21) it reports
     kind = resolve_kind(gt_data, kind, f"ground truth {gt}", layout)
     note = layout.note()
     if note:

@@ -402,7 +402,12 @@ def output_layout_problem(shapes: Sequence[Sequence[int]], card: ModelCard) -> s
         expected = f"heatmaps N x {k} x h x w"
         got = [tuple(sh[1:]) for sh in shapes[:1]]
         bad = None if got and len(got[0]) == 3 and got[0][0] == k else 0
-        hint = "decoder simdr" if len(shapes) >= 2 and all(len(sh) == 3 for sh in shapes[:2]) else "another card"
+        if len(shapes) >= 2 and all(len(sh) == 3 for sh in shapes[:2]):
+            hint = "decoder simdr"
+        elif got and len(got[0]) == 3:
+            hint = f"the model's keypoint set ({got[0][0]} keypoints)"
+        else:
+            hint = "the decoder the model's outputs need"
     if bad is None:
         return None
     first = f"output {bad} is N x {' x '.join(map(str, got[bad]))}" if bad < len(got) else f"no output {bad}"
