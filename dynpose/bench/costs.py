@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from dynpose.bench.timing import boxes_for_batch, cpu_model, solo_models, synthetic_frame, threads_of
-from dynpose.engines.manifest import Manifest
+from dynpose.engines.manifest import MANIFEST_NAME, updating_manifest
 from dynpose.errors import DynPoseError
 from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.model import CropModel, PoseModel, Router
@@ -156,9 +156,9 @@ def measure_costs_dir(
 
 def store_costs(engine_dir: str | os.PathLike, record: dict[str, Any], backend: str, device: str) -> Path:
     """Write a cost record into the manifest's `notes.costs["<backend>/<device>"]` (atomically, the rest kept)."""
-    manifest = Manifest.load(engine_dir, verify=False)
-    manifest.set_costs(backend, device, record)
-    return manifest.save(engine_dir)
+    with updating_manifest(engine_dir, f"store costs {backend}/{device}") as manifest:
+        manifest.set_costs(backend, device, record)
+    return Path(engine_dir) / MANIFEST_NAME
 
 
 def cost_lines(record: dict[str, Any], batch: int = 8) -> list[str]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.engines.manifest import Manifest
+from dynpose.engines.manifest import Manifest, updating_manifest
 from dynpose.errors import DynPoseError
 from dynpose.router.collect import CropOutputs, Crops, DetOutputs, collect_det_outputs, collect_outputs, router_crops
 from dynpose.runtime.policy import RouteCosts
@@ -447,15 +447,14 @@ def calibrate(
 
 def _store(engine_dir: str | os.PathLike, result: Calibration, ann_path: str | os.PathLike, opts: CalibOptions) -> None:
 
-    manifest = Manifest.load(engine_dir)
-    manifest.route = result.policy
-    manifest.notes["router_calibration"] = {
-        **result.to_dict(),
-        "annotations": str(ann_path),
-        "detections": None if opts.detections is None else str(opts.detections),
-        "backend": opts.backend,
-        "device": opts.device,
-        "cost_batch": opts.cost_batch,
-        "families": list(opts.families),
-    }
-    manifest.save(engine_dir)
+    with updating_manifest(engine_dir, "store the calibrated route", verify=True) as manifest:
+        manifest.route = result.policy
+        manifest.notes["router_calibration"] = {
+            **result.to_dict(),
+            "annotations": str(ann_path),
+            "detections": None if opts.detections is None else str(opts.detections),
+            "backend": opts.backend,
+            "device": opts.device,
+            "cost_batch": opts.cost_batch,
+            "families": list(opts.families),
+        }
