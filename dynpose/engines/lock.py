@@ -42,7 +42,7 @@ _warned = False
 def _depths() -> dict[str, int]:
     if not hasattr(_held, "depths"):
         _held.depths = {}
-    return _held.depths  # type: ignore[no-any-return]
+    return _held.depths
 
 
 def _holder(fd: int) -> str:

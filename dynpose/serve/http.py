@@ -30,13 +30,16 @@ POSE_FIELDS = ("image", "boxes", "route")
 
 
 class HttpError(Exception):
-    """A request the service refuses: `status` (4xx, or 503 for a replica that went away) and a one-line message."""
+    """A request the service refuses: `status` (4xx, or 503 for a replica that went away) and a one-line message;
+    `close`: answer with `Connection: close` (the proxy then closes the connection: a cut upload, a draining
+    service)."""
 
-    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None, close: bool = False) -> None:
         super().__init__(one_line(message))
         self.status = status
         self.message = one_line(message)
         self.retry_after_s = retry_after_s
+        self.close = close
 
 
 def one_line(text: str, limit: int = 400) -> str:
@@ -76,15 +79,29 @@ async def read_body(receive_stream: Any, headers: Mapping[str, str], limit: int)
     return b"".join(parts)
 
 
+def loads_json(text: str | bytes, what: str, hint: str) -> Any:
+    """`json.loads`, with every way a document can fail as a 400 naming `what`: a syntax error, bytes that are not
+    UTF-8, a document nested too deep for the parser (RecursionError) or an integer of more digits than Python
+    converts (ValueError). (To be replaced by the one limited JSON reader of `dynpose.fileio` once it exists.)"""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HttpError(400, f"{what} is not JSON ({e.msg} at character {e.pos}); {hint}") from None
+    except UnicodeDecodeError:
+        raise HttpError(400, f"{what} is not JSON (not UTF-8 text); {hint}") from None
+    except RecursionError:
+        raise HttpError(400, f"{what}: JSON nested too deeply to parse; {hint}") from None
+    except ValueError as e:  # an integer over Python's 4300-digit conversion limit
+        why = one_line(str(e)).split(";")[0]
+        raise HttpError(400, f"{what}: JSON with a number too long to read ({why}); {hint}") from None
+
+
 def parse_boxes(value: Any, max_boxes: int) -> np.ndarray | None:
     """A request's `boxes`: None (absent or null: run the detector) or a list of [x,y,w,h] / [x,y,w,h,score]."""
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise HttpError(400, f"boxes: not JSON ({e.msg} at character {e.pos}); send [[x,y,w,h(,score)], ...]") from None
+        value = loads_json(value, "boxes", "send [[x,y,w,h(,score)], ...]")
         if value is None:
             return None
     if not isinstance(value, list):
@@ -112,13 +129,7 @@ def parse_route(value: Any) -> str | None:
 
 
 def parse_json(body: bytes, max_boxes: int) -> PoseRequest:
-    try:
-        d = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" ({e.msg} at character {e.pos})" if isinstance(e, json.JSONDecodeError) else ""
-        raise HttpError(
-            400, f'request body is not JSON{where}; send {{"image": "<base64>", ...}} or a multipart form'
-        ) from None
+    d = loads_json(body, "request body", 'send {"image": "<base64>", ...} or a multipart form')
     if not isinstance(d, dict):
         raise HttpError(400, f"request body: expected a JSON object with {', '.join(POSE_FIELDS)}, got {type(d).__name__}")
     unknown = sorted(set(d) - set(POSE_FIELDS))
@@ -199,6 +210,10 @@ def decode_request_image(data: bytes, max_pixels: int) -> np.ndarray:
             413, f"image: {size[0]} x {size[1]} pixels by its header, over the service's limit of {max_pixels:,}"
         )
     try:
-        return decode_image_bytes(data, "image", max_pixels)
+        image = decode_image_bytes(data, "image", max_pixels)
     except DynPoseError as e:
         raise HttpError(400, f"{e}; send a JPEG or PNG file") from None
+    h, w = image.shape[:2]
+    if h * w > max_pixels:  # a format whose header was not read: never pass the pixels on (crops, the detector)
+        raise HttpError(413, f"image: {w} x {h} pixels once decoded, over the service's limit of {max_pixels:,}")
+    return image
