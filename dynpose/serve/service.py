@@ -20,6 +20,10 @@ Serve's warnings, and the Ray processes' own lines (replicas, controller, proxy,
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -57,19 +61,36 @@ def _init_ray(address: str, num_cpus: int | None, log_level: str = "info") -> tu
     if ray.is_initialized():
         return False, False
     quiet = _quiet_ray(log_level)
-    if address == "local":
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
-        return True, True
-    if num_cpus is not None:
+    if address != "local" and num_cpus is not None:
         raise DynPoseError("num_cpus applies to a local cluster only (--address local)")
-    try:
-        ray.init(address=address, **quiet)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise DynPoseError(
-            f"--address {address}: cannot join a Ray cluster there ({str(e).strip().splitlines()[0] if str(e) else e}); "
-            "start one with `ray start --head` or use --address local"
-        ) from None
+    with _keep_sigterm_handler():
+        if address == "local":
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+            return True, True
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            why = str(e).strip().splitlines()[0] if str(e) else e
+            raise DynPoseError(
+                f"--address {address}: cannot join a Ray cluster there ({why}); "
+                "start one with `ray start --head` or use --address local"
+            ) from None
     return False, True
+
+
+@contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """`ray.init` replaces SIGTERM's handler with its own (exit at once); a handler the caller installed (the CLI's,
+    which drains) is put back. With none (the default action), Ray's stays: it exits through Ray's clean-up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _why(text: str) -> str | None:
