@@ -201,6 +201,9 @@ def _drain(svc: Service, log: logging.Logger) -> None:
     except KeyboardInterrupt:
         log.warning("stopping at once: requests still in flight lose their connection")
         return
+    except DynPoseError as e:
+        log.warning("%s", e)
+        return
     if left:
         log.warning("%d request(s) still in flight after %g s (--drain-timeout-s); stopping anyway", left, timeout)
     else:

@@ -178,20 +178,37 @@ class Service:
         if self.drained or self.control is None:
             return 0
         self.drained = True
-        return drain_requests(self.control, self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
+        try:
+            return drain_requests(self.control, self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
+        except Exception as e:  # the control actor is gone (its node died): say so; stopping goes on without it
+            why = str(e).strip().splitlines()[0] if str(e) else type(e).__name__
+            raise DynPoseError(f"cannot drain ({why}); requests in flight may lose their connection") from None
 
     def stop(self, drain: bool = True) -> None:
-        """Drain (unless `drain=False` or already drained), then stop (see the module note); idempotent."""
+        """Drain (unless `drain=False` or already drained), then stop (see the module note); idempotent. Ray is shut
+        down even when the drain is interrupted (Ctrl-C), which then propagates."""
+        if self.stopped:
+            return
+        try:
+            if drain:
+                self._drain_or_warn()
+        finally:
+            self.stopped = True
+            self._shutdown()
+
+    def _drain_or_warn(self) -> None:
+        try:
+            left = self.drain()
+        except DynPoseError as e:
+            log.warning("%s", e)
+            return
+        if left:
+            log.warning("%d request(s) still in flight after %g s; stopping anyway", left, self.cfg.drain_timeout_s)
+
+    def _shutdown(self) -> None:
         import ray
         from ray import serve
 
-        if self.stopped:
-            return
-        if drain:
-            left = self.drain()
-            if left:
-                log.warning("%d request(s) still in flight after %g s; stopping anyway", left, self.cfg.drain_timeout_s)
-        self.stopped = True
         try:
             # A cluster this process started goes with `ray.shutdown()` below, Serve included (after the drain nothing
             # is in flight); `serve.shutdown()` first would only add Ray's misleading "Task
