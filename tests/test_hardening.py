@@ -256,7 +256,9 @@ def test_broken_models_are_refused_at_load(tinypose_engine_dir: Path, tmp_path: 
     large = next(e for e in doc["entries"] if e["role"] == "large")
     large["card"]["keypoints"] = "crowdpose14"  # the file gives 17 heatmaps
     (eng / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(DynPoseError, match=r"large entry .*: model card .* expects heatmaps N x 14 x h x w, but .*N x 17 x 64"):
+    with pytest.raises(
+        DynPoseError, match=r"large entry .*: model card .* expects heatmaps N x 14 x h x w, but .*N x 17 x 64"
+    ):
         EngineSet.load(eng, roles=["large"])
 
     eng = tmp_path / "b"

@@ -19,6 +19,7 @@ import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 
+from dynpose.engines.lock import LOCK_NAME
 from dynpose.engines.manifest import (
     MANIFEST_NAME,
     Entry,
@@ -54,7 +55,8 @@ def run_model(path: Path) -> np.ndarray:
 
 
 def names_in(engine_dir: Path) -> list[str]:
-    return sorted(p.name for p in engine_dir.iterdir() if not p.name.startswith(".stage"))
+    """The engine dir's files, less staging folders and the write lock's file (`dynpose.engines.lock`)."""
+    return sorted(p.name for p in engine_dir.iterdir() if not p.name.startswith(".stage") and p.name != LOCK_NAME)
 
 
 def test_content_names() -> None:

@@ -2,15 +2,18 @@
 starts (2 CPUs), real HTTP on 127.0.0.1, real TinyPose models; answers are checked against an in-process Pipeline.
 
 One service for the whole module (Ray and Serve start once); the last test stops it with SIGTERM and checks that it
-drains and exits, and the module's teardown checks that Ray left no process behind.
+drains (every request in flight answered) and exits, and the module's teardown checks that Ray left no process
+behind. Ctrl-C to a service that started its own cluster: tests/test_serve_local.py.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -36,6 +39,7 @@ from dynpose.serve.loadgen import format_report, load_items, run_load  # noqa: E
 
 IDS = (785, 40083, 196141, 197388)
 MAX_BODY_MB = 2
+BODY_TIMEOUT_S = 10
 
 
 def _free_port() -> int:
@@ -134,6 +138,7 @@ def service(cluster: str, engine_dir: Path, tmp_path_factory: pytest.TempPathFac
         "--engine-dir", str(engine_dir), "--port", str(port), "--address", cluster,
         "--small-replicas", "2", "--replica-cpus", "0.25", "--threads", "2",
         "--max-batch", "16", "--batch-wait-ms", "50", "--max-body-mb", str(MAX_BODY_MB),
+        "--body-timeout-s", str(BODY_TIMEOUT_S),
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -212,6 +217,66 @@ def test_concurrent_clients_form_batches(service, coco) -> None:
     for m, b in batches.items():  # batches made of more than one request's crops, in both models
         assert b["max_calls_per_batch"] > 1, (m, b)
     assert max(b["mean_calls_per_batch"] for b in batches.values()) > 1, batches
+
+
+def _stalled_uploads(port: int, n: int) -> list[socket.socket]:
+    """`n` connections that send a request's headers and 11 bytes of its 200 kB body, then nothing (slowloris)."""
+    head = b"POST /v1/pose HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200000\r\n\r\n"
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(head + b'{"image": "')
+        socks.append(s)
+    return socks
+
+
+def _until_closed(socks: list[socket.socket], timeout_s: float) -> dict[str, int]:
+    """Read every connection until the service closes it: {status line: count}; those still open count as 'open'."""
+    sel = selectors.DefaultSelector()
+    got: dict[socket.socket, bytes] = {}
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        got[s] = b""
+    closed: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while sel.get_map() and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=1):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            data = sock.recv(65536)
+            if data:
+                got[sock] += data
+                continue
+            sel.unregister(sock)
+            status = got[sock].split(b"\r\n", 1)[0].decode()
+            closed[status] = closed.get(status, 0) + 1
+            if status.startswith("HTTP/1.1 408"):
+                body = json.loads(got[sock].partition(b"\r\n\r\n")[2])
+                assert "request body" in body["error"] and "\n" not in body["error"], body
+    closed["open"] = len(sel.get_map())
+    for s in socks:
+        s.close()
+    return closed
+
+
+def test_stalled_uploads_do_not_starve_good_clients(service, coco, expected) -> None:
+    """80 connections stall their request bodies (more than the ingress's 64 slots): clients that send whole requests
+    are still answered, well before the body deadline (the slowest uploads beyond 16 are cut within seconds), and
+    every stalled connection is answered 408 and closed by the service."""
+    _, client, _ = service
+    files, _, _ = coco
+    _, _, lightly = expected
+    port = int(client.url.rsplit(":", 1)[1])
+    t0 = time.monotonic()
+    socks = _stalled_uploads(port, 80)
+    good = Client(client.url, timeout=BODY_TIMEOUT_S * 0.8, retries=0)  # must not wait for the deadline to free slots
+    for iid in IDS:
+        _same(good.pose_file(files[iid], boxes=lightly[iid][0]).persons, lightly[iid][1])
+    answered_s = time.monotonic() - t0
+    closed = _until_closed(socks, BODY_TIMEOUT_S + 30)
+    print(f"\n80 stalled uploads: good requests answered after {answered_s:.1f} s; stalled ones closed: {closed}")
+    assert closed == {"HTTP/1.1 408 Request Timeout": 80, "open": 0}, closed
 
 
 def _small_replicas() -> list[str]:
@@ -321,6 +386,21 @@ def test_bad_inputs_get_one_line_4xx(service, coco, expected) -> None:
             "--max-body-mb",
         ),
         "form without image": (_raw(client, "POST", "/v1/pose", *_form({"route": (None, b"all-large")})), 400, "image"),
+        "JSON nested 100k deep": (
+            _raw(client, "POST", "/v1/pose", b'{"image": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", js),
+            400,
+            "nested too deeply",
+        ),
+        "5000-digit integer": (
+            _raw(client, "POST", "/v1/pose", b'{"image": "aGk=", "boxes": [[' + b"7" * 5000 + b", 1, 1, 1]]}", js),
+            400,
+            "number too long",
+        ),
+        "boxes field nested 100k deep": (
+            _raw(client, "POST", "/v1/pose", *_form({"image": ("p.jpg", jpeg), "boxes": (None, b"[" * 100_000)})),
+            400,
+            "boxes",
+        ),
         "GET /v1/pose": (_raw(client, "GET", "/v1/pose"), 405, "POST"),
         "unknown path": (_raw(client, "GET", "/v2/everything"), 404, "/v1/pose"),
     }
@@ -341,51 +421,86 @@ def test_bad_inputs_get_one_line_4xx(service, coco, expected) -> None:
     assert client.stats()["requests"]["internal_errors"] == 0
 
 
+def _ingress_rss_mb() -> float:
+    """Resident memory of the ingress replica's process (its private heap and the object-store pages it wrote)."""
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::ServeReplica:dynpose:ingress"):
+                rss = next(ln for ln in (d / "status").read_text().splitlines() if ln.startswith("VmRSS"))
+                return int(rss.split()[1]) / 1024
+        except OSError:
+            continue
+    raise AssertionError("no ingress replica process found")
+
+
+def test_a_rejected_image_bomb_leaves_no_memory_behind(service) -> None:
+    """A 60 kB GIF of 9000 x 9000 pixels (81 MP, over the 50 MP limit) without boxes: refused with 413 before its
+    pixels go anywhere. (It used to be decoded and sent to the detector: the ingress then held the 243 MB image's
+    object-store pages, and a 20000 x 20000 one 1.2 GB.)"""
+    from PIL import Image
+
+    _, client, _ = service
+    buf = io.BytesIO()
+    Image.new("P", (9000, 9000), 1).save(buf, format="GIF")
+    before = _ingress_rss_mb()
+    for _ in range(2):
+        status, body = _raw(client, "POST", "/v1/pose", buf.getvalue(), {"Content-Type": "image/gif"})
+        assert status == 413 and "pixels" in body["error"], (status, body)
+    grown = _ingress_rss_mb() - before
+    print(f"\ningress memory after two refused 81 MP GIFs: {grown:+.0f} MB")
+    assert grown < 60, f"the ingress kept {grown:.0f} MB after refusing the image"
+
+
 def _form(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, dict[str, str]]:
     body, ctype = _multipart(fields)
     return body, {"Content-Type": ctype}
 
 
 def test_sigterm_drains_and_exits(service, coco, expected) -> None:
-    """Last: SIGTERM while requests are in flight. Each request ends in a whole answer, or (once the service is
-    stopping) a refused connection or a 503; never a 500 or a cut-off answer. The command exits 0."""
+    """Last: SIGTERM to dynpose-serve with 8 requests in flight. Every one of them is answered in full (the drain:
+    before, all 8 lost their connection); requests sent after the signal get a 503 or a refused connection, never
+    a 500 or a cut-off answer. The command exits 0 and says it drained."""
     proc, client, log_path = service
-    files, _, _ = coco
-    _, _, lightly = expected
+    files, _, dets = coco
+    with_boxes, _, _ = expected
     quick = Client(client.url, timeout=60, retries=0)
-    outcomes: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
+    answers: dict[int, tuple[str, float]] = {}
+    start = threading.Barrier(9)
 
-    def worker(k: int) -> None:
-        while not stop.is_set():
-            iid = IDS[k % len(IDS)]
-            try:
-                ans = quick.pose_file(files[iid], boxes=lightly[iid][0])
-                _same(ans.persons, lightly[iid][1])
-                what = "ok"
-            except AssertionError:
-                what = "wrong answer"
-            except ServiceError as e:
-                what = f"http {e.status}" if e.status is not None else "refused"
-            with lock:
-                outcomes.append(what)
-            if what != "ok":
-                return
+    def in_flight(k: int) -> None:
+        iid = IDS[k % len(IDS)]
+        start.wait()
+        try:
+            ans = quick.pose_file(files[iid], boxes=dets[iid])  # every box: long enough to be in flight at the signal
+            _same(ans.persons, with_boxes[iid])
+            answers[k] = ("ok", time.monotonic())
+        except (ServiceError, AssertionError) as e:
+            answers[k] = (str(e)[:200], time.monotonic())
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    threads = [threading.Thread(target=in_flight, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
-    time.sleep(2)
+    start.wait()
+    time.sleep(0.3)
+    signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=90) == 0, log_path.read_text()[-3000:]
-    stop.set()
+    later = []
+    while proc.poll() is None and len(later) < 50:  # requests sent while it drains and stops
+        try:
+            quick.pose_file(files[785], boxes=dets[785])
+            later.append("ok")
+        except ServiceError as e:
+            later.append(f"http {e.status}" if e.status is not None else "refused")
+        time.sleep(0.05)
     for t in threads:
         t.join(timeout=60)
-    print(f"\nSIGTERM under load: {', '.join(f'{outcomes.count(o)} {o}' for o in sorted(set(outcomes)))}")
-    assert "ok" in outcomes
-    assert set(outcomes) <= {"ok", "refused", "http 503", "http 404"}, outcomes
-    assert "dynpose-serve: stopped" in log_path.read_text()
+    assert proc.wait(timeout=90) == 0, log_path.read_text()[-3000:]
+    print(f"\nSIGTERM with 8 in flight: {[a for a, _ in answers.values()]}; sent after it: {sorted(set(later))}")
+    assert [a for a, _ in answers.values()] == ["ok"] * 8, answers
+    assert max(at for _, at in answers.values()) > signalled  # some were still in flight: the drain answered them
+    assert set(later) <= {"ok", "refused", "http 503", "http 404"}, later
+    text = log_path.read_text()
+    assert "drained: every request in flight was answered" in text and "dynpose-serve: stopped" in text
 
 
 def test_a_replica_that_cannot_open_its_model_fails_the_start(cluster: str, engine_dir: Path, tmp_path: Path) -> None:
@@ -425,6 +540,9 @@ def test_cli_refuses_bad_flags_before_starting_ray(engine_dir: Path, coco_dir: P
         (["--engine-dir", str(engine_dir), "--max-batch", "0"], "--max-batch"),
         (["--engine-dir", str(engine_dir), "--batch-wait-ms", "nan"], "--batch-wait-ms"),
         (["--engine-dir", str(engine_dir), "--max-body-mb", "0"], "--max-body-mb"),
+        (["--engine-dir", str(engine_dir), "--body-timeout-s", "0"], "--body-timeout-s"),
+        (["--engine-dir", str(engine_dir), "--drain-timeout-s", "nan"], "--drain-timeout-s"),
+        (["--engine-dir", str(engine_dir), "--request-timeout-s", "-1"], "--request-timeout-s"),
         (["--engine-dir", str(engine_dir), "--backend", "tensorrt"], "no tensorrt 'small' entry"),
         (["--engine-dir", str(engine_dir), "--replica-gpus", "0.5"], "--device cuda"),
         (["--engine-dir", str(engine_dir), "--detector", str(tmp_path / "det.onnx")], "--detector"),

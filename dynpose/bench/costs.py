@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dynpose.bench.timing import boxes_for_batch, cpu_model, solo_models, synthetic_frame, threads_of
-from dynpose.engines.manifest import CostRecord, Manifest, RoleCosts
+from dynpose.engines.manifest import MANIFEST_NAME, CostRecord, Manifest, RoleCosts, updating_manifest
 from dynpose.errors import DynPoseError
 from dynpose.roles import Role
 from dynpose.runtime.engine_set import EngineSet, LoadOptions
@@ -159,9 +159,9 @@ def measure_costs_dir(
 
 def store_costs(engine_dir: str | os.PathLike, record: CostRecord) -> Path:
     """Write a cost record into the manifest's `notes.costs["<backend>/<device>"]` (atomically, the rest kept)."""
-    manifest = Manifest.load(engine_dir, verify=False)
-    manifest.set_costs(record)
-    return manifest.save(engine_dir)
+    with updating_manifest(engine_dir, f"store costs {record.backend}/{record.device}") as manifest:
+        manifest.set_costs(record)
+    return Path(engine_dir) / MANIFEST_NAME
 
 
 # -- what a route costs ------------------------------------------------------------------------------------------

@@ -1,21 +1,31 @@
-"""`dynpose-serve`: DynPose as an HTTP service on Ray Serve (foreground until Ctrl-C / SIGTERM), and
-`dynpose-serve bench`, a load generator for a running service."""
+"""`dynpose-serve`: DynPose as an HTTP service on Ray Serve (foreground until Ctrl-C / SIGTERM, then it drains),
+and `dynpose-serve bench`, a load generator for a running service.
+
+Stopping: the first SIGTERM or Ctrl-C drains (`Service.drain`: new requests get 503, the ones in flight are answered,
+at most --drain-timeout-s), then Serve and Ray stop; a second one during the drain stops at once. Ctrl-C in a
+terminal reaches the whole process group, Ray's own processes (raylet, GCS, agents) included: Ray starts them with
+SIGINT blocked, so they stay up for the drain and go when the service shuts Ray down (tests/test_serve_local.py).
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from dynpose.cli.common import check_threads, setup_logging, sigterm_as_interrupt, user_errors, version_option
+from dynpose.cli.common import check_threads, setup_logging, user_errors, version_option
 from dynpose.errors import DynPoseError
 from dynpose.roles import Role
 
 if TYPE_CHECKING:
     from dynpose.serve.config import ServeConfig
+    from dynpose.serve.service import Service
 
 EPILOG = """\b
 Examples:
@@ -32,7 +42,8 @@ Examples:
 \b
 Endpoints: POST /v1/pose (JSON {"image": base64, "boxes": [[x,y,w,h(,score)],...], "route": ...},
 a multipart form with an `image` file, or the image itself as the body), GET /healthz, GET /v1/info,
-GET /v1/stats. Replica counts take N or MIN-MAX (autoscaling). See docs/serving.md.
+GET /v1/stats. Replica counts take N or MIN-MAX (autoscaling). Ctrl-C or SIGTERM drains (requests in flight are
+answered, new ones get 503) and stops; a second one stops at once. See docs/serving.md.
 """
 
 
@@ -68,10 +79,39 @@ GET /v1/stats. Replica counts take N or MIN-MAX (autoscaling). See docs/serving.
 )
 @click.option("--max-ongoing", type=int, default=64, show_default=True, help="Concurrent requests per ingress replica.")
 @click.option(
+    "--body-timeout-s",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="A request body must arrive within this (408 and the connection closed otherwise; slow uploads beyond a "
+    "quarter of --max-ongoing are cut sooner).",
+)
+@click.option(
+    "--request-timeout-s",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="End-to-end limit per request in Serve's HTTP proxy (408 past it); 0: none.",
+)
+@click.option(
+    "--drain-timeout-s",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="On Ctrl-C / SIGTERM, wait at most this long for the requests in flight.",
+)
+@click.option(
     "--replica-cpus", type=float, default=0.5, show_default=True, help="Ray CPUs each replica reserves (scheduling only)."
 )
 @click.option("--replica-gpus", type=float, default=None, help="GPU fraction per replica with --device cuda (default 0.25).")
-@click.option("--quiet", is_flag=True, help="Warnings and errors only.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="dynpose's lines from this level; Ray's own lines (replicas, proxy, raylet) only with debug.",
+)
+@click.option("--quiet", is_flag=True, help="Same as --log-level warning.")
 @click.pass_context
 @user_errors
 def main(
@@ -94,8 +134,12 @@ def main(
     detector: Path | None,
     max_body_mb: float,
     max_ongoing: int,
+    body_timeout_s: float,
+    request_timeout_s: float,
+    drain_timeout_s: float,
     replica_cpus: float,
     replica_gpus: float | None,
+    log_level: str,
     quiet: bool,
 ) -> None:
     """Serve DynPose over HTTP on Ray Serve, in the foreground until Ctrl-C or SIGTERM (then it drains in-flight
@@ -106,7 +150,8 @@ def main(
         return
     if engine_dir is None:
         raise DynPoseError("--engine-dir: none given; pass the folder dynpose-export wrote (or run `dynpose-serve bench`)")
-    setup_logging(quiet)
+    log_level = "warning" if quiet else log_level
+    setup_logging().setLevel(log_level.upper())
     counts = {
         "ingress": ingress_replicas,
         Role.DETECTOR.value: detector_replicas,
@@ -128,8 +173,48 @@ def main(
         replica_cpus=replica_cpus,
         replica_gpus=(0.25 if device == "cuda" else 0.0) if replica_gpus is None else replica_gpus,
         max_ongoing=max_ongoing,
+        body_timeout_s=body_timeout_s,
+        request_timeout_s=request_timeout_s or None,
+        drain_timeout_s=drain_timeout_s,
+        log_level=log_level,
     )
     _serve(check_config(cfg), host, port, address)
+
+
+@contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT (Ctrl-C) raise KeyboardInterrupt in the main thread inside the block. Installed again at
+    each block: `ray.init` puts its own SIGTERM handler in (exit without draining), and Ray's C++ core may put a
+    crash handler over it while the service starts."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _drain(svc: Service, log: logging.Logger) -> None:
+    """The first Ctrl-C / SIGTERM: answer what is in flight (a second one stops at once)."""
+    timeout = svc.cfg.drain_timeout_s
+    log.info("stopping: answering the requests in flight (at most %g s; Ctrl-C again to stop at once)", timeout)
+    try:
+        with _stop_signals():
+            left = svc.drain()
+    except KeyboardInterrupt:
+        log.warning("stopping at once: requests still in flight lose their connection")
+        return
+    except DynPoseError as e:
+        log.warning("%s", e)
+        return
+    if left:
+        log.warning("%d request(s) still in flight after %g s (--drain-timeout-s); stopping anyway", left, timeout)
+    else:
+        log.info("drained: every request in flight was answered")
 
 
 def _serve(cfg: ServeConfig, host: str, port: int, address: str) -> None:
@@ -139,10 +224,9 @@ def _serve(cfg: ServeConfig, host: str, port: int, address: str) -> None:
     click.echo(f"dynpose-serve: starting on Ray ({address}); loading models ...", err=True)
     svc = None
     try:
-        with sigterm_as_interrupt():  # a SIGTERM while Ray starts ...
+        with _stop_signals():  # a signal while Ray starts: stop (nothing in flight yet) ...
             svc = Service.start(cfg, host=host, port=port, address=address)
-        # ... and after: ray.init installs its own SIGTERM handler (exit without draining), so ours goes on again
-        with sigterm_as_interrupt():
+        with _stop_signals():  # ... and while serving (installed again: see _stop_signals)
             click.echo(
                 f"dynpose-serve: ready at {svc.url} (POST /v1/pose, GET /healthz, /v1/info, /v1/stats); Ctrl-C to stop",
                 err=True,
@@ -150,11 +234,12 @@ def _serve(cfg: ServeConfig, host: str, port: int, address: str) -> None:
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
-        log.info("stopping: draining in-flight requests")
+        if svc is not None:
+            _drain(svc, log)
     finally:
         if svc is not None:
-            with sigterm_as_interrupt():
-                svc.stop()
+            with _stop_signals():
+                svc.stop(drain=False)
     click.echo("dynpose-serve: stopped", err=True)
 
 

@@ -21,10 +21,12 @@ import os
 import platform
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from dynpose.engines.lock import engine_dir_lock
 from dynpose.errors import DynPoseError
 from dynpose.fileio import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from dynpose.models.card import ModelCard
@@ -468,6 +470,17 @@ class Manifest:
 _LOCATION_KEY = b"\x0a\x08location"
 
 
+@contextmanager
+def updating_manifest(engine_dir: str | os.PathLike, task: str, verify: bool = False) -> Iterator[Manifest]:
+    """A read-modify-write of the manifest under the engine dir's write lock (`dynpose.engines.lock`): yields the
+    manifest as it is now (another writer's changes included) and saves it, atomically, when the block ends without
+    an exception. `task` names the change for a writer that has to wait."""
+    with engine_dir_lock(engine_dir, task):
+        manifest = Manifest.load(engine_dir, verify=verify)
+        yield manifest
+        manifest.save(engine_dir)
+
+
 def _hash_and_find(path: Path, needle: bytes, chunk: int = 1 << 20) -> tuple[str, bool]:
     """sha256 of a file and whether `needle` occurs in it, in one read."""
     h = hashlib.sha256()
@@ -671,7 +684,15 @@ def commit_staged(
     state stays as it was; `on_step(step, name)` runs before every move, the manifest write and every removal
     (tests raise from it to stand for a crash there). Returns the manifest written.
     """
-    engine_dir, stage = Path(engine_dir), Path(stage)
+    # Under the engine dir's lock: another writer's commit between reading the manifest and writing it would be lost
+    # (or would lose files this commit removes as no longer named).
+    with engine_dir_lock(engine_dir, "commit " + ", ".join(sorted({str(e.role) for e in entries}))):
+        return _commit_locked(Path(engine_dir), Path(stage), entries, manifest, on_step)
+
+
+def _commit_locked(
+    engine_dir: Path, stage: Path, entries: Sequence[Entry], manifest: Manifest | None, on_step: StepHook | None
+) -> Manifest:
     hook = on_step or (lambda step, name: None)
     previous = _named_files(engine_dir)
     manifest = manifest if manifest is not None else _current_manifest(engine_dir)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dynpose.engines.lock import engine_dir_lock
 from dynpose.engines.manifest import Entry, Manifest, commit_staged
 from dynpose.errors import DynPoseError
 from dynpose.export.route import default_route
@@ -98,14 +99,19 @@ def commit(
 ) -> list[Entry]:
     """Move the staged files in and switch the manifest to them (`manifest.commit_staged`: new files under new
     content names, the manifest written atomically, only then the replaced files removed, so a crash at any point
-    leaves the old engine dir or the new one, both loadable). Same role+format entries are replaced.
+    leaves the old engine dir or the new one, both loadable). Same role+format entries are replaced. Another process
+    committing into the same engine dir at the same time waits for this commit and then builds on its manifest.
 
     When a router entry is among `entries` and `router_weights` (a `ROUTER_WEIGHTS` kind) is given, the manifest's
     route becomes `default_route(manifest, router_weights)` and its reason is logged."""
     engine_dir = Path(engine_dir)
-    manifest = existing_manifest(engine_dir)
-    if router_weights is not None and any(e.role == Role.ROUTER for e in entries):
-        manifest.route, why = default_route(manifest, router_weights)
-        log.info(why)
-    commit_staged(engine_dir, stage, entries, manifest)
+    roles = ", ".join(sorted({str(e.role) for e in entries}))
+    # Locked from reading the manifest to writing it: a concurrent export (another process) waits, then builds on
+    # this one's manifest instead of overwriting it (`dynpose.engines.lock`).
+    with engine_dir_lock(engine_dir, f"export {roles}"):
+        manifest = existing_manifest(engine_dir)
+        if router_weights is not None and any(e.role == Role.ROUTER for e in entries):
+            manifest.route, why = default_route(manifest, router_weights)
+            log.info(why)
+        commit_staged(engine_dir, stage, entries, manifest)
     return entries

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.engines.manifest import Manifest, RouteCalibration
+from dynpose.engines.manifest import Manifest, RouteCalibration, updating_manifest
 from dynpose.errors import DynPoseError
 from dynpose.roles import MODEL_ROLES, Role
 from dynpose.router.collect import CropOutputs, Crops, DetOutputs, collect_det_outputs, collect_outputs, router_crops
@@ -435,7 +435,6 @@ def calibrate(
 
 
 def _store(engine_dir: str | os.PathLike, result: Calibration, ann_path: str | os.PathLike, opts: CalibOptions) -> None:
-    manifest = Manifest.load(engine_dir)
     figures = {
         **{k: v for k, v in result.to_dict().items() if k not in ("policy", "fraction")},
         "annotations": str(ann_path),
@@ -445,5 +444,5 @@ def _store(engine_dir: str | os.PathLike, result: Calibration, ann_path: str | o
         "cost_batch": opts.cost_batch,
         "families": list(opts.families),
     }
-    manifest.set_calibration(RouteCalibration(result.policy, result.fraction, figures))
-    manifest.save(engine_dir)
+    with updating_manifest(engine_dir, "store the calibrated route", verify=True) as manifest:
+        manifest.set_calibration(RouteCalibration(result.policy, result.fraction, figures))

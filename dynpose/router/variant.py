@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynpose.engines.manifest import Entry, Manifest
+from dynpose.engines.lock import engine_dir_lock
+from dynpose.engines.manifest import Entry, Manifest, updating_manifest
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.models.router import DynPoseRouter
@@ -81,17 +82,17 @@ def _drop_stale_router_entries(engine_dir: Path, keep: list[Entry]) -> list[str]
     a freshly trained router (`default_route`); returns the reason line."""
     from dynpose.export.api import default_route
 
-    m = Manifest.load(engine_dir, verify=False)
-    kept = {(e.role, e.format) for e in keep}
-    stale = [e for e in m.entries if e.role == Role.ROUTER and (e.role, e.format) not in kept]
-    m.entries = [e for e in m.entries if e not in stale]
-    m.route, why = default_route(m, "trained")
-    m.save(engine_dir)
-    named = {f for e in m.entries for f in e.files()}
-    for e in stale:
-        for f in e.files():
-            if f not in named:
-                (engine_dir / f).unlink(missing_ok=True)
+    with engine_dir_lock(engine_dir, "replace the router"):
+        with updating_manifest(engine_dir, "replace the router") as m:
+            kept = {(e.role, e.format) for e in keep}
+            stale = [e for e in m.entries if e.role == Role.ROUTER and (e.role, e.format) not in kept]
+            m.entries = [e for e in m.entries if e not in stale]
+            m.route, why = default_route(m, "trained")
+        named = {f for e in m.entries for f in e.files()}
+        for e in stale:
+            for f in e.files():
+                if f not in named:
+                    (engine_dir / f).unlink(missing_ok=True)
     return [why]
 
 

@@ -42,7 +42,9 @@ from dynpose.runtime.engine_set import LoadOptions
 from dynpose.runtime.model import Router
 from dynpose.runtime.plan import Done, Plan, Work
 from dynpose.serve.config import ServeConfig, has_detector
-from dynpose.serve.http import HttpError, decode_request_image, one_line, parse_pose_request, read_body
+from dynpose.serve.drain import DrainWatch
+from dynpose.serve.http import HttpError, decode_request_image, one_line, parse_pose_request
+from dynpose.serve.uploads import UploadGuard
 
 log = logging.getLogger(__name__)
 ENDPOINTS = {"/v1/pose": "POST", "/healthz": "GET", "/v1/info": "GET", "/v1/stats": "GET"}
@@ -243,8 +245,10 @@ class _Timer:
         return {**self.ms, "total": round((time.perf_counter() - self.t0) * 1e3, 3)}
 
 
-def _error(status: int, message: str, retry_after_s: float | None = None) -> JSONResponse:
-    headers = {"Retry-After": f"{max(1, round(retry_after_s))}"} if retry_after_s is not None else None
+def _error(status: int, message: str, retry_after_s: float | None = None, close: bool = False) -> JSONResponse:
+    headers = {"Retry-After": f"{max(1, round(retry_after_s))}"} if retry_after_s is not None else {}
+    if close:  # uvicorn (Serve's proxy) closes the connection after an answer that says so
+        headers["Connection"] = "close"
     return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
 
 
@@ -286,15 +290,23 @@ class Ingress:
         self.batch_stats: dict[tuple[str, str], dict[str, Any]] = {}
         self.executor = RemoteExecutor(self.router, self.handles, cfg.max_batch, self._keep_stats)
         self.counts = {"requests": 0, "ok": 0, "client_errors": 0, "unavailable": 0, "internal_errors": 0, "crops": 0}
+        self.uploads = UploadGuard(cfg.max_body_bytes, cfg.body_timeout_s, cfg.slow_bodies)  # slow bodies are cut
+        self.drain = DrainWatch(cfg.drain_actor)  # in-flight count; refuses new requests once the service stops
 
     def _keep_stats(self, snap: dict[str, Any]) -> None:
         self.batch_stats[(snap["model"], snap["replica"])] = snap
 
     # -- HTTP ------------------------------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> Response:
+        with self.drain.request():
+            return await self._respond(request)
+
+    async def _respond(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
         self.counts["requests"] += 1
         try:
+            if self.drain.draining:
+                raise HttpError(503, "the service is shutting down; retry later or elsewhere", retry_after_s=1, close=True)
             want = ENDPOINTS.get(path)
             if want is None:
                 raise HttpError(404, f"no endpoint {path}; use POST /v1/pose, GET /healthz, GET /v1/info, GET /v1/stats")
@@ -312,7 +324,7 @@ class Ingress:
             return resp
         except HttpError as e:
             self.counts["unavailable" if e.status == 503 else "client_errors"] += 1
-            return _error(e.status, e.message, e.retry_after_s)
+            return _error(e.status, e.message, e.retry_after_s, close=e.close)
         except ClientDisconnect:
             self.counts["client_errors"] += 1
             return _error(400, "the client disconnected before the request body was read")
@@ -332,7 +344,7 @@ class Ingress:
         from dynpose.runtime.plan import LARGE, FrameInput, make_plan
 
         t = _Timer()
-        body = await read_body(request.stream(), request.headers, self.cfg.max_body_bytes)
+        body = await self.uploads.read(request.stream(), request.headers)
         req = await parse_pose_request(request.scope, request.headers, request.query_params, body, self.cfg.max_boxes)
         policy = self._policy(req.route)
         t.mark("read")

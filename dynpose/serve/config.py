@@ -22,6 +22,7 @@ DEPLOYMENTS = ("ingress", Role.DETECTOR.value, Role.SMALL.value, Role.LARGE.valu
 # Boxes one request may carry: memory per request stays bounded (crops are made all at once) and one client
 # cannot hold the pose replicas for seconds. COCO's most crowded image has under 100 persons.
 MAX_BOXES = 512
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,21 @@ class ServeConfig:
     replica_cpus: float = 1.0  # Ray CPUs each replica asks for (scheduling only; --threads sets ORT's pools)
     replica_gpus: float = 0.0  # GPU fraction of each model replica (--device cuda)
     max_ongoing: int = 64  # concurrent requests per ingress replica
+    body_timeout_s: float = 30.0  # a request body must be complete this long after the request reached the ingress
+    request_timeout_s: float | None = 120.0  # Serve's proxy answers 408 past this, end to end (None: no limit)
+    drain_timeout_s: float = 30.0  # stopping waits at most this long for the requests in flight
+    log_level: str = "info"  # dynpose's lines from this level; Ray's own only at debug (module note of service.py)
     app_name: str = APP_NAME
+    drain_actor: str | None = None  # set by `Service.start`: the drain's control actor (`dynpose.serve.drain`)
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def slow_bodies(self) -> int:
+        """Uploads an ingress replica lets arrive slowly at once (`dynpose.serve.uploads`): a quarter of its slots."""
+        return max(1, self.max_ongoing // 4)
 
     def with_(self, **changes: Any) -> ServeConfig:
         return replace(self, **changes)
@@ -110,6 +121,13 @@ def _check_numbers(cfg: ServeConfig) -> None:
         raise DynPoseError(f"--replica-gpus {cfg.replica_gpus}: GPU replicas need --device cuda")
     if cfg.max_ongoing < 1:
         raise DynPoseError(f"--max-ongoing {cfg.max_ongoing}: must be >= 1")
+    for flag, v in (("--body-timeout-s", cfg.body_timeout_s), ("--request-timeout-s", cfg.request_timeout_s)):
+        if v is not None and (not math.isfinite(v) or v <= 0):
+            raise DynPoseError(f"{flag} {v}: must be a finite number of seconds > 0")
+    if not math.isfinite(cfg.drain_timeout_s) or cfg.drain_timeout_s < 0:
+        raise DynPoseError(f"--drain-timeout-s {cfg.drain_timeout_s}: must be a finite number of seconds >= 0")
+    if cfg.log_level not in LOG_LEVELS:
+        raise DynPoseError(f"--log-level {cfg.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     if cfg.max_pixels < 1 or cfg.max_boxes < 1:
         raise DynPoseError("max_pixels and max_boxes must be >= 1")
 

@@ -30,13 +30,16 @@ POSE_FIELDS = ("image", "boxes", "route")
 
 
 class HttpError(Exception):
-    """A request the service refuses: `status` (4xx, or 503 for a replica that went away) and a one-line message."""
+    """A request the service refuses: `status` (4xx, or 503 for a replica that went away) and a one-line message;
+    `close`: answer with `Connection: close` (the proxy then closes the connection: a cut upload, a draining
+    service)."""
 
-    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None, close: bool = False) -> None:
         super().__init__(one_line(message))
         self.status = status
         self.message = one_line(message)
         self.retry_after_s = retry_after_s
+        self.close = close
 
 
 def one_line(text: str, limit: int = 400) -> str:
@@ -192,10 +195,14 @@ def decode_request_image(data: bytes, max_pixels: int) -> np.ndarray:
     from dynpose.io.sources import decode_image_bytes
 
     try:
-        return decode_image_bytes(data, "image", max_pixels)
+        image = decode_image_bytes(data, "image", max_pixels)
     except ImageTooLarge as e:
         raise HttpError(
             413, f"image: {e.width} x {e.height} pixels by its header, over the service's limit of {max_pixels:,}"
         ) from None
     except DynPoseError as e:
         raise HttpError(400, f"{e}; send a JPEG or PNG file") from None
+    h, w = image.shape[:2]
+    if h * w > max_pixels:  # a format whose header was not read: never pass the pixels on (crops, the detector)
+        raise HttpError(413, f"image: {w} x {h} pixels once decoded, over the service's limit of {max_pixels:,}")
+    return image

@@ -3,15 +3,27 @@
     with Service.start(check_config(ServeConfig(engine_dir="engines/")), port=8000) as svc:
         Client(svc.url).pose(image)
 
-`stop()` drains: Serve stops routing new requests to the app, lets the ones in flight finish (each replica's
-graceful-shutdown timeout), then stops the replicas. On a cluster this process started (`address="local"`) it
-then shuts Serve and Ray down; on a cluster it joined it deletes only its own app and leaves Serve running for
-the cluster's other apps.
+`stop()` drains first (`dynpose.serve.drain`): the ingress replicas refuse new requests (503, Retry-After) and the
+requests already in flight are answered, for at most `cfg.drain_timeout_s`. Then, on a cluster this process
+started (`address="local"`), it shuts Ray down, Serve with it; on a cluster it joined it deletes only its own app
+and leaves Serve running for the cluster's other apps.
+
+Serve's HTTP proxy is started with `cfg.request_timeout_s` (end to end, Serve answers 408 past it); request bodies
+are bounded by the ingress itself (`dynpose.serve.uploads`). Options of a Serve that already runs on a joined
+cluster cannot change: Serve keeps its own and warns.
+
+Logs: the service's output is dynpose's own lines (`cfg.log_level`). Ray's driver-side loggers print errors only,
+Serve's warnings, and the Ray processes' own lines (replicas, controller, proxy, raylet) stay in Ray's log folder
+(`/tmp/ray/session_latest/logs` on the head node); `log_level="debug"` shows all of them here too.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -22,26 +34,63 @@ from dynpose.serve.config import ServeConfig
 log = logging.getLogger(__name__)
 
 
-def _init_ray(address: str, num_cpus: int | None) -> tuple[bool, bool]:
+class _Misleading(logging.Filter):
+    """Serve's driver logs that "http_options will not be applied" whenever `serve.run` reconnects to the Serve
+    that `serve.start` has just started with them: they were applied. (A real mismatch is its own warning.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will not be applied" not in record.getMessage()
+
+
+def _quiet_ray(level: str) -> dict[str, Any]:
+    """Ray's driver-side loggers to `level`'s share (module note); the `ray.init` arguments that go with it."""
+    debug = level == "debug"
+    logging.getLogger("ray").setLevel(logging.INFO if debug else logging.ERROR)
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.setLevel(logging.INFO if debug else max(logging.WARNING, logging.getLevelName(level.upper())))
+    if not any(isinstance(f, _Misleading) for f in serve_logger.filters):
+        serve_logger.addFilter(_Misleading())
+    return {"logging_level": logging.INFO if debug else logging.ERROR, "log_to_driver": debug}
+
+
+def _init_ray(address: str, num_cpus: int | None, log_level: str = "info") -> tuple[bool, bool]:
     """Connect to (or start) Ray: (this call started the cluster, this call connected). A process already connected
     (a test, a notebook) keeps its connection and its cluster."""
     import ray
 
     if ray.is_initialized():
         return False, False
-    if address == "local":
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-        return True, True
-    if num_cpus is not None:
+    quiet = _quiet_ray(log_level)
+    if address != "local" and num_cpus is not None:
         raise DynPoseError("num_cpus applies to a local cluster only (--address local)")
-    try:
-        ray.init(address=address)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise DynPoseError(
-            f"--address {address}: cannot join a Ray cluster there ({str(e).strip().splitlines()[0] if str(e) else e}); "
-            "start one with `ray start --head` or use --address local"
-        ) from None
+    with _keep_sigterm_handler():
+        if address == "local":
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+            return True, True
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            why = str(e).strip().splitlines()[0] if str(e) else e
+            raise DynPoseError(
+                f"--address {address}: cannot join a Ray cluster there ({why}); "
+                "start one with `ray start --head` or use --address local"
+            ) from None
     return False, True
+
+
+@contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """`ray.init` replaces SIGTERM's handler with its own (exit at once); a handler the caller installed (the CLI's,
+    which drains) is put back. With none (the default action), Ray's stays: it exits through Ray's clean-up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _why(text: str) -> str | None:
@@ -79,6 +128,8 @@ class Service:
     port: int
     owns_ray: bool  # this process started the cluster: stop() shuts Serve and Ray down
     connected: bool = True  # this process connected to Ray for the service: stop() disconnects
+    control: Any = None  # the drain's control actor (`dynpose.serve.drain`)
+    drained: bool = False
     stopped: bool = False
 
     @property
@@ -100,33 +151,69 @@ class Service:
         from ray import serve
 
         from dynpose.serve.app import build_app
+        from dynpose.serve.drain import start_control
 
-        owns_ray, connected = _init_ray(address, num_cpus)
+        owns_ray, connected = _init_ray(address, num_cpus, cfg.log_level)
         svc = cls(cfg, host, port, owns_ray, connected)
         try:
-            serve.start(http_options={"host": host, "port": port})
+            svc.control, name = start_control(cfg.app_name)
+            svc.cfg = cfg = cfg.with_(drain_actor=name)
+            http = {"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s}
+            serve.start(http_options=http)
             try:
                 serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
             except RuntimeError as e:
                 raise DynPoseError(f"the service failed to start: {_deploy_error(e, cfg.app_name)}") from None
         except BaseException:
-            svc.stop()
+            svc.stop(drain=False)
             raise
         log.info("dynpose service up at %s", svc.url)
         return svc
 
-    def stop(self) -> None:
-        """Drain and stop (see the module note); idempotent."""
+    def drain(self, timeout_s: float | None = None) -> int:
+        """Refuse new requests and wait for the ones in flight (at most `timeout_s`, default `cfg.drain_timeout_s`);
+        returns how many were still in flight at the end (0: every one was answered)."""
+        from dynpose.serve.drain import drain_requests
+
+        if self.drained or self.control is None:
+            return 0
+        self.drained = True
+        try:
+            return drain_requests(self.control, self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
+        except Exception as e:  # the control actor is gone (its node died): say so; stopping goes on without it
+            why = str(e).strip().splitlines()[0] if str(e) else type(e).__name__
+            raise DynPoseError(f"cannot drain ({why}); requests in flight may lose their connection") from None
+
+    def stop(self, drain: bool = True) -> None:
+        """Drain (unless `drain=False` or already drained), then stop (see the module note); idempotent. Ray is shut
+        down even when the drain is interrupted (Ctrl-C), which then propagates."""
+        if self.stopped:
+            return
+        try:
+            if drain:
+                self._drain_or_warn()
+        finally:
+            self.stopped = True
+            self._shutdown()
+
+    def _drain_or_warn(self) -> None:
+        try:
+            left = self.drain()
+        except DynPoseError as e:
+            log.warning("%s", e)
+            return
+        if left:
+            log.warning("%d request(s) still in flight after %g s; stopping anyway", left, self.cfg.drain_timeout_s)
+
+    def _shutdown(self) -> None:
         import ray
         from ray import serve
 
-        if self.stopped:
-            return
-        self.stopped = True
         try:
-            if self.owns_ray:
-                serve.shutdown()
-            else:
+            # A cluster this process started goes with `ray.shutdown()` below, Serve included (after the drain nothing
+            # is in flight); `serve.shutdown()` first would only add Ray's misleading "Task
+            # ServeController.graceful_shutdown failed ... will be retried" line to the output.
+            if not self.owns_ray:
                 serve.delete(self.cfg.app_name)
         except Exception as e:  # shutting down must not hide why we stopped; say it and go on
             log.warning("stopping Serve: %s", str(e).strip().splitlines()[0] if str(e) else type(e).__name__)
