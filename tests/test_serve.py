@@ -394,7 +394,7 @@ def test_bad_inputs_get_one_line_4xx(service, coco, expected) -> None:
         "5000-digit integer": (
             _raw(client, "POST", "/v1/pose", b'{"image": "aGk=", "boxes": [[' + b"7" * 5000 + b", 1, 1, 1]]}", js),
             400,
-            "number too long",
+            "a number in the JSON is too long",
         ),
         "boxes field nested 100k deep": (
             _raw(client, "POST", "/v1/pose", *_form({"image": ("p.jpg", jpeg), "boxes": (None, b"[" * 100_000)})),

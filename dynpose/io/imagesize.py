@@ -72,10 +72,21 @@ def read_header(fp: IO[bytes]) -> Header:
             # which this check replaces
             im = factory(fp, "")
         except _PARSE_ERRORS:
-            return Header(fmt)  # its magic, but a header Pillow cannot read
+            return _fixed_header(fmt, fp)  # its magic, but a header Pillow cannot read in full
         w, h = im.size
         return Header(fmt, int(w), int(h))
     return Header(None)
+
+
+def _fixed_header(fmt: str, fp: IO[bytes]) -> Header:
+    """A PNG's size sits at a fixed place (the IHDR chunk, first): read it there when Pillow gave up on the rest of
+    the file (a truncated PNG still claims its size, and OpenCV would still allocate it)."""
+    fp.seek(0)
+    head = fp.read(24)
+    if fmt == "PNG" and len(head) == 24 and head[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", head[16:24])
+        return Header(fmt, int(w), int(h))
+    return Header(fmt)
 
 
 def check_pixels(data: bytes | memoryview | IO[bytes], what: str, max_pixels: int) -> Header:
