@@ -94,7 +94,7 @@ def test_layers_point_down() -> None:
     """The low layers never import the high ones (the runtime knows nothing of export, routers' training, the CLIs,
     the service or the benchmark)."""
     graph = import_graph()
-    high = {"cli", "serve", "bench", "router", "export", "calibration"}
+    high = {"cli", "demo", "serve", "bench", "router", "export", "calibration"}
     for low in ("runtime", "engines", "models", "onnx_utils", "data", "fileio", "keypoints", "errors"):
         bad = sorted(set(graph.get(low, {})) & high)
         assert not bad, f"{low} imports {bad}: {[graph[low][b][0] for b in bad]}"

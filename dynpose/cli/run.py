@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 EPILOG = """\b
 Examples:
+  # the demo: shipped models on shipped COCO samples (prints AP) and a sample video, results in ./dynpose-demo/
+  dynpose-run --demo
+  # the demo models on your own photo, folder, video or webcam
+  dynpose-run --demo --source photo.jpg
   # COCO val images with the person detections file the HRNet / MMPose results use, then COCO AP
   dynpose-run --engine-dir engines/ --source coco/val2017 \\
       --detections COCO_val2017_detections_AP_H_56_person.json --ann person_keypoints_val2017.json \\
@@ -78,6 +82,8 @@ class RunOptions:
     out_format: str | None = None
     track_confirm: int = 2
     track_max_missed: int = 30
+    demo: bool = False
+    out_dir: str | None = None
 
     def video(self) -> VideoOptions | None:
         """The video run's options, or None for a plain run (one source, no tracking: today's per-frame path)."""
@@ -99,11 +105,15 @@ def _check(o: RunOptions) -> None:
     from dynpose.runtime.policy import parse_policy
     from dynpose.runtime.sinks import out_format
 
+    if not o.engine_dir:
+        raise DynPoseError("--engine-dir is missing: give the engine dir dynpose-export made (or try dynpose-run --demo)")
     if sum(x is not None for x in (o.detections, o.detector, o.gt_boxes)) > 1:
         raise DynPoseError("give one box source: --detections, --detector or --gt-boxes")
     if o.ann and not o.detections:
         raise DynPoseError("--ann maps detection image ids to files; it needs --detections")
-    if not o.source or any(not s.strip() for s in o.source):
+    if not o.source:
+        raise DynPoseError("--source is missing; give an image, a folder of images, a video file or a webcam index")
+    if any(not s.strip() for s in o.source):
         raise DynPoseError("--source is empty; give an image, a folder of images, a video file or a webcam index")
     if len(o.source) > 1 and (o.detections or o.gt_boxes or o.eval_gt):
         raise DynPoseError("--detections, --gt-boxes and --eval name the images of one source; give one --source")
@@ -173,10 +183,21 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EPILOG)
-@click.option("--engine-dir", required=True, type=click.Path(path_type=str), help="Engine dir with manifest.json.")
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Run the demo: models and samples shipped with dynpose (no --engine-dir; the engine dir is built once into "
+    "$DYNPOSE_HOME, default ~/.cache/dynpose). Alone: COCO samples (AP) and a sample video; with --source: yours.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=str),
+    default=None,
+    help="With --demo: the folder for its results and drawings (default ./dynpose-demo).",
+)
+@click.option("--engine-dir", default="", type=click.Path(path_type=str), help="Engine dir with manifest.json.")
 @click.option(
     "--source",
-    required=True,
     multiple=True,
     help="An image, a folder of images, a video file, or a webcam index (0). Repeat it to run several sources at "
     "once (one batch per frame of each; per-source outputs named by source).",
@@ -303,12 +324,51 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
 @user_errors
 def main(**flags: Any) -> None:
     """Estimate human poses with the DynPose router + small/large models of an engine dir."""
+    o = RunOptions(**{**flags, "source": tuple(flags["source"])})
+    setup_logging(o.quiet)
+    if o.out_dir is not None and not o.demo:
+        raise DynPoseError("--out-dir is the demo's output folder; without --demo use --out and --vis")
+    if o.demo:
+        _demo(o)
+    else:
+        _run(o)
+
+
+def _demo(o: RunOptions) -> None:
+    """--demo: the demo module says which ordinary runs to make (engine dir, sources, outputs, annotations)."""
+    from dynpose.demo import DemoRequest, prepare_demo
+
+    box_files = [f for f, v in (("--detections", o.detections), ("--gt-boxes", o.gt_boxes), ("--ann", o.ann)) if v]
+    request = DemoRequest(
+        sources=o.source,
+        out_dir=o.out_dir,
+        out=o.out,
+        vis=o.vis,
+        eval_gt=o.eval_gt,
+        engine_dir=o.engine_dir or None,
+        box_files=tuple(box_files),
+    )
+    plan = prepare_demo(request)
+    for line in plan.intro():
+        click.echo(line)
+    for i, job in enumerate(plan.jobs, 1):
+        click.echo(f"== demo {i}/{len(plan.jobs)}: {job.title}")
+        run = replace(o, engine_dir=str(plan.engine.path), source=job.sources, out=job.out, vis=job.vis, eval_gt=job.eval_gt)
+        if job.track:
+            run = replace(run, track=True)
+        elif job.track is not None:  # the sample images: the tracking flags are for the video
+            run = replace(run, track=False, det_every=1, reroute_every=1, smooth=None)
+        _run(run)
+    for line in plan.outro():
+        click.echo(line)
+
+
+def _run(o: RunOptions) -> None:
+    """One run: sources -> boxes -> routed pose models -> sinks (and COCO AP with --eval)."""
     from dynpose.runtime.pipeline import Pipeline
     from dynpose.runtime.process import process
     from dynpose.runtime.sources import open_source
 
-    o = RunOptions(**{**flags, "source": tuple(flags["source"])})
-    setup_logging(o.quiet)
     _check(o)
     threads = check_threads(o.threads)
     boxes = _box_source(o)

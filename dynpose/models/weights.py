@@ -25,6 +25,7 @@ from torch import nn
 from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models.card import COLOR_ORDERS, ModelCard
+from dynpose.paths import dynpose_home
 
 FORMATS = ("official", "mmpose1", "mmpose0", "dynpose_router")
 # Card alias whose colour order applies when a local file is recognised as this format.
@@ -56,8 +57,7 @@ class LoadedCheckpoint:
 # -- cache and downloads ------------------------------------------------------------------------------------------
 def cache_dir() -> Path:
     """Where downloaded checkpoints live: `$DYNPOSE_HOME/checkpoints` (default `~/.cache/dynpose/checkpoints`)."""
-    home = os.environ.get("DYNPOSE_HOME") or os.path.join("~", ".cache", "dynpose")
-    return Path(home).expanduser() / "checkpoints"
+    return dynpose_home() / "checkpoints"
 
 
 def sha256_prefix_from_name(name: str) -> str | None:
