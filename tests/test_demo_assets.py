@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dynpose.demo.assets import INDEX_NAME, AssetIndex, pack_fp16
 from dynpose.demo.layout import CARD, PACKED
-from dynpose.demo.pack import _FROM_SHARED
+from dynpose.demo.pack import FROM_SHARED
 from dynpose.errors import DynPoseError
 from dynpose.roles import Role
 
@@ -75,7 +75,7 @@ def test_shipped_cards_are_the_examples_cards() -> None:
 def test_assets_are_the_shared_fixtures(shared: Path, tmp_path: Path) -> None:
     """Needs ../shared (skips without it): every shipped file, and every rebuilt model, is the fixture's file."""
     index = AssetIndex.load()
-    for rel, src in _FROM_SHARED.items():
+    for rel, src in FROM_SHARED.items():
         if rel in index.unpacked:
             assert index.unpack(rel, tmp_path).read_bytes() == (shared / src).read_bytes(), rel
         else:

@@ -148,7 +148,7 @@ def demo_engine_dir(
         why = f"{e.strerror}; set DYNPOSE_HOME to a writable folder"
         raise DynPoseError(f"cannot build the demo engine dir in {root}: {why}") from None
     try:
-        log.info("building the demo engine dir (first use; a few seconds) in %s", final)
+        log.info("building the demo engine dir from the shipped files (a few seconds, once) in %s", final)
         engine = _build(index, work, stamp)
         try:
             os.rename(engine, final)

@@ -18,7 +18,7 @@ from dynpose.demo.layout import CARDS, COCO_ANN, COCO_IMAGES, PACKED_MODELS, VID
 
 REPO = Path(__file__).resolve().parents[2]
 # shipped path -> path under ../shared (models: the fp32 file each packed model rebuilds)
-_FROM_SHARED = {
+FROM_SHARED = {
     **{rel: f"models/{Path(rel).name.removesuffix('.f16')}" for rel in PACKED_MODELS},
     **{rel: f"data/coco/{Path(rel).name}" for rel in (*COCO_IMAGES, COCO_ANN)},
     VIDEO: "data/video/street.mp4",
@@ -29,7 +29,7 @@ def pack_assets(shared: str | os.PathLike, root: str | os.PathLike = ASSETS_DIR)
     """Fill `root` from `shared` (and `examples/cards/`) and write its index; returns the index file."""
     shared, root = Path(shared), Path(root)
     unpacked: dict[str, Unpacked] = {}
-    for rel, src in _FROM_SHARED.items():
+    for rel, src in FROM_SHARED.items():
         dst = root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if rel in PACKED_MODELS:
