@@ -196,3 +196,15 @@ def test_a_packed_model_that_does_not_rebuild_exactly_is_refused(tmp_path: Path)
 def test_missing_index_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DynPoseError, match=r"demo assets: .*assets.json is missing; .*reinstall"):
         prepare_demo(DemoRequest(), assets=tmp_path, home=tmp_path)
+
+
+def test_a_build_that_fails_half_way_leaves_no_engine_dir(tmp_path: Path) -> None:
+    """The small model is registered, then the large model's card does not fit its ONNX: the build stops with the
+    exporter's one-line error, and the cache holds no engine dir and no build folder."""
+    root = _copy_assets(tmp_path)
+    card = root / CARD[Role.LARGE]
+    card.write_text(json.dumps({**json.loads(card.read_text()), "input_width": 160}))
+    write_index(root, AssetIndex.load(root).unpacked)
+    with pytest.raises(DynPoseError, match=r"does not match the card \(256x160"):
+        demo_engine_dir(AssetIndex.load(root), tmp_path / "home", version="0.1.0")
+    assert list((tmp_path / "home" / "demo").iterdir()) == []
