@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 EPILOG = """\b
 Examples:
+  # the demo: shipped models on shipped COCO samples (prints AP) and a sample video, results in ./dynpose-demo/
+  dynpose-run --demo
+  # the demo models on your own photo, folder, video or webcam
+  dynpose-run --demo --source photo.jpg
   # COCO val images with the person detections file the HRNet / MMPose results use, then COCO AP
   dynpose-run --engine-dir engines/ --source coco/val2017 \\
       --detections COCO_val2017_detections_AP_H_56_person.json --ann person_keypoints_val2017.json \\
@@ -81,6 +85,8 @@ class RunOptions:
     out_format: str | None = None
     track_confirm: int = 2
     track_max_missed: int = 30
+    demo: bool = False
+    out_dir: str | None = None
 
     def loop(self) -> LoopOptions:
         """The run loop's options (batching, tracking, key frames, temporal routing, smoothing), validated."""
@@ -103,11 +109,15 @@ def _check(o: RunOptions) -> Policy | None:
     from dynpose.io.sinks import out_format
     from dynpose.runtime.policy import parse_policy
 
+    if not o.engine_dir:
+        raise DynPoseError("--engine-dir is missing: give the engine dir dynpose-export made (or try dynpose-run --demo)")
     if sum(x is not None for x in (o.detections, o.detector, o.gt_boxes)) > 1:
         raise DynPoseError("give one box source: --detections, --detector or --gt-boxes")
     if o.ann and not o.detections:
         raise DynPoseError("--ann maps detection image ids to files; it needs --detections")
-    if not o.source or any(not s.strip() for s in o.source):
+    if not o.source:
+        raise DynPoseError("--source is missing; give an image, a folder of images, a video file or a webcam index")
+    if any(not s.strip() for s in o.source):
         raise DynPoseError("--source is empty; give an image, a folder of images, a video file or a webcam index")
     if len(o.source) > 1 and (o.detections or o.gt_boxes or o.eval_gt):
         raise DynPoseError("--detections, --gt-boxes and --eval name the images of one source; give one --source")
@@ -186,10 +196,21 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=EPILOG)
 @version_option
-@click.option("--engine-dir", required=True, type=click.Path(path_type=str), help="Engine dir with manifest.json.")
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Run the demo: models and samples shipped with dynpose (no --engine-dir; the engine dir is built once into "
+    "$DYNPOSE_HOME, default ~/.cache/dynpose). Alone: COCO samples (AP) and a sample video; with --source: yours.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=str),
+    default=None,
+    help="With --demo: the folder for its results and drawings (default ./dynpose-demo).",
+)
+@click.option("--engine-dir", default="", type=click.Path(path_type=str), help="Engine dir with manifest.json.")
 @click.option(
     "--source",
-    required=True,
     multiple=True,
     help="An image, a folder of images, a video file, or a webcam index (0). Repeat it to run several sources at "
     "once (one batch per frame of each; per-source outputs named by source).",
@@ -318,6 +339,45 @@ def main(**flags: Any) -> None:
     """Estimate human poses with the DynPose router + small/large models of an engine dir."""
     o = RunOptions(**{**flags, "source": tuple(flags["source"])})
     setup_logging(o.quiet)
+    if o.out_dir is not None and not o.demo:
+        raise DynPoseError("--out-dir is the demo's output folder; without --demo use --out and --vis")
+    if o.demo:
+        _demo(o)
+    else:
+        _run(o)
+
+
+def _demo(o: RunOptions) -> None:
+    """--demo: the demo module says which ordinary runs to make (engine dir, sources, outputs, annotations)."""
+    from dynpose.demo import DemoRequest, prepare_demo
+
+    box_files = [f for f, v in (("--detections", o.detections), ("--gt-boxes", o.gt_boxes), ("--ann", o.ann)) if v]
+    request = DemoRequest(
+        sources=o.source,
+        out_dir=o.out_dir,
+        out=o.out,
+        vis=o.vis,
+        eval_gt=o.eval_gt,
+        engine_dir=o.engine_dir or None,
+        box_files=tuple(box_files),
+    )
+    plan = prepare_demo(request)
+    for line in plan.intro():
+        click.echo(line)
+    for i, job in enumerate(plan.jobs, 1):
+        click.echo(f"== demo {i}/{len(plan.jobs)}: {job.title}")
+        run = replace(o, engine_dir=str(plan.engine.path), source=job.sources, out=job.out, vis=job.vis, eval_gt=job.eval_gt)
+        if job.track:
+            run = replace(run, track=True)
+        elif job.track is not None:  # the sample images: the tracking flags are for the video
+            run = replace(run, track=False, det_every=1, reroute_every=1, smooth=None)
+        _run(run)
+    for line in plan.outro():
+        click.echo(line)
+
+
+def _run(o: RunOptions) -> None:
+    """One run: sources -> boxes -> routed pose models -> sinks (and COCO AP with --eval)."""
     policy = _check(o)
     threads = check_threads(o.threads)
     boxes = _box_source(o)
@@ -327,7 +387,7 @@ def main(**flags: Any) -> None:
         sinks = _sinks(o, srcs, pipe)
         if not any(sinks):
             click.echo("note: no --out or --vis: results are not written (the summary below is all you get)", err=True)
-        report = _run(o, pipe, srcs, boxes, sinks)
+        report = _loop(o, pipe, srcs, boxes, sinks)
     _summary(o, pipe, boxes, sinks, report)
     if o.eval_gt:
         _evaluate(next(s.results for s in sinks[0] if hasattr(s, "results")), o.eval_gt)
@@ -373,7 +433,7 @@ def _pipeline(o: RunOptions, policy: Policy | None, threads: int | None) -> Pipe
     return pipe
 
 
-def _run(
+def _loop(
     o: RunOptions, pipe: Pipeline, srcs: list[FrameSource], boxes: BoxSource, sinks: list[list[ResultSink]]
 ) -> RunReport:
     from dynpose.video import StreamError, run

@@ -26,6 +26,7 @@ from dynpose.errors import DynPoseError
 from dynpose.fileio import atomic_path, sha256_file
 from dynpose.models import layouts
 from dynpose.models.card import COLOR_ORDERS, ModelCard
+from dynpose.paths import dynpose_home
 from dynpose.roles import Role
 
 FORMATS = ("official", "mmpose1", "mmpose0", "dynpose_router")
@@ -58,8 +59,7 @@ class LoadedCheckpoint:
 # -- cache and downloads ------------------------------------------------------------------------------------------
 def cache_dir() -> Path:
     """Where downloaded checkpoints live: `$DYNPOSE_HOME/checkpoints` (default `~/.cache/dynpose/checkpoints`)."""
-    home = os.environ.get("DYNPOSE_HOME") or os.path.join("~", ".cache", "dynpose")
-    return Path(home).expanduser() / "checkpoints"
+    return dynpose_home() / "checkpoints"
 
 
 def sha256_prefix_from_name(name: str) -> str | None:
