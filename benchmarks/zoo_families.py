@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from dynpose.calibration.crops import CalibSpec
+from dynpose.export.calibration.crops import CalibSpec
 from dynpose.runtime.dispatcher import Dispatcher
 
 from dynpose.bench.stats import paired_ratio_ci
