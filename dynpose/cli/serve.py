@@ -25,6 +25,8 @@ Examples:
   # a Ray cluster (`ray start --head` first): 2 large replicas on GPUs, small autoscaled 1-4
   dynpose-serve --engine-dir /shared/engines --address auto --host 0.0.0.0 --device cuda \\
       --backend tensorrt --large-replicas 2 --small-replicas 1-4 --replica-gpus 0.5
+  # audit 5% of the small model's answers on the large model (figures on GET /v1/stats)
+  dynpose-serve --engine-dir engines/ --audit 0.05 --audit-target 0.95
   # load test a running service with COCO images and their detections
   dynpose-serve bench --url http://127.0.0.1:8000 --images coco/ --detections dets.json \\
       --concurrency 16 --requests 400
@@ -70,6 +72,21 @@ GET /v1/stats. Replica counts take N or MIN-MAX (autoscaling). See docs/serving.
     "--replica-cpus", type=float, default=0.5, show_default=True, help="Ray CPUs each replica reserves (scheduling only)."
 )
 @click.option("--replica-gpus", type=float, default=None, help="GPU fraction per replica with --device cuda (default 0.25).")
+@click.option(
+    "--audit",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Live audit: this share (0-1) of the persons answered by the small model also run on the large model after "
+    "the answer is sent; the agreement is on GET /v1/stats (per ingress replica).",
+)
+@click.option(
+    "--audit-target",
+    type=float,
+    default=None,
+    help="With --audit: step the default route toward the large model while the agreement's interval is below this "
+    "(0-1], and back once it is clearly above (docs/router.md, Audit).",
+)
 @click.option("--quiet", is_flag=True, help="Warnings and errors only.")
 @click.pass_context
 @user_errors
@@ -95,6 +112,8 @@ def main(
     max_ongoing: int,
     replica_cpus: float,
     replica_gpus: float | None,
+    audit: float,
+    audit_target: float | None,
     quiet: bool,
 ) -> None:
     """Serve DynPose over HTTP on Ray Serve, in the foreground until Ctrl-C or SIGTERM (then it drains in-flight
@@ -127,6 +146,8 @@ def main(
         replica_cpus=replica_cpus,
         replica_gpus=(0.25 if device == "cuda" else 0.0) if replica_gpus is None else replica_gpus,
         max_ongoing=max_ongoing,
+        audit=audit,
+        audit_target=audit_target,
     )
     _serve(check_config(cfg), host, port, address)
 

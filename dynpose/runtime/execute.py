@@ -6,8 +6,8 @@
 `LocalExecutor` gives each model (router, small, large) a worker thread of its own: on a CPU the ONNX Runtime /
 OpenVINO sessions then run in parallel on their own share of the cores; GPU runners each own a CUDA stream, so the
 workers' launches overlap on the device. A worker cuts its own crops (`Plan.crop`), a runner's max batch at a time,
-so a 10,000-box frame holds at most one batch of crops per model in memory. The Ray Serve executor (`dynpose.serve.app`) runs the same `Work` on remote
-deployments and is driven by `execute_async`.
+so a 10,000-box frame holds at most one batch of crops per model in memory. The Ray Serve executor
+(`dynpose.serve.app`) runs the same `Work` on remote deployments and is driven by `execute_async`.
 
 `execute` runs one plan; `execute_many` keeps up to `depth` plans in flight, so while the large model works on
 one batch's escalations the small model already runs the next batch (the cascade's overlap). Audit work (`Audit`)

@@ -85,6 +85,8 @@ class ServeConfig:
     replica_cpus: float = 1.0  # Ray CPUs each replica asks for (scheduling only; --threads sets ORT's pools)
     replica_gpus: float = 0.0  # GPU fraction of each model replica (--device cuda)
     max_ongoing: int = 64  # concurrent requests per ingress replica
+    audit: float = 0.0  # share of the small model's answers the ingress also sends to the large model (live audit)
+    audit_target: float | None = None  # steer the default route by the audit (see dynpose/runtime/audit.py)
     app_name: str = APP_NAME
 
     @property
@@ -118,11 +120,13 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
     """The config with absolute paths, or a one-line DynPoseError naming the flag to fix. Reads the manifest (no
     hashing: every replica verifies the files when it opens them)."""
     from dynpose.engines.manifest import Manifest
+    from dynpose.runtime.audit import AuditOptions
     from dynpose.runtime.backends import check_backend
     from dynpose.runtime.engine_set import pick_entry
     from dynpose.runtime.policy import parse_policy
 
     _check_numbers(cfg)
+    AuditOptions.of(AuditOptions(cfg.audit, cfg.audit_target))  # a bad share or target fails before Ray starts
     check_backend(cfg.backend)
     if cfg.device not in ("cpu", "cuda"):
         raise DynPoseError(f"--device {cfg.device}: use cpu or cuda")
