@@ -244,9 +244,12 @@ def test_the_answer_does_not_wait_for_the_audit(pair, likely) -> None:
     with LocalExecutor(pair) as ex:
         ex._workers[Role.LARGE].submit(0, gate.wait, 60)  # the large model's worker, busy until the gate opens
         plan = make_plan(frames, parse_policy("all-small"), cards)
-        audit = Audit(1.0, lambda s: (got.append(s), arrived.append(time.perf_counter())), seed=0)
+        audit = Audit(1.0, lambda s: (got.append(s), arrived.append(time.perf_counter())), seed=0, max_pending=len(plan))
         result = execute(plan, ex, audit)
         assert len(result.model) == len(plan) and not got and audit.pending == len(plan)
+        again = make_plan(frames[:2], parse_policy("all-small"), cards)
+        execute(again, ex, audit)  # its audit would pass max_pending: skipped and counted, not queued
+        assert audit.skipped == len(again) and audit.pending == len(plan)
         # an answer's large-model work submitted after the audit still runs before it
         later = make_plan(frames[:1], parse_policy("all-large"), cards)
         answer = ex.submit(later, later.next_work())

@@ -180,7 +180,7 @@ class Audit:
         with self._lock:
             work = plan.audit_work(self.share, self.rng)
             n = sum(len(w.idx) for w in work)
-            if n and self.pending + n > self.max_pending:
+            if n and self.pending and self.pending + n > self.max_pending:  # one plan alone always goes
                 self.skipped += n
                 return None
             self.pending += n
