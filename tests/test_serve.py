@@ -524,6 +524,45 @@ def test_a_replica_that_cannot_open_its_model_fails_the_start(cluster: str, engi
     assert last.startswith("error: the service failed to start: ") and "does not match the manifest" in last, last
 
 
+def test_audit_on_stats(service, cluster: str, engine_dir: Path, coco, expected, tmp_path: Path) -> None:
+    """After the service above stopped, one started with `--audit 1` (on its port: Serve's HTTP proxy outlives the
+    app and keeps its port): every small-model answer also runs on the large model after the answer went out; the
+    answers are the Pipeline's, and /v1/stats shows the agreement and the large crops it spent."""
+    files, _, _ = coco
+    _, _, lightly = expected
+    port, log_path = int(service[1].url.rsplit(":", 1)[1]), tmp_path / "serve.log"
+    cmd = [
+        sys.executable, "-c", "from dynpose.cli.serve import main; main()", "--engine-dir", str(engine_dir),
+        "--port", str(port), "--address", cluster, "--replica-cpus", "0.25", "--threads", "2", "--audit", "1",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    client = Client(f"http://127.0.0.1:{port}", timeout=60, retries=8)
+    try:
+        deadline = time.monotonic() + 180
+        while not client.healthy():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1)
+        small = persons = 0
+        for iid in IDS:
+            ans = client.pose_file(files[iid], boxes=lightly[iid][0])
+            _same(ans.persons, lightly[iid][1])  # the audit changes no answer
+            small, persons = small + ans.crops["small"], persons + ans.crops["small"] + ans.crops["large"]
+        deadline = time.monotonic() + 60
+        while (audit := client.stats()["audit"])["audited"] < small or audit["pending"]:
+            assert time.monotonic() < deadline, audit
+            time.sleep(0.5)
+        assert audit["share"] == 1.0 and audit["route"] == "fraction:0.5" and audit["persons"] == persons
+        assert audit["answered_small"] == audit["audited"] == audit["large_crops"] == small > 0
+        assert 0.0 < audit["small_agreement"] <= 1.0 and audit["small_agreement"] <= audit["agreement"] <= 1.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 # -- refused before Ray starts (no service needed) ---------------------------------------------------------------------
 def test_cli_refuses_bad_flags_before_starting_ray(engine_dir: Path, coco_dir: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
@@ -546,6 +585,8 @@ def test_cli_refuses_bad_flags_before_starting_ray(engine_dir: Path, coco_dir: P
         (["--engine-dir", str(engine_dir), "--backend", "tensorrt"], "no tensorrt 'small' entry"),
         (["--engine-dir", str(engine_dir), "--replica-gpus", "0.5"], "--device cuda"),
         (["--engine-dir", str(engine_dir), "--detector", str(tmp_path / "det.onnx")], "--detector"),
+        (["--engine-dir", str(engine_dir), "--audit", "1.5"], "--audit 1.5: the audit share must be a number in [0, 1]"),
+        (["--engine-dir", str(engine_dir), "--audit-target", "0.9"], "--audit-target steers by the audit's figures"),
     ]
     for args, words in cases:
         res = runner.invoke(main, args)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from dynpose.io.box_sources import BoxSource
     from dynpose.io.sinks import ResultSink
     from dynpose.io.sources import FrameSource
+    from dynpose.runtime.audit import AuditOptions
     from dynpose.runtime.pipeline import Pipeline
     from dynpose.runtime.policy import Policy
     from dynpose.video import LoopOptions, RunReport
@@ -44,6 +45,10 @@ Examples:
   # two cameras at once (one batch per frame pair): tracks_cam1.jsonl, tracks_cam2.jsonl, out/cam1.mp4, ...
   dynpose-run --engine-dir engines/ --source cam1.mp4 --source cam2.mp4 --detector det.onnx --track \\
       --out tracks.json --format posetrack --vis out/
+  # live audit: 5% of the small model's answers also on the large model; the route steps toward the large model
+  # while the agreement's 95% interval is below 0.95 (figures in the summary and walk.audit.json)
+  dynpose-run --engine-dir engines/ --source walk.mp4 --detector det.onnx --audit 0.05 --audit-target 0.95 \\
+      --out walk.jsonl
 
 \b
 Routing policies (--route): band:LO,HI (DynPose release rule, large iff LO <= router score <= HI),
@@ -87,6 +92,16 @@ class RunOptions:
     track_max_missed: int = 30
     demo: bool = False
     out_dir: str | None = None
+    audit: float | None = None
+    audit_target: float | None = None
+
+    def audit_options(self) -> AuditOptions | None:
+        """The live audit asked for (None: none), checked: a share in [0, 1], a target in (0, 1] that needs a share."""
+        from dynpose.runtime.audit import AuditOptions
+
+        if self.audit is None and self.audit_target is None:
+            return None
+        return AuditOptions.of(AuditOptions(0.0 if self.audit is None else self.audit, self.audit_target))
 
     def loop(self) -> LoopOptions:
         """The run loop's options (batching, tracking, key frames, temporal routing, smoothing), validated."""
@@ -140,6 +155,7 @@ def _check(o: RunOptions) -> Policy | None:
     if o.out is None and o.out_format is not None:
         raise DynPoseError(f"--format {o.out_format}: it is the format of --out; give --out too")
     o.loop()  # bad tracking flags fail here
+    o.audit_options()  # and bad audit flags
     return parse_policy(o.route) if o.route is not None else None  # a bad policy fails before any model loads
 
 
@@ -326,6 +342,21 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
     show_default=True,
     help="Frames a track may go unseen before it ends (at least --det-every).",
 )
+@click.option(
+    "--audit",
+    type=float,
+    default=None,
+    help="Live audit: this share (0-1) of the persons the route left on the small model also run on the large model, "
+    "off the hot path; the agreement (mean OKS against the large model, 95%% interval) is printed and written beside "
+    "--out as NAME.audit.json.",
+)
+@click.option(
+    "--audit-target",
+    type=float,
+    default=None,
+    help="With --audit: while the agreement's interval lies below this (0-1], step the route toward the large model; "
+    "step back once it is clearly above (docs/router.md, Audit).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or progress notes.")
 @click.option(
     "--max-pixels",
@@ -388,7 +419,7 @@ def _run(o: RunOptions) -> None:
         if not any(sinks):
             click.echo("note: no --out or --vis: results are not written (the summary below is all you get)", err=True)
         report = _loop(o, pipe, srcs, boxes, sinks)
-    _summary(o, pipe, boxes, sinks, report)
+    _summary(o, pipe, boxes, sinks, report)  # the pipeline is closed: every audit sample is in
     if o.eval_gt:
         _evaluate(next(s.results for s in sinks[0] if hasattr(s, "results")), o.eval_gt)
 
@@ -418,6 +449,7 @@ def _pipeline(o: RunOptions, policy: Policy | None, threads: int | None) -> Pipe
         threads=threads,
         detector=o.detector,
         det_score=det_score,
+        audit=o.audit_options(),
     )
     try:
         if o.detections is None and o.gt_boxes is None and pipe.detector is None:
@@ -481,15 +513,31 @@ def _summary(o: RunOptions, pipe: Pipeline, boxes: BoxSource, sinks: list[list[R
             click.echo(s.line(report.seconds))
     video = f", detector calls {total.detector_calls}" if o.track else ""
     router = f", router crops {st.crops[Role.ROUTER]}" + (f" (saved {total.router_saved})" if total.router_saved else "")
+    audit = f" (+{st.audit_crops} audit)" if pipe.auditor is not None else ""
     click.echo(
         f"{'interrupted; ' if report.interrupted else ''}frames {report.frames}, persons {st.persons}, crops small "
-        f"{st.crops[Role.SMALL]} / large {st.crops[Role.LARGE]}{router if pipe.policy.needs_router else ''}"
+        f"{st.crops[Role.SMALL]} / large {st.crops[Role.LARGE]}{audit}{router if pipe.policy.needs_router else ''}"
         f"{video}, dropped boxes {st.dropped_boxes}, NaN signals {st.nan_signals}, {report.fps:.1f} FPS "
         f"({report.seconds:.2f} s, route {pipe.policy}){f', escalated {st.escalated}' if pipe.policy.cascades else ''}"
     )
     for sink in (k for per_source in sinks for k in per_source):
         if getattr(sink, "path", True) is not None:  # the --eval collector has nothing to report
             click.echo(sink.summary())  # type: ignore[attr-defined]
+    if pipe.auditor is not None:
+        for line in pipe.auditor.summary():
+            click.echo(line)
+        _write_audit(o, pipe)
+
+
+def _write_audit(o: RunOptions, pipe: Pipeline) -> None:
+    """The audit's figures beside --out: NAME.audit.json (one for the run, whatever the number of sources)."""
+    from dynpose.fileio import write_json_atomic
+
+    if o.out is None or pipe.auditor is None:
+        return
+    path = Path(o.out).with_suffix(".audit.json")
+    write_json_atomic(path, {**pipe.auditor.snapshot(), "run": pipe.stats.as_dict()})
+    click.echo(f"wrote {path}")
 
 
 def _evaluate(results: list[dict[str, Any]], gt: str) -> None:

@@ -35,6 +35,8 @@ Examples:
   # a Ray cluster (`ray start --head` first): 2 large replicas on GPUs, small autoscaled 1-4
   dynpose-serve --engine-dir /shared/engines --address auto --host 0.0.0.0 --device cuda \\
       --backend tensorrt --large-replicas 2 --small-replicas 1-4 --replica-gpus 0.5
+  # audit 5% of the small model's answers on the large model (figures on GET /v1/stats)
+  dynpose-serve --engine-dir engines/ --audit 0.05 --audit-target 0.95
   # load test a running service with COCO images and their detections
   dynpose-serve bench --url http://127.0.0.1:8000 --images coco/ --detections dets.json \\
       --concurrency 16 --requests 400
@@ -111,6 +113,21 @@ answered, new ones get 503) and stops; a second one stops at once. See docs/serv
     show_default=True,
     help="dynpose's lines from this level; Ray's own lines (replicas, proxy, raylet) only with debug.",
 )
+@click.option(
+    "--audit",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Live audit: this share (0-1) of the persons answered by the small model also run on the large model after "
+    "the answer is sent; the agreement is on GET /v1/stats (per ingress replica).",
+)
+@click.option(
+    "--audit-target",
+    type=float,
+    default=None,
+    help="With --audit: step the default route toward the large model while the agreement's interval is below this "
+    "(0-1], and back once it is clearly above (docs/router.md, Audit).",
+)
 @click.option("--quiet", is_flag=True, help="Same as --log-level warning.")
 @click.pass_context
 @user_errors
@@ -140,6 +157,8 @@ def main(
     replica_cpus: float,
     replica_gpus: float | None,
     log_level: str,
+    audit: float,
+    audit_target: float | None,
     quiet: bool,
 ) -> None:
     """Serve DynPose over HTTP on Ray Serve, in the foreground until Ctrl-C or SIGTERM (then it drains in-flight
@@ -177,6 +196,8 @@ def main(
         request_timeout_s=request_timeout_s or None,
         drain_timeout_s=drain_timeout_s,
         log_level=log_level,
+        audit=audit,
+        audit_target=audit_target,
     )
     _serve(check_config(cfg), host, port, address)
 

@@ -106,8 +106,8 @@ def _quiet_export() -> Iterator[None]:
 
 
 def _build(index: AssetIndex, work: Path, stamp: dict[str, object]) -> Path:
-    from dynpose.export.calibration.crops import CalibSpec
     from dynpose.export.api import export_model, register_detector, register_onnx
+    from dynpose.export.calibration.crops import CalibSpec
     from dynpose.models.card import ModelCard
 
     src, engine = work / "src", work / "engine"

@@ -3,25 +3,32 @@
     with LocalExecutor(models, flip=False) as ex:
         result = execute(make_plan(frames, policy, cards), ex)
 
-`LocalExecutor` gives each model (router, small, large) a worker thread of its own
-(`ThreadPoolExecutor(max_workers=1)`): on a CPU the ONNX Runtime / OpenVINO sessions then run in parallel on their
-own share of the cores; GPU runners each own a CUDA stream, so the workers' launches overlap on the device. A
-worker cuts its own crops (`Plan.crop`), a runner's max batch at a time, so a 10,000-box frame holds at most one
-batch of crops per model in memory. The Ray Serve executor (`dynpose.serve.app`) runs the same `Work` on remote
-deployments and is driven by `execute_async`.
+`LocalExecutor` gives each model (router, small, large) a worker thread of its own: on a CPU the ONNX Runtime /
+OpenVINO sessions then run in parallel on their own share of the cores; GPU runners each own a CUDA stream, so the
+workers' launches overlap on the device. A worker cuts its own crops (`Plan.crop`), a runner's max batch at a time,
+so a 10,000-box frame holds at most one batch of crops per model in memory. The Ray Serve executor
+(`dynpose.serve.app`) runs the same `Work` on remote deployments and is driven by `execute_async`.
 
 `execute` runs one plan; `execute_many` keeps up to `depth` plans in flight, so while the large model works on
-one batch's escalations the small model already runs the next batch (the cascade's overlap). Audit work goes to
-the large model's worker after the answer's work and is never waited for: its results reach `on_audit`.
+one batch's escalations the small model already runs the next batch (the cascade's overlap). Audit work (`Audit`)
+goes to the large model's worker and is never waited for: its results reach the audit's sink. A worker runs audit
+work only when no answer's work waits (a lower priority), so an audit delays an answer by at most the one audit
+batch already running; `Audit.max_pending` bounds the audits waiting for the model's idle time. `audit_async` does
+the same for `execute_async`'s event loop (there the audit's crops join the large deployment's batches).
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
+import queue
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,10 +36,11 @@ from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.roles import Role
 from dynpose.runtime.model import CropModel, PoseModel, Router
-from dynpose.runtime.plan import AuditSample, Done, FrameInput, Plan, PlanResult, Work, make_plan
+from dynpose.runtime.plan import AuditSample, Done, FrameInput, Plan, PlanResult, Purpose, Work, make_plan
 from dynpose.runtime.policy import AllLarge, AllSmall
 
 AuditSink = Callable[[AuditSample], None]
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -47,6 +55,51 @@ class AsyncExecutor(Protocol):
     def run(self, plan: Plan, work: Sequence[Work]) -> Awaitable[list[Done]]: ...
 
 
+class _Worker:
+    """One model's thread: runs its jobs one at a time, every answer's job before any audit's (priority 0 before 1),
+    each priority in the order submitted."""
+
+    ANSWER, AUDIT, STOP = 0, 1, 2
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, Callable[..., Any] | None, tuple[Any, ...], Future[Any] | None]]
+        self._queue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        f: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise DynPoseError("executor is closed")
+            self._queue.put((priority, next(self._order), fn, args, f))
+        return f
+
+    def _loop(self) -> None:
+        while True:
+            _, _, fn, args, f = self._queue.get()
+            if fn is None or f is None:
+                return
+            if not f.set_running_or_notify_cancel():
+                continue
+            try:
+                f.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits on the future
+                f.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Run what was submitted (audits included), then stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put((self.STOP, next(self._order), None, (), None))
+        self._thread.join()
+
+
 class LocalExecutor:
     """A worker thread per model; see the module doc. The executor owns its threads (closed by `close()`), not the
     models' runners: whoever loaded them (an `EngineSet`) closes them. Thread-safe: concurrent plans queue on the
@@ -55,7 +108,7 @@ class LocalExecutor:
     def __init__(self, models: Mapping[Role, CropModel], flip: bool = False) -> None:
         self.models = dict(models)
         self.flip = flip
-        self._workers = {r: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dynpose-{r.value}") for r in models}
+        self._workers = {r: _Worker(f"dynpose-{r.value}") for r in models}
         self._closed = False
 
     def submit(self, plan: Plan, work: Sequence[Work]) -> list[Future[Done]]:
@@ -66,11 +119,9 @@ class LocalExecutor:
             model = self.models.get(w.role)
             if model is None:
                 raise DynPoseError(f"executor: the plan asks for the {w.role.value} model, which is not loaded")
+            priority = _Worker.AUDIT if w.purpose is Purpose.AUDIT else _Worker.ANSWER
             for piece in w.chunks(model.runner.max_batch):
-                try:
-                    futures.append(self._workers[w.role].submit(self._run, plan, piece))
-                except RuntimeError:  # the pool was shut down by a concurrent close()
-                    raise DynPoseError("executor is closed") from None
+                futures.append(self._workers[w.role].submit(priority, self._run, plan, piece))
         return futures
 
     def _run(self, plan: Plan, work: Work) -> Done:
@@ -89,7 +140,7 @@ class LocalExecutor:
             return
         self._closed = True
         for w in self._workers.values():
-            w.shutdown(wait=True)
+            w.shutdown()
 
     def __enter__(self) -> LocalExecutor:
         return self
@@ -98,16 +149,51 @@ class LocalExecutor:
         self.close()
 
 
+# Audited persons whose large-model results may be outstanding at once: beyond it a plan's audit is skipped (and
+# counted), so a large model busier than the audit can wait for does not pile up audits (each holds its plan's
+# frames) without bound, nor measure frames ever further behind.
+MAX_PENDING_AUDIT = 512
+
+
 class Audit:
     """How a driver samples audit work: the share of small-model answers also run on the large model, the random
-    generator that picks them, and where their `AuditSample`s go."""
+    generator that picks them, and where their `AuditSample`s go. Thread-safe (concurrent plans share it).
 
-    def __init__(self, share: float, sink: AuditSink, seed: int | None = None) -> None:
-        if not 0.0 <= share <= 1.0:
-            raise DynPoseError(f"audit share {share}: must be in [0, 1]")
-        self.share = share
+    Every plan it audits sends one `AuditSample` to `sink`, also a plan where no person was picked (it still
+    counts the plan's persons and small-model answers, which the routed agreement needs); a plan skipped because
+    `max_pending` audited persons are outstanding sends nothing and is counted in `skipped`."""
+
+    def __init__(self, share: float, sink: AuditSink, seed: int | None = None, max_pending: int = MAX_PENDING_AUDIT) -> None:
+        if not (isinstance(share, (int, float)) and 0.0 <= share <= 1.0):
+            raise DynPoseError(f"audit share {share}: must be a number in [0, 1] (the share of small-model answers)")
+        self.share = float(share)
         self.sink = sink
         self.rng = np.random.default_rng(seed)
+        self.max_pending = max_pending
+        self.pending = 0  # audited persons whose results are outstanding
+        self.skipped = 0  # audited persons of plans skipped because `max_pending` were outstanding
+        self.failed = 0  # audited persons whose large-model run failed (never counted in the figures)
+        self._lock = threading.Lock()
+
+    def work(self, plan: Plan) -> list[Work] | None:
+        """A completed plan's audit work ([] when nobody was picked); None when it is skipped."""
+        with self._lock:
+            work = plan.audit_work(self.share, self.rng)
+            n = sum(len(w.idx) for w in work)
+            if n and self.pending and self.pending + n > self.max_pending:  # one plan alone always goes
+                self.skipped += n
+                return None
+            self.pending += n
+            return work
+
+    def finished(self, plan: Plan, done: Sequence[Done] | None, persons: int) -> None:
+        """The audit of `plan` ended: its sample goes to the sink (`done` None: it failed and is not counted)."""
+        with self._lock:
+            self.pending -= persons
+            if done is None:
+                self.failed += persons
+        if done is not None:
+            self.sink(plan.audit_sample(done))
 
 
 def _finish(plan: Plan, executor: Executor, futures: list[Future[Done]], audit: Audit | None) -> PlanResult:
@@ -124,23 +210,66 @@ def _finish(plan: Plan, executor: Executor, futures: list[Future[Done]], audit: 
 
 
 def _submit_audit(plan: Plan, executor: Executor, audit: Audit) -> None:
-    work = plan.audit_work(audit.share, audit.rng)
-    if not work:
+    work = audit.work(plan)
+    if work is None:
         return
-    futures = executor.submit(plan, work)
-    pending = [len(futures)]
+    n = sum(len(w.idx) for w in work)
+    if not n:
+        audit.finished(plan, [], 0)
+        return
+    try:
+        futures = executor.submit(plan, work)
+    except DynPoseError:  # the executor closed under us: the audit is lost, never the answer
+        audit.finished(plan, None, n)
+        return
+    lock = threading.Lock()
     done: list[Done] = []
+    left = [len(futures)]
+    failed = [False]
 
     def collect(f: Future[Done]) -> None:
-        if f.cancelled() or f.exception() is not None:
-            return  # an audit never fails the run: a failed sample is simply not counted
-        done.append(f.result())
-        pending[0] -= 1
-        if pending[0] == 0:
-            audit.sink(plan.audit_sample(done))
+        # on the large model's worker (or here, when already done); the lock keeps the count right either way
+        with lock:
+            if f.cancelled() or f.exception() is not None:
+                failed[0] = True  # an audit never fails the run: a failed sample is simply not counted
+            else:
+                done.append(f.result())
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            audit.finished(plan, None if failed[0] else done, n)
 
     for f in futures:
         f.add_done_callback(collect)
+
+
+def audit_async(plan: Plan, executor: AsyncExecutor, audit: Audit) -> asyncio.Task[None] | None:
+    """Start a completed plan's audit on the event loop without waiting for it (the service's ingress); the task is
+    returned (None when there is nothing to run) and kept alive until it ends."""
+    work = audit.work(plan)
+    if work is None:
+        return None
+    n = sum(len(w.idx) for w in work)
+    if not n:
+        audit.finished(plan, [], 0)
+        return None
+
+    async def run() -> None:
+        try:
+            done = await executor.run(plan, work)
+        except Exception as e:  # a lost audit is counted, never raised: nobody awaits it
+            log.debug("audit of %d person(s) failed: %s", n, e)
+            audit.finished(plan, None, n)
+            return
+        audit.finished(plan, done, n)
+
+    task = asyncio.get_running_loop().create_task(run())
+    _AUDIT_TASKS.add(task)
+    task.add_done_callback(_AUDIT_TASKS.discard)
+    return task
+
+
+_AUDIT_TASKS: set[asyncio.Task[None]] = set()  # the event loop keeps only weak references to its tasks
 
 
 def execute(plan: Plan, executor: Executor, audit: Audit | None = None) -> PlanResult:

@@ -8,6 +8,10 @@ A crop's path, one plain function each: `Boxes.of` (the usable boxes) -> `plan.m
 the stages the policy needs) -> `execute.execute` (crop, infer, decode on a worker per model) -> `persons_of`
 (`rescore` -> `oks_nms` -> `Person`). The service's ingress runs the same plan on remote models and calls the
 same `persons_of`.
+
+`audit=F` (or `audit.AuditOptions`) re-runs a random share F of the small model's answers on the large model,
+off the hot path, and keeps the live agreement in `pipe.auditor` (`dynpose/runtime/audit.py`); with a target, the
+auditor replaces `pipe.policy` (the next plan uses the new one) when the agreement falls short.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import numpy as np
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
 from dynpose.roles import Role
+from dynpose.runtime.audit import AuditOptions, Auditor, with_calibration
 from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.engine_set import EngineSet, LoadOptions
-from dynpose.runtime.execute import Audit, LocalExecutor, execute_many
+from dynpose.runtime.execute import LocalExecutor, execute_many
 from dynpose.runtime.model import CropModel
 from dynpose.runtime.person import Decision, Person
-from dynpose.runtime.plan import LARGE, FrameInput, PlanResult, make_plan
+from dynpose.runtime.plan import LARGE, AuditSample, FrameInput, PlanResult, make_plan
 from dynpose.runtime.policy import Policy, parse_policy
 from dynpose.runtime.postprocess import oks_nms, rescore
 
@@ -48,6 +53,7 @@ class RunStats:
     crops: dict[Role, int] = field(default_factory=lambda: dict.fromkeys((Role.ROUTER, Role.SMALL, Role.LARGE), 0))
     answered: dict[Role, int] = field(default_factory=lambda: dict.fromkeys((Role.SMALL, Role.LARGE), 0))
     escalated: int = 0  # persons the cascade ran again on the large model
+    audit_crops: int = 0  # large-model crops spent on the live audit (not in `crops`: no answer comes from them)
     dropped_boxes: int = 0
     nan_signals: int = 0
     batches: int = 0
@@ -74,6 +80,7 @@ class RunStats:
             "crops": {r.value: n for r, n in self.crops.items()},
             "answered": {r.value: n for r, n in self.answered.items()},
             "escalated": self.escalated,
+            "audit_crops": self.audit_crops,
             "dropped_boxes": self.dropped_boxes,
             "nan_signals": self.nan_signals,
             "batches": self.batches,
@@ -138,7 +145,7 @@ class Pipeline:
         detector: Any = None,
         flip: bool = False,
         max_batch: int = 64,
-        audit: Audit | None = None,
+        audit: float | AuditOptions | None = None,
         engines: EngineSet | None = None,
     ) -> None:
         self.policy = parse_policy(policy)
@@ -148,14 +155,28 @@ class Pipeline:
             raise DynPoseError(f"max_batch must be >= 1, got {max_batch}")
         self.detector = detector
         self.max_batch = max_batch
-        self.audit = audit
         self.keypoint_set = self.cards[Role.LARGE].keypoint_set
         self.engines = engines
         self.info: dict[str, Any] = {"route": str(self.policy), "flip": flip}
         self.stats = RunStats()
-        self._executor = LocalExecutor(models, flip)
         self._lock = threading.Lock()
+        opts = AuditOptions.of(audit)
+        self.auditor = (
+            None
+            if opts is None
+            else Auditor(opts, self.keypoint_set.sigmas, self.policy, on_move=self._set_policy, on_sample=self._audited)
+        )
+        self._executor = LocalExecutor(models, flip)
         self._closed = False
+
+    def _set_policy(self, policy: Policy) -> None:
+        """The audit's steering: plans made from now on use `policy` (one attribute swap: a plan reads it once)."""
+        self.policy = policy
+        self.info["route"] = str(policy)
+
+    def _audited(self, sample: AuditSample) -> None:
+        with self._lock:
+            self.stats.audit_crops += len(sample.large)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod
@@ -166,9 +187,11 @@ class Pipeline:
         flip: bool = False,
         max_batch: int = 64,
         own: bool = False,
+        audit: float | AuditOptions | None = None,
     ) -> Pipeline:
         """A pipeline over opened models. route: a policy (`band:LO,HI`, `threshold:T`, `fraction:F`, `all-small`,
-        `all-large`, `box:AREA`, `cascade:T`, ...); None takes the manifest's. own: close `engines` with it."""
+        `all-large`, `box:AREA`, `cascade:T`, ...); None takes the manifest's. own: close `engines` with it. audit:
+        the live audit (a share, or `AuditOptions`; the manifest's calibrated agreement is what drift is judged by)."""
         policy = parse_policy(route if route is not None else engines.manifest.route)
         if policy.needs_router and engines.router is None:
             raise DynPoseError(
@@ -179,7 +202,10 @@ class Pipeline:
         models: dict[Role, CropModel] = {Role.SMALL: small, Role.LARGE: large}
         if policy.needs_router and engines.router is not None:
             models[Role.ROUTER] = engines.router
-        pipe = cls(models, policy, engines.detector, flip, max_batch, engines=engines if own else None)
+        opts = AuditOptions.of(audit)
+        if opts is not None:
+            opts = with_calibration(opts, engines.manifest.calibration)
+        pipe = cls(models, policy, engines.detector, flip, max_batch, opts, engines if own else None)
         pipe.info.update(
             engine_dir=str(engines.engine_dir),
             backend=engines.backend,
@@ -195,25 +221,32 @@ class Pipeline:
         route: str | Policy | None = None,
         flip: bool = False,
         max_batch: int = 64,
+        audit: float | AuditOptions | None = None,
         **load: Any,
     ) -> Pipeline:
         """Load the small and large models (the router when the policy reads it, and the detector) of an engine dir,
         verified against its manifest, which is read once.
 
-        route: the routing policy (None: the manifest's). load: `LoadOptions` fields: backend ("ort" | "openvino" |
-        "tensorrt" | "torch"), device ("cpu" | "cuda"), threads (CPU cores to use, default all), detector (an ONNX
-        detector file; default: the manifest's detector entry, else boxes must be passed to each call), det_score,
-        det_iou."""
+        route: the routing policy (None: the manifest's). audit: a share of the small model's answers re-run on the
+        large model (or `AuditOptions`; see `dynpose/runtime/audit.py`). load: `LoadOptions` fields: backend ("ort" |
+        "openvino" | "tensorrt" | "torch"), device ("cpu" | "cuda"), threads (CPU cores to use, default all),
+        detector (an ONNX detector file; default: the manifest's detector entry, else boxes must be passed to each
+        call), det_score, det_iou."""
         from dynpose.engines.manifest import Manifest
 
         if engine_dir is None or str(engine_dir) == "":
             raise DynPoseError("engine dir: none given; pass the folder dynpose-export wrote (e.g. engines/)")
         manifest = Manifest.load(engine_dir, verify=True)
         policy = parse_policy(route if route is not None else manifest.route)
+        if AuditOptions.of(audit) is not None and manifest.get(Role.LARGE) is None:
+            raise DynPoseError(
+                f"engine dir {engine_dir}: the audit re-runs persons on the {Role.LARGE.value} model and the manifest has "
+                f"none; export one (`dynpose-export --role {Role.LARGE.value} ...`) or drop --audit"
+            )
         roles = [Role.SMALL, Role.LARGE] + ([Role.ROUTER] if policy.needs_router else [])
         engines = EngineSet.open(manifest, LoadOptions(**load), roles=roles)
         try:
-            return cls.from_engine_set(engines, route=policy, flip=flip, max_batch=max_batch, own=True)
+            return cls.from_engine_set(engines, route=policy, flip=flip, max_batch=max_batch, own=True, audit=audit)
         except BaseException:
             engines.close()
             raise
@@ -281,7 +314,8 @@ class Pipeline:
                 started.append(time.perf_counter())
                 yield make_plan(frames, self.policy, self.cards)
 
-        for result in execute_many(plans(), self._executor, depth, self.audit):
+        audit = self.auditor.sampler if self.auditor is not None else None
+        for result in execute_many(plans(), self._executor, depth, audit):
             out = persons_of(result, self.keypoint_set.sigmas)
             with self._lock:
                 dropped = sum(f.boxes.dropped for f in result.frames)

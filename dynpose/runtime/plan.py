@@ -104,11 +104,17 @@ class FrameInput:
 
 @dataclass(frozen=True)
 class AuditSample:
-    """What an audit measured: both models' keypoints (n,K,3) for the same persons, and their box areas."""
+    """What an audit measured: both models' keypoints (n,K,3) for the same persons, their box areas and frames
+    (rows of the plan's frames); and of the whole plan: its persons, how many the small model answered, and the
+    policy that routed them (the audit's share of the small model's answers is of `answered_small`)."""
 
     small: np.ndarray
     large: np.ndarray
     areas: np.ndarray
+    frame_index: np.ndarray | None = None  # (n,)
+    persons: int = 0
+    answered_small: int = 0
+    policy: Policy | None = None
 
 
 @dataclass
@@ -349,7 +355,15 @@ class Plan:
         idx = np.concatenate([d.work.idx for d in done]) if done else np.zeros(0, np.int64)
         large = np.concatenate([d.out for d in done]) if done else np.zeros((0, *self.keypoints[Role.LARGE].shape[1:]))
         areas = self.boxes[idx, 2] * self.boxes[idx, 3]
-        return AuditSample(self.keypoints[Role.SMALL][idx], np.asarray(large, np.float32), areas)
+        return AuditSample(
+            self.keypoints[Role.SMALL][idx],
+            np.asarray(large, np.float32),
+            areas,
+            frame_index=self.frame_index[idx],
+            persons=len(self),
+            answered_small=int((self.model == SMALL).sum()),
+            policy=self.policy,
+        )
 
 
 def make_plan(frames: Sequence[FrameInput], policy: Policy, cards: Mapping[Role, ModelCard]) -> Plan:

@@ -26,6 +26,14 @@ Why the cascade's confidence is the small model's mean keypoint score: on a real
 persons where the small model disagrees with the large one far better than the box area does (Spearman +0.65
 against the small model's OKS to the large model's keypoints, box area -0.11), it is free (the decoder computes it),
 and it means the same for heatmap and SimCC models (both scores are per-joint maxima).
+
+`toward_large(step)` / `toward_small(step)` move a policy one step towards sending more (fewer) persons to the
+large model, within its family: what the live audit's `--audit-target` does when the measured agreement falls
+short (`dynpose/runtime/audit.py`). A score, threshold or share moves by `step` (clipped to [0, 1]); a box area by
+the factor `1 + AREA_STEP * step` (1.5 at the default step 0.05: box areas spread over orders of magnitude, so an
+additive or 5% step would barely move the share). `all-small` and `all-large` are fixed: they never move. Scores
+and shares are rounded to 6 decimals, so a step and its way back give the same policy string (areas print to 6
+significant digits, which hides the float error of a multiply and divide).
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from typing import ClassVar
 import numpy as np
 
 from dynpose.errors import DynPoseError
+
+AREA_STEP = 10.0  # a box area moves by the factor 1 + AREA_STEP * step (see the module doc)
 
 USAGE = (
     "use all-small | all-large | box:AREA | band:LO,HI | threshold:T | fraction:F | box-threshold:AREA,T | "
@@ -117,6 +127,17 @@ class Policy(ABC):
         """The share of persons sent to the large model when it is known without data (None: it depends on them)."""
         return None
 
+    def toward_large(self, step: float) -> Policy:
+        """The policy one `step` towards the large model (see the module doc); itself where it cannot move (a fixed
+        policy, a bound reached)."""
+        _check_step(step)
+        return self
+
+    def toward_small(self, step: float) -> Policy:
+        """The policy one `step` towards the small model; itself where it cannot move."""
+        _check_step(step)
+        return self
+
     def cost(self, costs: ModelCosts, share: float) -> float:
         """Expected ms per person when `share` of them end on the large model, run one after another: the device
         time a person takes (two pose models at once on a CPU can beat it; the benchmark measures that)."""
@@ -139,6 +160,32 @@ class Policy(ABC):
 
 def _finite_mask(v: np.ndarray) -> np.ndarray:
     return np.isfinite(v)
+
+
+def _check_step(step: float) -> float:
+    if not (math.isfinite(step) and 0.0 < step <= 1.0):
+        raise DynPoseError(f"policy step {step}: must be a number in (0, 1]")
+    return float(step)
+
+
+def _down(v: float, step: float) -> float:
+    """`v` one step lower, not below 0 (unchanged when it is at or below 0 already)."""
+    step = _check_step(step)
+    return v if v <= 0.0 else round(max(0.0, v - step), 6)
+
+
+def _up(v: float, step: float) -> float:
+    """`v` one step higher, not above 1 (unchanged when it is at or above 1 already)."""
+    step = _check_step(step)
+    return v if v >= 1.0 else round(min(1.0, v + step), 6)
+
+
+def _area_down(a: float, step: float) -> float:
+    return a / (1.0 + AREA_STEP * _check_step(step))
+
+
+def _area_up(a: float, step: float) -> float:
+    return a * (1.0 + AREA_STEP * _check_step(step))
 
 
 @dataclass(frozen=True)
@@ -175,6 +222,12 @@ class BoxArea(Policy):
     def to_string(self) -> str:
         return f"box:{self.area:g}"
 
+    def toward_large(self, step: float) -> Policy:
+        return BoxArea(_area_down(self.area, step))
+
+    def toward_small(self, step: float) -> Policy:
+        return BoxArea(_area_up(self.area, step))
+
 
 class _RouterPolicy(Policy):
     """A family that reads router score[1]; NaN scores go large."""
@@ -207,6 +260,15 @@ class Band(_RouterPolicy):
     def to_string(self) -> str:
         return f"band:{self.lo:g},{self.hi:g}"
 
+    def toward_large(self, step: float) -> Policy:
+        return Band(_down(self.lo, step), _up(self.hi, step))  # a wider band: more scores fall in it
+
+    def toward_small(self, step: float) -> Policy:
+        lo, hi = _up(self.lo, step), _down(self.hi, step)
+        if lo > hi:  # the band closes at its middle, never turns inside out
+            lo = hi = round((self.lo + self.hi) / 2.0, 6)
+        return Band(lo, hi)
+
 
 @dataclass(frozen=True)
 class Threshold(_RouterPolicy):
@@ -217,6 +279,12 @@ class Threshold(_RouterPolicy):
 
     def to_string(self) -> str:
         return f"threshold:{self.threshold:g}"
+
+    def toward_large(self, step: float) -> Policy:
+        return Threshold(_down(self.threshold, step))
+
+    def toward_small(self, step: float) -> Policy:
+        return Threshold(_up(self.threshold, step))
 
 
 @dataclass(frozen=True)
@@ -236,6 +304,12 @@ class Fraction(_RouterPolicy):
 
     def to_string(self) -> str:
         return f"fraction:{self.fraction:g}"
+
+    def toward_large(self, step: float) -> Policy:
+        return Fraction(_up(self.fraction, step))
+
+    def toward_small(self, step: float) -> Policy:
+        return Fraction(_down(self.fraction, step))
 
     def fixed_share(self) -> float | None:
         return self.fraction
@@ -258,6 +332,12 @@ class BoxThreshold(_RouterPolicy):
     def to_string(self) -> str:
         return f"box-threshold:{self.area:g},{self.threshold:g}"
 
+    def toward_large(self, step: float) -> Policy:
+        return BoxThreshold(_area_down(self.area, step), _down(self.threshold, step))
+
+    def toward_small(self, step: float) -> Policy:
+        return BoxThreshold(_area_up(self.area, step), _up(self.threshold, step))
+
 
 @dataclass(frozen=True)
 class Cascade(Policy):
@@ -275,6 +355,12 @@ class Cascade(Policy):
 
     def to_string(self) -> str:
         return f"cascade:{self.threshold:g}"
+
+    def toward_large(self, step: float) -> Policy:
+        return Cascade(_up(self.threshold, step))  # a higher bar for the small model's confidence
+
+    def toward_small(self, step: float) -> Policy:
+        return Cascade(_down(self.threshold, step))
 
 
 # -- parsing ---------------------------------------------------------------------------------------------------------

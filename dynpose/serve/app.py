@@ -8,7 +8,10 @@
   detector for boxes when none came, validates them (`Boxes.of`), plans them (`plan.make_plan`, the planner
   `Pipeline` uses) and runs the plan with `RemoteExecutor` (`execute.execute_async`): the router in the ingress,
   each pose model's uint8 crops (`Plan.crop`) sent to that model's deployment; then rescoring and OKS-NMS
-  (`pipeline.persons_of`), so an answer is what `Pipeline` gives for the same image and boxes.
+  (`pipeline.persons_of`), so an answer is what `Pipeline` gives for the same image and boxes. With `--audit F`
+  it then starts, without awaiting it, the large model on a share F of the small model's answers
+  (`execute.audit_async`); the ingress's `Auditor` keeps the agreement (`/v1/stats`) and may steer the default
+  route (`--audit-target`).
 - `PoseModelDeployment` (`small` and `large`, each its own replica count): normalises, infers (+ flip) and decodes
   crops to image pixels. `serve.batch` gathers the crops of concurrent requests into one model run (up to
   `max_batch` crops, waiting at most `batch_wait_ms` for a batch to fill).
@@ -287,11 +290,26 @@ class Ingress:
             self.cards[Role.ROUTER] = self.router.card
         self.keypoint_set = self.cards[Role.LARGE].keypoint_set
         self.default_policy = parse_policy(cfg.route or manifest.route)
+        self.auditor = self._auditor(cfg, manifest)
         self.batch_stats: dict[tuple[str, str], dict[str, Any]] = {}
         self.executor = RemoteExecutor(self.router, self.handles, cfg.max_batch, self._keep_stats)
         self.counts = {"requests": 0, "ok": 0, "client_errors": 0, "unavailable": 0, "internal_errors": 0, "crops": 0}
         self.uploads = UploadGuard(cfg.max_body_bytes, cfg.body_timeout_s, cfg.slow_bodies)  # slow bodies are cut
         self.drain = DrainWatch(cfg.drain_actor)  # in-flight count; refuses new requests once the service stops
+
+    def _auditor(self, cfg: ServeConfig, manifest: Any) -> Any:
+        """The live audit of this ingress replica (None without --audit); its steering swaps the default route."""
+        from dynpose.runtime.audit import AuditOptions, Auditor, with_calibration
+
+        opts = AuditOptions.of(AuditOptions(cfg.audit, cfg.audit_target))
+        if opts is None:
+            return None
+        opts = with_calibration(opts, manifest.calibration)
+
+        def move(policy: Any) -> None:
+            self.default_policy = policy  # requests that name no route use it from now on
+
+        return Auditor(opts, self.keypoint_set.sigmas, self.default_policy, on_move=move)
 
     def _keep_stats(self, snap: dict[str, Any]) -> None:
         self.batch_stats[(snap["model"], snap["replica"])] = snap
@@ -339,7 +357,7 @@ class Ingress:
 
     async def _pose(self, request: Request) -> dict[str, Any]:
         from dynpose.runtime.boxes import Boxes
-        from dynpose.runtime.execute import execute_async
+        from dynpose.runtime.execute import audit_async, execute_async
         from dynpose.runtime.pipeline import persons_of
         from dynpose.runtime.plan import LARGE, FrameInput, make_plan
 
@@ -364,7 +382,10 @@ class Ingress:
             frame = FrameInput(image, Boxes.of(boxes, image.shape, max_boxes=self.cfg.max_boxes, where="boxes"))
         except DynPoseError as e:
             raise HttpError(400, str(e)) from None
-        result = await execute_async(make_plan([frame], policy, self.cards), self.executor)
+        plan = make_plan([frame], policy, self.cards)
+        result = await execute_async(plan, self.executor)
+        if self.auditor is not None:
+            audit_async(plan, self.executor, self.auditor.sampler)  # not awaited: the answer goes out now
         t.mark("plan")
         persons = persons_of(result, self.keypoint_set.sigmas)[0]
         t.mark("post")
@@ -447,8 +468,9 @@ class Ingress:
         }
 
     def _stats(self) -> dict[str, Any]:
-        """Requests this ingress replica answered, and the pose replicas' batches (the latest totals each replica
-        reported with its answers; a replica that died keeps its last totals)."""
+        """Requests this ingress replica answered, the pose replicas' batches (the latest totals each replica
+        reported with its answers; a replica that died keeps its last totals; audit crops included), and this
+        replica's live audit (null without --audit)."""
         models: dict[str, dict[str, Any]] = {}
         for m in POSE_ROLES:
             snaps = [s for (model, _), s in sorted(self.batch_stats.items()) if model == m]
@@ -462,7 +484,8 @@ class Ingress:
             agg["mean_crops_per_batch"] = round(agg["crops"] / agg["batches"], 3) if agg["batches"] else None
             agg["replicas"] = [{k: s[k] for k in ("replica", "actor", "batches", "crops")} for s in snaps]
             models[m.value] = agg
-        return {"requests": dict(self.counts), "models": models}
+        audit = self.auditor.snapshot() if self.auditor is not None else None
+        return {"requests": dict(self.counts), "models": models, "audit": audit}
 
     def __del__(self) -> None:
         engines = getattr(self, "engines", None)

@@ -90,6 +90,8 @@ class ServeConfig:
     request_timeout_s: float | None = 120.0  # Serve's proxy answers 408 past this, end to end (None: no limit)
     drain_timeout_s: float = 30.0  # stopping waits at most this long for the requests in flight
     log_level: str = "info"  # dynpose's lines from this level; Ray's own only at debug (module note of service.py)
+    audit: float = 0.0  # share of the small model's answers the ingress also sends to the large model (live audit)
+    audit_target: float | None = None  # steer the default route by the audit (see dynpose/runtime/audit.py)
     app_name: str = APP_NAME
     drain_actor: str | None = None  # set by `Service.start`: the drain's control actor (`dynpose.serve.drain`)
 
@@ -136,11 +138,13 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
     """The config with absolute paths, or a one-line DynPoseError naming the flag to fix. Reads the manifest (no
     hashing: every replica verifies the files when it opens them)."""
     from dynpose.engines.manifest import Manifest
+    from dynpose.runtime.audit import AuditOptions
     from dynpose.runtime.backends import check_backend
     from dynpose.runtime.engine_set import pick_entry
     from dynpose.runtime.policy import parse_policy
 
     _check_numbers(cfg)
+    AuditOptions.of(AuditOptions(cfg.audit, cfg.audit_target))  # a bad share or target fails before Ray starts
     check_backend(cfg.backend)
     if cfg.device not in ("cpu", "cuda"):
         raise DynPoseError(f"--device {cfg.device}: use cpu or cuda")
