@@ -1,29 +1,24 @@
-"""Key frames that do not miss people walking in (`dynpose.keyframes`): mean keypoint OKS against detection on every
-frame, and frames/s, against plain `--det-every N` and detection on every frame.
+"""Key frames that do not miss people walking in (`dynpose.video.keyframes`): mean keypoint OKS against detection on
+every frame, and frames/s, against plain `--det-every N` and detection on every frame.
 
     python benchmarks/keyframe_bench.py --engine-dir engines/ --video ../shared/data/video/street.mp4 \\
         --video walk.mp4 --route all-large --min-rounds 5 --max-rounds 30 --json keyframes.json
 
-Settings, each a pass of a fresh `VideoTracker` (tracking on) over the video's frames, decoded into memory first:
+Settings, each a pass of a fresh `StreamTracker` (tracking on, the run loop's own stream state) over the video's
+frames, decoded into memory first, a plan per frame:
 - `every frame`: the detector on every frame (`VideoOptions(det_every=1)`), the reference;
-- `every N`: plain key frames (`VideoOptions(det_every=N)`, `--det-every`);
-- `keyframes <= M`: `dynpose.keyframes.KeyframePlanner` (camera-motion-compensated frame difference outside the
-  tracked boxes, camera-revealed area, lost poses) with at most M frames between detections, for M = `--det-every`
-  and each `--max-interval`;
-- `keyframes+scout <= M` (with `--scout`): the same, a blob first looked at by a cheap detector (PicoDet 192).
-The planner runs through the public API only: `VideoTracker(pipe, VideoOptions(det_every=1), boxes=[source])` with
-a `BoxSource` (`KeyframeBoxes` below) that gives, per frame, either the full detector's boxes (when the planner asks)
-or one box per person of the previous frame, made from its keypoints as the tracker does (`box_from_keypoints`,
-moved by the person's last motion) and carrying its detection score. `fixed N` is that same source with the
-planner's motion checks off (a full detection every N frames), to show what the source alone changes against the
-tracker's own `every N`.
+- `every N`: plain key frames (`VideoOptions(det_every=N)`, `dynpose-run --det-every N`);
+- `keyframes <= M`: `VideoOptions(keyframes=KeyframeConfig(max_interval=M))` (`dynpose-run --keyframes
+  --det-every M`): the planner detects on camera-motion-compensated frame differences outside the tracked boxes,
+  camera-revealed area, cuts and lost poses, at most M frames apart; for M = `--det-every` and each
+  `--max-interval`.
 
-Mean OKS: `dynpose.runtime.tracking.pose_agreement` (per frame, Hungarian matching by OKS against the every-frame
-run's persons; an unmatched reference person counts 0), from the first pass; also the share of reference persons
-matched with OKS >= 0.75 and the detector calls. frames/s: each setting once per round, interleaved (the order
-rotates), rounds until every ratio's 95% bootstrap interval is within +-5% or `--max-rounds` / `--time-limit`
+Mean OKS: `dynpose.video.pose_agreement` (per frame, Hungarian matching by OKS against the every-frame run's
+persons; an unmatched reference person counts 0), from the first pass; also the share of reference persons matched
+with OKS >= 0.75 and the detector calls. frames/s: each setting once per round, interleaved (the order rotates),
+rounds until every ratio's 95% bootstrap interval is within +-5% or `--max-rounds` / `--time-limit`
 (`dynpose.bench.timing.timed_rounds`); the speed of each setting as the median ratio to `every frame` with its
-interval. Results are printed; `--json` writes them too.
+interval. Results are printed; `--json` writes them too (only there).
 """
 
 from __future__ import annotations
@@ -31,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +33,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-RESCORE_THR = 0.2  # the Pipeline's rescoring: box score x mean of the keypoint scores above this
 
 
 def load_frames(video: Path, limit: int | None) -> list[Any]:
@@ -51,110 +44,49 @@ def load_frames(video: Path, limit: int | None) -> list[Any]:
     return [Frame(i, f"{video.stem}_{i:06d}", im) for i, im in enumerate(images)]
 
 
-class KeyframeBoxes:
-    """A `BoxSource` for `VideoTracker`: the planner's full detections, or boxes made from the previous frame's
-    persons (fed back with `seen` after every step)."""
+def run_stream(pipe: Any, frames: list[Any], options: Any) -> tuple[list[Any], int, dict[str, int]]:
+    """One pass of a fresh stream: (persons per frame, detector calls, why the key frames were taken)."""
+    from dynpose.video import StreamTracker
 
-    name = "keyframes"
-
-    def __init__(self, planner: Any, detector: Any, padding: float, kpt_thr: float = 0.3) -> None:
-        self.planner, self.detector, self.padding, self.kpt_thr = planner, detector, padding, kpt_thr
-        self.prev: list[Any] = []
-        self.centers: dict[int, np.ndarray] = {}  # track id -> last keypoint centre
-        self.velocity: dict[int, np.ndarray] = {}
-        self.reasons: Counter[str] = Counter()
-        self.detector_calls = 0
-
-    def boxes(self, frame: Any) -> np.ndarray:
-        from dynpose.runtime.tracking import box_from_keypoints
-
-        rows, conf = [], []
-        for p in self.prev:
-            box = box_from_keypoints(p.keypoints, self.kpt_thr, self.padding)
-            if box is None:
-                continue
-            if p.track_id is not None:
-                box[:2] += self.velocity.get(p.track_id, 0.0)
-            s = np.nan_to_num(p.keypoints[:, 2], nan=0.0)
-            kept = s[s > RESCORE_THR]
-            det_score = p.score / kept.mean() if len(kept) else p.score  # undo the rescoring: the box's score
-            rows.append([*box, det_score])
-            conf.append(float(s.mean()))
-        tracked = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
-        d = self.planner.decide(frame.image_bgr, tracked, np.asarray(conf))
-        if d.full:
-            self.reasons[d.reason] += 1
-            self.detector_calls += 1
-            found = self.detector(frame.image_bgr)
-            self.planner.detected(found)
-            return found
-        if len(d.entrants):
-            self.reasons["entrant boxes"] += 1
-            return np.concatenate([tracked, d.entrants])
-        return tracked
-
-    def seen(self, persons: list[Any]) -> None:
-        from dynpose.runtime.tracking.tracker import keypoint_center
-
-        for p in persons:
-            c = keypoint_center(p.keypoints, self.kpt_thr) if p.track_id is not None else None
-            if c is None:
-                continue
-            last = self.centers.get(p.track_id)
-            self.velocity[p.track_id] = c - last if last is not None else np.zeros(2)
-            self.centers[p.track_id] = c
-        self.prev = persons
+    stream = StreamTracker(options, pipe, fps=30.0)
+    out = []
+    for f in frames:
+        step = stream.prepare(f)
+        out.append(stream.finish(step, next(pipe.run_frames([[step.input]]))[0]))
+    reasons = dict(stream.keyframes.stats) if stream.keyframes is not None else {}
+    return out, stream.stats.detector_calls, reasons
 
 
 def make_settings(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """name -> a function running one fresh pass: () -> (persons per frame, detector calls, reasons)."""
-    from dynpose.runtime.tracking import VideoOptions, VideoTracker
+    """name -> a function running one fresh pass over frames."""
+    from dynpose.video import VideoOptions
+    from dynpose.video.keyframes import KeyframeConfig
 
-    from dynpose.keyframes import KeyframeConfig, KeyframePlanner
-    from dynpose.runtime.detector import OnnxDetector
-
-    scout = OnnxDetector(args.scout, score_thr=args.det_score, intra_op_threads=1) if args.scout else None
-    padding = pipe.dispatcher.models["large"].card.padding
-
-    def native(det_every: int) -> Any:
-        def run(frames: list[Any]) -> tuple[list[Any], int, dict[str, int]]:
-            video = VideoTracker(pipe, VideoOptions(track=True, det_every=det_every), fps=[30.0])
-            out = [video.step([f])[0] for f in frames]
-            return out, video.stats.detector_calls, {}
-
-        return run
-
-    def planned(config: KeyframeConfig, with_scout: bool) -> Any:
-        def run(frames: list[Any]) -> tuple[list[Any], int, dict[str, int]]:
-            src = KeyframeBoxes(KeyframePlanner(config, scout if with_scout else None), pipe.detector, padding)
-            video = VideoTracker(pipe, VideoOptions(track=True, det_every=1), fps=[30.0], boxes=[src])
-            out = []
-            for f in frames:
-                persons = video.step([f])[0]
-                src.seen(persons)
-                out.append(persons)
-            return out, src.detector_calls, dict(src.reasons)
-
-        return run
+    def setting(options: Any) -> Any:
+        return lambda frames: run_stream(pipe, frames, options)
 
     n = args.det_every
-    off = KeyframeConfig(max_interval=n, min_blob=1.0, reveal=1.0, lost_conf=0.0)
     settings = {
-        "every frame": native(1),
-        f"every {n}": native(n),
-        f"fixed {n}": planned(off, False),
-        f"keyframes <= {n}": planned(KeyframeConfig(max_interval=n), False),
+        "every frame": setting(VideoOptions(track=True)),
+        f"every {n}": setting(VideoOptions(track=True, det_every=n, tracker=_tracker(n))),
     }
-    for m in args.max_interval:
-        settings[f"keyframes <= {m}"] = planned(KeyframeConfig(max_interval=m), False)
-        if scout is not None:
-            settings[f"keyframes+scout <= {m}"] = planned(KeyframeConfig(max_interval=m), True)
+    for m in dict.fromkeys([n, *args.max_interval]):
+        keyframes = KeyframeConfig(max_interval=m)
+        settings[f"keyframes <= {m}"] = setting(
+            VideoOptions(track=True, det_every=m, keyframes=keyframes, tracker=_tracker(m))
+        )
     return settings
+
+
+def _tracker(det_every: int) -> Any:
+    from dynpose.video import TrackerConfig
+
+    return TrackerConfig(max_missed=max(30, det_every))
 
 
 def agreement(ref: list[Any], out: list[Any], sigmas: Any) -> tuple[float, float]:
     """Mean OKS against the reference (pose_agreement) and the share of reference persons at OKS >= 0.75."""
-    from dynpose.runtime.tracking import pose_agreement
+    from dynpose.video import pose_agreement
 
     mean = pose_agreement(ref, out, sigmas)
     hits, total = 0, 0
@@ -208,7 +140,6 @@ def main() -> None:
     ap.add_argument("--engine-dir", type=Path, default=REPO / "engines")
     ap.add_argument("--video", type=Path, action="append", help="a video (repeat for several); default street.mp4")
     ap.add_argument("--detector", type=Path, default=SHARED / "models" / "picodet_s_320_pedestrian.onnx")
-    ap.add_argument("--scout", type=Path, default=None, help="a cheap detector (e.g. picodet_s_192_pedestrian.onnx)")
     ap.add_argument("--det-score", type=float, default=0.5)
     ap.add_argument("--det-every", type=int, default=3)
     ap.add_argument("--max-interval", type=int, nargs="*", default=[6], help="planner settings beyond --det-every")
@@ -222,13 +153,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from dynpose.bench.timing import cpu_model
-    from dynpose.runtime.engine_set import EngineSet
+    from dynpose.runtime.engine_set import EngineSet, LoadOptions
     from dynpose.runtime.pipeline import Pipeline
 
     videos = args.video or [SHARED / "data" / "video" / "street.mp4"]
     t0 = time.perf_counter()
     with (
-        EngineSet.load(args.engine_dir, detector=args.detector, threads=args.threads) as engines,
+        EngineSet.load(args.engine_dir, LoadOptions(detector=args.detector, threads=args.threads)) as engines,
         Pipeline.from_engine_set(engines, route=args.route) as pipe,
     ):
         route = pipe.info["route"]

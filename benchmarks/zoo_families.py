@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from dynpose.export.calibration.crops import CalibSpec
 from dynpose.runtime.dispatcher import Dispatcher
 
 from dynpose.bench.stats import paired_ratio_ci
@@ -48,6 +47,7 @@ from dynpose.bench.timing import RoundSpec, boxes_for_batch, machine_info, parse
 from dynpose.bench.timing import versions as tool_versions
 from dynpose.engines.manifest import Manifest
 from dynpose.export.api import export_all, export_model
+from dynpose.export.calibration.crops import CalibSpec
 from dynpose.models import create_model, get_card
 from dynpose.models.flops import count_flops
 from dynpose.onnx_utils import open_session

@@ -196,7 +196,7 @@ def _calls(attr: str) -> list[str]:
 def test_one_crop_primitive_one_session_opener_one_engine_loader() -> None:
     # the affine warp of person crops happens in preprocess.crop only (the detector resizes whole images; the key-frame
     # planner warps a whole-frame grey thumbnail to undo the camera's motion, no crop)
-    assert _calls("warpAffine") == ["keyframes.py", "runtime/preprocess.py"]
+    assert _calls("warpAffine") == ["runtime/preprocess.py", "video/keyframes.py"]
     assert _calls("InferenceSession") == ["onnx_utils.py"]
     # runners for an engine dir's entries are made by EngineSet.load only
     assert _calls("load_runner") == ["runtime/engine_set.py"]

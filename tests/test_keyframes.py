@@ -1,4 +1,4 @@
-"""dynpose.keyframes on clips made from the shared COCO photos: a person walking into a still scene, a camera pan, a
+"""dynpose.video.keyframes on clips made from the shared COCO photos: a person walking into a still scene, a camera pan, a
 cut, a moving patch that is nobody; the scout is the real PicoDet 192."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from clips import pan, static
 
 from dynpose.errors import DynPoseError
-from dynpose.keyframes import KeyframeConfig, KeyframeDecision, KeyframePlanner
 from dynpose.runtime.detector import OnnxDetector
+from dynpose.video.keyframes import KeyframeConfig, KeyframeDecision, KeyframePlanner
 
 SKIER = np.array([[281.0, 45.0, 219.0, 347.0]])  # 000000000785.jpg's annotated person, standing still
 

@@ -105,9 +105,24 @@ def test_posetrack_output(tinypose_engine_dir: Path, street: Path, detector: Pat
     assert {a["image_id"] for a in anns} <= {im["id"] for im in doc["images"]}
 
 
+def test_keyframes_detect_where_the_tracks_do_not_explain_the_frame(
+    tinypose_engine_dir: Path, street: Path, detector: Path, tmp_path: Path
+) -> None:
+    """`--track --keyframes`: the key-frame planner runs inside the stream's tracking (people walking in on
+    street.mp4 call the detector on 4 of the 5 frames; plain --det-every 3 on 2)."""
+    out = tmp_path / "kf.jsonl"
+    code, stdout, stderr = run_cli(
+        "--engine-dir", tinypose_engine_dir, "--source", street, "--detector", detector,
+        "--track", "--keyframes", "--det-every", "3", "--out", out, "--route", "all-large",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert len(read_lines(out)) == 5 and "detector calls 4" in stdout
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--keyframes"], "add --track"),
         (["--det-every", "3"], "add --track"),
         (["--smooth", "one-euro"], "add --track"),
         (["--track", "--smooth", "kalman"], "--smooth 'kalman'"),

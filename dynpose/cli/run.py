@@ -90,6 +90,7 @@ class RunOptions:
     out_format: str | None = None
     track_confirm: int = 2
     track_max_missed: int = 30
+    keyframes: bool = False
     demo: bool = False
     out_dir: str | None = None
     audit: float | None = None
@@ -106,13 +107,17 @@ class RunOptions:
     def loop(self) -> LoopOptions:
         """The run loop's options (batching, tracking, key frames, temporal routing, smoothing), validated."""
         from dynpose.video import LoopOptions, TrackerConfig, VideoOptions, parse_smoothing
+        from dynpose.video.keyframes import KeyframeConfig
 
+        # --keyframes: the planner decides, with --det-every (or 10 frames) as the longest gap between detections
+        keyframes = KeyframeConfig(max_interval=self.det_every if self.det_every > 1 else 10) if self.keyframes else None
         v = VideoOptions(
             track=self.track,
             det_every=self.det_every,
             reroute_every=self.reroute_every,
             smooth=parse_smoothing(self.smooth),
             tracker=TrackerConfig(confirm=self.track_confirm, max_missed=self.track_max_missed),
+            keyframes=keyframes,
         )
         v.validate()
         return LoopOptions(self.max_batch, self.max_latency_ms, v, progress=not self.quiet)
@@ -136,7 +141,7 @@ def _check(o: RunOptions) -> Policy | None:
         raise DynPoseError("--source is empty; give an image, a folder of images, a video file or a webcam index")
     if len(o.source) > 1 and (o.detections or o.gt_boxes or o.eval_gt):
         raise DynPoseError("--detections, --gt-boxes and --eval name the images of one source; give one --source")
-    if o.det_every > 1 and (o.detections or o.gt_boxes):
+    if (o.det_every > 1 or o.keyframes) and (o.detections or o.gt_boxes):
         raise DynPoseError("--det-every saves detector calls; --detections / --gt-boxes give every frame's boxes already")
     if o.max_pixels < 0:
         raise DynPoseError(f"--max-pixels {o.max_pixels}: must be >= 0 (0: no limit)")
@@ -309,6 +314,12 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
     show_default=True,
     help="With --track: run the detector every N frames (and right after a track is lost); in between each "
     "person's box comes from its last keypoints.",
+)
+@click.option(
+    "--keyframes",
+    is_flag=True,
+    help="With --track: detect when the tracks do not explain the frame (someone walks in, the camera shows new "
+    "ground, a cut, a lost pose) rather than on a fixed schedule; --det-every is then the longest gap (default 10).",
 )
 @click.option(
     "--reroute-every",

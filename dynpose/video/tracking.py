@@ -34,6 +34,7 @@ from dynpose.runtime.person import Decision, Person
 from dynpose.runtime.pipeline import OKS_NMS_THR, Pipeline
 from dynpose.runtime.plan import FrameInput
 from dynpose.runtime.postprocess import oks_nms
+from dynpose.video.keyframes import KeyframeConfig, KeyframePlanner
 from dynpose.video.smoothing import OneEuroConfig, OneEuroFilter
 from dynpose.video.tracker import Track, Tracker, TrackerConfig, box_from_keypoints
 
@@ -51,6 +52,9 @@ class VideoOptions:
     lost_conf: float = 0.2  # a pose whose mean keypoint score is under this is lost: detect on the next frame
     smooth: OneEuroConfig | None = None  # one-euro smoothing of the written keypoints
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    # key frames chosen by what the tracks do not explain (`keyframes.KeyframePlanner`: people walking in, camera
+    # motion, a cut) instead of every `det_every` frames; `det_every` is then the longest gap between detections
+    keyframes: KeyframeConfig | None = None
 
     def validate(self) -> None:
         if self.det_every < 1:
@@ -70,6 +74,10 @@ class VideoOptions:
             if asked:
                 raise DynPoseError(f"{', '.join(asked)} follow(s) people from frame to frame; add --track")
         self.tracker.validate()
+        if self.keyframes is not None:
+            if not self.track:
+                raise DynPoseError("--keyframes chooses when to detect while following people; add --track")
+            self.keyframes.validate()
         if self.track and self.tracker.max_missed < self.det_every:
             raise DynPoseError(
                 f"--track-max-missed {self.tracker.max_missed} is under --det-every {self.det_every}: a person the "
@@ -140,6 +148,7 @@ class StreamTracker:
         self.sigmas = pipe.keypoint_set.sigmas
         self.fps = fps if fps and fps > 0 else DEFAULT_FPS
         self.tracker = Tracker(options.tracker, self.sigmas) if options.track else None
+        self.keyframes = KeyframePlanner(options.keyframes) if options.keyframes is not None else None
         self.stats = StreamStats()
         self._kept: dict[int, _Kept] = {}
         self._last_key = -(10**9)
@@ -152,19 +161,35 @@ class StreamTracker:
     # -- before the plan -------------------------------------------------------------------------------------------
     def prepare(self, frame: Frame) -> Step:
         idx = self.stats.frames
-        due = idx - self._last_key >= self.options.det_every
-        if self.tracker is None or due or self._lost:
-            return self._key_step(frame, idx, redetect=self._lost and not due)
+        if self.tracker is None:
+            return self._key_step(frame, idx, redetect=False)
         tracks = self.tracker.observed(idx - 1)
         made = [box_from_keypoints(t.keypoints, self.options.tracker.kpt_thr, self.padding) for t in tracks]
         rows = [i for i, b in enumerate(made) if b is not None]
         arr = np.array([made[i] + np.r_[tracks[i].velocity, 0, 0] for i in rows], dtype=np.float64).reshape(-1, 4)
         kept = [tracks[i] for i in rows]
+        key, redetect = self._key_frame(frame, idx, arr, kept)
+        if key:
+            step = self._key_step(frame, idx, redetect)
+            if self.keyframes is not None:
+                self.keyframes.detected(step.input.boxes.as_array())
+            return step
         boxes = Boxes.of(arr, frame.image_bgr.shape, where="tracked boxes")
         # each box carries its track's last detection score, so the person's score is rescored as on a key frame
         boxes = replace(boxes, scores=np.array([kept[r].box_score for r in boxes.rows], dtype=np.float64))
         fi = self.pipe.prepare(frame.image_bgr, boxes, keep=self._keep([kept[r] for r in boxes.rows], idx), nms=False)
         return Step(frame, fi, False, list(kept))
+
+    def _key_frame(self, frame: Frame, idx: int, boxes: np.ndarray, tracks: list[Track]) -> tuple[bool, bool]:
+        """(key frame?, brought forward by a lost pose?): a key frame takes its boxes from the box source, every
+        `det_every` frames and after a lost pose, or, with key frames, when the planner sees what the tracks do not
+        explain (people walking in, the camera showing new ground, a cut, a lost pose)."""
+        if self.keyframes is None:
+            due = idx - self._last_key >= self.options.det_every
+            return due or self._lost, self._lost and not due
+        conf = np.array([t.confidence for t in tracks], dtype=np.float64)
+        d = self.keyframes.decide(frame.image_bgr, boxes, conf)
+        return d.full, d.reason == "lost"
 
     def _key_step(self, frame: Frame, idx: int, redetect: bool) -> Step:
         raw = self.box_source.boxes(frame) if self.box_source is not None else None
