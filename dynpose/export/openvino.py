@@ -7,7 +7,7 @@
            output go back to f32 as the INT8 search does (`calibration.search`); the marks live in the IR
     int8   the faster of two quantizations that pass the gate: the project's Q/DQ calibration with its layer search
            (`calibration.quantize.search_int8`, each step run and judged in OpenVINO) and NNCF post-training
-           quantization with its accuracy-control fallback (`calibration.nncf_int8`); float layers run in f32
+           quantization (`calibration.nncf_int8`); float layers run in f32
     auto   every precision this CPU runs (int8 when calibration data is given), each judged; the fastest that
            passes, timed at batch 8 on this machine, is kept, and the export logs every figure it measured
 
