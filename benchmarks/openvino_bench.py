@@ -3,7 +3,8 @@ share of the machine's int8 / bf16 / fp32 peak, in interleaved runs with 95% int
 
     python benchmarks/openvino_bench.py [--work benchmarks/out/openvino] [--models hrnet_w32,resnet_50,lpn_50,
         tinypose_256,tinypose_128,router] [--batches 1,8] [--repeats 15] [--warmup 2] [--pairs lpn,tinypose]
-        [--pair-batch 20] [--tinypose-route box:17734] [--clock-ghz 2.6] [--boost-ghz 3.7] [--json OUT.json]
+        [--pair-batch 20] [--pair-precision auto] [--tinypose-route box:17734] [--clock-ghz 2.6] [--boost-ghz 3.7]
+        [--calib-max-crops 64] [--json OUT.json]
 
 Part 1, models. Each model runs as five variants, each its own engine dir made with the public export API (reused
 on later runs): ONNX Runtime fp32 and INT8 (our Q/DQ, `--format onnx`), OpenVINO fp32, bf16 (where the CPU has it)
@@ -23,6 +24,8 @@ dynpose_figures.txt), both exported with `--format openvino --precision auto` (t
 machine, INT8 among the candidates), run by the runtime's Dispatcher (both models concurrently, half the cores each)
 on `--pair-batch` boxes per call; against the large model alone on every core on ONNX Runtime fp32 and on OpenVINO at
 its best precision (the pair dir's own large IR).
+
+Start times: each OpenVINO variant opened with an empty compiled-model cache and again with the cache it left.
 
 Part 3, peak. Multiply-adds per crop are counted from each model's graph (convolutions, transposed and grouped ones,
 matrix products); GMAC/s = MACs per crop x crops/s. The peak is instruction throughput x cores x clock. Per core and
@@ -188,6 +191,29 @@ def macs_per_crop(onnx_path: Path) -> float:
     return total
 
 
+def start_times(models: list[Model], dirs: dict[tuple[str, str], Path | str]) -> dict[str, dict[str, float]]:
+    """Seconds to open each OpenVINO variant with an empty compiled-model cache (first start: compile every batch
+    bucket) and again with the cache it left (second start)."""
+    import shutil
+
+    from dynpose.runtime.backends.openvino import CACHE_DIRNAME
+
+    out: dict[str, dict[str, float]] = {}
+    for m in models:
+        for v, (fmt, _, backend) in VARIANTS.items():
+            d = dirs[(m.name, v)]
+            if fmt != "openvino" or not isinstance(d, Path):
+                continue
+            shutil.rmtree(d / CACHE_DIRNAME, ignore_errors=True)
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                EngineSet.load(d, backend=backend, roles=[m.role], with_detector=False).close()
+                times.append(time.perf_counter() - t0)
+            out[f"{m.name} {v}"] = {"first_s": times[0], "second_s": times[1]}
+    return out
+
+
 def _solo(d: Path, variant: str, role: Role) -> tuple[EngineSet, CropModel]:
     es = EngineSet.load(d, backend=VARIANTS[variant][2], roles=[role], with_detector=False)
     return es, es.solo_model(role)
@@ -253,11 +279,11 @@ def accuracy(models: list[Model], dirs: dict[tuple[str, str], Path | str], share
 
 
 # -- part 2: the DynPose pairs -------------------------------------------------------------------------------------------
-def pair_dirs(which: list[str], work: Path, shared: Path, calib: CalibSpec) -> dict[str, Path]:
-    """The OpenVINO pair dirs at the best gated precision (`--precision auto`), exported on first use."""
+def pair_dirs(which: list[str], work: Path, shared: Path, calib: CalibSpec, precision: str) -> dict[str, Path]:
+    """The OpenVINO pair dirs at `precision` (default auto: the best gated precision), exported on first use."""
     out = {}
     for name in which:
-        d = work / "pairs" / name
+        d = work / "pairs" / f"{name}-{precision}"
         try:
             man = Manifest.load(d)
             if all(man.get(r, "openvino") for r in (Role.SMALL, Role.LARGE)):
@@ -269,12 +295,12 @@ def pair_dirs(which: list[str], work: Path, shared: Path, calib: CalibSpec) -> d
         with quiet():
             if name == "lpn":
                 small = {str(Role.SMALL): "lpn_50"}
-                export_all(d, models=small, fmt="openvino", precision="auto", calib=calib, min_oks=0.0, progress=False)
+                export_all(d, models=small, fmt="openvino", precision=precision, calib=calib, min_oks=0.0, progress=False)
             else:
                 for key, role in (("tinypose_128", Role.SMALL), ("tinypose_256", Role.LARGE)):
                     m = base_model(key, work, shared)
                     register_onnx(
-                        m.onnx, m.card, d, role=role, fmt="openvino", precision="auto", calib=calib, progress=False
+                        m.onnx, m.card, d, role=role, fmt="openvino", precision=precision, calib=calib, progress=False
                     )
                 export_model("router", d, weights="random", fmt="openvino", progress=False)
         print(f"exported pair {name} in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -437,6 +463,7 @@ def main() -> None:
     ap.add_argument("--pairs", default="lpn,tinypose", help="comma-separated: lpn, tinypose; 'none' for none")
     ap.add_argument("--pair-batch", type=int, default=20)
     ap.add_argument("--tinypose-route", default="box:17734")
+    ap.add_argument("--pair-precision", default="auto", help="the pairs' OpenVINO precision (auto: the fastest gated)")
     ap.add_argument("--clock-ghz", type=float, default=nominal_ghz())
     ap.add_argument("--boost-ghz", type=float, default=3.7)
     ap.add_argument("--macs-per-cycle", default=",".join(f"{k}={v}" for k, v in ZEN4_MACS.items()))
@@ -449,13 +476,14 @@ def main() -> None:
     models = [base_model(n.strip(), args.work, args.shared) for n in args.models.split(",") if n.strip()]
     dirs = {(m.name, v): variant_dir(m, v, args.work, calib) for m in models for v in VARIANTS}
     which = [p.strip() for p in args.pairs.split(",") if p.strip() and p.strip() != "none"]
-    pairs = pair_dirs(which, args.work, args.shared, calib)
+    pairs = pair_dirs(which, args.work, args.shared, calib, args.pair_precision)
     macs = {m.name: macs_per_crop(m.onnx) for m in models}
     per_cycle = {k: float(v) for k, v in (kv.split("=") for kv in args.macs_per_cycle.split(","))}
     peak = peaks(per_cycle, args.clock_ghz, args.boost_ghz)
     spec = RoundSpec(min_rounds=args.repeats, max_rounds=args.repeats, warmup=args.warmup)
 
     load_before = os.getloadavg()
+    starts = start_times(models, dirs)
     rows = time_models(models, dirs, args.batches, spec)
     acc = accuracy(models, dirs, args.shared)
     pair_rows = time_pairs(pairs, args.work, args.tinypose_route, args.pair_batch, spec) if pairs else []
@@ -473,6 +501,9 @@ def main() -> None:
             f"{v['gmac_s_nominal']:.0f} GMAC/s ({v['gmac_s_boost']:.0f} at {args.boost_ghz:.2f} GHz)"
         )
     print_models(rows, acc, macs)
+    print("\nstart (EngineSet.load) with an empty compiled-model cache -> with the cache it left:")
+    for k, v in starts.items():
+        print(f"  {k}: {v['first_s']:.2f} s -> {v['second_s']:.2f} s")
     if pair_rows:
         print_pairs(pair_rows, args.pair_batch)
         print("precisions kept by --precision auto: " + json.dumps(precisions_kept(pairs)))
@@ -490,6 +521,7 @@ def main() -> None:
             "pairs": pair_rows,
             "pair_batch": args.pair_batch,
             "pair_precisions": precisions_kept(pairs),
+            "start_s": starts,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

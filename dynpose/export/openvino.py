@@ -301,11 +301,11 @@ def _report(name: str, made: list[Candidate], ms: dict[str, float], chosen: Cand
     record: dict[str, Any] = {}
     for c in made:
         t = ms.get(c.label)
-        speed = f"{t:.2f} ms/crop at batch {SPEED_BATCH}" + (f", {base / t:.2f}x ONNX Runtime fp32" if t and base else "")
+        speed = ""
+        if t:
+            speed = f"; {t:.2f} ms/crop at batch {SPEED_BATCH}" + (f", {base / t:.2f}x ONNX Runtime fp32" if base else "")
         gate = "gate passed" if c.check else f"gate failed: {c.check.message}"
-        log.info(
-            "%s: openvino %-11s %s%s%s", name, c.label, gate, "; " + speed if t else "", "  <- kept" if c is chosen else ""
-        )
+        log.info("%s: openvino %-11s %s%s%s", name, c.label, gate, speed, "  <- kept" if c is chosen else "")
         record[c.label] = {"passed": c.check.passed, "ms_per_crop_b8": t}
     if base:
         record[ORT_FP32] = {"ms_per_crop_b8": base}
