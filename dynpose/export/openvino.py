@@ -44,6 +44,7 @@ from dynpose.errors import DynPoseError
 from dynpose.onnx_utils import open_session, run_session_all
 from dynpose.runtime.backends.openvino import (
     INFERENCE_PRECISION,
+    CompileOptions,
     CpuInfo,
     OpenVinoRunner,
     convert_onnx,
@@ -113,7 +114,7 @@ def ov_evaluate(hint: str) -> Callable[[Path, np.ndarray], list[np.ndarray]]:
         path = Path(path)
         if path.suffix.lower() == ".onnx":
             path = save_ir(convert_onnx(path), path.with_suffix(".xml"))
-        with OpenVinoRunner(path, inference_precision=hint, buckets=(SPEED_BATCH,)) as runner:
+        with OpenVinoRunner(path, CompileOptions(hint, buckets=(SPEED_BATCH,))) as runner:
             return runner.infer_all(x)
 
     return run
@@ -258,7 +259,7 @@ def time_candidates(src: Path, candidates: list[Candidate], x: np.ndarray, repea
     """Milliseconds per crop at batch len(x) of each candidate and of ONNX Runtime fp32 (`ORT_FP32`), every core,
     interleaved (a, b, c, a, b, c, ...) so load changes hit all alike; medians."""
     batch = (len(x),)
-    runners = {c.label: OpenVinoRunner(c.xml, inference_precision=c.hint, buckets=batch).activate() for c in candidates}
+    runners = {c.label: OpenVinoRunner(c.xml, CompileOptions(c.hint, buckets=batch)).activate() for c in candidates}
     session = open_session(src)
     calls: dict[str, Callable[[], Any]] = {k: functools.partial(r.infer_all, x) for k, r in runners.items()}
     calls[ORT_FP32] = lambda: run_session_all(session, x)
@@ -307,6 +308,8 @@ def _report(name: str, made: list[Candidate], ms: dict[str, float], chosen: Cand
         gate = "gate passed" if c.check else f"gate failed: {c.check.message}"
         log.info("%s: openvino %-11s %s%s%s", name, c.label, gate, speed, "  <- kept" if c is chosen else "")
         record[c.label] = {"passed": c.check.passed, "ms_per_crop_b8": t}
+        if not c.check:
+            record[c.label]["why"] = c.check.message
     if base:
         record[ORT_FP32] = {"ms_per_crop_b8": base}
     return record

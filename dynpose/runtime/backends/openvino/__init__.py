@@ -13,10 +13,17 @@ from dynpose.runtime.backends.openvino.device import (
     openvino_available,
     require_precision,
 )
-from dynpose.runtime.backends.openvino.runner import CACHE_DIRNAME, OpenVinoRunner, load_openvino, split_batch
+from dynpose.runtime.backends.openvino.runner import (
+    CACHE_DIRNAME,
+    CompileOptions,
+    OpenVinoRunner,
+    load_openvino,
+    split_batch,
+)
 
 __all__ = [
     "CACHE_DIRNAME",
+    "CompileOptions",
     "INFERENCE_PRECISION",
     "CpuInfo",
     "OpenVinoRunner",

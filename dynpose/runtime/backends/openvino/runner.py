@@ -28,6 +28,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,34 +75,49 @@ def split_batch(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass(frozen=True)
+class CompileOptions:
+    """How an IR is compiled for the CPU: OpenVINO's inference precision (f32 | bf16 | f16), the inference threads
+    (0: OpenVINO's default, every core; the same meaning as ONNX Runtime's intra-op threads), the compiled-model cache
+    folder (None: none), and the batch buckets compiled."""
+
+    inference_precision: str = "f32"
+    intra_op_threads: int = 0
+    cache_dir: Path | None = None
+    buckets: tuple[int, ...] = BUCKETS
+
+    def check(self, where: str) -> None:
+        if self.inference_precision not in _HINTS:
+            raise DynPoseError(f"{where}: inference precision {self.inference_precision!r}; use one of {_HINTS}")
+        n = self.intra_op_threads
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise DynPoseError(f"{where}: intra_op_threads must be an integer >= 0, got {n!r}")
+        if not self.buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.buckets):
+            raise DynPoseError(f"{where}: batch buckets must be integers >= 1, got {self.buckets!r}")
+
+
 class OpenVinoRunner(Runner):
     """One IR compiled for the CPU at each batch bucket, one infer request per bucket (made on activate)."""
 
     def __init__(
         self,
         xml: str | os.PathLike,
+        options: CompileOptions | None = None,
         *,
         weights: str | os.PathLike | None = None,
-        inference_precision: str = "f32",
-        intra_op_threads: int = 0,
         max_batch: int = 64,
-        cache_dir: str | os.PathLike | None = None,
         name: str | None = None,
-        buckets: tuple[int, ...] = BUCKETS,
     ) -> None:
         xml = Path(xml)
         super().__init__(name or xml.stem, max_batch)
-        if inference_precision not in _HINTS:
-            raise DynPoseError(f"{self.name}: inference precision {inference_precision!r}; use one of {_HINTS}")
-        if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 0:
-            raise DynPoseError(f"{self.name}: intra_op_threads must be an integer >= 0, got {intra_op_threads!r}")
+        options = options or CompileOptions()
+        options.check(self.name)
         self.xml = xml
         self.weights = Path(weights) if weights is not None else xml.with_suffix(".bin")
-        self.inference_precision = inference_precision
-        self.intra_op_threads = intra_op_threads  # CPU threads of inference, as ONNX Runtime's option of that name
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
-            raise DynPoseError(f"{self.name}: batch buckets must be integers >= 1, got {buckets!r}")
+        self.inference_precision = options.inference_precision
+        self.intra_op_threads = options.intra_op_threads  # read by the benchmark's thread report, as ORT's runner's
+        self.cache_dir = options.cache_dir
+        buckets = options.buckets
         self.buckets = tuple(sorted({b for b in buckets if b <= max_batch})) or (min(buckets),)
         self._lock = threading.Lock()  # one stream: calls take turns, each on every thread the runner has
         self._requests: dict[int, Any] = {}
@@ -213,7 +229,10 @@ class OpenVinoRunner(Runner):
                 if n < bucket:
                     x = np.concatenate([x, np.zeros((bucket - n, *x.shape[1:]), np.float32)])
                 request = self._requests[bucket]
-                request.infer({0: np.ascontiguousarray(x)})
+                try:
+                    request.infer({0: np.ascontiguousarray(x)})
+                except RuntimeError as e:  # OpenVINO's own failures: one line for the caller, not a C++ trace
+                    raise DynPoseError(f"{self.name}: OpenVINO inference failed ({error_line(e)})") from None
                 parts.append([np.array(request.get_output_tensor(i).data[:n], np.float32) for i in range(_n_out(request))])
                 start += n
         if len(parts) == 1:
@@ -256,12 +275,15 @@ def load_openvino(
             f"{where}: the manifest must list the IR's one .bin weights file, it lists {sorted(entry.data_files)}"
         )
     meta = entry.openvino or {}
-    return OpenVinoRunner(
-        Path(engine_dir) / entry.file,
-        weights=Path(engine_dir) / weights[0],
+    options = CompileOptions(
         inference_precision=str(meta.get("inference_precision", INFERENCE_PRECISION[entry.precision])),
         intra_op_threads=intra_op_threads,
-        max_batch=entry.max_batch,
         cache_dir=Path(engine_dir) / CACHE_DIRNAME / f"{info.release}-{info.isa}",
+    )
+    return OpenVinoRunner(
+        Path(engine_dir) / entry.file,
+        options,
+        weights=Path(engine_dir) / weights[0],
+        max_batch=entry.max_batch,
         name=f"{entry.role}:{entry.model}",
     )
