@@ -23,7 +23,7 @@ policy (`--tinypose-route`, the route `dynpose-train-router --calibrate` chose i
 dynpose_figures.txt), both exported with `--format openvino --precision auto` (the fastest gated precision on this
 machine, INT8 among the candidates), run by the runtime's Dispatcher (both models concurrently, half the cores each)
 on `--pair-batch` boxes per call; against the large model alone on every core on ONNX Runtime fp32 and on OpenVINO at
-its best precision (the pair dir's own large IR).
+its best precision (the pair dir's own large ONNX and IR).
 
 Start times: each OpenVINO variant opened with an empty compiled-model cache and again with the cache it left.
 
@@ -336,17 +336,14 @@ class Calls:
             c.close() if hasattr(c, "close") else c.deactivate()
 
 
-def pair_calls(pairs: dict[str, Path], work: Path, route: str, batch: int) -> Calls:
-    """Each pair on OpenVINO (runtime share, concurrently) and its large model alone on ORT fp32 and on OpenVINO."""
+def pair_calls(pairs: dict[str, Path], route: str, batch: int) -> Calls:
+    """Each pair on OpenVINO (runtime share, concurrently) and its large model alone on ONNX Runtime fp32 (the pair
+    dir's fp32 ONNX entry, which every OpenVINO export writes) and on OpenVINO at its kept precision."""
     c = Calls(batch)
-    large_ort = {
-        "lpn": work / "variants" / "hrnet_w32" / "ORT-fp32",
-        "tinypose": work / "variants" / "tinypose_256" / "ORT-fp32",
-    }
     names = {"lpn": ("LPN-50/HRNet-W32", "HRNet-W32", "fraction:0.3"), "tinypose": ("TinyPose pair", "TinyPose-256", route)}
     for key, d in pairs.items():
         pair, large, policy = names[key]
-        c.alone(f"{large} alone ORT fp32", large_ort[key], "ort", group=key, baseline=True)
+        c.alone(f"{large} alone ORT fp32", d, "ort", group=key, baseline=True)
         c.alone(f"{large} alone OpenVINO best", d, "openvino", group=key)
         es = EngineSet.load(d, backend="openvino", with_detector=False)
         c.closing.append(es)
@@ -355,8 +352,8 @@ def pair_calls(pairs: dict[str, Path], work: Path, route: str, batch: int) -> Ca
     return c
 
 
-def time_pairs(pairs: dict[str, Path], work: Path, route: str, batch: int, spec: RoundSpec) -> list[dict[str, Any]]:
-    c = pair_calls(pairs, work, route, batch)
+def time_pairs(pairs: dict[str, Path], route: str, batch: int, spec: RoundSpec) -> list[dict[str, Any]]:
+    c = pair_calls(pairs, route, batch)
     try:
         ref = next(n for n, m in c.meta.items() if m.get("baseline"))
         rounds = timed_rounds(c.calls, ref, spec, progress=None)
@@ -486,7 +483,7 @@ def main() -> None:
     starts = start_times(models, dirs)
     rows = time_models(models, dirs, args.batches, spec)
     acc = accuracy(models, dirs, args.shared)
-    pair_rows = time_pairs(pairs, args.work, args.tinypose_route, args.pair_batch, spec) if pairs else []
+    pair_rows = time_pairs(pairs, args.tinypose_route, args.pair_batch, spec) if pairs else []
     load_after = os.getloadavg()
     add_shares(rows, macs, peak)
 
@@ -506,7 +503,7 @@ def main() -> None:
         print(f"  {k}: {v['first_s']:.2f} s -> {v['second_s']:.2f} s")
     if pair_rows:
         print_pairs(pair_rows, args.pair_batch)
-        print("precisions kept by --precision auto: " + json.dumps(precisions_kept(pairs)))
+        print(f"precisions kept by --precision {args.pair_precision}: " + json.dumps(precisions_kept(pairs)))
     if args.json is not None:
         result = {
             "machine": machine_info("cpu"),

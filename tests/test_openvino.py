@@ -246,6 +246,25 @@ def test_engine_dir_runs_with_backend_openvino(ov_engine_dir: Path, shared: Path
     assert list((ov_engine_dir / "openvino_cache").iterdir())  # the compiled-model cache lives in the engine dir
 
 
+def test_engine_set_gives_each_model_its_share_of_the_cores(ov_engine_dir: Path) -> None:
+    """--threads 2: the small and the large model one inference thread each (they run at the same time), one stream
+    each; a model timed alone gets both, as with ONNX Runtime."""
+    import openvino as ov
+
+    with EngineSet.load(ov_engine_dir, backend="openvino", threads=2) as es:
+        for role in (Role.SMALL, Role.LARGE):
+            runner = es.require(role).runner
+            assert isinstance(runner, OpenVinoRunner)
+            assert runner.compiled_property("INFERENCE_NUM_THREADS") == 1
+            assert runner.compiled_property("NUM_STREAMS") == 1
+            assert runner.compiled_property("INFERENCE_PRECISION_HINT") == ov.Type.f32  # fp32 entries run f32
+        solo = es.solo_model(Role.LARGE, threads=2)
+        try:
+            assert isinstance(solo.runner, OpenVinoRunner) and solo.runner.compiled_property("INFERENCE_NUM_THREADS") == 2
+        finally:
+            solo.runner.deactivate()
+
+
 def _copy_dir(src: Path, dst: Path) -> Path:
     import shutil
 

@@ -215,6 +215,13 @@ class OpenVinoRunner(Runner):
         assert self._input is not None
         return self._input
 
+    def compiled_property(self, key: str) -> Any:
+        """A property of the compiled models as OpenVINO set it (e.g. INFERENCE_NUM_THREADS, NUM_STREAMS,
+        INFERENCE_PRECISION_HINT): what a run really uses, for checks and reports."""
+        self._require_active()
+        request = self._requests[self.buckets[-1]]
+        return request.get_compiled_model().get_property(key)
+
     # -- one call --------------------------------------------------------------------------------------------------
     def _infer(self, batch: np.ndarray) -> list[np.ndarray]:
         assert self._input is not None
