@@ -17,10 +17,10 @@ timed beside the candidates, so every export says what OpenVINO gains over it.
 
 Why LPN-50 was slow in bf16 (0.37x ONNX Runtime fp32 in OpenVINO's default mode while its f32 was on par): its two
 upsampling layers are *grouped* transposed convolutions (256 groups of 2 -> 1 channels, 4x4, stride 2).
-OpenVINO 2026.4's CPU plugin runs them in f32 with its depthwise JIT kernels (~33 ms at batch 8 on 2 cores), but in
-bf16 with a generic brgemm convolution that handles each tiny group as its own GEMM (~425 ms): one layer pair
-becomes 60% of the model's time, while every other layer runs 2x faster in bf16. The per-layer profile finds exactly
-these two and keeps them in f32, and bf16 LPN-50 then beats f32.
+OpenVINO 2026.4's CPU plugin runs them in f32 with its depthwise JIT kernels, but in bf16 with a generic brgemm
+convolution that handles each tiny group as its own GEMM, 4-40x slower per layer in our profiles: one layer pair
+becomes about 60% of the model's time, while every other layer runs 2x faster in bf16. The per-layer profile finds
+exactly these two and keeps them in f32, and bf16 LPN-50 then runs about twice as fast as f32.
 """
 
 from __future__ import annotations
@@ -218,22 +218,28 @@ def _int8_candidates(ctx: _Ctx, fp32_xml: Path) -> list[Candidate]:
 
 
 # -- the per-layer profile -----------------------------------------------------------------------------------------------
-def _layer_ms(xml: Path, hint: str, batch: int, runs: int) -> dict[str, float]:
-    """Per-layer milliseconds (OpenVINO's performance counters, median of `runs`) at a static batch."""
+def _layer_ms(xml: Path, hints: tuple[str, ...], batch: int, runs: int) -> list[dict[str, float]]:
+    """Per-layer milliseconds at each inference precision in `hints` (OpenVINO's performance counters, median of
+    `runs`) at a static batch; the precisions take turns run by run, so a busy spell hits them alike."""
     ov = import_openvino()
     model = read_ir(xml)
     shape = model.inputs[0].get_partial_shape()
-    model.reshape([batch, *(shape[i].get_length() for i in (1, 2, 3))])
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True})
-    request = compiled.create_infer_request()
-    x = np.random.default_rng(0).standard_normal([batch, *(shape[i].get_length() for i in (1, 2, 3))]).astype(np.float32)
-    request.infer({0: x})  # warm-up: first runs allocate and pick kernels
-    samples: dict[str, list[float]] = {}
-    for _ in range(runs):
-        request.infer({0: x})
-        for p in request.profiling_info:
-            samples.setdefault(p.node_name, []).append(p.real_time.total_seconds() * 1e3)
-    return {k: float(np.median(v)) for k, v in samples.items()}
+    dims = [batch, *(shape[i].get_length() for i in (1, 2, 3))]
+    model.reshape(dims)
+    core = ov.Core()
+    requests = [
+        core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": h, "PERF_COUNT": True}).create_infer_request()
+        for h in hints
+    ]
+    x = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+    samples: list[dict[str, list[float]]] = [{} for _ in hints]
+    for r in range(runs + 1):  # the first round is the warm-up: first runs allocate and pick kernels
+        for request, acc in zip(requests, samples, strict=True):
+            request.infer({0: x})
+            if r:
+                for p in request.profiling_info:
+                    acc.setdefault(p.node_name, []).append(p.real_time.total_seconds() * 1e3)
+    return [{k: float(np.median(v)) for k, v in acc.items()} for acc in samples]
 
 
 def slow_layers(fp32_xml: Path, hint: str, runs: int = 3, batch: int = SPEED_BATCH) -> list[str]:
@@ -241,8 +247,7 @@ def slow_layers(fp32_xml: Path, hint: str, runs: int = 3, batch: int = SPEED_BAT
     the difference over `MIN_SHARE` of the model's time): kept in f32, they cost nothing in accuracy and save time."""
     if hint == "f32":
         return []
-    f32 = _layer_ms(fp32_xml, "f32", batch, runs)
-    low = _layer_ms(fp32_xml, hint, batch, runs)
+    f32, low = _layer_ms(fp32_xml, ("f32", hint), batch, runs)
     total = sum(low.values()) or 1.0
     names = set(weighted_layers(read_ir(fp32_xml)))
     out = []
