@@ -55,6 +55,7 @@ from dynpose.runtime.backends.openvino import (
     save_ir,
     weighted_layers,
 )
+from dynpose.runtime.backends.openvino.builder import with_fused_tails
 from dynpose.runtime.backends.openvino.runner import BUCKETS
 from dynpose.runtime.compare import SPEED_BATCH, Check, Judge, PoseJudge
 
@@ -142,7 +143,12 @@ def _judged(ctx: _Ctx, xml: Path, hint: str, precision: str) -> Check:
     crops, finite outputs on random input and a warning, as fp16 on ONNX Runtime does."""
     card = ctx.judge.card
     if ctx.crops is not None and len(ctx.crops):
-        check = ctx.judge(ov_evaluate(hint)(xml, ctx.crops.x), ctx.ref(ctx.crops.x), ctx.crops, precision)
+        try:
+            out = ov_evaluate(hint)(xml, ctx.crops.x)
+        except DynPoseError as e:  # the CPU plugin refused this precision mix: a failed candidate, not a failed export
+            none = {f"{precision}_oks": 0.0, f"{precision}_oks_min": 0.0, f"{precision}_heatmap_rel_l2": None}
+            return Check(precision, False, none, str(e))
+        check = ctx.judge(out, ctx.ref(ctx.crops.x), ctx.crops, precision)
         log.info("  %s", ctx.judge.summary(check))
         return check
     x = np.random.default_rng(0).standard_normal((2, 3, card.input_height, card.input_width)).astype(np.float32)
@@ -157,15 +163,18 @@ def _float_candidate(ctx: _Ctx, fp32_xml: Path, precision: str) -> Candidate:
     (the INT8 layer search's doubling + bisection) until it passes or the steps run out."""
     hint = INFERENCE_PRECISION[precision]
     slow = slow_layers(fp32_xml, hint, ctx.options.repeats)
-    xml = save_ir(read_ir(fp32_xml), ctx.tmp / f"{precision}.xml", slow)
+    model = read_ir(fp32_xml)
+    keep = with_fused_tails(model, slow)
+    xml = save_ir(read_ir(fp32_xml), ctx.tmp / f"{precision}.xml", keep)
     check = _judged(ctx, xml, hint, precision)
     figures: dict[str, Any] = {f"{precision}_slow_layers_f32": sorted(slow)}
     if check or not isinstance(ctx.judge, PoseJudge) or ctx.crops is None or ctx.judge.min_oks <= 0:
-        return Candidate(precision, precision, hint, xml, _with(check, figures), tuple(slow))
-    order = [n for n in reversed(weighted_layers(read_ir(fp32_xml))) if n not in slow]
+        return Candidate(precision, precision, hint, xml, _with(check, figures), tuple(keep))
+    order = [n for n in reversed(weighted_layers(model)) if n not in slow]
 
     def trial(k: int) -> Trial:
-        path = save_ir(read_ir(fp32_xml), ctx.tmp / f"{precision}-{k}.xml", [*slow, *order[:k]])
+        marks = with_fused_tails(model, [*slow, *order[:k]])
+        path = save_ir(read_ir(fp32_xml), ctx.tmp / f"{precision}-{k}.xml", marks)
         return Trial(order[:k], path, _judged(ctx, path, hint, precision), precision=precision)
 
     chosen, tried = search_fp32_layers(trial, len(order), MAX_STEPS, [Trial([], xml, check, precision=precision)])
@@ -177,9 +186,9 @@ def _float_candidate(ctx: _Ctx, fp32_xml: Path, precision: str) -> Candidate:
             f"vs fp32 (best {best.oks:.4f} with {len(best.exclude)} layers f32, {len(tried)} tries); use fp32 or int8"
         )
         return Candidate(precision, precision, hint, xml, Check(precision, False, figures, message))
-    keep = (*slow, *chosen.exclude)
     figures[f"{precision}_fp32_layers"] = list(chosen.exclude)
-    return Candidate(precision, precision, hint, chosen.path, _with(chosen.check, figures), keep)
+    keep = with_fused_tails(model, [*slow, *chosen.exclude])
+    return Candidate(precision, precision, hint, chosen.path, _with(chosen.check, figures), tuple(keep))
 
 
 def _with(check: Check, figures: dict[str, Any]) -> Check:

@@ -72,6 +72,30 @@ def weighted_layers(model: Any) -> list[str]:
     return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in WEIGHTED_OPS]
 
 
+# Element-wise ops the CPU plugin fuses into the convolution before them (bias, residual sum, activation): a layer
+# kept in f32 takes them along. Marking a convolution but not its fused bias and residual adds made OpenVINO 2026.4
+# fail to compile TinyPose in bf16 ("object is not initialized"): the fused sum then mixes f32 and bf16.
+FUSED_TAIL_OPS = ("Add", "Multiply", "Subtract", "Relu", "Clamp", "PRelu", "Sigmoid", "Swish", "HSwish", "HSigmoid")
+
+
+def with_fused_tails(model: Any, names: Iterable[str]) -> list[str]:
+    """`names` plus, for each, the chain of element-wise ops after it that the CPU plugin fuses into it (while
+    each has a single consumer; the last one may have several), in graph order: the unit a layer stays f32 as."""
+    wanted = set(names)
+    out = set(wanted)
+    for op in model.get_ordered_ops():
+        if op.get_friendly_name() not in wanted:
+            continue
+        node = op
+        while True:
+            consumers = list(node.output(0).get_target_inputs()) if node.get_output_size() == 1 else []
+            if len(consumers) != 1 or consumers[0].get_node().get_type_name() not in FUSED_TAIL_OPS:
+                break
+            node = consumers[0].get_node()
+            out.add(node.get_friendly_name())
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_friendly_name() in out]
+
+
 def kept_f32(model: Any) -> list[str]:
     """Names of the layers an IR keeps in f32 under a lower float precision (in graph order)."""
     out = []
