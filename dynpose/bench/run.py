@@ -21,7 +21,7 @@ from dynpose.bench.timing import machine_info, real_inputs, threads_of, versions
 from dynpose.fileio import write_json_atomic
 from dynpose.roles import MODEL_ROLES, Role
 from dynpose.runtime.boxes import Boxes
-from dynpose.runtime.engine_set import EngineSet, LoadOptions, usable_cores
+from dynpose.runtime.engine_set import CPU_THREADED, EngineSet, LoadOptions, usable_cores
 
 SCHEMA = "dynpose.bench"
 SCHEMA_VERSION = 2
@@ -73,7 +73,7 @@ def _threads(engines: EngineSet, opts: BenchOptions) -> dict[str, Any]:
         h = getattr(engines, role)
         return threads_of(h) if h is not None else None
 
-    solo = (opts.threads or usable_cores()) if opts.backend == "ort" and opts.device == "cpu" else None
+    solo = (opts.threads or usable_cores()) if opts.backend in CPU_THREADED and opts.device == "cpu" else None
     return {"solo": solo, **{r.value: of(r) for r in MODEL_ROLES}}
 
 

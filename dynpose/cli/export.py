@@ -31,6 +31,9 @@ Examples:
   dynpose-export --onnx tinypose_256x192.onnx --card tinypose.json --role small --precision int8 \\
       --calib-ann person_keypoints.json --calib-images images/ --engine-dir engines/
   dynpose-export --model hrnet_w32 --checkpoint mmpose --format tensorrt --precision fp16 --engine-dir engines/
+  # OpenVINO IR for CPUs: the fastest of fp32 / bf16 / int8 that passes the accuracy gate on this machine
+  dynpose-export --model all --small lpn_50 --checkpoint mmpose --format openvino --precision auto \
+      --calib-root data/ --gate-ann data/coco/test_coco.json --engine-dir engines/
   dynpose-export --detector picodet_s_320_pedestrian.onnx --engine-dir engines/
 """
 
@@ -76,6 +79,8 @@ def _check_figure(e: Entry) -> str:
     c = e.checks
     if e.format == "tensorrt":
         return f"built (TensorRT {(e.tensorrt or {}).get('tensorrt_version', '?')})"
+    if e.format == "openvino":
+        return _openvino_figure(e)
     if e.format == "torch":
         return "state_dict"
     if str(c.get(f"{e.precision}_gate", "")).startswith("skipped"):
@@ -91,6 +96,22 @@ def _check_figure(e: Entry) -> str:
     if "batch5_vs_batch1_rel_l2" in c:
         return "dynamic batch ok"
     return "ok"
+
+
+def _openvino_figure(e: Entry) -> str:
+    """What the IR runs and what the export measured: precision, OKS vs fp32, speed vs ONNX Runtime fp32."""
+    meta = e.openvino or {}
+    cands = meta.get("candidates", {})
+    kept = cands.get(meta.get("kept"), {})
+    base = cands.get("onnxruntime fp32", {}).get("ms_per_crop_b8")
+    parts = [f"{e.precision} on OpenVINO {str(meta.get('openvino_version', '?')).split('-')[0]} ({meta.get('isa', '?')})"]
+    if f"{e.precision}_oks" in e.checks:
+        parts.append(f"OKS {e.checks[e.precision + '_oks']:.3f} vs fp32")
+    if kept.get("ms_per_crop_b8") and base:
+        parts.append(f"{base / kept['ms_per_crop_b8']:.2f}x ORT fp32")
+    if meta.get("f32_layers"):
+        parts.append(f"{len(meta['f32_layers'])} layers f32")
+    return ", ".join(parts)
 
 
 def _summary(entries: list[Entry], engine_dir: Path) -> None:
@@ -141,7 +162,14 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
 @click.option("--large", "large_name", metavar="NAME", help="--model all: the large model (default hrnet_w32).")
 @click.option("--weights", type=click.Choice(["random"]), help="Random weights (pipeline tests and speed only).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled checkpoints (only for files you trust).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16", "int8", "auto"]),
+    default="fp32",
+    show_default=True,
+    help="bf16 and auto: --format openvino only (bf16 needs a CPU with AVX512_BF16 or AMX; auto keeps the fastest "
+    "precision that passes the accuracy gate on this machine, int8 among them when calibration data is given).",
+)
 @click.option("--calib-ann", type=click.Path(dir_okay=False), help="INT8 calibration: COCO keypoint annotations.")
 @click.option("--calib-dets", type=click.Path(dir_okay=False), help="INT8 calibration: COCO-format detections.")
 @click.option("--calib-images", type=click.Path(file_okay=False), help="Images of --calib-ann / --calib-dets.")
@@ -163,14 +191,22 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
     "--int8-target",
     type=click.Choice(["ort", "tensorrt"]),
     help="Q/DQ flavour: ort (uint8 activations, "
-    "int8 per-channel weights) or tensorrt (symmetric int8). Default: from --format.",
+    "int8 per-channel weights) or tensorrt (symmetric int8). Default: from --format (openvino: ort).",
 )
 @click.option(
     "--role",
     type=click.Choice(["router", "small", "large"]),
     help="Role in the engine dir (default: router for router, large for hrnet_*, small otherwise; required with --onnx).",
 )
-@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "tensorrt", "openvino"]),
+    default="onnx",
+    show_default=True,
+    help="onnx (ONNX Runtime), tensorrt (a plan for this GPU) or openvino (an IR for this CPU; pip install "
+    "'dynpose[openvino]'). tensorrt and openvino write the ONNX entry too.",
+)
 @click.option("--max-batch", type=int, default=64, show_default=True)
 @click.option("--opt-batch", type=int, help="TensorRT profile's optimal batch (default: the builder's choice).")
 @click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimisation level.")
@@ -228,8 +264,8 @@ def main(
     quiet: bool,
     detector: str | None,
 ) -> None:
-    """Export pose models to ONNX (fp32/fp16/INT8 Q/DQ) or TensorRT, verify them, and record them in the engine
-    directory's manifest.json."""
+    """Export pose models to ONNX (fp32/fp16/INT8 Q/DQ), TensorRT or OpenVINO (fp32/bf16/INT8/auto), verify them,
+    and record them in the engine directory's manifest.json."""
     setup_logging(quiet)
     if sum(x is not None for x in (model, onnx_file, detector)) != 1:
         raise DynPoseError(
@@ -280,8 +316,8 @@ def _store_costs(engine: Path, fmt: str) -> None:
     from dynpose.bench.costs import cost_lines, measure_costs_dir, store_costs
     from dynpose.engines.manifest import Manifest
 
-    backend, device = ("tensorrt", "cuda") if fmt == "tensorrt" else ("ort", "cpu")
-    fmt_of = {"tensorrt": "tensorrt", "ort": "onnx"}[backend]
+    backend, device = {"tensorrt": ("tensorrt", "cuda"), "openvino": ("openvino", "cpu")}.get(fmt, ("ort", "cpu"))
+    fmt_of = {"tensorrt": "tensorrt", "ort": "onnx", "openvino": "openvino"}[backend]
     m = Manifest.load(engine, verify=False)
     if m.get(Role.SMALL, fmt_of) is None or m.get(Role.LARGE, fmt_of) is None:
         return

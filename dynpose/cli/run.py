@@ -262,7 +262,7 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
     help="COCO annotation file: crop its annotated person boxes instead of detections (isolates pose "
     "accuracy from the detector; also maps image ids to files).",
 )
-@click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch", "openvino"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--route", default=None, help="Routing policy (see below); default: the manifest's.")
 @click.option("--flip", is_flag=True, help="Flip test: average with the mirrored crop (twice the pose work).")

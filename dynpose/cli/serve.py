@@ -68,7 +68,7 @@ answered, new ones get 503) and stops; a second one stops at once. See docs/serv
 @click.option(
     "--batch-wait-ms", type=float, default=5.0, show_default=True, help="How long a pose replica waits for a batch to fill."
 )
-@click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch", "openvino"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU cores the models may use per node (default: all).")
 @click.option("--route", default=None, help="Default routing policy (default: the manifest's); a request may set its own.")

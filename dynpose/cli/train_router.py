@@ -90,7 +90,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 @click.option("--init", "init", default=None, type=click.Path(dir_okay=False), help="Router checkpoint to start from.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow an --init checkpoint that needs pickle (trusted only).")
 @click.option("--no-flip", is_flag=True, help="Labelled: do not add mirrored crops; --unlabelled: no flip variants.")
-@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "tensorrt", "torch"]))
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "tensorrt", "torch", "openvino"]))
 @click.option("--device", default="cpu", show_default=True, help="Where the pose models (and the router) run: cpu | cuda.")
 @click.option(
     "--train-device",

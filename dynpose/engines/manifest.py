@@ -4,7 +4,8 @@
 card, the file's size and sha256, the export checks' figures and the tool versions. Loading re-hashes every file and
 refuses a directory whose files are missing or altered, so a plan copied from elsewhere is checked before use.
 An ONNX entry whose weights live in external data files (`*.onnx.data`, any `location` in its tensors) lists them
-in `data_files` with their size and sha256, and they are checked the same way.
+in `data_files` with their size and sha256, and they are checked the same way; so does an OpenVINO IR entry (its
+`.xml` is the `file`, its `.bin` weights the one data file).
 
 `commit_staged` changes the files and the manifest together: new files come in under new, content-derived names
 (`large.<sha12>.onnx`), the manifest naming them is written atomically, and only then are the files nobody names
@@ -42,8 +43,12 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ROLES = ROLE_NAMES
 # "torch": a zoo model's state_dict (.pt) beside its ONNX, for the PyTorch backend (CPU or CUDA without TensorRT).
-FORMATS = ("onnx", "tensorrt", "torch")
-PRECISIONS = ("fp32", "fp16", "int8")
+# "openvino": an OpenVINO IR, its `.xml` as `file` and its `.bin` weights in `data_files`.
+FORMATS = ("onnx", "tensorrt", "torch", "openvino")
+# bf16: OpenVINO IRs only (a CPU inference precision; the IR keeps f32 weights).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# `Manifest.get(role)` without a format prefers them in this order.
+FORMAT_PREFERENCE = ("tensorrt", "onnx", "openvino", "torch")
 DEFAULT_ROUTE = "band:0.59,0.69"
 # notes["costs"]["<backend>/<device>"]: per-crop costs measured on this machine (`dynpose.bench.costs`, written by
 # `dynpose-bench --store-costs`); a role's figures hold only while its entry's sha256 is the one timed.
@@ -86,7 +91,7 @@ def _check_file_info(info: object, where: str) -> None:
 # Field -> type of the JSON value (None allowed where the dataclass default is None).
 _STR_FIELDS = ("role", "model", "file", "format", "precision", "input_name", "output_name")
 _DICT_FIELDS = ("checks", "versions", "data_files")
-_OPTIONAL_FIELDS = {"checkpoint_sha256": str, "tensorrt": dict, "source": str}
+_OPTIONAL_FIELDS = {"checkpoint_sha256": str, "tensorrt": dict, "openvino": dict, "source": str}
 
 
 def _check_fields(d: dict[str, Any], where: str) -> None:
@@ -139,15 +144,20 @@ class Entry:
     checks: dict[str, Any] = field(default_factory=dict)  # e.g. {"fp32_rel_l2": 3e-7, "int8_oks": 0.97}
     versions: dict[str, str] = field(default_factory=dict)
     tensorrt: dict[str, Any] | None = None  # plan only: version, gpu, compute capability, profile shapes
-    source: str | None = None  # the ONNX this plan was built from (relative), for plans
-    # ONNX external data: engine-dir-relative path -> {"size", "sha256"}; verified on load like `file`.
+    source: str | None = None  # the ONNX this plan or IR was made from (relative), for plans and IRs
+    # ONNX external data, an IR's .bin: engine-dir-relative path -> {"size", "sha256"}; verified on load like `file`.
     data_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # IR only: OpenVINO version, CPU instruction set, inference precision, layers kept in f32, what the export timed
+    openvino: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["card"] = self.card.to_dict()
+        # manifests without external data or IRs stay as older dynpose versions wrote them
         if not self.data_files:
-            del d["data_files"]  # manifests without external data stay as older dynpose versions wrote them
+            del d["data_files"]
+        if self.openvino is None:
+            del d["openvino"]
         return d
 
     @classmethod
@@ -184,7 +194,7 @@ def tool_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("dynpose", "torch", "onnx", "onnxruntime", "onnxslim", "tensorrt"):
+    for pkg in ("dynpose", "torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "openvino", "nncf"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -334,7 +344,7 @@ class Manifest:
         matches = [e for e in self.entries if e.role == role and (fmt is None or e.format == fmt)]
         if not matches:
             return None
-        matches.sort(key=lambda e: ("tensorrt", "onnx", "torch").index(e.format))
+        matches.sort(key=lambda e: FORMAT_PREFERENCE.index(e.format))
         return matches[0]
 
     def require(self, role: str, fmt: str | None = None, engine_dir: str | os.PathLike = "") -> Entry:
@@ -463,6 +473,11 @@ class Manifest:
                         f"{where}: {e.file} reads external data {undeclared} that the manifest does not list, so "
                         "its weights cannot be checked; re-export it with this dynpose"
                     )
+            if e.format == "openvino" and not any(n.endswith(".bin") for n in e.data_files):
+                raise DynPoseError(
+                    f"{where}: the {e.role} IR {e.file} has no .bin weights file in the manifest, so its weights "
+                    "cannot be checked; re-export it with dynpose-export --format openvino"
+                )
 
 
 # The bytes an ONNX file holds when a tensor names external data: the `location` key of a StringStringEntryProto
@@ -625,7 +640,9 @@ def _name_staged(stage: Path, e: Entry) -> list[tuple[str, str]]:
     (staged name, final name) moves, data files first."""
     moves: list[tuple[str, str]] = []
     data: dict[str, dict[str, Any]] = {}
-    if (stage / e.file).suffix.lower() == ".onnx":
+    if e.format == "openvino":
+        moves, data = _name_ir_weights(stage, e.file)
+    elif (stage / e.file).suffix.lower() == ".onnx":
         parent = PurePosixPath(e.file).parent
         renames = {}
         for loc in onnx_external_data(stage / e.file):
@@ -645,6 +662,18 @@ def _name_staged(stage: Path, e: Entry) -> list[tuple[str, str]]:
     moves.append((e.file, final))
     e.file, e.size, e.sha256, e.data_files = final, (stage / e.file).stat().st_size, sha, data
     return moves
+
+
+def _name_ir_weights(stage: Path, xml: str) -> tuple[list[tuple[str, str]], dict[str, dict[str, Any]]]:
+    """The staged IR's `.bin` (same stem as the `.xml`, as OpenVINO writes it) under its content name: the move and
+    the `data_files` record. The `.xml` does not name its `.bin` (the runner passes both paths), so nothing is
+    rewritten."""
+    staged = str(PurePosixPath(xml).with_suffix(".bin"))
+    if not (stage / staged).is_file():
+        raise DynPoseError(f"OpenVINO IR {stage / xml}: its weights file {PurePosixPath(staged).name} is missing beside it")
+    digest = sha256_file(stage / staged)
+    final = content_name(staged, digest)
+    return [(staged, final)], {final: {"size": (stage / staged).stat().st_size, "sha256": digest}}
 
 
 def _named_files(engine_dir: Path) -> set[str]:

@@ -23,17 +23,20 @@ from dynpose.errors import DynPoseError
 from dynpose.export.calibration.crops import NEEDS_CALIB, CalibSpec, CropSet
 from dynpose.export.calibration.quantize import Int8Options
 from dynpose.export.commit import commit, existing_manifest, staging
-from dynpose.export.judges import Check, judge_for
+from dynpose.export.judges import Check, Judge, judge_for
 from dynpose.export.route import ROUTER_WEIGHTS, UNTUNED_ROUTE, default_route
-from dynpose.export.steps import PlanOptions, adopt_onnx, to_fp16, to_int8, to_onnx, to_plan
+from dynpose.export.steps import OpenVinoOptions, PlanOptions, adopt_onnx, to_fp16, to_int8, to_onnx, to_openvino, to_plan
 from dynpose.export.verify import gate_crops
 from dynpose.fileio import sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import check_onnx, io_names, load_onnx, opset_of
+from dynpose.roles import Role
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tensorrt")
+FORMATS = ("onnx", "tensorrt", "openvino")
+# Precisions only an OpenVINO export makes: bf16 (a CPU inference precision), auto (the fastest that passes the gate).
+OPENVINO_ONLY = ("bf16", "auto")
 EXPORT_ROLES = ("router", "small", "large")
 # The DynPose set: (zoo name, role).
 # The DynPose set: role -> zoo name (the paper's pair; `export_all(models=...)` takes any two zoo pose models with
@@ -61,12 +64,28 @@ def default_role(name: str) -> str:
 def _check_args(role: str, precision: str, fmt: str, max_batch: int) -> None:
     if role not in EXPORT_ROLES:
         raise DynPoseError(f"role {role!r}: use one of {EXPORT_ROLES}")
-    if precision not in PRECISIONS:
-        raise DynPoseError(f"precision {precision!r}: use one of {PRECISIONS}")
+    if precision not in (*PRECISIONS, "auto"):
+        raise DynPoseError(f"precision {precision!r}: use one of {(*PRECISIONS, 'auto')}")
     if fmt not in FORMATS:
         raise DynPoseError(f"format {fmt!r}: use one of {FORMATS}")
+    if precision in OPENVINO_ONLY and fmt != "openvino":
+        raise DynPoseError(
+            f"--precision {precision} is made by the OpenVINO export only (a CPU inference precision / the fastest "
+            "precision on this machine); add --format openvino"
+        )
     if not isinstance(max_batch, int) or max_batch < 1:
         raise DynPoseError(f"max batch {max_batch!r}: must be an integer >= 1")
+
+
+def _check_machine(fmt: str, precision: str) -> None:
+    """Before anything is exported: an OpenVINO export needs openvino, and bf16/fp16 a CPU with those instructions
+    (one line each)."""
+    if fmt == "openvino":
+        from dynpose.runtime.backends.openvino import cpu_info, require_precision
+
+        info = cpu_info()
+        if precision not in ("auto", "int8"):
+            require_precision(precision, info)
 
 
 def _require_calib(precision: str, calib: CalibSpec | None) -> None:
@@ -112,15 +131,20 @@ class _Job:
         )
 
 
-def _lower(stage: Path, job: _Job, fp32: Path, gate: tuple[CropSet | None, str]) -> tuple[Path, Check]:
-    """The fp16/int8 file beside the fp32 one, judged against it (a router under the route the engine dir will have
-    once it is in, as `commit` sets it); fp32 itself when that is the precision."""
-    if job.precision == "fp32":
-        return fp32, Check("fp32", True)
+def _judge(job: _Job) -> Judge:
+    """The judge of a lower precision: keypoint OKS for a pose model, routing decisions for a router (under the route
+    the engine dir will have once it is in, as `commit` sets it)."""
     route = None
     if job.card.task == "router":
         route, _ = default_route(existing_manifest(job.engine_dir), job.router_weights)
-    judge = judge_for(job.card, job.min_oks, route)
+    return judge_for(job.card, job.min_oks, route)
+
+
+def _lower(stage: Path, job: _Job, fp32: Path, gate: tuple[CropSet | None, str]) -> tuple[Path, Check]:
+    """The fp16/int8 file beside the fp32 one, judged against it; fp32 itself when that is the precision."""
+    if job.precision == "fp32":
+        return fp32, Check("fp32", True)
+    judge = _judge(job)
     dst = stage / f"{job.role}.{job.precision}.onnx"
     if job.precision == "fp16":
         return to_fp16(fp32, dst, judge, *gate)
@@ -134,6 +158,8 @@ def _finish(
     stage: Path, job: _Job, fp32: Path, fp32_check: Check, gate: tuple[CropSet | None, str], extra: list[Entry]
 ) -> list[Entry]:
     """Lower the precision, build the plan when asked, commit the entries (the ONNX one first, then `extra`)."""
+    if job.fmt == "openvino":
+        return _finish_openvino(stage, job, fp32, fp32_check, gate, extra)
     file, check = _lower(stage, job, fp32, gate)
     check.require()
     in_name, out_names = io_names(load_onnx(file, external_data=False))
@@ -143,6 +169,30 @@ def _finish(
     if job.fmt == "tensorrt":
         plan, built = to_plan(file, stage / f"{job.role}.plan", job.card, job.max_batch, job.plan)
         entries.append(job.entry(plan.name, "tensorrt", job.precision, checks, io, tensorrt=built.figures, source=file.name))
+    return commit(stage, job.engine_dir, entries, job.router_weights)
+
+
+def _finish_openvino(
+    stage: Path, job: _Job, fp32: Path, fp32_check: Check, gate: tuple[CropSet | None, str], extra: list[Entry]
+) -> list[Entry]:
+    """The fp32 ONNX entry (ONNX Runtime keeps running it), `extra`, and the IR at the precision asked (`auto`: the
+    fastest that passes the gate here), made from that ONNX."""
+    target = (job.calib.target if job.calib is not None else None) or "ort"
+    int8 = Int8Options(target, job.engine_dir / "cache", job.plan.progress)
+    options = OpenVinoOptions(job.precision, job.calib, int8)
+    xml, check = to_openvino(fp32, stage / f"{job.role}.xml", _judge(job), gate, options)
+    check.require()
+    figures = dict(check.figures)
+    meta = figures.pop("openvino")
+    in_name, out_names = io_names(load_onnx(fp32, external_data=False))
+    io = (in_name, out_names[0])
+    entries = [
+        job.entry(fp32.name, "onnx", "fp32", fp32_check.figures, io),
+        *extra,
+        job.entry(
+            xml.name, "openvino", meta["precision"], {**fp32_check.figures, **figures}, io, openvino=meta, source=fp32.name
+        ),
+    ]
     return commit(stage, job.engine_dir, entries, job.router_weights)
 
 
@@ -169,6 +219,7 @@ def register_onnx(
     and checked against itself in fp32. Returns the manifest entries written.
     """
     _check_args(role, precision, fmt, max_batch)
+    _check_machine(fmt, precision)
     if not isinstance(card, ModelCard):
         raise DynPoseError("register_onnx needs a ModelCard (ModelCard.from_json_file(path))")
     src = Path(onnx_path)
@@ -235,6 +286,7 @@ def export_model(
 
     role = role or default_role(name)
     _check_args(role, precision, fmt, max_batch)
+    _check_machine(fmt, precision)
     router_weights = router_weights or ("random" if weights == "random" else "checkpoint")
     if router_weights not in ROUTER_WEIGHTS:
         raise DynPoseError(f"router weights kind {router_weights!r}: use one of {ROUTER_WEIGHTS}")
@@ -287,6 +339,8 @@ def export_all(
     the same keypoint set make a pair, whatever their input sizes or decoders. weights: role -> weights source (path,
     URL or alias); missing roles get random weights (seeded: the same file every time)."""
     _require_calib(precision, calib)  # before the router is exported, not after
+    _check_args(Role.SMALL, precision, fmt, max_batch)
+    _check_machine(fmt, precision)
     chosen = {**DYNPOSE_SET, **(models or {})}
     _check_pair(chosen)
     weights = weights or {}

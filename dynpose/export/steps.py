@@ -3,6 +3,8 @@
     to_onnx (torch -> fp32 ONNX, checked against PyTorch) | adopt_onnx (a user's ONNX, its dynamic batch checked)
         -> to_fp16 | to_int8 (judged against the fp32 file on real crops)
         -> to_plan (a TensorRT plan)
+    to_onnx | adopt_onnx -> to_openvino (an OpenVINO IR at fp32 / bf16 / fp16 / int8 / the fastest that passes the
+        gate: `dynpose.export.openvino`)
 
 A check is truthy when its gate holds and carries the figures for the manifest entry's `checks`; a step never
 raises for a failed gate (its caller decides: `check.require()` raises the check's one-line message), only for
@@ -26,6 +28,8 @@ from dynpose.export.calibration.quantize import Int8Options, quantize_router_int
 from dynpose.export.fp16 import convert_fp16
 from dynpose.export.judges import Check, Judge, PoseJudge, compare_speed
 from dynpose.export.onnx_export import export_torch
+from dynpose.export.openvino import OpenVinoOptions
+from dynpose.export.openvino import to_openvino as _to_openvino
 from dynpose.export.verify import NO_CROPS, verify_onnx_batches, verify_torch_vs_onnx
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import io_names, load_onnx, open_session, run_session_all, set_card
@@ -148,6 +152,15 @@ def to_plan(
         progress=options.progress,
     )
     return dst, Check("tensorrt", True, dict(info))
+
+
+def to_openvino(
+    src: str | os.PathLike, dst: str | os.PathLike, judge: Judge, gate: tuple[CropSet | None, str], options: OpenVinoOptions
+) -> tuple[Path, Check]:
+    """fp32 ONNX -> an OpenVINO IR (`dst` and the `.bin` beside it) at `options.precision`, judged by `judge` on the
+    `gate` crops (INT8: on the calibration data's held-out crops); with `auto` the fastest passing precision on this
+    machine. The check's figures carry the entry's `openvino` record under "openvino" (`dynpose.export.openvino`)."""
+    return _to_openvino(src, dst, judge, gate, options)
 
 
 def _finite_on_random(path: Path, card: ModelCard, precision: str) -> tuple[Check, np.ndarray]:

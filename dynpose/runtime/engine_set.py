@@ -55,7 +55,8 @@ def pick_entry(manifest: Manifest, engine_dir: Path, role: Role, backend: str, d
         raise DynPoseError(
             f"engine dir {engine_dir}: no {fmt} '{role}' entry for --backend {backend} (it has: "
             f"{', '.join(have) or 'none'}); export the {role} model for that backend with dynpose-export, or pick the "
-            "backend that runs what is there (onnx: --backend ort, tensorrt: --backend tensorrt, torch: --backend torch)"
+            "backend that runs what is there (onnx: --backend ort, tensorrt: --backend tensorrt, torch: --backend torch, "
+            "openvino: --backend openvino)"
         )
     dev = ort_device(device)
     log.warning("router: no %s entry in %s; running its ONNX with ONNX Runtime on %s", fmt, engine_dir, dev)
@@ -76,10 +77,15 @@ def resolve_threads(threads: int | None, flag: str = "threads") -> int | None:
     return threads
 
 
+# The CPU backends: their loaders take `intra_op_threads`, the inference threads of one model.
+CPU_THREADED = ("ort", "openvino")
+
+
 def thread_share(role: Role, backend: str, device: str, threads: int | None) -> dict[str, Any]:
-    """ONNX Runtime CPU threads for a role. `threads` is the number of CPU cores dynpose may use (default: all):
-    small and large run at the same time, so each gets half; the router runs alone before them and gets all."""
-    if backend != "ort" or device != "cpu":
+    """CPU inference threads for a role (ONNX Runtime and OpenVINO alike). `threads` is the number of CPU cores
+    dynpose may use (default: all): small and large run at the same time, so each gets half; the router runs alone
+    before them and gets all."""
+    if backend not in CPU_THREADED or device != "cpu":
         return {}
     cores = threads or usable_cores()
     return {"intra_op_threads": cores if role == Role.ROUTER else max(1, cores // 2)}
@@ -189,16 +195,17 @@ class EngineSet:
         self.loaded[role] = f"{entry.model} ({entry.format}, {entry.precision}, {be} on {dev})"
 
     def solo_model(self, role: Role, threads: int | None = None) -> CropModel:
-        """An opened role's model as it runs *alone*: a second, active handle whose ONNX Runtime CPU session has
-        every core dynpose may use (`threads`, default all) instead of the half a pose model gets beside the other
-        one, for a baseline timed on its own; the caller deactivates its runner. Other backends (one GPU stream per
-        runner, no thread split) and the router (it already gets every core) return the opened handle itself."""
+        """An opened role's model as it runs *alone*: a second, active handle whose CPU runner (ONNX Runtime or
+        OpenVINO) has every core dynpose may use (`threads`, default all) instead of the half a pose model gets beside
+        the other one, for a baseline timed on its own; the caller deactivates its runner. Other backends (one GPU
+        stream per runner, no thread split) and the router (it already gets every core) return the opened handle."""
         handle = self.require(role)
         entry = self.entries[role]
-        if role == Role.ROUTER or entry.format != "onnx" or getattr(handle.runner, "device", "cpu") != "cpu":
+        backend = {"onnx": "ort", "openvino": "openvino"}.get(entry.format)
+        if role == Role.ROUTER or backend is None or getattr(handle.runner, "device", "cpu") != "cpu":
             return handle
         cores = resolve_threads(threads) or usable_cores()
-        runner = load_runner("ort", self.engine_dir, entry, "cpu", intra_op_threads=cores).activate()
+        runner = load_runner(backend, self.engine_dir, entry, "cpu", intra_op_threads=cores).activate()
         return PoseModel(runner, entry.card)
 
     def _open_detector(self, path: str | os.PathLike | None, det_score: float, det_iou: float) -> None:

@@ -55,15 +55,27 @@ OP_TYPES = {
 ORT_QUANT_LOGGER = "onnxruntime.quantization"
 
 
+# Runs a model file on a batch of crops and returns every output (fp32, graph order).
+Evaluate = Callable[[Path, np.ndarray], list[np.ndarray]]
+
+
+def ort_outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    """`Evaluate` on ONNX Runtime CPU."""
+    return run_session_all(open_session(path), x)
+
+
 @dataclass(frozen=True)
 class Int8Options:
     """How INT8 is made: the Q/DQ flavour (ort | tensorrt), where calibration crops and ranges are cached, whether
-    a calibration progress bar shows, and the most quantizations the layer search may try."""
+    a calibration progress bar shows, the most quantizations the layer search may try, and what runs each candidate
+    for the gate (`evaluate`: the runtime that will run the file, e.g. OpenVINO; None: ONNX Runtime CPU, and the
+    result is then also timed against fp32 there)."""
 
     target: str = "ort"
     cache_dir: Path | None = None
     progress: bool = True
     max_steps: int = MAX_STEPS
+    evaluate: Evaluate | None = None
 
 
 class _Reader:
@@ -338,9 +350,9 @@ def _crop_key(crops: CropSet) -> str:
     return h.hexdigest()[:16]
 
 
-def _calibration_split(spec: CalibSpec, card: ModelCard, options: Int8Options) -> tuple[CropSet, CropSet, CropSet]:
+def calibration_split(spec: CalibSpec, card: ModelCard, options: Int8Options) -> tuple[CropSet, CropSet, CropSet]:
     """The crop set (cached) and its calibration / held-out halves (each a copy: made once); both must be
-    non-empty."""
+    non-empty. Every INT8 path (Q/DQ here, NNCF for OpenVINO) calibrates and judges on this split."""
     log.info("%s: building calibration crops (%d box files)", card.name, len(spec.sources))
     crops = build_crop_set(spec, card, options.cache_dir)
     cal, gate = crops.calib, crops.held_out
@@ -379,9 +391,11 @@ def _count(model: onnx.ModelProto, target: str) -> int:
 
 
 # -- pose models: quantize + layer search ------------------------------------------------------------------------------
-def _trial_fn(quantize: _Quantizer, judge: PoseJudge, gate: CropSet, tmp: Path) -> Callable[[list[str], str], Trial]:
-    """One search step: quantize with `exclude` kept fp32, judge it on the gate crops against the prepared fp32
-    graph's outputs, log one line."""
+def _trial_fn(
+    quantize: _Quantizer, judge: PoseJudge, gate: CropSet, tmp: Path, evaluate: Evaluate
+) -> Callable[[list[str], str], Trial]:
+    """One search step: quantize with `exclude` kept fp32, run it with `evaluate`, judge it on the gate crops
+    against the prepared fp32 graph's outputs (ONNX Runtime), log one line."""
     ref = run_session_all(open_session(quantize.prepared), gate.x)
     t0 = time.perf_counter()
     names = itertools.count()
@@ -389,7 +403,7 @@ def _trial_fn(quantize: _Quantizer, judge: PoseJudge, gate: CropSet, tmp: Path) 
     def trial(exclude: list[str], label: str) -> Trial:
         out = tmp / f"q{next(names)}.onnx"
         quantize(out, exclude)
-        got = run_session_all(open_session(out), gate.x)
+        got = evaluate(out, gate.x)
         check = judge(got, ref, gate, "int8")
         log.info("  %s: gate OKS %.4f [%.0fs]", label, check.figures["int8_oks"], time.perf_counter() - t0)
         return Trial(exclude, out, check, all(bool(np.isfinite(o).all()) for o in got))
@@ -407,7 +421,7 @@ def _search(
     options: Int8Options,
 ) -> tuple[Trial | None, list[Trial]]:
     """Every layer INT8 first; while the gate fails, the layer search over the sensitivity ranking."""
-    trial = _trial_fn(quantize, judge, gate, tmp)
+    trial = _trial_fn(quantize, judge, gate, tmp, options.evaluate or ort_outputs)
     first = trial([], "all layers int8")
     if first.check or options.max_steps <= 1:
         return (first if first.check else None), [first]
@@ -446,15 +460,16 @@ def search_int8(
     (mean OKS vs fp32 on the held-out crops); write `dst` when one does.
 
     The check's figures are what the manifest keeps in `checks`: gate OKS (mean/min), layers kept in fp32, the
-    search's steps, the INT8/FP32 speed-up at batch 8 on ORT CPU. Falsy, with the best OKS reached in its message,
-    when no exclusion set passes within `options.max_steps` quantizations.
+    search's steps, the INT8/FP32 speed-up at batch 8 on ORT CPU (only when ORT judged it: `options.evaluate` is
+    None). Falsy, with the best OKS reached in its message, when no exclusion set passes within `options.max_steps`
+    quantizations.
     """
     src, dst = Path(src), Path(dst)
     spec.validate()
     _settings(options.target, spec.method)  # a bad target fails before the crops are built
     card = judge.card
     t_start = time.perf_counter()
-    crops, cal, gate = _calibration_split(spec, card, options)
+    crops, cal, gate = calibration_split(spec, card, options)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
         quantize, model = _quantizer(src, Path(tmp_s), crops, cal, spec.method, options)
         chosen, tried = _search(quantize, model, judge, cal, gate, Path(tmp_s), options)
@@ -477,6 +492,8 @@ def search_int8(
         *(card.name, figures["int8_oks"], figures["int8_oks_min"], len(gate), len(chosen.exclude), n_q),
         time.perf_counter() - t_start,
     )
+    if options.evaluate is not None:  # judged in another runtime, which times it itself
+        return Check("int8", True, figures)
     speed = compare_speed(src, dst, gate.x, "int8", card.name, "consider fp32/fp16 here")
     return Check("int8", True, {**figures, **speed.figures})
 
@@ -518,7 +535,7 @@ def quantize_router_int8(
     spec.validate()
     options = Int8Options(target, Path(cache_dir) if cache_dir is not None else None, progress)
     _settings(target, spec.method)
-    crops, cal, gate = _calibration_split(spec, card, options)
+    crops, cal, gate = calibration_split(spec, card, options)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_s:
         quantize, model = _quantizer(src, Path(tmp_s), crops, cal, spec.method, options)
         quantize(Path(tmp_s) / "q.onnx", [])

@@ -1,4 +1,4 @@
-"""The layer search of INT8 quantization: how many of the most sensitive layers to keep in fp32.
+"""The layer search of INT8 quantization (and of OpenVINO's bf16): how many of the most sensitive layers to keep in fp32.
 
 Plain functions over a `trial(k)` callable (quantize with the k most sensitive layers kept fp32, judge the result),
 so the search reads on its own: the count doubles from ~6% of the layers until the gate holds, then a bisection
@@ -20,25 +20,27 @@ MAX_STEPS = 12
 
 @dataclass(frozen=True)
 class Trial:
-    """One quantization tried: the layers kept fp32, the file written, its judge's check, finite outputs."""
+    """One lower-precision model tried: the layers kept fp32, the file written, its judge's check (figures named
+    after `precision`: int8, or bf16 for an OpenVINO IR), finite outputs."""
 
     exclude: list[str]
     path: Path
     check: Check
     finite: bool = True
+    precision: str = "int8"
 
     @property
     def oks(self) -> float:
-        return float(self.check.figures["int8_oks"])
+        return float(self.check.figures[f"{self.precision}_oks"])
 
     def step(self) -> dict[str, Any]:
-        """The record the manifest keeps in `int8_search_steps`."""
-        f = self.check.figures
+        """The record the manifest keeps in `<precision>_search_steps`."""
+        f, p = self.check.figures, self.precision
         return {
             "fp32_layers": len(self.exclude),
-            "gate": f["int8_oks"],
-            "gate_min": f["int8_oks_min"],
-            "rel_l2": f["int8_heatmap_rel_l2"],
+            "gate": f[f"{p}_oks"],
+            "gate_min": f[f"{p}_oks_min"],
+            "rel_l2": f[f"{p}_heatmap_rel_l2"],
             "finite": self.finite,
         }
 
