@@ -129,7 +129,7 @@ def _source_pieces() -> list[str]:
                 parts = [node.value]
             else:
                 continue
-            # %-style log messages ("skipping %s (%d skipped so far)") split at their fields too
+            # %-style log messages ("skipping %s (%d skipped so far)", "after %g s") split at their fields too
             split = (q.strip() for p in parts for q in re.split(r"%[-.\d]*[sdrfg]", p))
             pieces.update(q for q in split if len(q) >= 8)
     return sorted(pieces, key=len, reverse=True)
