@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,8 +37,6 @@ from dynpose.errors import DynPoseError
 from dynpose.fileio import sha256_file
 from dynpose.roles import Role
 from dynpose.runtime.policy import Policy
-
-log = logging.getLogger(__name__)
 
 LABEL_FREE = "label-free"  # figures["method"] of a calibration against the large model
 
