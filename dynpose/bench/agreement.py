@@ -120,7 +120,7 @@ class FootageRecord:
         d = {
             "sources": [s.sha256 for s in self.sources],
             "detections": [s.sha256 for s in self.detections],
-            "detector": self.detector,
+            Role.DETECTOR.value: self.detector,
             "sampling": dict(sorted(self.sampling.items())),
         }
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
@@ -134,7 +134,7 @@ class FootageRecord:
             "sha256": self.sha256,
             "sources": [s.to_dict() for s in self.sources],
             "detections": [s.to_dict() for s in self.detections],
-            "detector": self.detector,
+            Role.DETECTOR.value: self.detector,
             "sampling": dict(self.sampling),
             "frames": self.frames,
             "persons": self.persons,
@@ -145,7 +145,7 @@ class FootageRecord:
         return cls(
             sources=tuple(FileStamp.from_dict(s) for s in d["sources"]),
             detections=tuple(FileStamp.from_dict(s) for s in d["detections"]),
-            detector=d.get("detector"),
+            detector=d.get(Role.DETECTOR.value),
             sampling={str(k): float(v) for k, v in d["sampling"].items()},
             frames=int(d["frames"]),
             persons=int(d["persons"]),

@@ -184,7 +184,7 @@ def _run(engine_dir: str | os.PathLike, spec: UnlabelledSpec, opts: FootageOptio
                         "boxes": np.concatenate([f.boxes.as_array() for f in frames]),
                         "kpts_small": small.keypoints,
                         "kpts_large": large.keypoints,
-                        "router": router() if router is not None else np.full(len(small.model), np.nan),
+                        "score1": router() if router is not None else np.full(len(small.model), np.nan),
                     }
                 )
                 if bar is not None:
@@ -204,7 +204,7 @@ def _run(engine_dir: str | os.PathLike, spec: UnlabelledSpec, opts: FootageOptio
         boxes=cat["boxes"].astype(np.float64),
         kpts_small=cat["kpts_small"].astype(np.float32),
         kpts_large=cat["kpts_large"].astype(np.float32),
-        router=cat["router"].astype(np.float64),
+        router=cat["score1"].astype(np.float64),
         frames_read=np.array(counts[0]),
     )
 
