@@ -36,10 +36,10 @@ box area does (Spearman +0.65 against the small model's OKS to the large model's
 free (the decoder computes it), and it means the same for heatmap and SimCC models (both scores are per-joint
 maxima). `cascade-visible` averages only the joints the small model sees (score above S): the agreement it predicts
 is an OKS over the joints the large model sees, so a joint out of frame or hidden, which both models score low and
-the OKS never counts, should not make a clear person look unsure. On the shared footage (70 persons, picodet boxes
-at score >= 0.3) it ranks disagreement better than the mean (Spearman +0.56 against +0.50; +0.64 against +0.58
-over the 214 boxes at score >= 0.1, the paired frame-bootstrap difference [+0.01, +0.08]); S = 0.3 is the score
-above which the label-free reference counts a large-model joint as seen (`router.targets.TEACHER_VIS_THR`).
+the OKS never counts, should not make a clear person look unsure. On the shared footage (68 persons, picodet boxes
+at score >= 0.3) it ranks disagreement better than the mean (Spearman +0.56 against +0.50, the paired frame-bootstrap
+difference [+0.01, +0.13]; +0.64 against +0.58 over the 214 boxes at score >= 0.1); S = 0.3 is the score above which
+the label-free reference counts a large-model joint as seen (`router.targets.TEACHER_VIS_THR`).
 Measured: `benchmarks/route_agreement.py --signals`; which family wins on your footage: `dynpose-train-router
 --calibrate --unlabelled`.
 """
