@@ -226,7 +226,9 @@ def pair_policies(pair_dir: Path, cals: dict[float, Any]) -> dict[str, str]:
             if fam in ("box", "box-below"):
                 out.setdefault(w.policy, f"{fam} @ {target:g}")
                 continue
-            for sw in sweeps(ps, fam)[:1]:
+            # random weights score every joint low, so the visible-joint mean is 0 for all: the plain cascade's mean
+            # keypoint score places the same share (both cascades cost the same at a given share)
+            for sw in sweeps(ps, "cascade" if fam == "cascade-visible" else fam)[:1]:
                 k = int(np.clip(round(w.share * len(ps)), 0, len(ps) - 1))
                 out.setdefault(str(sw.make(k)), f"{fam} @ {target:g} (share {w.share:.0%})")
     return out
