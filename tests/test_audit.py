@@ -165,6 +165,8 @@ def test_auditor_figures_and_interval_on_known_inputs(both) -> None:
         ("band:0.59,0.69", "band:0.54,0.74", "band:0.64,0.64"),
         ("box-threshold:15000,0.6", "box-threshold:10000,0.55", "box-threshold:22500,0.65"),
         ("cascade:0.5", "cascade:0.55", "cascade:0.45"),
+        ("cascade-visible:0.5,0.3", "cascade-visible:0.55,0.3", "cascade-visible:0.45,0.3"),
+        ("box-below:15000", "box-below:22500", "box-below:10000"),
         ("all-small", "all-small", "all-small"),
         ("all-large", "all-large", "all-large"),
         ("fraction:1", "fraction:1", "fraction:0.95"),

@@ -203,8 +203,12 @@ def test_calibrate_cheapest_policy_by_measured_costs(engine_dir: Path, coco_dir:
     # the Pipeline's large-only AP on the sample's detections (README: dynpose-run large-only AP 0.794)
     assert res.ap_large == pytest.approx(0.7935, abs=0.003) and res.ap >= res.ap_large - 0.02
     assert res.boxes == "detection boxes" and res.num_crops == 118
-    assert set(res.per_family) == {"threshold", "box", "box-threshold"}
+    # every family has a policy within the AP bound; the cascades and box-below join the router and box families
+    assert set(res.per_family) == {"threshold", "box", "box-below", "box-threshold", "cascade", "cascade-visible"}
     cheapest = min(w["cost_ms"] for w in res.per_family.values())
+    # agreement with the large model beside AP: 1 for the persons it answers, the small model's OKS to it elsewhere
+    assert res.agreement is not None and res.agreement_above is not None and 0 < res.agreement <= 1
+    assert all(0 < w["agreement"] <= 1 for w in res.per_family.values())
     assert res.cost_ms is not None and res.cost_ms <= cheapest + 1e-9 and res.speedup is not None
     m = Manifest.load(engine_dir)
     assert m.route == res.policy and m.notes["router_calibration"]["detections"] == str(dets)
@@ -212,6 +216,7 @@ def test_calibrate_cheapest_policy_by_measured_costs(engine_dir: Path, coco_dir:
     # with a loose target the cheapest of all is the small model alone (no router either)
     loose = calibrate(engine_dir, ann, coco_dir, target_ap_drop=1.0, progress=False)
     assert loose.policy == "all-small" and loose.fraction == 0.0
+    assert loose.agreement is not None and loose.agreement < 1.0  # the small model alone differs from the large one
 
 
 def test_held_out_report(engine_dir: Path, coco_dir: Path) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynpose.bench.agreement import calibration_warnings
 from dynpose.bench.timing import boxes_for_batch, cpu_model, solo_models, synthetic_frame, threads_of
 from dynpose.engines.manifest import MANIFEST_NAME, CostRecord, Manifest, RoleCosts, updating_manifest
 from dynpose.errors import DynPoseError
@@ -241,7 +242,11 @@ def known_share(policy: Policy, manifest: Manifest) -> float | None:
 
 def log_route_costs(manifest: Manifest, policy: Policy, backend: str, device: str, where: str = "") -> str | None:
     """Log one line on whether `policy` pays on this backend/device, when the manifest holds measured costs
-    (`dynpose-bench --store-costs`); returns the line (None: no costs stored, or nothing to say for all-large)."""
+    (`dynpose-bench --store-costs`); returns the line (None: no costs stored, or nothing to say for all-large).
+    Before it, a warning for each way a calibrated route's figures no longer apply (`agreement.calibration_warnings`:
+    models re-exported, footage changed since the calibration)."""
+    for line in calibration_warnings(manifest, policy, where):
+        log.warning("%s", line)
     if policy.fixed_share() == 1.0:
         return None
     costs = model_costs(manifest.costs(backend, device))

@@ -1,6 +1,8 @@
 """The crop benchmark: plans run by a worker per model (crop, router or the cascade's first pass when the policy
 reads it, both pose models at once, decode), the way the runtime runs a micro-batch, for large-only, small-only,
-DynPose at routing fractions and any routing policies asked for (e.g. the calibrated route).
+DynPose at routing fractions and any routing policies asked for (e.g. the calibrated route). A sample's calls run
+as a Pipeline runs consecutive batches: a cascade keeps two in flight (`execute_many`, depth 2), so its small pass
+over the next call overlaps the large model's escalations; each row says the share the cascade escalated.
 
 Baselines run the model alone with every core (`timing.solo_models`); the routed configurations run on the engine
 set's models as the runtime loads them (on ONNX Runtime CPU: router on every core, small and large on half each,
@@ -32,8 +34,9 @@ from dynpose.errors import DynPoseError
 from dynpose.roles import Role
 from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.engine_set import EngineSet
-from dynpose.runtime.execute import LocalExecutor, execute
+from dynpose.runtime.execute import LocalExecutor, execute_many
 from dynpose.runtime.model import CropModel
+from dynpose.runtime.person import Decision
 from dynpose.runtime.plan import LARGE, FrameInput, make_plan
 from dynpose.runtime.policy import AllLarge, AllSmall, Fraction, Policy, parse_policy
 
@@ -75,6 +78,13 @@ def real_work(frames: Sequence[tuple[np.ndarray, np.ndarray]], batch: int) -> Cr
     return CropWork(calls, "real")
 
 
+def _frames(images: list[np.ndarray], boxes: list[np.ndarray]) -> list[FrameInput]:
+    return [FrameInput(im, Boxes.of(b, im.shape)) for im, b in zip(images, boxes, strict=True)]
+
+
+ESCALATED = "escalated"  # the counts' key for persons a cascade ran again on the large model
+
+
 class Config:
     """One timed configuration: a policy and the models it runs on, a worker each (what a Pipeline runs)."""
 
@@ -84,12 +94,23 @@ class Config:
         self.cards = {r: m.card for r, m in models.items()}
         self.executor = LocalExecutor(models)
 
-    def run(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> dict[Role, int]:
-        """One call: plan the boxes, run the plan; persons each model answered for."""
-        frames = [FrameInput(im, Boxes.of(b, im.shape)) for im, b in zip(images, boxes, strict=True)]
-        res = execute(make_plan(frames, self.policy, self.cards), self.executor)
-        large = int((res.model == LARGE).sum())
-        return {Role.SMALL: len(res.model) - large, Role.LARGE: large}
+    def run(self, calls: Sequence[tuple[list[np.ndarray], list[np.ndarray]]]) -> dict[Role | str, int]:
+        """The calls, planned and run as a Pipeline runs consecutive batches (a cascade keeps two in flight, so the
+        small model runs the next call while the large one escalates); persons each model answered for, and the
+        cascade's escalations."""
+        plans = (
+            make_plan(
+                [FrameInput(im, Boxes.of(b, im.shape)) for im, b in zip(images, boxes, strict=True)], self.policy, self.cards
+            )
+            for images, boxes in calls
+        )
+        counts: dict[Role | str, int] = {Role.SMALL: 0, Role.LARGE: 0, ESCALATED: 0}
+        for res in execute_many(plans, self.executor, depth=2 if self.policy.cascades else 1):
+            large = int((res.model == LARGE).sum())
+            counts[Role.SMALL] += len(res.model) - large
+            counts[Role.LARGE] += large
+            counts[ESCALATED] += sum(d is Decision.ESCALATED for d in res.decision)
+        return counts
 
     def threads(self) -> dict[str, int | None]:
         return {r.value: threads_of(h) for r, h in self.models.items()}
@@ -152,6 +173,7 @@ def _row(batch: int, name: str, config: Config, work: CropWork, rounds: Rounds, 
         "num_large": large,
         "num_small": small,
         "large_share": large / max(1, large + small),
+        "escalated_share": counts.get(ESCALATED, 0) / max(1, large + small) if config.policy.cascades else None,
         "threads": config.threads(),
         "reference": name == ref,
         "samples_ms": [x * 1e3 for x in s],
@@ -160,19 +182,15 @@ def _row(batch: int, name: str, config: Config, work: CropWork, rounds: Rounds, 
 
 def _timed_batch(
     configs: dict[str, Config], work: CropWork, opts: BenchOptions, log: Callable[[str], None]
-) -> tuple[Rounds, dict[str, dict[Role, int]]]:
+) -> tuple[Rounds, dict[str, dict[Role | str, int]]]:
     """Time every configuration on one batch's work; returns the rounds and each configuration's routing counts."""
-    counts: dict[str, dict[Role, int]] = {}
+    counts: dict[str, dict[Role | str, int]] = {}
 
     def call(name: str) -> Callable[[], None]:
         config = configs[name]
 
         def fn() -> None:
-            c = dict.fromkeys((Role.SMALL, Role.LARGE), 0)
-            for images, boxes in work.calls:
-                for k, v in config.run(images, boxes).items():
-                    c[k] += v
-            counts[name] = c
+            counts[name] = config.run(work.calls)
 
         return fn
 

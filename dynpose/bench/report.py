@@ -46,14 +46,18 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     and the pipeline, for the terminal and logs."""
     lines = model_lines(result)
     lines.append(
-        f"{'batch':>5}  {'config':<28} {'crops/s':>8} {'p50 ms':>8} {'p95 ms':>8} {Role.LARGE.value:>6}  "
+        f"{'batch':>5}  {'config':<28} {'crops/s':>8} {'p50 ms':>8} {'p95 ms':>8} {Role.LARGE.value:>6} {'escal.':>6}  "
         "vs large-only [95% CI]"
     )
     for r in result["crops"]:
+        esc = r.get("escalated_share")
         lines.append(
             f"{r['batch']:>5}  {_name(r):<28} {r['crops_per_s']:>8.1f} {r['latency_ms_p50']:>8.2f} "
-            f"{r['latency_ms_p95']:>8.2f} {r['large_share']:>6.0%}  {_ratio_text(r)}"
+            f"{r['latency_ms_p95']:>8.2f} {r['large_share']:>6.0%} {'-' if esc is None else f'{esc:.0%}':>6}  "
+            f"{_ratio_text(r)}"
         )
+    if any(r.get("escalated_share") is not None for r in result["crops"]):
+        lines.append("escal.: the share a cascade ran again on the large model (the small model ran on every crop)")
     for t in result.get("timing", []):
         lines.append(
             f"batch {t['batch']}: {t['rounds']} interleaved rounds ({t['stopped']}), {t['elapsed_s']:.0f} s; ratios "

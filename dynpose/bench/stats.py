@@ -5,6 +5,11 @@ configurations alike. The speed of a configuration against the reference (large-
 round, ratio_i = t_ref,i / t_cfg,i (equal work per call), and summarised by the median over rounds; its 95%
 interval is a percentile bootstrap over rounds (rounds resampled with replacement, the median recomputed). The
 benchmark keeps adding rounds until every ratio's interval is within +-5% of the ratio or a time limit is hit.
+
+`clustered_mean_ci` is the interval of a mean over persons when persons come in clusters (the frames of footage):
+persons of one frame share its lighting, crowd and camera, so they are not independent draws, and resampling
+persons one by one would give an interval too narrow. Whole clusters are resampled instead (a percentile bootstrap
+of the ratio sum / count over clusters, `scipy.stats.bootstrap`, paired).
 """
 
 from __future__ import annotations
@@ -77,6 +82,52 @@ def paired_ratio_ci(
     tail = (1.0 - level) / 2.0 * 100.0
     lo, hi = np.percentile(meds, [tail, 100.0 - tail])
     return RatioCI(point, float(lo), float(hi), n)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its bootstrap interval at `level` (lo, hi)."""
+
+    value: float
+    lo: float
+    hi: float
+    level: float = CI_LEVEL
+
+    def text(self, digits: int = 3) -> str:
+        """'0.952 [0.931, 0.968]'."""
+        return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+
+    def to_dict(self) -> dict[str, float]:
+        return {"value": self.value, "lo": self.lo, "hi": self.hi, "level": self.level}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Interval:
+        return cls(float(d["value"]), float(d["lo"]), float(d["hi"]), float(d.get("level", CI_LEVEL)))
+
+
+def clustered_mean_ci(
+    values: np.ndarray, clusters: np.ndarray, level: float = CI_LEVEL, resamples: int = RESAMPLES, seed: int = 0
+) -> Interval:
+    """Mean of `values` (one per person) with a percentile-bootstrap interval that resamples whole clusters
+    (`clusters`: each person's frame); see the module doc. With one cluster the interval is the point."""
+    from scipy.stats import bootstrap
+
+    v = np.asarray(values, dtype=np.float64)
+    _, inv = np.unique(np.asarray(clusters), return_inverse=True)
+    sums, counts = np.bincount(inv, weights=v), np.bincount(inv).astype(np.float64)
+    point = float(v.mean()) if len(v) else math.nan
+    if len(sums) < 2:
+        return Interval(point, point, point, level)
+
+    def ratio(s: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.asarray(s.sum(axis=axis) / c.sum(axis=axis))
+
+    res = bootstrap(
+        (sums, counts), ratio, paired=True, vectorized=True, n_resamples=resamples, confidence_level=level,
+        method="percentile", random_state=np.random.default_rng(seed),
+    )  # fmt: skip
+    ci = res.confidence_interval
+    return Interval(point, float(ci.low), float(ci.high), level)
 
 
 def converged(cis: Sequence[RatioCI], target: float = TARGET_HALF_WIDTH) -> bool:

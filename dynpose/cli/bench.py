@@ -18,6 +18,8 @@ Examples:
   dynpose-bench --engine-dir engines/                    # figures to engines/bench/bench-*.json + .png
   dynpose-bench --engine-dir engines/ --batch 8 --fractions 0,0.3,1 --policies threshold:0.4,box:20000
   dynpose-bench --engine-dir engines/ --images coco/val2017 --detections dets.json --policies calibrated
+  dynpose-bench --engine-dir engines/ --images coco/val2017 --detections dets.json --fractions '' \\
+      --policies calibrated-families,cascade:0.6          # every family's calibrated policy, and a cascade
   dynpose-bench --engine-dir engines/ --store-costs --fractions '' --repeats 3   # per-crop costs into the manifest
   dynpose-bench --engine-dir engines/ --backend tensorrt --device cuda --batch 1,8,32,64
 
@@ -30,8 +32,9 @@ Defaults: CPU --batch 1,8, >= 5 rounds, 240 s per batch; CUDA --batch 1,8,32,64,
 
 
 def _policies(text: str | None, engine_dir: Path) -> tuple[str, ...]:
-    """'a,b' policies; `calibrated` (or `route`) stands for the manifest's route. Policies hold commas
-    (band:LO,HI), so items are split at commas followed by a letter."""
+    """'a,b' policies; `calibrated` stands for the policy `dynpose-train-router --calibrate` stored (the manifest's
+    route when there is no calibration), `calibrated-families` for the cheapest policy of every family it tried.
+    Policies hold commas (band:LO,HI), so items are split at commas followed by a letter."""
     import re
 
     from dynpose.engines.manifest import Manifest
@@ -41,8 +44,19 @@ def _policies(text: str | None, engine_dir: Path) -> tuple[str, ...]:
         return ()
     out = []
     for item in (p.strip() for p in re.split(r",(?=\s*[a-zA-Z])", text) if p.strip()):
-        if item in ("calibrated", "route"):
-            item = Manifest.load(engine_dir, verify=False).route
+        if item in ("calibrated", "route", "calibrated-families"):
+            manifest = Manifest.load(engine_dir, verify=False)
+            cal = manifest.calibration
+            if item == "calibrated-families":
+                if cal is None or not isinstance(cal.figures.get("per_family"), dict):
+                    raise DynPoseError(
+                        f"--policies calibrated-families: {engine_dir} holds no calibration with per-family policies; "
+                        "run `dynpose-train-router --calibrate` first"
+                    )
+                stored = [parse_policy(w["policy"]) for w in cal.figures["per_family"].values()]
+                out += [str(p) for p in stored if p.fixed_share() not in (0.0, 1.0)]  # the baselines run anyway
+                continue
+            item = cal.policy if cal is not None and item == "calibrated" else manifest.route
         out.append(str(parse_policy(item)))
     return tuple(dict.fromkeys(out))
 
@@ -59,7 +73,11 @@ def _policies(text: str | None, engine_dir: Path) -> tuple[str, ...]:
     show_default=True,
     help="Shares of crops sent to the large model (DynPose with policy fraction:F); '' for none.",
 )
-@click.option("--policies", default=None, help="More policies to time; 'calibrated' = the manifest's route.")
+@click.option(
+    "--policies",
+    default=None,
+    help="More policies to time; 'calibrated' = the calibrated route, 'calibrated-families' = each family's.",
+)
 @click.option("--images", type=click.Path(path_type=Path), help="Images folder: the crop part runs on their real boxes.")
 @click.option("--detections", type=click.Path(path_type=Path), help="COCO-format person detections for --images.")
 @click.option("--synthetic-crops", is_flag=True, help="With --images: time the crop part on synthetic boxes anyway.")

@@ -26,6 +26,10 @@ Examples:
   dynpose-train-router --calibrate --engine-dir engines --ann val.json --images val2017 --target-fraction 0.3
   dynpose-train-router --calibrate --engine-dir engines --ann val.json --images val2017 --target-ap-drop 0.01 \\
       --detections val_dets.json
+  # no labels: the cheapest policy whose keypoints agree with the large model's at mean OKS >= 0.95, checked on
+  # held-out frames of your own footage
+  dynpose-train-router --calibrate --engine-dir engines --unlabelled footage/ --unlabelled street.mp4 \\
+      --detector picodet.onnx --target-agreement 0.95
 """
 
 
@@ -118,7 +122,20 @@ def _fractions(text: str) -> tuple[float, ...]:
 @click.option(
     "--target-ap-drop", default=None, type=float, help="Calibrate: largest AP loss vs large-only (0.01 = 1 point)."
 )
-@click.option("--policies", default="threshold,box,box-threshold", show_default=True, help="Calibrate: families to search.")
+@click.option(
+    "--target-agreement",
+    default=None,
+    type=float,
+    help="Calibrate --unlabelled: mean OKS with the large model's keypoints to reach [default: 0.95].",
+)
+@click.option(
+    "--holdout",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Calibrate --unlabelled: share of the persons (whole frames) held out to check the policy on.",
+)
+@click.option("--policies", default=None, help="Calibrate: families to search [default: every one that applies].")
 @click.option("--cost-batch", default=8, show_default=True, type=int, help="Calibrate: batch size whose costs decide.")
 @click.option("--threads", type=int, default=None, help="CPU cores to use (pose models and the router's training).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -134,13 +151,13 @@ def main(**kw: Any) -> None:
         import torch
 
         torch.set_num_threads(kw["threads"])  # the router trains with PyTorch's intra-op threads
-    for name in ("target_fraction", "target_ap_drop", "lr", "det_score", "min_agreement"):
+    for name in ("target_fraction", "target_ap_drop", "target_agreement", "holdout", "lr", "det_score", "min_agreement"):
         _finite("--" + name.replace("_", "-"), kw[name])
     if kw["calibrate"]:
         _calibrate(kw, console)
         return
-    if kw["target_fraction"] is not None or kw["target_ap_drop"] is not None:
-        raise DynPoseError("--target-fraction/--target-ap-drop choose a policy: add --calibrate")
+    if kw["target_fraction"] is not None or kw["target_ap_drop"] is not None or kw["target_agreement"] is not None:
+        raise DynPoseError("--target-fraction/--target-ap-drop/--target-agreement choose a policy: add --calibrate")
     if bool(kw["eval_ann"]) != bool(kw["eval_images"]):
         raise DynPoseError("--eval-ann and --eval-images go together")
     if kw["evaluate"]:
@@ -168,34 +185,82 @@ def _evaluate(kw: dict[str, Any], console: Any) -> None:
         console.print(line)
 
 
+def _families(kw: dict[str, Any]) -> dict[str, Any]:
+    text = kw["policies"]
+    return {"families": tuple(p.strip() for p in text.split(",") if p.strip())} if text is not None else {}
+
+
 def _calibrate(kw: dict[str, Any], console: Any) -> None:
     from dynpose.router.calibrate import calibrate
 
+    if kw["unlabelled"]:
+        if kw["ann"] or kw["images"]:
+            raise DynPoseError(
+                "--calibrate: give labels (--ann and --images) or unlabelled footage (--unlabelled), not both"
+            )
+        _calibrate_label_free(kw, console)
+        return
     if not kw["ann"] or not kw["images"]:
-        raise DynPoseError("--calibrate needs --ann and --images (held-out labelled persons)")
+        raise DynPoseError(
+            "--calibrate needs held-out labelled persons (--ann and --images) or your own unlabelled footage "
+            "(--unlabelled SRC, checked against the large model)"
+        )
+    if kw["target_agreement"] is not None:
+        raise DynPoseError(
+            "--target-agreement is for label-free calibration (--unlabelled SRC); with --ann choose by "
+            "--target-ap-drop D or --target-fraction F"
+        )
     if len(kw["detections"]) > 1:
         raise DynPoseError("--calibrate takes one --detections file (the boxes of --images)")
     res = calibrate(
         kw["engine_dir"], kw["ann"], kw["images"],
         target_fraction=kw["target_fraction"], target_ap_drop=kw["target_ap_drop"],
         backend=kw["backend"], device=kw["device"], cache_dir=kw["cache_dir"], progress=not kw["quiet"],
-        detections=kw["detections"][0] if kw["detections"] else None,
-        families=tuple(p.strip() for p in kw["policies"].split(",") if p.strip()), cost_batch=kw["cost_batch"],
+        detections=kw["detections"][0] if kw["detections"] else None, cost_batch=kw["cost_batch"], **_families(kw),
     )  # fmt: skip
     console.print(
         f"policy {res.policy} ({res.target}, on {res.boxes}): {res.fraction:.1%} of {res.num_crops} crops to the large model"
     )
     console.print(f"AP {res.ap:.4f} (small-only {res.ap_small:.4f}, large-only {res.ap_large:.4f})")
+    if res.agreement is not None and res.agreement_above is not None:
+        console.print(
+            f"agreement with the large model {res.agreement:.3f} (mean OKS of the routed keypoints to its own; "
+            f"{res.agreement_above:.0%} of persons at OKS >= 0.9)"
+        )
     if res.cost_ms is not None and res.speedup is not None:
         console.print(
             f"cost {res.cost_ms:.2f} ms per crop by the measured costs (large-only {res.large_ms:.2f}): {res.speedup:.2f}x; "
             f"{res.candidates} policies evaluated"
         )
     for fam, w in res.per_family.items():
+        agree = f", agreement {w['agreement']:.3f}" if w.get("agreement") is not None else ""
         console.print(
-            f"  cheapest {fam:<13} {w['policy']}: {w['fraction']:.1%} large, AP {w['ap']:.4f}, {w['cost_ms']:.2f} ms "
-            f"per crop ({w['speedup']:.2f}x)"
+            f"  cheapest {fam:<15} {w['policy']}: {w['fraction']:.1%} large, AP {w['ap']:.4f}{agree}, "
+            f"{w['cost_ms']:.2f} ms per crop ({w['speedup']:.2f}x)"
         )
+    console.print(f"stored as the default route in {kw['engine_dir']}/manifest.json")
+
+
+def _calibrate_label_free(kw: dict[str, Any], console: Any) -> None:
+    from dynpose.router.footage import FootageOptions
+    from dynpose.router.labelfree import DEFAULT_TARGET, LabelFreeOptions, calibrate_label_free, report_lines
+
+    if kw["target_fraction"] is not None or kw["target_ap_drop"] is not None:
+        raise DynPoseError(
+            "--target-fraction/--target-ap-drop need labels (--ann); without them calibrate by --target-agreement A "
+            "(mean OKS with the large model's keypoints)"
+        )
+    target = DEFAULT_TARGET if kw["target_agreement"] is None else kw["target_agreement"]
+    run = FootageOptions(
+        backend=kw["backend"], device=kw["device"], threads=kw["threads"], cache_dir=kw["cache_dir"],
+        use_cache=not kw["no_cache"], progress=not kw["quiet"],
+    )  # fmt: skip
+    opts = LabelFreeOptions(
+        target=target, holdout=kw["holdout"], seed=kw["seed"], cost_batch=kw["cost_batch"], run=run, **_families(kw)
+    )
+    res = calibrate_label_free(kw["engine_dir"], _unlabelled_spec(kw), opts)
+    for line in report_lines(res):
+        console.print(line)
     console.print(f"stored as the default route in {kw['engine_dir']}/manifest.json")
 
 

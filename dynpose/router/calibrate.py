@@ -34,11 +34,14 @@ from dynpose.engines.manifest import Manifest, RouteCalibration, updating_manife
 from dynpose.errors import DynPoseError
 from dynpose.roles import MODEL_ROLES, Role
 from dynpose.router.collect import CropOutputs, Crops, DetOutputs, collect_det_outputs, collect_outputs, router_crops
-from dynpose.runtime.policy import ModelCosts, Policy, Signals, parse_policy
+from dynpose.router.targets import AREA_FROM_BOX, TEACHER_VIS_THR, teacher_oks
+from dynpose.runtime.policy import Cascade, ModelCosts, Policy, Signals, parse_policy
 
 AP_GRID = 40  # fraction grid of each policy family in the AP-drop scan
 AREA_CUTS = 8  # area cuts tried for box-threshold (each with the threshold grid among the boxes above it)
-FAMILIES = ("threshold", "box", "box-threshold")
+FAMILIES = ("threshold", "box", "box-below", "box-threshold", "cascade", "cascade-visible")
+VISIBLE_SCORE = TEACHER_VIS_THR  # cascade-visible's S: the score at which the reference counts a joint as seen
+ABOVE = 0.9  # a person "agrees" with the large model at OKS >= 0.9
 
 
 @dataclass
@@ -58,6 +61,8 @@ class Calibration:
     candidates: int = 0  # policies whose AP was computed
     # the cheapest passing policy of each family (threshold, box, box-threshold): what each signal alone achieves
     per_family: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agreement: float | None = None  # mean OKS of the routed keypoints against the large model's (`agreement`)
+    agreement_above: float | None = None  # share of persons at OKS >= ABOVE against the large model
 
     @property
     def speedup(self) -> float | None:
@@ -150,7 +155,7 @@ def router_scores(
     return np.concatenate(parts, axis=0)
 
 
-def _round_text(value: float, arr: np.ndarray) -> str:
+def round_cut(value: float, arr: np.ndarray) -> str:
     """`value` with as few digits as keep `arr >= value` unchanged."""
     want = arr >= value
     if abs(value) >= 100 and np.array_equal(arr >= float(round(value)), want):
@@ -162,14 +167,33 @@ def _round_text(value: float, arr: np.ndarray) -> str:
     return repr(float(value))
 
 
+def small_large_oks(
+    kpts_small: np.ndarray, kpts_large: np.ndarray, boxes: np.ndarray, sigmas: Sequence[float]
+) -> np.ndarray:
+    """(N,) OKS of the small model's keypoints against the large model's (the label-free reference: over the joints
+    the large model scores above 0.3, scale box w*h x 0.53); NaN where the large model sees no joint."""
+    b = np.asarray(boxes, dtype=np.float64)
+    return teacher_oks(kpts_small, kpts_large, np.maximum(b[:, 2] * b[:, 3] * AREA_FROM_BOX, 1.0), sigmas)
+
+
+def agreement(oks_sl: np.ndarray, large: np.ndarray) -> np.ndarray:
+    """Per person with a reference (finite `oks_sl`): the OKS of the routed keypoints against the large model's, 1
+    where the large model answers, the small model's OKS to it where the small one does."""
+    ok = np.isfinite(oks_sl)
+    return np.where(np.asarray(large, bool)[ok], 1.0, oks_sl[ok])
+
+
 @dataclass
 class CalibData:
-    """What the policy search needs: per-crop router score[1] and box, and the AP of any small/large split."""
+    """What the policy search needs: per-crop router score[1], box and the small model's keypoints, the small model's
+    OKS against the large one, and the AP of any small/large split."""
 
     s1: np.ndarray
     boxes: np.ndarray  # (N,4) x,y,w,h
     ap: Callable[[np.ndarray], float]
     kind: str  # "ground-truth boxes" | "detection boxes"
+    kpts_small: np.ndarray  # (N,K,3): the cascade's confidence
+    oks_sl: np.ndarray  # (N,) `small_large_oks`
 
     def __len__(self) -> int:
         return len(self.s1)
@@ -177,6 +201,11 @@ class CalibData:
     @property
     def areas(self) -> np.ndarray:
         return self.boxes[:, 2] * self.boxes[:, 3]
+
+    def agreement(self, large: np.ndarray) -> tuple[float | None, float | None]:
+        """(mean agreement with the large model, share at OKS >= ABOVE) of a split; None without a reference."""
+        a = agreement(self.oks_sl, large)
+        return (float(a.mean()), float((a >= ABOVE).mean())) if len(a) else (None, None)
 
 
 def det_routed_ap(out: DetOutputs, large: np.ndarray, ann_path: str | os.PathLike) -> float:
@@ -228,6 +257,7 @@ def calib_data(
             return routed_ap(out, large, ann_path)
 
         kind = "ground-truth boxes"
+        kp_s, kp_l = out.kpts_small, out.kpts_large
     else:
         det, crops = collect_det_outputs(
             engine_dir,
@@ -244,6 +274,7 @@ def calib_data(
             return det_routed_ap(det, large, ann_path)
 
         kind = "detection boxes"
+        kp_s, kp_l = det.kpts_small, det.kpts_large
 
     s1 = np.full(len(crops), np.nan)
     if Manifest.load(engine_dir, verify=False).get(Role.ROUTER) is not None:
@@ -253,7 +284,9 @@ def calib_data(
                 f"engine dir {engine_dir}: the router gave non-finite scores on {int((~np.isfinite(s1)).sum())} "
                 "crops; re-export or retrain it"
             )
-    return CalibData(s1, crops.boxes[:, :4], ap, kind)
+    sigmas = Manifest.load(engine_dir, verify=False).require(Role.LARGE, engine_dir=engine_dir).card.keypoint_set.sigmas
+    boxes = crops.boxes[:, :4]
+    return CalibData(s1, boxes, ap, kind, kp_s, small_large_oks(kp_s, kp_l, boxes, sigmas))
 
 
 @dataclass(frozen=True)
@@ -280,37 +313,48 @@ def candidates(data: CalibData, families: Sequence[str]) -> list[Candidate]:
     has_router = bool(np.isfinite(s1).all()) and n > 0
     if "box" in families:
         for a in _top_k_cuts(area, AP_GRID):
-            out.append(Candidate(parse_policy(f"box:{_round_text(a, area)}"), area >= float(_round_text(a, area))))
+            out.append(Candidate(parse_policy(f"box:{round_cut(a, area)}"), area >= float(round_cut(a, area))))
+    if "box-below" in families:
+        for a in _top_k_cuts(-area, AP_GRID):  # the k smallest boxes: area < -a (a between two distinct areas)
+            text = round_cut(-a, area)
+            out.append(Candidate(parse_policy(f"box-below:{text}"), area < float(text)))
     if has_router and "threshold" in families:
         for t in _top_k_cuts(s1, AP_GRID):
-            text = _round_text(t, s1)
+            text = round_cut(t, s1)
             out.append(Candidate(parse_policy(f"threshold:{text}"), s1 >= float(text)))
     if has_router and "box-threshold" in families:
         for a in _top_k_cuts(area, AREA_CUTS):
-            a_text = _round_text(a, area)
+            a_text = round_cut(a, area)
             big = area >= float(a_text)
             for t in _top_k_cuts(s1[big], AP_GRID) if big.sum() > 1 else []:
-                text = _round_text(t, s1[big])
+                text = round_cut(t, s1[big])
                 out.append(Candidate(parse_policy(f"box-threshold:{a_text},{text}"), big & (s1 >= float(text))))
+    for fam, stat in (("cascade", Cascade(0.0)), ("cascade-visible", Cascade(0.0, VISIBLE_SCORE))):
+        if fam in families and n:
+            conf = stat.confidence(data.kpts_small)
+            for t in _top_k_cuts(-conf, AP_GRID):  # the k least confident: -conf >= t, i.e. conf < -t (no ties)
+                text = round_cut(min(1.0, max(0.0, -t)), conf)
+                p = Cascade(float(text), stat.visible)
+                out.append(Candidate(p, conf < float(text)))
     return out
 
 
-def _costs(engine_dir: str | os.PathLike, opts: CalibOptions) -> ModelCosts:
-    """The manifest's measured costs for this backend/device at `opts.cost_batch`; measured and stored now when
-    missing or stale (any pose model or router re-exported since)."""
+def measured_costs(
+    engine_dir: str | os.PathLike, backend: str, device: str, batch: int = 8, threads: int | None = None
+) -> ModelCosts:
+    """The manifest's measured costs for this backend/device at `batch`; measured and stored now when missing or
+    stale (any pose model or router re-exported since)."""
     from dynpose.bench.costs import measure_costs_dir, model_costs, store_costs
 
     m = Manifest.load(engine_dir, verify=False)
-    stored = m.costs(opts.backend, opts.device)
+    stored = m.costs(backend, device)
     roles = {Role(e.role) for e in m.entries if e.role in MODEL_ROLES}
     if stored is None or set(stored.roles) != roles:
-        stored = measure_costs_dir(engine_dir, opts.backend, opts.device, threads=opts.threads)
+        stored = measure_costs_dir(engine_dir, backend, device, threads=threads)
         store_costs(engine_dir, stored)
-    costs = model_costs(stored, opts.cost_batch)
+    costs = model_costs(stored, batch)
     if costs is None:
-        raise DynPoseError(
-            f"engine dir {engine_dir}: no small/large costs could be measured for {opts.backend}/{opts.device}"
-        )
+        raise DynPoseError(f"engine dir {engine_dir}: no small/large costs could be measured for {backend}/{device}")
     return costs
 
 
@@ -363,6 +407,7 @@ def cheapest_within(
                 "policy": str(c.policy),
                 "fraction": c.fraction,
                 "ap": ap,
+                "agreement": data.agreement(c.large)[0],
                 "cost_ms": s.cost(c),
                 "speedup": costs.large / s.cost(c),
             }
@@ -422,21 +467,30 @@ def calibrate(
         )
     else:
         d = check_ap_drop(target_ap_drop)  # type: ignore[arg-type]
-        costs = _costs(engine_dir, opts)
+        costs = measured_costs(engine_dir, opts.backend, opts.device, opts.cost_batch, opts.threads)
         cand, ap, ap_large, evaluated, per = cheapest_within(data, candidates(data, opts.families), costs, d)
         result = Calibration(
             str(cand.policy), cand.fraction, n, ap, data.ap(np.zeros(n, bool)), ap_large, f"AP drop <= {d:g}", data.kind,
             cost_ms=cand.policy.cost(costs, cand.fraction), large_ms=costs.large, candidates=evaluated,
             per_family=per,
         )  # fmt: skip
+        large = cand.large
+    result.agreement, result.agreement_above = data.agreement(large)
     if opts.save:
         _store(engine_dir, result, ann_path, opts)
     return result
 
 
 def _store(engine_dir: str | os.PathLike, result: Calibration, ann_path: str | os.PathLike, opts: CalibOptions) -> None:
+    from dynpose.bench.agreement import model_stamps, stamps_to_dict
+    from dynpose.runtime.backends import BACKEND_FORMAT
+
+    manifest = Manifest.load(engine_dir)
+    policy = parse_policy(result.policy)
+    roles = (Role.SMALL, Role.LARGE, *((Role.ROUTER,) if policy.needs_router else ()))
     figures = {
         **{k: v for k, v in result.to_dict().items() if k not in ("policy", "fraction")},
+        "models": stamps_to_dict(model_stamps(manifest, roles, BACKEND_FORMAT.get(opts.backend, "onnx"))),
         "annotations": str(ann_path),
         "detections": None if opts.detections is None else str(opts.detections),
         "backend": opts.backend,

@@ -253,17 +253,9 @@ def _bar(enabled: bool) -> Any:
 
 
 # -- cache -------------------------------------------------------------------------------------------------------------
-def _source_digest(path: Path) -> Any:
-    from dynpose.data import IMAGE_SUFFIXES
-
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return {p.relative_to(path).as_posix(): sha256_file(p) for p in files}
-    return sha256_file(path)
-
-
 def teacher_key(engine_dir: str | os.PathLike, spec: UnlabelledSpec, router_card: ModelCard, backend: str) -> str:
     """sha256 over everything the teacher set depends on."""
+    from dynpose.bench.agreement import content_digest
     from dynpose.engines.manifest import Manifest
     from dynpose.router.collect import pose_entries
 
@@ -276,7 +268,7 @@ def teacher_key(engine_dir: str | os.PathLike, spec: UnlabelledSpec, router_card
         "pair": [small.sha256, large.sha256, small.card.to_dict(), large.card.to_dict()],
         "router_card": router_card.to_dict(),
         "backend": backend,
-        "sources": [_source_digest(Path(s)) for s in spec.sources],
+        "sources": [content_digest(s) for s in spec.sources],
         "detections": [sha256_file(p) for p in spec.detections],
         Role.DETECTOR.value: detector,
         "spec": [spec.det_score, spec.min_box, spec.max_frames, spec.frame_step, spec.augment.to_dict()],

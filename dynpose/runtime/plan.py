@@ -307,8 +307,9 @@ class Plan:
             else:
                 self.keypoints[w.role][w.idx] = d.out
                 if w.role is Role.SMALL and self.policy.cascades:
-                    # a NaN keypoint score is a broken answer: its confidence is NaN, which escalates and is counted
-                    self.confidence[w.idx] = np.mean(d.out[:, :, 2], axis=1)
+                    # the statistic is the policy's (mean score, visible-joint mean); a NaN keypoint score is a broken
+                    # answer: its confidence is NaN, which escalates and is counted
+                    self.confidence[w.idx] = self.policy.confidence(d.out)
             self.crops[w.role] += len(w.idx)
             if d.span is not None:
                 self.spans.append((w.role, d.span[0], d.span[1], len(w.idx)))

@@ -6,11 +6,13 @@ A policy is written as a short string (the CLI's `--route`, the manifest's `rout
 | --- | --- | --- |
 | `all-small` / `all-large` | never / always | - |
 | `box:AREA` | its box has w*h >= AREA px² (small boxes go to the small model) | the box |
+| `box-below:AREA` | its box has w*h < AREA px² (small, far-away persons go to the large model) | the box |
 | `band:LO,HI` | LO <= router score[1] <= HI (the DynPose release rule, default 0.59,0.69) | the router |
 | `threshold:T` | router score[1] >= T | the router |
 | `fraction:F` | it is among the round(F*N) persons of the batch with the highest router score[1] | the router |
 | `box-threshold:AREA,T` | w*h >= AREA and router score[1] >= T | the box, the router |
 | `cascade:T` | the small model ran first and its confidence (mean keypoint score) is below T | the small model |
+| `cascade-visible:T,S` | the small model ran first and the mean score of its joints above S is below T | the small model |
 
 What a policy reads decides the plan's first stage (`plan.py`): nothing (every person goes straight to its
 model), the router (router crops first), or the small model (every person runs on the small model; the ones it is
@@ -22,10 +24,24 @@ counted so a run can report it.
 Why `box-threshold`: the box area is a free signal. The large model's extra input resolution can only help where the
 box holds more pixels than the small model's input, so a person far away gains little whatever the router says.
 
-Why the cascade's confidence is the small model's mean keypoint score: on a real pedestrian video it ranks the
-persons where the small model disagrees with the large one far better than the box area does (Spearman +0.65
-against the small model's OKS to the large model's keypoints, box area -0.11), it is free (the decoder computes it),
-and it means the same for heatmap and SimCC models (both scores are per-joint maxima).
+Why both box directions: which persons the small model gets wrong depends on the footage. On a pedestrian video the
+largest boxes disagreed slightly more with the large model (Spearman -0.11 between box area and the small model's OKS
+to the large one); on the shared footage the smallest do (+0.22: far, blurred persons), where `box-below` reaches an
+agreement of 0.95 with about 20 points less of the persons sent large than `box` (`benchmarks/route_agreement.py`).
+Label-free calibration tries both.
+
+Why the cascade's confidence is a statistic of the small model's own keypoint scores: on a real pedestrian video
+the mean keypoint score ranks the persons where the small model disagrees with the large one far better than the
+box area does (Spearman +0.65 against the small model's OKS to the large model's keypoints, box area -0.11), it is
+free (the decoder computes it), and it means the same for heatmap and SimCC models (both scores are per-joint
+maxima). `cascade-visible` averages only the joints the small model sees (score above S): the agreement it predicts
+is an OKS over the joints the large model sees, so a joint out of frame or hidden, which both models score low and
+the OKS never counts, should not make a clear person look unsure. On the shared footage (68 persons, picodet boxes
+at score >= 0.3) it ranks disagreement better than the mean (Spearman +0.56 against +0.50, the paired frame-bootstrap
+difference [+0.01, +0.13]; +0.64 against +0.58 over the 214 boxes at score >= 0.1); S = 0.3 is the score above which
+the label-free reference counts a large-model joint as seen (`router.targets.TEACHER_VIS_THR`).
+Measured: `benchmarks/route_agreement.py --signals`; which family wins on your footage: `dynpose-train-router
+--calibrate --unlabelled`.
 
 `toward_large(step)` / `toward_small(step)` move a policy one step towards sending more (fewer) persons to the
 large model, within its family: what the live audit's `--audit-target` does when the measured agreement falls
@@ -52,8 +68,8 @@ from dynpose.errors import DynPoseError
 AREA_STEP = 10.0  # a box area moves by the factor 1 + AREA_STEP * step (see the module doc)
 
 USAGE = (
-    "use all-small | all-large | box:AREA | band:LO,HI | threshold:T | fraction:F | box-threshold:AREA,T | "
-    "cascade:T (e.g. band:0.59,0.69)"
+    "use all-small | all-large | box:AREA | box-below:AREA | band:LO,HI | threshold:T | fraction:F | box-threshold:AREA,T | "
+    "cascade:T | cascade-visible:T,S (e.g. band:0.59,0.69)"
 )
 
 
@@ -61,7 +77,7 @@ class Signal(Enum):
     """What a policy reads before it decides, besides the box."""
 
     ROUTER = "router score"  # score[1] of the router
-    CONFIDENCE = "small-model confidence"  # mean keypoint score of the small model
+    CONFIDENCE = "small-model confidence"  # a statistic of the small model's keypoint scores (`Policy.confidence`)
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,7 @@ class Signals:
 
     areas: np.ndarray  # (N,) box w*h in px²
     router: np.ndarray | None = None  # (N,) router score[1]
-    confidence: np.ndarray | None = None  # (N,) the small model's mean keypoint score
+    confidence: np.ndarray | None = None  # (N,) the small model's confidence (`Policy.confidence`)
 
     def __len__(self) -> int:
         return len(self.areas)
@@ -148,6 +164,11 @@ class Policy(ABC):
         if self.needs_router:
             cost += costs.router - (f * costs.large_crop if costs.shared_crop else 0.0)
         return cost
+
+    def confidence(self, keypoints: np.ndarray) -> np.ndarray:
+        """(n,) the confidence a cascading policy reads from the small model's keypoints (n,K,3): the mean keypoint
+        score unless the family says otherwise; NaN where a score is NaN (a broken answer, which escalates)."""
+        return np.mean(np.asarray(keypoints, dtype=np.float64)[:, :, 2], axis=1)
 
     def _require(self, values: np.ndarray | None, n: int, what: str) -> np.ndarray:
         if values is None:
@@ -227,6 +248,23 @@ class BoxArea(Policy):
 
     def toward_small(self, step: float) -> Policy:
         return BoxArea(_area_up(self.area, step))
+
+
+@dataclass(frozen=True)
+class BoxBelow(Policy):
+    area: float
+
+    def decide(self, signals: Signals) -> Routing:
+        return Routing(np.asarray(signals.areas, dtype=np.float64) < self.area)
+
+    def to_string(self) -> str:
+        return f"box-below:{self.area:g}"
+
+    def toward_large(self, step: float) -> Policy:
+        return BoxBelow(_area_up(self.area, step))  # the bar rises: more boxes fall below it
+
+    def toward_small(self, step: float) -> Policy:
+        return BoxBelow(_area_down(self.area, step))
 
 
 class _RouterPolicy(Policy):
@@ -341,10 +379,21 @@ class BoxThreshold(_RouterPolicy):
 
 @dataclass(frozen=True)
 class Cascade(Policy):
-    """The small model first; persons whose confidence is below `threshold` are run again on the large model."""
+    """The small model first; persons whose confidence is below `threshold` are run again on the large model. The
+    confidence is the mean keypoint score, or with `visible` = S the mean score of the joints scoring above S."""
 
     threshold: float
+    visible: float | None = None
     reads: ClassVar[frozenset[Signal]] = frozenset({Signal.CONFIDENCE})
+
+    def confidence(self, keypoints: np.ndarray) -> np.ndarray:
+        if self.visible is None:
+            return super().confidence(keypoints)
+        s = np.asarray(keypoints, dtype=np.float64)[:, :, 2]
+        seen = s > self.visible
+        count = seen.sum(axis=1)
+        conf = np.where(seen, s, 0.0).sum(axis=1) / np.maximum(count, 1)
+        return np.where(np.isnan(s).any(axis=1), np.nan, conf)
 
     def decide(self, signals: Signals) -> Routing:
         c = self._require(signals.confidence, len(signals), "small-model confidences")
@@ -354,13 +403,15 @@ class Cascade(Policy):
         return Routing(large, int((~ok).sum()))
 
     def to_string(self) -> str:
-        return f"cascade:{self.threshold:g}"
+        if self.visible is None:
+            return f"cascade:{self.threshold:g}"
+        return f"cascade-visible:{self.threshold:g},{self.visible:g}"
 
     def toward_large(self, step: float) -> Policy:
-        return Cascade(_up(self.threshold, step))  # a higher bar for the small model's confidence
+        return Cascade(_up(self.threshold, step), self.visible)  # a higher bar for the small model's confidence
 
     def toward_small(self, step: float) -> Policy:
-        return Cascade(_down(self.threshold, step))
+        return Cascade(_down(self.threshold, step), self.visible)
 
 
 # -- parsing ---------------------------------------------------------------------------------------------------------
@@ -396,6 +447,11 @@ def _band(text: str, arg: str) -> Policy:
     return Band(lo, hi)
 
 
+def _cascade_visible(text: str, arg: str) -> Policy:
+    t, v = _floats(text, arg, 2)
+    return Cascade(_in_range(text, "the confidence threshold", t, 0.0, 1.0), _in_range(text, "the score S", v, 0.0, 1.0))
+
+
 def _box_threshold(text: str, arg: str) -> Policy:
     a, t = _floats(text, arg, 2)
     return BoxThreshold(_area(text, a), t)
@@ -406,11 +462,13 @@ _PARSERS: dict[str, Callable[[str, str], Policy]] = {
     "all-small": lambda text, arg: AllSmall(),
     "all-large": lambda text, arg: AllLarge(),
     "box": lambda text, arg: BoxArea(_area(text, _floats(text, arg, 1)[0])),
+    "box-below": lambda text, arg: BoxBelow(_area(text, _floats(text, arg, 1)[0])),
     "band": _band,
     "threshold": lambda text, arg: Threshold(_floats(text, arg, 1)[0]),
     "fraction": lambda text, arg: Fraction(_in_range(text, "the fraction", _floats(text, arg, 1)[0], 0.0, 1.0)),
     "box-threshold": _box_threshold,
     "cascade": lambda text, arg: Cascade(_in_range(text, "the confidence threshold", _floats(text, arg, 1)[0], 0.0, 1.0)),
+    "cascade-visible": _cascade_visible,
 }
 KINDS = tuple(_PARSERS)
 
