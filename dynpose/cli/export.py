@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,10 +13,11 @@ import click
 from dynpose.cli.common import check_finite, setup_logging, sigterm_as_interrupt, user_errors, version_option
 from dynpose.engines.manifest import Entry
 from dynpose.errors import DynPoseError
-from dynpose.roles import Role
+from dynpose.roles import MODEL_ROLES, Role
 
 if TYPE_CHECKING:
     from dynpose.export.calibration.crops import CalibSpec
+    from dynpose.export.options import ExportOptions
 
 EXAMPLES = """
 \b
@@ -38,20 +40,62 @@ Examples:
 """
 
 
-def _calib_spec(
-    ann: str | None,
-    dets: str | None,
-    images: str | None,
-    root: str | None,
-    gate_ann: str | None,
-    method: str,
-    target: str | None,
-    max_crops: int,
-) -> CalibSpec | None:
+@dataclass(frozen=True)
+class ExportFlags:
+    """dynpose-export's flags, as click parses them."""
+
+    model: str | None
+    onnx_file: str | None
+    card_file: str | None
+    checkpoints: tuple[str, ...]
+    small_name: str | None
+    large_name: str | None
+    weights: str | None
+    trust_checkpoint: bool
+    precision: str
+    calib_ann: str | None
+    calib_dets: str | None
+    calib_images: str | None
+    calib_root: str | None
+    gate_ann: str | None
+    calib_method: str
+    calib_max_crops: int
+    int8_target: str | None
+    role: str | None
+    fmt: str
+    max_batch: int
+    opt_batch: int | None
+    opt_level: int
+    min_oks: float
+    engine_dir: str
+    no_costs: bool
+    quiet: bool
+    detector: str | None
+
+    def options(self) -> ExportOptions:
+        """The export's one options object (checked as it is used: `ExportOptions.check`)."""
+        from dynpose.export.options import ExportOptions
+
+        check_finite("--min-oks", self.min_oks, 0.0, 1.0)
+        return ExportOptions(
+            precision=self.precision,
+            fmt=self.fmt,
+            max_batch=self.max_batch,
+            calib=_calib_spec(self),
+            min_oks=self.min_oks,
+            trust_pickle=self.trust_checkpoint,
+            progress=not self.quiet,
+            opt_batch=self.opt_batch,
+            opt_level=self.opt_level,
+        )
+
+
+def _calib_spec(f: ExportFlags) -> CalibSpec | None:
     """The calibration spec the --calib-* options describe; with only --gate-ann, a spec holding just the gate file
     (fp16 and fp32 checks judge on its persons; INT8 still needs calibration data); None without either."""
     from dynpose.export.calibration.crops import CalibSpec, Source
 
+    root, ann, dets, images, gate_ann = f.calib_root, f.calib_ann, f.calib_dets, f.calib_images, f.gate_ann
     if root is None and ann is None and dets is None:
         if gate_ann is None:
             return None
@@ -70,7 +114,7 @@ def _calib_spec(
             sources.append(Source("dets", Path(dets), Path(images)))
         spec = CalibSpec(sources=sources)
     spec.gate_ann = Path(gate_ann) if gate_ann else None
-    spec.method, spec.target, spec.max_crops = method, target, max_crops
+    spec.method, spec.target, spec.max_crops = f.calib_method, f.int8_target, f.calib_max_crops
     spec.validate()
     return spec
 
@@ -124,7 +168,7 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
     for e in entries:
         t.add_row(e.role, e.file, e.format, e.precision, f"{e.size / 2**20:.1f} MiB", _check_figure(e))
     Console(width=None if sys.stdout.isatty() else 160).print(t)  # a log keeps whole file names
-    if any(e.role == "router" for e in entries):
+    if any(e.role == Role.ROUTER for e in entries):
         from dynpose.engines.manifest import Manifest
 
         Console(highlight=False).print(f"default route: {Manifest.load(engine_dir, verify=False).route}")
@@ -195,7 +239,7 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
 )
 @click.option(
     "--role",
-    type=click.Choice(["router", "small", "large"]),
+    type=click.Choice([r.value for r in MODEL_ROLES]),
     help="Role in the engine dir (default: router for router, large for hrnet_*, small otherwise; required with --onnx).",
 )
 @click.option(
@@ -229,85 +273,43 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
 @click.option("--quiet", is_flag=True, help="No progress lines (warnings still show), only the summary table.")
 @click.option(
     "--detector",
-    "detector",
     type=click.Path(path_type=str),
     default=None,
     help="Register an ONNX person detector (PicoDet, YOLOv5/v8 layouts) as the engine dir's detector.",
 )
 @user_errors
-def main(
-    model: str | None,
-    onnx_file: str | None,
-    card_file: str | None,
-    checkpoints: tuple[str, ...],
-    small_name: str | None,
-    large_name: str | None,
-    weights: str | None,
-    trust_checkpoint: bool,
-    precision: str,
-    calib_ann: str | None,
-    calib_dets: str | None,
-    calib_images: str | None,
-    calib_root: str | None,
-    gate_ann: str | None,
-    calib_method: str,
-    calib_max_crops: int,
-    int8_target: str | None,
-    role: str | None,
-    fmt: str,
-    max_batch: int,
-    opt_batch: int | None,
-    opt_level: int,
-    min_oks: float,
-    engine_dir: str,
-    no_costs: bool,
-    quiet: bool,
-    detector: str | None,
-) -> None:
+def main(**flags: Any) -> None:
     """Export pose models to ONNX (fp32/fp16/INT8 Q/DQ), TensorRT or OpenVINO (fp32/bf16/INT8/auto), verify them,
     and record them in the engine directory's manifest.json."""
-    setup_logging(quiet)
-    if sum(x is not None for x in (model, onnx_file, detector)) != 1:
+    f = ExportFlags(**{**flags, "checkpoints": tuple(flags["checkpoints"])})
+    setup_logging(f.quiet)
+    if sum(x is not None for x in (f.model, f.onnx_file, f.detector)) != 1:
         raise DynPoseError(
             "pass exactly one of --model NAME (zoo), --onnx FILE --card CARD.json (your pose model) or "
             "--detector FILE.onnx (a person detector)"
         )
-    engine = Path(engine_dir)
+    engine = Path(f.engine_dir)
     # SIGTERM as Ctrl-C: the staging folder is removed on the way out and the engine dir keeps its old state.
     with sigterm_as_interrupt():
         try:
-            if detector is not None:
-                from dynpose.export.api import register_detector
-
-                entries = register_detector(detector, engine, progress=not quiet)
-            else:
-                check_finite("--min-oks", min_oks, 0.0, 1.0)
-                calib = _calib_spec(
-                    calib_ann, calib_dets, calib_images, calib_root, gate_ann, calib_method, int8_target, calib_max_crops
-                )
-                common: dict[str, Any] = {
-                    "precision": precision,
-                    "max_batch": max_batch,
-                    "calib": calib,
-                    "min_oks": min_oks,
-                    "fmt": fmt,
-                    "progress": not quiet,
-                    "opt_batch": opt_batch,
-                    "opt_level": opt_level,
-                }
-                if onnx_file is not None:
-                    entries = _register_user_onnx(onnx_file, card_file, role, bool(checkpoints or weights), engine, common)
-                else:
-                    assert model is not None  # exactly one of the three is given
-                    pair = {r: n for r, n in (("small", small_name), ("large", large_name)) if n}
-                    if pair and model != "all":
-                        raise DynPoseError("--small/--large choose the pair of --model all")
-                    entries = _export_zoo(model, checkpoints, weights, role, trust_checkpoint, engine, common, pair)
+            entries = _export(f, engine)
         except KeyboardInterrupt:
             raise DynPoseError(f"interrupted: the engine dir {engine} was left as it was") from None
     _summary(entries, engine)
-    if not no_costs and detector is None:
-        _store_costs(engine, fmt)
+    if not f.no_costs and f.detector is None:
+        _store_costs(engine, f.fmt)
+
+
+def _export(f: ExportFlags, engine: Path) -> list[Entry]:
+    """The one export the flags ask for: a detector, the user's ONNX, or zoo models."""
+    if f.detector is not None:
+        from dynpose.export.api import register_detector
+
+        return register_detector(f.detector, engine, progress=not f.quiet)
+    options = f.options()
+    if f.onnx_file is not None:
+        return _register_user_onnx(f, engine, options)
+    return _export_zoo(f, engine, options)
 
 
 def _store_costs(engine: Path, fmt: str) -> None:
@@ -327,52 +329,42 @@ def _store_costs(engine: Path, fmt: str) -> None:
         click.echo(line)
 
 
-def _register_user_onnx(
-    onnx_file: str, card_file: str | None, role: str | None, zoo_weights: bool, engine: Path, common: dict[str, Any]
-) -> list[Entry]:
+def _register_user_onnx(f: ExportFlags, engine: Path, options: ExportOptions) -> list[Entry]:
     from dynpose.export.api import register_onnx
     from dynpose.models.card import ModelCard
 
-    if card_file is None:
+    if f.card_file is None:
         raise DynPoseError("--onnx needs --card CARD.json describing its input and keypoints")
-    if role is None:
+    if f.role is None:
         raise DynPoseError("--onnx needs --role router|small|large")
-    if zoo_weights:
+    if f.checkpoints or f.weights:
         raise DynPoseError("--checkpoint/--weights apply to zoo models, not to --onnx")
-    return register_onnx(onnx_file, ModelCard.from_json_file(card_file), engine, role=role, **common)
+    assert f.onnx_file is not None
+    return register_onnx(f.onnx_file, ModelCard.from_json_file(f.card_file), engine, options, role=f.role)
 
 
-def _export_zoo(
-    model: str,
-    checkpoints: tuple[str, ...],
-    weights: str | None,
-    role: str | None,
-    trust: bool,
-    engine: Path,
-    common: dict[str, Any],
-    pair: dict[str, str],
-) -> list[Entry]:
+def _export_zoo(f: ExportFlags, engine: Path, options: ExportOptions) -> list[Entry]:
     from dynpose.export.api import export_model
 
-    if checkpoints and weights:
+    assert f.model is not None  # exactly one of --model, --onnx, --detector is given
+    if (f.small_name or f.large_name) and f.model != "all":
+        raise DynPoseError("--small/--large choose the pair of --model all")
+    if f.checkpoints and f.weights:
         raise DynPoseError("pass --checkpoint or --weights random, not both")
-    if not checkpoints and not weights:
+    if not f.checkpoints and not f.weights:
         raise DynPoseError("pass --checkpoint PATH|URL|mmpose|official, or --weights random for untrained weights")
-    for c in checkpoints:
+    for c in f.checkpoints:
         _check_source(c.partition("=")[2] if _is_role_pair(c) else c)
-    if model == "all":
-        return _export_set(checkpoints, role, trust, engine, common, pair)
-    if len(checkpoints) > 1 or any(_is_role_pair(c) for c in checkpoints):
+    if f.model == "all":
+        return _export_set(f, engine, options)
+    if len(f.checkpoints) > 1 or any(_is_role_pair(c) for c in f.checkpoints):
         raise DynPoseError("ROLE=FILE checkpoints are for --model all; one model takes one --checkpoint")
-    source = checkpoints[0] if checkpoints else "random"
-    return export_model(model, engine, role=role, weights=source, trust_pickle=trust, **common)
-
-
-ROLES_ALL = ("router", "small", "large")
+    source = f.checkpoints[0] if f.checkpoints else "random"
+    return export_model(f.model, engine, options, role=f.role, weights=source)
 
 
 def _is_role_pair(text: str) -> bool:
-    return text.partition("=")[0] in ROLES_ALL and "=" in text
+    return "=" in text and text.partition("=")[0] in MODEL_ROLES
 
 
 def _check_source(source: str) -> None:
@@ -385,27 +377,29 @@ def _check_source(source: str) -> None:
     )
 
 
-def _export_set(
-    checkpoints: tuple[str, ...], role: str | None, trust: bool, engine: Path, common: dict[str, Any], pair: dict[str, str]
-) -> list[Entry]:
+def _export_set(f: ExportFlags, engine: Path, options: ExportOptions) -> list[Entry]:
     """--model all: the router and the --small/--large pair, each role's weights from `--checkpoint ROLE=SOURCE` or
     one alias for the whole set (the router's release has its own alias: `dynpose`)."""
     from dynpose.export.api import export_all
 
-    if role:
+    if f.role:
         raise DynPoseError("--role does not apply to --model all (it exports the router, --small and --large)")
-    pairs = dict(c.split("=", 1) for c in checkpoints if _is_role_pair(c))
-    aliases = [c for c in checkpoints if not _is_role_pair(c)]
+    pairs = {
+        Role.parse(r, "--checkpoint"): src for r, _, src in (c.partition("=") for c in f.checkpoints if _is_role_pair(c))
+    }
+    aliases = [c for c in f.checkpoints if not _is_role_pair(c)]
     if len(aliases) > 1 or (aliases and not re.fullmatch(r"[A-Za-z][\w-]*", aliases[0])):
         raise DynPoseError(
             "--model all takes one alias for the whole set (--checkpoint mmpose) or one file per role: --checkpoint "
             "small=res50.pth --checkpoint large=hrnet.pth [--checkpoint router=router.pth]"
         )
-    wmap: dict[str, str] = {}
+    weights: dict[Role, str] = {}
     if aliases:
-        wmap = {"small": aliases[0], "large": aliases[0], "router": "official" if aliases[0] == "official" else "dynpose"}
-    wmap.update(pairs)
-    return export_all(engine, models=pair, weights=wmap, trust_pickle=trust, **common)
+        router_alias = "official" if aliases[0] == "official" else "dynpose"
+        weights = {Role.SMALL: aliases[0], Role.LARGE: aliases[0], Role.ROUTER: router_alias}
+    weights.update(pairs)
+    pair = {r: n for r, n in ((Role.SMALL, f.small_name), (Role.LARGE, f.large_name)) if n}
+    return export_all(engine, options, models=pair, weights=weights)
 
 
 if __name__ == "__main__":

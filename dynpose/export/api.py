@@ -12,36 +12,32 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dynpose.engines.manifest import PRECISIONS, ROLES, Entry, tool_versions
+from dynpose.engines.manifest import Entry, tool_versions
 from dynpose.errors import DynPoseError
-from dynpose.export.calibration.crops import NEEDS_CALIB, CalibSpec, CropSet
+from dynpose.export.calibration.crops import CalibSpec, CropSet
 from dynpose.export.calibration.quantize import Int8Options
 from dynpose.export.commit import commit, existing_manifest, staging
 from dynpose.export.judges import Check, Judge, judge_for
+from dynpose.export.options import ExportOptions
 from dynpose.export.route import ROUTER_WEIGHTS, UNTUNED_ROUTE, default_route
 from dynpose.export.steps import OpenVinoOptions, PlanOptions, adopt_onnx, to_fp16, to_int8, to_onnx, to_openvino, to_plan
 from dynpose.export.verify import gate_crops
 from dynpose.fileio import sha256_file
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import check_onnx, io_names, load_onnx, opset_of
-from dynpose.roles import Role
+from dynpose.roles import MODEL_ROLES, POSE_ROLES, Role
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tensorrt", "openvino")
-# Precisions only an OpenVINO export makes: bf16 (a CPU inference precision), auto (the fastest that passes the gate).
-OPENVINO_ONLY = ("bf16", "auto")
-EXPORT_ROLES = ("router", "small", "large")
-# The DynPose set: (zoo name, role).
 # The DynPose set: role -> zoo name (the paper's pair; `export_all(models=...)` takes any two zoo pose models with
 # the same keypoint set).
-DYNPOSE_SET = {"router": "router", "small": "resnet_50", "large": "hrnet_w32"}
+DYNPOSE_SET = {Role.ROUTER: Role.ROUTER.value, Role.SMALL: "resnet_50", Role.LARGE: "hrnet_w32"}
 
 
 # Zoo families exported as the large model unless --role says otherwise: the accurate, costly ones (HRNet and
@@ -50,48 +46,15 @@ DYNPOSE_SET = {"router": "router", "small": "resnet_50", "large": "hrnet_w32"}
 LARGE_FAMILIES = ("hrnet", "simdr_hrnet", "hourglass", "dpn", "rtmpose_m", "rtmpose_l", "vitpose")
 
 
-def default_role(name: str) -> str:
+def default_role(name: str) -> Role:
     """router for the router; large for hrnet_*, simdr_hrnet_*, hourglass_*, dpn, rtmpose_m*, rtmpose_l* and
     vitpose_*; small for resnet_*, lpn_*, rtmpose_t, rtmpose_s and everything else. An explicit role
     (`export_model(role=...)`, `--role`) overrides it."""
-    if name == "router" or name.endswith("router"):
-        return "router"
+    if name == Role.ROUTER or name.endswith(Role.ROUTER.value):
+        return Role.ROUTER
     if any(name == f or name.startswith(f + "_") for f in LARGE_FAMILIES):
-        return "large"
-    return "small"
-
-
-def _check_args(role: str, precision: str, fmt: str, max_batch: int) -> None:
-    if role not in EXPORT_ROLES:
-        raise DynPoseError(f"role {role!r}: use one of {EXPORT_ROLES}")
-    if precision not in (*PRECISIONS, "auto"):
-        raise DynPoseError(f"precision {precision!r}: use one of {(*PRECISIONS, 'auto')}")
-    if fmt not in FORMATS:
-        raise DynPoseError(f"format {fmt!r}: use one of {FORMATS}")
-    if precision in OPENVINO_ONLY and fmt != "openvino":
-        raise DynPoseError(
-            f"--precision {precision} is made by the OpenVINO export only (a CPU inference precision / the fastest "
-            "precision on this machine); add --format openvino"
-        )
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise DynPoseError(f"max batch {max_batch!r}: must be an integer >= 1")
-
-
-def _check_machine(fmt: str, precision: str) -> None:
-    """Before anything is exported: an OpenVINO export needs openvino, and bf16/fp16 a CPU with those instructions
-    (one line each)."""
-    if fmt == "openvino":
-        from dynpose.runtime.backends.openvino import cpu_info, require_precision
-
-        info = cpu_info()
-        if precision not in ("auto", "int8"):
-            require_precision(precision, info)
-
-
-def _require_calib(precision: str, calib: CalibSpec | None) -> None:
-    # A spec with only a gate file (fp16's accuracy gate) has nothing to calibrate on.
-    if precision == "int8" and (calib is None or not calib.sources):
-        raise DynPoseError(NEEDS_CALIB)
+        return Role.LARGE
+    return Role.SMALL
 
 
 @dataclass(frozen=True)
@@ -99,17 +62,36 @@ class _Job:
     """One model's export as the public call describes it: where, under which role and name, and how."""
 
     engine_dir: Path
-    role: str
+    role: Role
     model: str
     card: ModelCard
-    precision: str
-    fmt: str
-    calib: CalibSpec | None
-    min_oks: float
-    max_batch: int
+    options: ExportOptions
     checkpoint_sha: str | None
-    plan: PlanOptions
     router_weights: str = "checkpoint"
+
+    @property
+    def precision(self) -> str:
+        return self.options.precision
+
+    @property
+    def fmt(self) -> str:
+        return self.options.fmt
+
+    @property
+    def calib(self) -> CalibSpec | None:
+        return self.options.calib
+
+    @property
+    def min_oks(self) -> float:
+        return self.options.min_oks
+
+    @property
+    def max_batch(self) -> int:
+        return self.options.max_batch
+
+    @property
+    def plan(self) -> PlanOptions:
+        return self.options.plan(self.engine_dir)
 
     def entry(self, file: str, fmt: str, precision: str, checks: dict[str, Any], io: tuple[str, str], **kw: Any) -> Entry:
         """A manifest entry of this job with `io` = (input, output) names (size and hash are filled in by `commit`)."""
@@ -135,7 +117,7 @@ def _judge(job: _Job) -> Judge:
     """The judge of a lower precision: keypoint OKS for a pose model, routing decisions for a router (under the route
     the engine dir will have once it is in, as `commit` sets it)."""
     route = None
-    if job.card.task == "router":
+    if job.card.task == Role.ROUTER:
         route, _ = default_route(existing_manifest(job.engine_dir), job.router_weights)
     return judge_for(job.card, job.min_oks, route)
 
@@ -201,25 +183,21 @@ def register_onnx(
     onnx_path: str | os.PathLike,
     card: ModelCard,
     engine_dir: str | os.PathLike,
+    options: ExportOptions | None = None,
     *,
-    role: str,
-    precision: str = "fp32",
-    calib: CalibSpec | None = None,
-    min_oks: float = 0.95,
-    fmt: str = "onnx",
-    max_batch: int = 64,
-    progress: bool = True,
-    opt_batch: int | None = None,
-    opt_level: int = 3,
+    role: Role | str,
+    **fields: Any,
 ) -> list[Entry]:
-    """Register a user's ONNX heatmap model (names in its graph are kept and recorded) under `role`.
+    """Register a user's ONNX heatmap model (names in its graph are kept and recorded) under `role`; `options` (or
+    its fields as keywords) say how (`ExportOptions`).
 
     The file is checked (onnx.checker, single input matching the card, dynamic batch: batch 5 == 5 x batch 1, finite
     outputs on real crops), copied in as `<role>.onnx` with the card in its metadata, and for fp16/int8 converted
     and checked against itself in fp32. Returns the manifest entries written.
     """
-    _check_args(role, precision, fmt, max_batch)
-    _check_machine(fmt, precision)
+    opts = ExportOptions.of(options, fields)
+    role = Role.parse(role, "register_onnx role")
+    opts.check(role)
     if not isinstance(card, ModelCard):
         raise DynPoseError("register_onnx needs a ModelCard (ModelCard.from_json_file(path))")
     src = Path(onnx_path)
@@ -228,23 +206,10 @@ def register_onnx(
     if opset_of(model) < 13:
         raise DynPoseError(f"user ONNX model {src}: opset {opset_of(model)} is too old; re-export it with opset >= 17")
     io_names(model, f"user ONNX model {src}")
-    _require_calib(precision, calib)
-    job = _Job(
-        engine_dir=Path(engine_dir),
-        role=role,
-        model=card.name,
-        card=card,
-        precision=precision,
-        fmt=fmt,
-        calib=calib,
-        min_oks=min_oks,
-        max_batch=max_batch,
-        checkpoint_sha=sha256_file(src),
-        plan=PlanOptions(opt_batch, opt_level, Path(engine_dir) / "timing.cache", progress),
-    )
+    job = _Job(Path(engine_dir), role, card.name, card, opts, sha256_file(src))
     with staging(engine_dir) as stage:
-        gate = gate_crops(card, calib)
-        fp32, check = adopt_onnx(model, stage / f"{role}.onnx", card, gate[0], source=src, role=role)
+        gate = gate_crops(card, opts.calib)
+        fp32, check = adopt_onnx(model, stage / f"{role.value}.onnx", card, gate[0], source=src, role=role.value)
         return _finish(stage, job, fp32, check.require(), gate, [])
 
 
@@ -263,124 +228,82 @@ def _zoo_model(name: str, weights: str, trust_pickle: bool) -> Any:
 def export_model(
     name: str,
     engine_dir: str | os.PathLike,
+    options: ExportOptions | None = None,
     *,
-    role: str | None = None,
+    role: Role | str | None = None,
     weights: str = "random",
-    precision: str = "fp32",
-    max_batch: int = 64,
-    calib: CalibSpec | None = None,
-    min_oks: float = 0.95,
-    fmt: str = "onnx",
-    trust_pickle: bool = False,
-    progress: bool = True,
-    opt_batch: int | None = None,
-    opt_level: int = 3,
     router_weights: str | None = None,
+    **fields: Any,
 ) -> list[Entry]:
-    """Export zoo model `name` (weights: "random", a path, URL or alias) to ONNX + a `torch` state_dict entry.
+    """Export zoo model `name` (weights: "random", a path, URL or alias) to ONNX + a `torch` state_dict entry;
+    `options` (or its fields as keywords) say how (`ExportOptions`).
 
     For the router, `router_weights` ("random", "checkpoint" or "trained"; default from `weights`) sets the engine
-    dir's default route (`default_route`); fp16/int8 routers are gated on routing decisions (`--min-oks` is then the
+    dir's default route (`default_route`); fp16/int8 routers are gated on routing decisions (`min_oks` is then the
     decision agreement with fp32)."""
     import torch
 
-    role = role or default_role(name)
-    _check_args(role, precision, fmt, max_batch)
-    _check_machine(fmt, precision)
+    opts = ExportOptions.of(options, fields)
+    role = Role.parse(role, "export_model role") if role is not None else default_role(name)
+    opts.check(role)
     router_weights = router_weights or ("random" if weights == "random" else "checkpoint")
     if router_weights not in ROUTER_WEIGHTS:
         raise DynPoseError(f"router weights kind {router_weights!r}: use one of {ROUTER_WEIGHTS}")
-    _require_calib(precision, calib)
-    model = _zoo_model(name, weights, trust_pickle)
+    model = _zoo_model(name, weights, opts.trust_pickle)
     checkpoint = getattr(model, "checkpoint", None)
-    job = _Job(
-        engine_dir=Path(engine_dir),
-        role=role,
-        model=name,
-        card=model.card,
-        precision=precision,
-        fmt=fmt,
-        calib=calib,
-        min_oks=min_oks,
-        max_batch=max_batch,
-        checkpoint_sha=checkpoint.sha256 if checkpoint is not None else None,
-        plan=PlanOptions(opt_batch, opt_level, Path(engine_dir) / "timing.cache", progress),
-        router_weights=router_weights,
-    )
+    sha = checkpoint.sha256 if checkpoint is not None else None
+    job = _Job(Path(engine_dir), role, name, model.card, opts, sha, router_weights)
     with staging(engine_dir) as stage:
-        gate = gate_crops(job.card, calib)
-        fp32, check = to_onnx(model, stage / f"{role}.onnx", job.card, gate[0])
+        gate = gate_crops(job.card, opts.calib)
+        fp32, check = to_onnx(model, stage / f"{role.value}.onnx", job.card, gate[0])
         check.require()
-        torch.save(model.state_dict(), stage / f"{role}.pt")
-        torch_entry = job.entry(f"{role}.pt", "torch", "fp32", check.figures, ("input", "output"))
+        torch.save(model.state_dict(), stage / f"{role.value}.pt")
+        torch_entry = job.entry(f"{role.value}.pt", "torch", "fp32", check.figures, ("input", "output"))
         return _finish(stage, job, fp32, check, gate, [torch_entry])
 
 
 def export_all(
     engine_dir: str | os.PathLike,
+    options: ExportOptions | None = None,
     *,
-    models: dict[str, str] | None = None,
-    weights: dict[str, str] | None = None,
-    precision: str = "fp32",
-    max_batch: int = 64,
-    calib: CalibSpec | None = None,
-    min_oks: float = 0.95,
-    fmt: str = "onnx",
-    trust_pickle: bool = False,
-    progress: bool = True,
-    opt_batch: int | None = None,
-    opt_level: int = 3,
+    models: dict[Role, str] | None = None,
+    weights: dict[Role, str] | None = None,
+    **fields: Any,
 ) -> list[Entry]:
     """A whole DynPose set: the router and a small/large pair (default `DYNPOSE_SET`: resnet_50 small, hrnet_w32
     large). The router is always fp32: at 0.85 M parameters a lower precision saves nothing worth a routing change
     (`export_model("router", precision=...)` does it).
 
-    models: role -> zoo name, overriding the default pair (e.g. {"small": "lpn_50"}); any two zoo pose models with
+    models: role -> zoo name, overriding the default pair (e.g. {Role.SMALL: "lpn_50"}); any two zoo pose models with
     the same keypoint set make a pair, whatever their input sizes or decoders. weights: role -> weights source (path,
     URL or alias); missing roles get random weights (seeded: the same file every time)."""
-    _require_calib(precision, calib)  # before the router is exported, not after
-    _check_args(Role.SMALL, precision, fmt, max_batch)
-    _check_machine(fmt, precision)
-    chosen = {**DYNPOSE_SET, **(models or {})}
+    opts = ExportOptions.of(options, fields)
+    opts.check(Role.SMALL)  # before the router is exported, not after
+    chosen = {**DYNPOSE_SET, **{Role.parse(r, "export_all models"): n for r, n in (models or {}).items()}}
     _check_pair(chosen)
-    weights = weights or {}
+    weights = {Role.parse(r, "export_all weights"): w for r, w in (weights or {}).items()}
     out: list[Entry] = []
-    for role in ("router", "small", "large"):
-        out += export_model(
-            chosen[role],
-            engine_dir,
-            role=role,
-            weights=weights.get(role, "random"),
-            precision="fp32" if role == "router" else precision,
-            max_batch=max_batch,
-            calib=calib,
-            min_oks=min_oks,
-            fmt=fmt,
-            trust_pickle=trust_pickle,
-            progress=progress,
-            opt_batch=opt_batch,
-            opt_level=opt_level,
-        )
+    for role in MODEL_ROLES:
+        role_opts = replace(opts, precision="fp32") if role is Role.ROUTER else opts
+        out += export_model(chosen[role], engine_dir, role_opts, role=role, weights=weights.get(role, "random"))
     return out
 
 
-def _check_pair(models: dict[str, str]) -> None:
+def _check_pair(models: dict[Role, str]) -> None:
     """Refuse a pair that cannot be routed between, before anything is exported."""
     from dynpose.models import get_card
 
-    unknown = sorted(set(models) - set(DYNPOSE_SET))
-    if unknown:
-        raise DynPoseError(f"export_all: unknown role(s) {unknown}; use router, small, large")
     cards = {role: get_card(name) for role, name in models.items()}
-    if cards["router"].task != "router":
-        raise DynPoseError(f"--model all: {models['router']!r} is not a router")
-    for role in ("small", "large"):
+    if cards[Role.ROUTER].task != Role.ROUTER:
+        raise DynPoseError(f"--model all: {models[Role.ROUTER]!r} is not a router")
+    for role in POSE_ROLES:
         if cards[role].task != "pose":
-            raise DynPoseError(f"--{role} {models[role]!r}: not a pose model")
-    if cards["small"].keypoints != cards["large"].keypoints:
+            raise DynPoseError(f"--{role.value} {models[role]!r}: not a pose model")
+    small, large = Role.SMALL, Role.LARGE
+    if cards[small].keypoints != cards[large].keypoints:
         raise DynPoseError(
-            f"--small {models['small']} predicts {cards['small'].keypoints} but --large {models['large']} predicts "
-            f"{cards['large'].keypoints}; a pair needs the same keypoint set"
+            f"--small {models[small]} predicts {cards[small].keypoints} but --large {models[large]} predicts "
+            f"{cards[large].keypoints}; a pair needs the same keypoint set"
         )
 
 
@@ -394,18 +317,19 @@ def register_detector(onnx_path: str | os.PathLike, engine_dir: str | os.PathLik
     from dynpose.runtime.detector import OnnxDetector
 
     src = Path(onnx_path)
-    check_onnx(load_onnx(src, "detector"), f"detector {src}")
+    check_onnx(load_onnx(src, Role.DETECTOR.value), f"detector {src}")
     det = OnnxDetector(src)
     h, w = det.input_hw
     det(np.full((h, w, 3), 114, dtype=np.uint8))  # one real run: shapes and layout work end to end
     log.info("detector %s: %s layout, input %dx%d", src.name, det.layout, w, h)
-    card = ModelCard(name=src.stem, input_width=w, input_height=h, task="detector", arch="onnx")
+    card = ModelCard(name=src.stem, input_width=w, input_height=h, task=Role.DETECTOR.value, arch="onnx")
+    file = f"{Role.DETECTOR.value}.onnx"
     with staging(engine_dir) as stage:
-        shutil.copyfile(src, stage / "detector.onnx")
+        shutil.copyfile(src, stage / file)
         entry = Entry(
-            role="detector",
+            role=Role.DETECTOR,
             model=src.stem,
-            file="detector.onnx",
+            file=file,
             format="onnx",
             precision="fp32",
             card=card,
@@ -423,7 +347,7 @@ def register_detector(onnx_path: str | os.PathLike, engine_dir: str | os.PathLik
 __all__ = [
     "CalibSpec",
     "DYNPOSE_SET",
-    "ROLES",
+    "ExportOptions",
     "ROUTER_WEIGHTS",
     "UNTUNED_ROUTE",
     "commit",
