@@ -9,8 +9,9 @@ registered into one engine dir per precision with `dynpose.export.api.register_o
 int8: its INT8 quantization, calibrated on the MPII / CrowdPose / ExLPose sample images and gated on the COCO
 images), plus the DynPose router (random weights, seed 0: no trained router checkpoint is available here, so the
 DynPose rows show what routing a given share of crops costs, not what a trained router saves). The annotated persons
-of the COCO sample (>= 1 labelled keypoint) are cropped from their GT boxes, run through the Dispatcher in one call
-per configuration (policy all-large, all-small, fraction:F), scored as MMPose does (box score 1 x mean keypoint
+of the COCO sample (>= 1 labelled keypoint) are cropped from their GT boxes, run as one plan per configuration
+(`runtime.plan.make_plan`, policy all-large, all-small, fraction:F) on the local executor (`runtime.execute`: a
+worker per model), scored as MMPose does (box score 1 x mean keypoint
 score above 0.2) and evaluated with `dynpose.eval.coco.evaluate_results` (pycocotools). The sample has 4 images and
 12 persons, so AP moves in coarse steps: this table checks that precision and routing behave, it is not a benchmark
 of the models.
@@ -58,10 +59,12 @@ def build_engine_dir(engine_dir: Path, precision: str, shared: Path) -> None:
     import torch
 
     from dynpose.export.api import export_model, register_onnx
+    from dynpose.roles import Role
 
     models = shared / "models"
     calib = calib_spec(shared) if precision == "int8" else None
-    for role, name, (w, h) in (("small", "tinypose_128x96.onnx", (96, 128)), ("large", "tinypose_256x192.onnx", (192, 256))):
+    pair = ((Role.SMALL, "tinypose_128x96.onnx", (96, 128)), (Role.LARGE, "tinypose_256x192.onnx", (192, 256)))
+    for role, name, (w, h) in pair:
         # The export's default accuracy gate (mean OKS >= 0.95 vs fp32 on the COCO persons) is on: the INT8
         # column shows what `dynpose-export --precision int8` actually ships (sensitive layers kept in fp32).
         register_onnx(
@@ -83,11 +86,12 @@ def build_engine_dir(engine_dir: Path, precision: str, shared: Path) -> None:
 def lowering_notes(engine_dir: Path, precision: str) -> list[str]:
     """What the export recorded about the fp16/int8 models (agreement with fp32 on held-out crops)."""
     from dynpose.engines.manifest import Manifest
+    from dynpose.roles import POSE_ROLES
 
     out = []
     for e in Manifest.load(engine_dir, verify=False).entries:
         c = e.checks
-        if e.role in ("small", "large") and e.format == "onnx" and f"{precision}_oks" in c:
+        if e.role in POSE_ROLES and e.format == "onnx" and f"{precision}_oks" in c:
             extra = ""
             if precision == "int8":
                 extra = f", {c.get('int8_quantized_layers', '?')} layers quantized, {c.get('int8_method', '?')} calibration"
@@ -100,44 +104,51 @@ def lowering_notes(engine_dir: Path, precision: str) -> list[str]:
 
 def evaluate_engine_dir(engine_dir: Path, precision: str, fractions: list[float], shared: Path) -> dict[str, float]:
     """config name -> COCO AP on the sample's GT boxes."""
-    from dynpose.runtime.dispatcher import Dispatcher
-
     from dynpose.data import gt_boxes, load_coco, resolve_image
     from dynpose.eval.coco import evaluate_results
-    from dynpose.io.sources import read_image
-    from dynpose.runtime.engine_set import EngineSet
+    from dynpose.io.sources import decode_image
+    from dynpose.roles import Role
+    from dynpose.runtime.boxes import Boxes
+    from dynpose.runtime.engine_set import EngineSet, LoadOptions
+    from dynpose.runtime.execute import LocalExecutor, execute
+    from dynpose.runtime.model import CropModel
+    from dynpose.runtime.plan import FrameInput, make_plan
+    from dynpose.runtime.policy import parse_policy
     from dynpose.runtime.postprocess import rescore
 
     gt = shared / "data" / "coco" / "test_coco.json"
     ds = load_coco(gt)
     persons = gt_boxes(ds, min_keypoints=1)
     ids = sorted({iid for iid, _, _ in persons})
-    images = [read_image(resolve_image(gt.parent, ds.images[i].file_name)) for i in ids]
+    images = [decode_image(resolve_image(gt.parent, ds.images[i].file_name)) for i in ids]
     boxes = [np.asarray([b for iid, b, _ in persons if iid == i]) for i in ids]
-    engines = EngineSet.load(engine_dir, "ort", "cpu")
-    got = {e.precision for role, e in engines.entries.items() if role != "router"}
-    assert got == {precision}, f"{engine_dir} holds {got} pose models, expected {precision}"
+    frames = [FrameInput(im, Boxes.of(b, im.shape)) for im, b in zip(images, boxes, strict=True)]
     policies = {"large only": "all-large", "small only": "all-small"}
     policies.update({f"DynPose {f:.0%} large": f"fraction:{f:g}" for f in fractions})
     out: dict[str, float] = {}
-    try:
-        for name, pol in policies.items():
-            with Dispatcher(*engines.pose_models, router=engines.router, policy=pol) as d:
-                r = d.run(images, boxes)
-            scores = rescore(r.keypoints, np.ones(len(r.keypoints)))
-            frame_ids = np.asarray(ids)[r.frame_index]
-            results = [
-                {
-                    "image_id": int(frame_ids[i]),
-                    "category_id": 1,
-                    "score": float(scores[i]),
-                    "keypoints": r.keypoints[i].astype(float).ravel().tolist(),
-                }
-                for i in range(len(scores))
-            ]
-            out[name] = evaluate_results(results, gt)["AP"]
-    finally:
-        engines.close()
+    with EngineSet.load(engine_dir, LoadOptions(backend="ort", device="cpu")) as engines:
+        got = {e.precision for role, e in engines.entries.items() if role != Role.ROUTER}
+        assert got == {precision}, f"{engine_dir} holds {got} pose models, expected {precision}"
+        small, large = engines.pose_models
+        models: dict[Role, CropModel] = {Role.SMALL: small, Role.LARGE: large}
+        if engines.router is not None:
+            models[Role.ROUTER] = engines.router
+        cards = {r: m.card for r, m in models.items()}
+        with LocalExecutor(models) as ex:
+            for name, pol in policies.items():
+                r = execute(make_plan(frames, parse_policy(pol), cards), ex)
+                scores = rescore(r.keypoints, np.ones(len(r.keypoints)))
+                frame_ids = np.asarray(ids)[r.frame_index]
+                results = [
+                    {
+                        "image_id": int(frame_ids[i]),
+                        "category_id": 1,
+                        "score": float(scores[i]),
+                        "keypoints": r.keypoints[i].astype(float).ravel().tolist(),
+                    }
+                    for i in range(len(scores))
+                ]
+                out[name] = evaluate_results(results, gt)["AP"]
     return out
 
 

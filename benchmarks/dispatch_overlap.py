@@ -1,12 +1,14 @@
-"""Concurrent vs serial small/large sub-batches: what the Dispatcher's one-worker-per-model design buys on this host.
+"""Concurrent vs serial small/large sub-batches: what the local executor's one-worker-per-model design buys on this
+host.
 
     python benchmarks/dispatch_overlap.py                  # TinyPose pair on CPU, 48 crops, fraction:0.5
     python benchmarks/dispatch_overlap.py --crops 64 --route fraction:0.3 --repeats 7
 
-Both ways use the same crops, the same routing decision and runners built alike (each pose model gets half the
-cores as the Pipeline gives them). "serial" runs small then large on the calling thread; "dispatcher" is
-`Dispatcher.run` (the two workers at once). Each configuration is warmed up once, then they take turns; medians
-are printed with the measured overlap of the two workers' spans.
+Both ways run the same plan (`runtime.plan.make_plan`: the same crops, the same routing decision) on models built
+alike (each pose model gets half the cores as the Pipeline gives them). "serial" walks the plan on the calling
+thread, small then large; "executor" is `runtime.execute.execute` on a `LocalExecutor` (a worker per model, the two
+at once). Each configuration is warmed up once, then they take turns; medians are printed with the measured overlap
+of the two workers' spans.
 """
 
 from __future__ import annotations
@@ -15,12 +17,51 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 
+from dynpose.roles import Role
+from dynpose.runtime.model import CropModel, PoseModel, Router
+from dynpose.runtime.plan import Done, Plan, Work
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+class SerialExecutor:
+    """Runs a plan's work on the calling thread, one piece after the other (what the workers do, in turn)."""
+
+    def __init__(self, models: Mapping[Role, CropModel]) -> None:
+        self.models = models
+
+    def submit(self, plan: Plan, work: Sequence[Work]) -> list[Future[Done]]:
+        futures: list[Future[Done]] = []
+        for w in work:
+            model = self.models[w.role]
+            crops = plan.crop(w)
+            if isinstance(model, Router):
+                out = model.run(crops)
+            else:
+                assert isinstance(model, PoseModel)
+                out = model.run(crops, *plan.geometry(w.role, w.idx))
+            f: Future[Done] = Future()
+            f.set_result(Done(w, out, model.runner.last_inference))
+            futures.append(f)
+        return futures
+
+
+def overlap_s(spans: Sequence[tuple[Role, float, float, int]], a: Role, b: Role) -> float | None:
+    """How long models `a` and `b` both ran (each one's first start to last end); None unless both ran."""
+    ends = {}
+    for role in (a, b):
+        mine = [(s, e) for r, s, e, _ in spans if r == role]
+        if not mine:
+            return None
+        ends[role] = (min(s for s, _ in mine), max(e for _, e in mine))
+    return min(ends[a][1], ends[b][1]) - max(ends[a][0], ends[b][0])
 
 
 def main() -> None:
@@ -36,63 +77,66 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
 
-    import cv2
-    from dynpose.runtime.dispatcher import Dispatcher
-
     from dynpose.data import gt_boxes, load_coco
+    from dynpose.io.sources import decode_image
     from dynpose.models.card import ModelCard
     from dynpose.runtime.backends.ort import OrtRunner
-    from dynpose.runtime.model import PoseModel
+    from dynpose.runtime.boxes import Boxes
+    from dynpose.runtime.execute import LocalExecutor, execute
+    from dynpose.runtime.plan import FrameInput, make_plan
+    from dynpose.runtime.policy import Signals, parse_policy
 
-    cards, runners = {}, {}
-    for role, (w, h) in (("small", (96, 128)), ("large", (192, 256))):
-        cards[role] = ModelCard.from_json_file(REPO / "examples" / "cards" / f"tinypose_{h}x{w}.json")
+    models: dict[Role, CropModel] = {}
+    for role, (w, h) in ((Role.SMALL, (96, 128)), (Role.LARGE, (192, 256))):
+        card = ModelCard.from_json_file(REPO / "examples" / "cards" / f"tinypose_{h}x{w}.json")
         runner = OrtRunner(
-            SHARED / "models" / f"tinypose_{h}x{w}.onnx", intra_op_threads=max(1, args.threads // 2), name=role
+            SHARED / "models" / f"tinypose_{h}x{w}.onnx", intra_op_threads=max(1, args.threads // 2), name=role.value
         )
-        runners[role] = PoseModel(runner.activate(), cards[role])
+        models[role] = PoseModel(runner.activate(), card)
+    cards = {r: m.card for r, m in models.items()}
     coco = SHARED / "data" / "coco"
     ds = load_coco(coco / "test_coco.json")
     iid, _, _ = gt_boxes(ds)[0]
     boxes = np.asarray([b for i, b, _ in gt_boxes(ds) if i == iid])
     boxes = np.concatenate([boxes] * (args.crops // len(boxes) + 1))[: args.crops]
     boxes[:, 2:] *= 1 + 1e-3 * np.arange(len(boxes))[:, None]  # distinct areas, so box:AREA can cut at any share
-    image = cv2.imread(str(ds.image_path(coco, iid)))
+    image = decode_image(ds.image_path(coco, iid))
+    frame = FrameInput(image, Boxes.of(boxes, image.shape))
     # Route by position so no router is needed: the first share F of the crops go large.
     frac = float(args.route.split(":")[1]) if args.route.startswith("fraction:") else None
-    areas = boxes[:, 2] * boxes[:, 3]
+    areas = frame.boxes.areas
     if frac is not None:
-        k = round(frac * len(boxes))
+        k = round(frac * len(areas))
         cut = np.sort(areas)[::-1][k - 1] if k else np.inf
         route = f"box:{cut}"
     else:
         route = args.route
-    disp = Dispatcher(runners["small"], runners["large"], policy=route)
-    large = disp.policy.decide(None, boxes).large
+    policy = parse_policy(route)
+    large = policy.decide(Signals(areas)).large
+    executor = LocalExecutor(models)
+    serial_ex = SerialExecutor(models)
 
     def serial() -> float:
         t0 = time.perf_counter()
-        for m, idx in (("small", np.flatnonzero(~large)), ("large", np.flatnonzero(large))):
-            if idx.size:
-                runners[m](image, boxes[idx])
+        execute(make_plan([frame], policy, cards), serial_ex)
         return time.perf_counter() - t0
 
     overlaps: list[float] = []
 
     def concurrent() -> float:
         t0 = time.perf_counter()
-        res = disp.run([image], [boxes])
+        res = execute(make_plan([frame], policy, cards), executor)
         dt = time.perf_counter() - t0
-        sp = {s.model: s for s in res.spans}
-        if "small" in sp and "large" in sp:
-            overlaps.append(min(sp["small"].end, sp["large"].end) - max(sp["small"].start, sp["large"].start))
+        both = overlap_s(res.spans, Role.SMALL, Role.LARGE)
+        if both is not None:
+            overlaps.append(both)
         return dt
 
     serial(), concurrent()
-    times: dict[str, list[float]] = {"serial": [], "dispatcher": []}
+    times: dict[str, list[float]] = {"serial": [], "executor": []}
     for _ in range(args.repeats):
         times["serial"].append(serial())
-        times["dispatcher"].append(concurrent())
+        times["executor"].append(concurrent())
     print(
         f"{args.crops} crops ({int((~large).sum())} small 128x96, {int(large.sum())} large 256x192), "
         f"{args.threads} threads ({max(1, args.threads // 2)} per model), {args.repeats} rounds"
@@ -101,9 +145,9 @@ def main() -> None:
         print(f"  {name:10s} median {1e3 * statistics.median(ts):7.1f} ms   min {1e3 * min(ts):7.1f} ms")
     if overlaps:
         print(f"  worker overlap (median) {1e3 * statistics.median(overlaps):.1f} ms")
-    disp.close()
-    for r in runners.values():
-        r.close()
+    executor.close()
+    for m in models.values():
+        m.deactivate()
 
 
 if __name__ == "__main__":

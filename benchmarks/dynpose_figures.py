@@ -30,7 +30,11 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -64,35 +68,55 @@ def tool(name: str) -> str:
 def build_engine_dir(eng: Path) -> None:
     from dynpose.export.api import register_detector, register_onnx
     from dynpose.models.card import ModelCard
+    from dynpose.roles import Role
 
     cards = REPO / "examples" / "cards"
-    for role, size in (("small", "128x96"), ("large", "256x192")):
+    for role, size in ((Role.SMALL, "128x96"), (Role.LARGE, "256x192")):
         card = ModelCard.from_json_file(cards / f"tinypose_{size}.json")
         register_onnx(SHARED / "models" / f"tinypose_{size}.onnx", card, eng, role=role, progress=False)
-        print(f"register_onnx(tinypose_{size}.onnx, role={role!r})")
+        print(f"register_onnx(tinypose_{size}.onnx, role={role.value!r})")
     register_detector(SHARED / "models" / "picodet_s_320_pedestrian.onnx", eng, progress=False)
     print("register_detector(picodet_s_320_pedestrian.onnx)")
 
 
+def micro_batches(
+    pipe: Any, images: dict[int, np.ndarray], dets: dict[int, np.ndarray], max_batch: int
+) -> Iterator[list[Any]]:
+    """The images' frames in order (`Pipeline.prepare`: their detections, or the detector's boxes where the file has
+    none), cut into batches of at least `max_batch` boxes (the last one smaller), as the run loop batches an image
+    folder."""
+    pending: list[Any] = []
+    boxes = 0
+    for iid, img in images.items():
+        frame = pipe.prepare(img, dets.get(iid))
+        pending.append(frame)
+        boxes += len(frame.boxes)
+        if boxes >= max_batch:
+            yield pending
+            pending, boxes = [], 0
+    if pending:
+        yield pending
+
+
 def pipeline_ap(eng: Path, routes: list[str]) -> list[dict]:
     """COCO AP of the full Pipeline over the sample's detections, per route (as dynpose-run --eval scores it)."""
-    import cv2
-
     from dynpose import Pipeline
     from dynpose.data import image_id_map, load_coco, load_detections
     from dynpose.eval.coco import evaluate_results
+    from dynpose.io.sources import decode_image
+    from dynpose.roles import Role
 
     dets = load_detections(DETS)
-    images = {iid: cv2.imread(str(p)) for iid, p in image_id_map(COCO, load_coco(GT)).items()}
+    images = {iid: decode_image(p) for iid, p in image_id_map(COCO, load_coco(GT)).items()}
     rows = []
     for route in routes:
         with Pipeline.from_engine_dir(eng, route=route) as pipe:
-            frames = ((iid, img, dets.get(iid)) for iid, img in images.items())
-            results = [p.to_coco(iid) for iid, persons in pipe.run_many(frames, max_batch=64) for p in persons]
+            found = [p for batch in pipe.run_frames(micro_batches(pipe, images, dets, 64)) for p in batch]
+            results = [p.to_coco(iid) for iid, persons in zip(images, found, strict=True) for p in persons]
             st = pipe.stats
         f = evaluate_results(results, GT)
-        crops = st.crops["small"] + st.crops["large"]
-        rows.append({"route": route, "AP": f["AP"], "AP50": f["AP50"], "large_share": st.crops["large"] / max(1, crops)})
+        crops = st.crops[Role.SMALL] + st.crops[Role.LARGE]
+        rows.append({"route": route, "AP": f["AP"], "AP50": f["AP50"], "large_share": st.crops[Role.LARGE] / max(1, crops)})
     return rows
 
 

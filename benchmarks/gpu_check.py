@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from dynpose.roles import Role  # noqa: E402 - after the checkout is on the path; imports nothing beyond the stdlib
+
 # Third-party modules dynpose imports somewhere at run time, and the dynpose modules each step needs.
 MODULES = (
     "numpy", "torch", "onnx", "onnxruntime", "onnxslim", "onnxconverter_common", "cv2", "click", "rich", "tqdm",
@@ -37,7 +39,7 @@ MODULES = (
 )  # fmt: skip
 DYNPOSE_MODULES = ("dynpose.runtime.backends.torch", "dynpose.cli.bench", "dynpose.cli.export")
 DISTS = ("torch", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "setuptools", "pip", "pytest")
-PAIR = {"router": "router", "small": "resnet_50", "large": "hrnet_w32"}
+PAIR = {Role.ROUTER: "router", Role.SMALL: "resnet_50", Role.LARGE: "hrnet_w32"}  # role -> zoo model
 BATCHES = (1, 8, 32, 64)
 FRACTIONS = (0.0, 0.5, 1.0)
 
@@ -107,6 +109,7 @@ def torch_engines(engine_dir: Path, max_batch: int = 64) -> Path:
     import torch
 
     from dynpose.engines.manifest import Entry, Manifest, describe_file, tool_versions
+    from dynpose.models.card import ModelCard
     from dynpose.models.zoo import create_model
 
     engine_dir.mkdir(parents=True, exist_ok=True)
@@ -116,16 +119,18 @@ def torch_engines(engine_dir: Path, max_batch: int = 64) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # random weights are the point
             model = create_model(name, weights="random")
-        file = f"{role}.pt"
+        card = model.card
+        assert isinstance(card, ModelCard)
+        file = f"{role.value}.pt"
         torch.save(model.state_dict(), engine_dir / file)
         manifest.put(
             Entry(
-                role=role,
+                role=role.value,
                 model=name,
                 file=file,
                 format="torch",
                 precision="fp32",
-                card=model.card,
+                card=card,
                 max_batch=max_batch,
                 versions=tool_versions(),
                 **describe_file(engine_dir, file),
@@ -157,7 +162,9 @@ def runner_bench(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         runners = {
-            role: TorchRunner.from_module(create_model(name, weights="random"), device, max(batches), role, **opts)
+            role: TorchRunner.from_module(
+                create_model(name, weights="random"), device, max(batches), role.value, None, **opts
+            )
             for role, name in PAIR.items()
         }
     for r in runners.values():
@@ -172,16 +179,16 @@ def runner_bench(
             def sample(frac: float | None, x: np.ndarray = x, b: int = b) -> float:
                 t0 = time.perf_counter()
                 if frac is None:  # large-only
-                    runners["large"].infer(x)
+                    runners[Role.LARGE].infer(x)
                 elif frac < 0:  # small-only
-                    runners["small"].infer(x)
+                    runners[Role.SMALL].infer(x)
                 else:
-                    scores = runners["router"].infer(x)[:, 0]
+                    scores = runners[Role.ROUTER].infer(x)[:, 0]
                     order = np.argsort(-scores, kind="stable")
                     n_large = int(round(frac * b))
-                    jobs = [pool.submit(runners["large"].infer, x[order[:n_large]])] if n_large else []
+                    jobs = [pool.submit(runners[Role.LARGE].infer, x[order[:n_large]])] if n_large else []
                     if n_large < b:
-                        jobs.append(pool.submit(runners["small"].infer, x[order[n_large:]]))
+                        jobs.append(pool.submit(runners[Role.SMALL].infer, x[order[n_large:]]))
                     for j in jobs:
                         j.result()
                 return time.perf_counter() - t0
@@ -242,9 +249,9 @@ def _tests(xml_path: Path) -> dict[str, Any] | None:
     if suite is None:
         return None
     skipped = [
-        {"test": f"{c.get('classname')}::{c.get('name')}", "reason": (c.find("skipped").get("message") or "")[:200]}
+        {"test": f"{c.get('classname')}::{c.get('name')}", "reason": (s.get("message") or "")[:200]}
         for c in suite.iter("testcase")
-        if c.find("skipped") is not None
+        if (s := c.find("skipped")) is not None
     ]
     keys = ("tests", "failures", "errors", "skipped")
     return {**{k: int(suite.get(k, 0)) for k in keys}, "time_s": float(suite.get("time", 0)), "skipped_list": skipped}

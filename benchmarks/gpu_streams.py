@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     precision = "fp16" if args.fp16 else "fp32"
     layout = " channels_last" if args.channels_last else ""
     graphs = " cuda_graphs" if args.cuda_graphs else ""
-    result = {
+    result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "config": {**vars(args), "json": str(args.json) if args.json else None},

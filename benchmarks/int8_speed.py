@@ -25,6 +25,7 @@ from dynpose.export.api import export_model, register_onnx
 from dynpose.export.calibration.crops import CalibSpec, coco_person_crops
 from dynpose.models.card import ModelCard
 from dynpose.onnx_utils import open_session
+from dynpose.roles import Role
 
 TINYPOSE_CARD = {
     "name": "tinypose_256x192",
@@ -48,7 +49,7 @@ def _engine(work: Path, name: str, data: Path, models: Path) -> Path:
                 models / "tinypose_256x192.onnx",
                 ModelCard.from_dict(dict(TINYPOSE_CARD)),
                 eng / "fp32",
-                role="small",
+                role=Role.SMALL,
                 progress=False,
             )
         else:
@@ -59,7 +60,7 @@ def _engine(work: Path, name: str, data: Path, models: Path) -> Path:
                 models / "tinypose_256x192.onnx",
                 ModelCard.from_dict(dict(TINYPOSE_CARD)),
                 eng / "int8",
-                role="small",
+                role=Role.SMALL,
                 precision="int8",
                 calib=spec,
                 min_oks=0.95,
@@ -95,6 +96,8 @@ def main() -> None:
         f32, _ = _onnx_entry(eng / "fp32")
         i8, e8 = _onnx_entry(eng / "int8")
         crops = coco_person_crops(args.data / "coco", e8.card)
+        if crops is None:
+            raise SystemExit(f"int8_speed: no annotated COCO persons under {args.data / 'coco'} to time on")
         x = np.ascontiguousarray(crops.x[np.arange(args.batch) % len(crops.x)], np.float32)
         sa, sb = open_session(f32, threads=args.threads), open_session(i8, threads=args.threads)
         feed = {sa.get_inputs()[0].name: x}

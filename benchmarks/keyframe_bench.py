@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ def bench_video(pipe: Any, video: Path, args: argparse.Namespace) -> dict[str, A
         rows[name] = {"mean_oks": mean, "share_oks_075": share, "detector_calls": calls, "reasons": reasons}
     if args.max_rounds > 0:
         spec = RoundSpec(args.min_rounds, args.max_rounds, args.time_limit, warmup=0)
-        timed = timed_rounds({n: (lambda r=r: r(frames)) for n, r in settings.items()}, "every frame", spec)
+        timed = timed_rounds({n: partial(r, frames) for n, r in settings.items()}, "every frame", spec)
         for name in settings:
             ci = timed.ci(name, "every frame")
             rows[name]["fps_median"] = len(frames) / float(np.median(timed.samples[name]))
@@ -140,7 +141,7 @@ def main() -> None:
     ap.add_argument("--engine-dir", type=Path, default=REPO / "engines")
     ap.add_argument("--video", type=Path, action="append", help="a video (repeat for several); default street.mp4")
     ap.add_argument("--detector", type=Path, default=SHARED / "models" / "picodet_s_320_pedestrian.onnx")
-    ap.add_argument("--det-score", type=float, default=0.5)
+    ap.add_argument("--det-score", type=float, default=0.5, help="the detector's score threshold")
     ap.add_argument("--det-every", type=int, default=3)
     ap.add_argument("--max-interval", type=int, nargs="*", default=[6], help="planner settings beyond --det-every")
     ap.add_argument("--frames", type=int, default=None, help="only the first N frames of each video")
@@ -159,7 +160,9 @@ def main() -> None:
     videos = args.video or [SHARED / "data" / "video" / "street.mp4"]
     t0 = time.perf_counter()
     with (
-        EngineSet.load(args.engine_dir, LoadOptions(detector=args.detector, threads=args.threads)) as engines,
+        EngineSet.load(
+            args.engine_dir, LoadOptions(detector=args.detector, det_score=args.det_score, threads=args.threads)
+        ) as engines,
         Pipeline.from_engine_set(engines, route=args.route) as pipe,
     ):
         route = pipe.info["route"]

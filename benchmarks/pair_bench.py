@@ -9,20 +9,21 @@ About 7.5 minutes on a 2-core CPU at the defaults (20 rounds, fp32 and INT8, the
 dirs' export on the first run; it says so when it starts. Figures are printed; they are written only to `--json
 FILE` (the committed `benchmarks/results/cpu_ort_pair_bench.json` is rewritten only when named there).
 
-Engine dirs are built with the public API, random weights (seeded): `export_all(models={"small": "lpn_50"})` and
+Engine dirs are built with the public API, random weights (seeded): `export_all(models={Role.SMALL: "lpn_50"})` and
 `export_all()` (ResNet-50 / HRNet-W32, the DynPose pair), each with the router; the INT8 dirs the same with
 `precision="int8", min_oks=0` (random weights: the OKS gate means nothing, the layer search keeps every layer INT8),
 calibrated on ../shared/data with the COCO test images held out. Dirs are reused on later runs.
 
-Each configuration is one `Dispatcher.run` of `--batch` person boxes on one frame (crop, router, both models on
-their worker threads, decode), the way the runtime runs a micro-batch. Pairs are opened with `EngineSet.load` (the
+Each configuration is one plan of `--batch` person boxes on one frame run on the local executor (`make_plan` +
+`execute` on a `LocalExecutor`: crop, router, both models on their worker threads, decode), the way the runtime runs
+a micro-batch. Pairs are opened with `EngineSet.load` (the
 runtime's thread share: router all cores, small and large half each, running concurrently); at fraction F the router
 sends the round(F * batch) crops with the highest scores to the large model. The baseline "HRNet-W32 alone" is the
 large model on every core (`EngineSet.solo_model`, no router): what one would run without DynPose; "all-large
 (runtime share)" is the same model as the runtime runs an all-large route (half the cores). Unless `--no-splits`,
 the LPN-50 fp32 pair also runs with other thread splits (small on half the cores and large on all; both on all) and
-"sequential": router, small sub-batch, large sub-batch one after the other, each on every core, without the
-Dispatcher (what a dispatch that takes turns would give).
+"sequential": the same plan's router, small sub-batch and large sub-batch one after the other on the calling
+thread, each on every core, without the executor's workers (what running the models in turn would give).
 
 Timing is `dynpose.bench.timing.timed_rounds` with a fixed number of rounds: every configuration once per round,
 the order rotated each round, so load changes on the shared machine hit all alike; other processes' CPU use is
@@ -39,13 +40,14 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dynpose.runtime.dispatcher import Dispatcher
 
+from dynpose.bench.crops import Config
 from dynpose.bench.stats import paired_ratio_ci
 from dynpose.bench.timing import (
     RoundSpec,
@@ -59,9 +61,13 @@ from dynpose.bench.timing import (
 from dynpose.engines.manifest import Manifest
 from dynpose.export.api import export_all
 from dynpose.export.calibration.crops import CalibSpec
+from dynpose.roles import POSE_ROLES, Role
+from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.engine_set import EngineSet
-from dynpose.runtime.model import PoseModel, Router
-from dynpose.runtime.policy import Policy, parse_policy
+from dynpose.runtime.execute import execute
+from dynpose.runtime.model import CropModel, PoseModel, Router
+from dynpose.runtime.plan import Done, FrameInput, Plan, Work, make_plan
+from dynpose.runtime.policy import AllLarge, Fraction, Policy
 
 REPO = Path(__file__).resolve().parents[1]
 SMALLS = {"lpn_50": "LPN-50", "resnet_50": "ResNet-50"}
@@ -74,8 +80,9 @@ def build_dir(work: Path, small: str, precision: str, shared: Path) -> Path:
     eng = work / f"{small}+{LARGE}.{precision}"
     try:
         man = Manifest.load(eng)
-        entries = {r: man.get(r, "onnx") for r in ("router", "small", "large")}
-        if all(entries.values()) and entries["small"].model == small and entries["small"].precision == precision:  # type: ignore[union-attr]
+        entries = {r: man.get(r, "onnx") for r in (Role.ROUTER, Role.SMALL, Role.LARGE)}
+        s = entries[Role.SMALL]
+        if all(entries.values()) and s is not None and s.model == small and s.precision == precision:
             return eng
     except Exception:  # noqa: BLE001 - no dir yet, or a half-made one: export it (again)
         pass
@@ -86,7 +93,7 @@ def build_dir(work: Path, small: str, precision: str, shared: Path) -> Path:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_all(eng, models={"small": small}, precision=precision, calib=calib, min_oks=0.0, progress=False)
+        export_all(eng, models={Role.SMALL: small}, precision=precision, calib=calib, min_oks=0.0, progress=False)
     print(f"exported {eng.name} in {time.perf_counter() - t0:.0f}s", flush=True)
     return eng
 
@@ -94,11 +101,11 @@ def build_dir(work: Path, small: str, precision: str, shared: Path) -> Path:
 def int8_speedups(eng: Path) -> dict[str, float | None]:
     """The export's own INT8/fp32 speed-up at batch 8 per role (manifest checks)."""
     man = Manifest.load(eng)
-    return {r: man.get(r, "onnx").checks.get("int8_speedup_b8") for r in ("small", "large")}  # type: ignore[union-attr]
+    return {r.value: man.require(r, "onnx").checks.get("int8_speedup_b8") for r in POSE_ROLES}
 
 
 class Configs:
-    """The timed calls (name -> one `Dispatcher.run` of the batch on the frame), what each is, what to close."""
+    """The timed calls (name -> one plan of the batch on the frame, run), what each is, what to close."""
 
     def __init__(self, batch: int) -> None:
         self.frame = synthetic_frame()
@@ -107,9 +114,11 @@ class Configs:
         self.meta: dict[str, dict[str, Any]] = {}
         self.closing: list[Any] = []
 
-    def add(self, name: str, d: Dispatcher, **info: Any) -> None:
-        self.closing.append(d)
-        self.calls[name] = lambda: d.run([self.frame], [self.boxes])
+    def add(self, name: str, policy: Policy, models: dict[Role, CropModel], **info: Any) -> None:
+        """`policy` over `models` on the local executor (a worker per model), as the runtime runs a micro-batch."""
+        config = Config(policy, models)
+        self.closing.append(config)
+        self.calls[name] = lambda: config.run([self.frame], [self.boxes])
         self.meta[name] = info
 
     def close(self) -> None:
@@ -126,55 +135,73 @@ def configs(dirs: dict[tuple[str, str], Path], fractions: list[float], batch: in
         cfg.closing.append(es)
         s, lg = es.pose_models
         if small == "lpn_50":
-            solo = {r: es.solo_model(r) for r in ("small", "large")}
-            cfg.closing += list(solo.values())
-            big = solo["large"]
+            solo = {r: es.solo_model(r) for r in POSE_ROLES}
+            cfg.closing += [m for r, m in solo.items() if m is not es.require(r)]
+            big = solo[Role.LARGE]
             assert isinstance(big, PoseModel)
-            alone = Dispatcher(big, big, policy="all-large")
-            cfg.add(f"HRNet-W32 alone {precision}", alone, precision=precision, threads="all")
+            alone: dict[Role, CropModel] = {Role.SMALL: big, Role.LARGE: big}
+            cfg.add(f"HRNet-W32 alone {precision}", AllLarge(), alone, precision=precision, threads="all")
             name = f"HRNet-W32 all-large {precision} (runtime share)"
-            cfg.add(name, Dispatcher(s, lg, policy="all-large"), precision=precision, threads="runtime")
+            cfg.add(name, AllLarge(), {Role.SMALL: s, Role.LARGE: lg}, precision=precision, threads="runtime")
             if splits and precision == "fp32":
                 _split_configs(cfg, es, solo, fractions)
+        router = es.require(Role.ROUTER)
         for f in fractions:
-            d = Dispatcher(s, lg, router=es.router, policy=f"fraction:{f!r}")
-            cfg.add(f"{SMALLS[small]}/HRNet-W32 {precision} @{f:g}", d, pair=small, precision=precision, fraction=f)
+            name = f"{SMALLS[small]}/HRNet-W32 {precision} @{f:g}"
+            models = {Role.SMALL: s, Role.LARGE: lg, Role.ROUTER: router}
+            cfg.add(name, Fraction(f), models, pair=small, precision=precision, fraction=f)
     return cfg
 
 
-def _split_configs(cfg: Configs, es: EngineSet, solo: dict[str, Any], fractions: list[float]) -> None:
+def _split_configs(cfg: Configs, es: EngineSet, solo: dict[Role, CropModel], fractions: list[float]) -> None:
     """The LPN-50 fp32 pair with the large model on every core (small on half), both on every core, and both on
     every core one after the other (`_sequential`): the runtime's fixed half/half share leaves a core idle whenever
     one side's sub-batch finishes first."""
     cores = len(os.sched_getaffinity(0))
-    router = es.router
-    assert router is not None
+    router = es.require(Role.ROUTER)
     half_small, _ = es.pose_models
-    for small, ts in ((half_small, max(1, cores // 2)), (solo["small"], cores)):
+    for small, ts in ((half_small, max(1, cores // 2)), (solo[Role.SMALL], cores)):
         for f in fractions:
-            d = Dispatcher(small, solo["large"], router=router, policy=f"fraction:{f!r}")
             name = f"LPN-50/HRNet-W32 fp32 @{f:g} threads {ts}+{cores}"
-            cfg.add(name, d, pair="lpn_50", precision="fp32", fraction=f, threads=f"{ts}+{cores}")
+            models = {Role.SMALL: small, Role.LARGE: solo[Role.LARGE], Role.ROUTER: router}
+            cfg.add(name, Fraction(f), models, pair="lpn_50", precision="fp32", fraction=f, threads=f"{ts}+{cores}")
     for f in fractions:
         name = f"LPN-50/HRNet-W32 fp32 @{f:g} sequential, {cores}+{cores}"
-        policy = parse_policy(f"fraction:{f!r}")
-        cfg.calls[name] = _sequential(router, solo["small"], solo["large"], policy, cfg.frame, cfg.boxes)
+        models = {Role.ROUTER: router, Role.SMALL: solo[Role.SMALL], Role.LARGE: solo[Role.LARGE]}
+        cfg.calls[name] = _sequential(models, Fraction(f), cfg.frame, cfg.boxes)
         cfg.meta[name] = {"pair": "lpn_50", "precision": "fp32", "fraction": f, "threads": "sequential"}
 
 
-def _sequential(
-    router: Router, small: PoseModel, large: PoseModel, policy: Policy, frame: np.ndarray, boxes: np.ndarray
-) -> Callable[[], Any]:
-    """Router, then the small sub-batch, then the large one, each model on every core: no Dispatcher (its workers
-    run the two at once), for what a dispatch that runs them in turn would give."""
-    fi = np.zeros(len(boxes), np.int64)
+class SerialExecutor:
+    """Runs a plan's work on the calling thread, one piece after the other (what the workers do, in turn)."""
+
+    def __init__(self, models: Mapping[Role, CropModel]) -> None:
+        self.models = models
+
+    def submit(self, plan: Plan, work: Sequence[Work]) -> list[Future[Done]]:
+        futures: list[Future[Done]] = []
+        for w in work:
+            model = self.models[w.role]
+            crops = plan.crop(w)
+            if isinstance(model, Router):
+                out = model.run(crops)
+            else:
+                assert isinstance(model, PoseModel)
+                out = model.run(crops, *plan.geometry(w.role, w.idx))
+            f: Future[Done] = Future()
+            f.set_result(Done(w, out, model.runner.last_inference))
+            futures.append(f)
+        return futures
+
+
+def _sequential(models: dict[Role, CropModel], policy: Policy, frame: np.ndarray, boxes: np.ndarray) -> Callable[[], Any]:
+    """The plan's router, then its small sub-batch, then its large one, each model on every core: no workers (the
+    executor's run the two at once), for what running the models in turn would give."""
+    executor = SerialExecutor(models)
+    cards = {r: m.card for r, m in models.items()}
 
     def run() -> None:
-        c, s = router.geometry(boxes)
-        large_mask = policy.decide(router.scores(router.inputs(router.crop([frame], fi, c, s))), boxes).large
-        for model, idx in ((small, np.flatnonzero(~large_mask)), (large, np.flatnonzero(large_mask))):
-            if idx.size:
-                model.keypoints([frame], fi[idx], *model.geometry(boxes[idx]))
+        execute(make_plan([FrameInput(frame, Boxes.of(boxes, frame.shape))], policy, cards), executor)
 
     return run
 

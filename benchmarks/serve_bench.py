@@ -73,7 +73,7 @@ def main() -> None:
     from dynpose.fileio import write_json_atomic
     from dynpose.runtime.pipeline import Pipeline
     from dynpose.serve.client import Client
-    from dynpose.serve.config import Replicas, ServeConfig, check_config
+    from dynpose.serve.config import DEPLOYMENTS, Replicas, ServeConfig, check_config
     from dynpose.serve.loadgen import load_items, run_load, run_pipeline_load
     from dynpose.serve.service import Service
 
@@ -89,7 +89,7 @@ def main() -> None:
             max_batch=args.max_batch,
             batch_wait_ms=args.batch_wait_ms,
             replica_cpus=0.25,
-            replicas={k: Replicas(1, 1) for k in ("ingress", "detector", "small", "large")},
+            replicas={k: Replicas(1, 1) for k in DEPLOYMENTS},
         )
     )
     with Service.start(cfg, port=_free_port(), address="local") as svc:

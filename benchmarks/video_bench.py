@@ -6,10 +6,11 @@
 Six settings: the detector every frame, every 3rd, every 5th frame, each with routing every frame and with
 temporal routing (`--reroute-every K`: a track keeps its small/large decision for K frames). The video is decoded
 into memory first (a short clip is played forwards and backwards until it has `--frames` frames), so the timing is
-the tracker, the detector and the Dispatcher, not the decoder. The settings take turns within every round (the
-order rotates), each round a whole pass over the frames with a fresh tracker; frames/s is the median over the
-rounds with the slowest and fastest round. Mean OKS compares each setting's poses with those of the detector every
-frame and routing every frame (`dynpose.video.pose_agreement`: Hungarian matching per frame, unmatched
+the tracker, the detector and the planned pose models, not the decoder. Each frame goes through the run loop's
+stream state (`dynpose.video.StreamTracker`: `prepare`, `Pipeline.run_frames`, `finish`). The settings take turns
+within every round (the order rotates), each round a whole pass over the frames with a fresh tracker; frames/s is
+the median over the rounds with the slowest and fastest round. Mean OKS compares each setting's poses with those of
+the detector every frame and routing every frame (`dynpose.video.pose_agreement`: Hungarian matching per frame, unmatched
 reference persons count 0). Counts (detector calls, router crops, pose crops per model) are per pass.
 """
 
@@ -43,20 +44,25 @@ def load_frames(video: Path, n: int) -> list[Any]:
 
 def one_pass(pipe: Any, frames: list[Any], options: Any) -> tuple[float, list[list[Any]], dict[str, int]]:
     """One pass of a fresh tracker over the frames: seconds, persons per frame, counts."""
-    from dynpose.video import VideoTracker
+    from dynpose.roles import Role
+    from dynpose.video import StreamTracker
 
-    video = VideoTracker(pipe, options, fps=[30.0])
+    options.validate()
+    stream = StreamTracker(options, pipe, fps=30.0)
     before = dict(pipe.stats.crops)
     t0 = time.perf_counter()
-    outs = [video.step([f])[0] for f in frames]
+    outs = []
+    for f in frames:
+        step = stream.prepare(f)
+        outs.append(stream.finish(step, next(pipe.run_frames([[step.input]]))[0]))
     seconds = time.perf_counter() - t0
-    st = video.stats
+    st = stream.stats
     counts = {
         "detector_calls": st.detector_calls,
         "router_crops": st.router_crops,
         "router_saved": st.router_saved,
-        "small": pipe.stats.crops["small"] - before["small"],
-        "large": pipe.stats.crops["large"] - before["large"],
+        Role.SMALL.value: pipe.stats.crops[Role.SMALL] - before[Role.SMALL],
+        Role.LARGE.value: pipe.stats.crops[Role.LARGE] - before[Role.LARGE],
         "persons": st.persons,
     }
     return seconds, outs, counts
@@ -75,7 +81,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     args = ap.parse_args()
 
-    from dynpose.runtime.engine_set import EngineSet
+    from dynpose.runtime.engine_set import EngineSet, LoadOptions
     from dynpose.runtime.pipeline import Pipeline
     from dynpose.video import VideoOptions, pose_agreement
 
@@ -84,7 +90,7 @@ def main() -> None:
         (d, r): VideoOptions(track=True, det_every=d, reroute_every=r) for d in (1, 3, 5) for r in (1, args.reroute_every)
     }
     with (
-        EngineSet.load(args.engine_dir, detector=args.detector, threads=args.threads) as engines,
+        EngineSet.load(args.engine_dir, LoadOptions(detector=args.detector, threads=args.threads)) as engines,
         Pipeline.from_engine_set(engines, route=args.route) as pipe,
     ):
         route = pipe.info["route"]

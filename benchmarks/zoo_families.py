@@ -14,10 +14,11 @@ meta device (`dynpose.models.flops.count_flops`: multiply-adds of convolutions a
 MMPose's RTMPose table and the ViTPose paper.
 
 Pairs (default RTMPose-s/RTMPose-l, RTMPose-t/HRNet-W32, RTMPose-s/ViTPose-B, LPN-50/HRNet-W32) are engine dirs of
-`export_all(models={"small": S, "large": L})` with the random-weight router. A pair runs as the runtime runs it
-(`EngineSet.load`: router on every core, small and large on half each, concurrently; `Dispatcher.run` of
-`--pair-batch` person boxes on one frame, `fraction:F`: the round(F x batch) highest-scored crops to the large
-model); the baseline is the large model alone on every core (`EngineSet.solo_model`, no router).
+`export_all(models={Role.SMALL: S, Role.LARGE: L})` with the random-weight router. A pair runs as the runtime runs
+it (`EngineSet.load`: router on every core, small and large on half each, concurrently; one plan of `--pair-batch`
+person boxes on one frame run on the local executor, `make_plan` + `execute` on a `LocalExecutor`, `fraction:F`: the
+round(F x batch) highest-scored crops to the large model); the baseline is the large model alone on every core
+(`EngineSet.solo_model`, no router).
 
 Timing is `dynpose.bench.timing.timed_rounds` with a fixed number of rounds: every configuration once per round, the
 order rotated each round, so load changes hit all alike. crops/s = crops / median time with the p25-p75 of the
@@ -35,13 +36,14 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from dynpose.runtime.dispatcher import Dispatcher
 
+from dynpose.bench.crops import Config
 from dynpose.bench.stats import paired_ratio_ci
 from dynpose.bench.timing import RoundSpec, boxes_for_batch, machine_info, parse_batches, synthetic_frame, timed_rounds
 from dynpose.bench.timing import versions as tool_versions
@@ -53,7 +55,8 @@ from dynpose.models.flops import count_flops
 from dynpose.onnx_utils import open_session
 from dynpose.roles import Role
 from dynpose.runtime.engine_set import EngineSet
-from dynpose.runtime.model import PoseModel
+from dynpose.runtime.model import CropModel, PoseModel
+from dynpose.runtime.policy import AllLarge, Fraction
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["rtmpose_t", "rtmpose_s", "rtmpose_m", "rtmpose_l", "rtmpose_m_384x288", "rtmpose_l_384x288"]
@@ -163,7 +166,7 @@ def add_models(cfg: Configs, files: dict[tuple[str, str], Path], batches: list[i
         for b in batches:
             x = np.random.default_rng(b).standard_normal((b, 3, card.input_height, card.input_width)).astype(np.float32)
             feed = {sess.get_inputs()[0].name: x}
-            cfg.calls[f"{name} {precision} b{b}"] = lambda s=sess, f=feed: s.run(None, f)
+            cfg.calls[f"{name} {precision} b{b}"] = partial(sess.run, None, feed)
             cfg.meta[f"{name} {precision} b{b}"] = {"kind": "model", "model": name, "precision": precision, "batch": b}
 
 
@@ -179,16 +182,18 @@ def add_pairs(cfg: Configs, dirs: dict[tuple[str, str], Path], batch: int, fract
         alone_name = f"{pair.split('/')[1]} alone {precision}"
         if alone_name not in cfg.calls:
             solo = es.solo_model(Role.LARGE)
-            cfg.closing.append(solo)
+            if solo is not large:
+                cfg.closing.append(solo)
             assert isinstance(solo, PoseModel)
-            d = Dispatcher(solo, solo, policy="all-large")
-            cfg.closing.append(d)
-            cfg.calls[alone_name] = lambda d=d: d.run([frame], [boxes])
+            alone = Config(AllLarge(), {Role.SMALL: solo, Role.LARGE: solo})
+            cfg.closing.append(alone)
+            cfg.calls[alone_name] = partial(alone.run, [frame], [boxes])
             cfg.meta[alone_name] = {"kind": "alone", "model": pair.split("/")[1], "precision": precision, "batch": batch}
-        d = Dispatcher(small, large, router=es.router, policy=f"fraction:{fraction!r}")
-        cfg.closing.append(d)
+        models: dict[Role, CropModel] = {Role.SMALL: small, Role.LARGE: large, Role.ROUTER: es.require(Role.ROUTER)}
+        routed = Config(Fraction(fraction), models)
+        cfg.closing.append(routed)
         name = f"{pair} {precision} @{fraction:g}"
-        cfg.calls[name] = lambda d=d: d.run([frame], [boxes])
+        cfg.calls[name] = partial(routed.run, [frame], [boxes])
         cfg.meta[name] = {"kind": "pair", "pair": pair, "precision": precision, "batch": batch, "baseline": alone_name}
 
 
