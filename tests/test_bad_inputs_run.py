@@ -179,7 +179,7 @@ def test_huge_boxes_are_dropped_and_results_stay_valid_json(pipe: Pipeline) -> N
 API_LOAD_CASES = [
     ("engine-dir-none", {"engine_dir": None}, r"engine dir: none given"),
     ("threads-negative", {"threads": -4}, r"threads -4: must be an integer >= 1"),
-    ("backend", {"backend": "openvino"}, r"unknown backend 'openvino'"),
+    ("backend", {"backend": "tensorflow"}, r"unknown backend 'tensorflow'"),
 ]
 
 

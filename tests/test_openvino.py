@@ -37,7 +37,7 @@ from dynpose.runtime.backends.openvino import (
 )
 from dynpose.runtime.backends.openvino.builder import with_fused_tails
 from dynpose.runtime.backends.openvino.device import isa_level
-from dynpose.runtime.engine_set import EngineSet, thread_share
+from dynpose.runtime.engine_set import EngineSet, LoadOptions, thread_share
 
 pytest.importorskip("openvino")
 
@@ -265,7 +265,7 @@ def test_engine_set_gives_each_model_its_share_of_the_cores(ov_engine_dir: Path)
     each; a model timed alone gets both, as with ONNX Runtime."""
     import openvino as ov
 
-    with EngineSet.load(ov_engine_dir, backend="openvino", threads=2) as es:
+    with EngineSet.load(ov_engine_dir, LoadOptions(backend="openvino", threads=2)) as es:
         for role in (Role.SMALL, Role.LARGE):
             runner = es.require(role).runner
             assert isinstance(runner, OpenVinoRunner)
@@ -299,13 +299,13 @@ def test_engine_dir_from_another_machine_is_refused(tmp_path: Path, ov_engine_di
     d = _copy_dir(ov_engine_dir, tmp_path / "moved")
     _edit_entry(d, Role.LARGE, isa="avx2", cpu="Intel Core i5-8250U")
     with pytest.raises(DynPoseError, match=r"exported with OpenVINO .* for avx2 \(Intel Core i5-8250U\); this machine") as e:
-        EngineSet.load(d, backend="openvino")
+        EngineSet.load(d, LoadOptions(backend="openvino"))
     assert "re-export it here with dynpose-export --format openvino" in one_line(e)
     _edit_entry(d, Role.LARGE, isa=cpu_info().isa, openvino_version="2025.2.0-18389-abc")
     with pytest.raises(DynPoseError, match="OpenVINO 2025.2.0") as e:
-        EngineSet.load(d, backend="openvino")
+        EngineSet.load(d, LoadOptions(backend="openvino"))
     one_line(e)
-    EngineSet.load(d, backend="ort").close()  # its ONNX entries still run on ONNX Runtime
+    EngineSet.load(d, LoadOptions(backend="ort")).close()  # its ONNX entries still run on ONNX Runtime
 
 
 def test_truncated_bin_in_an_engine_dir_is_one_line(tmp_path: Path, ov_engine_dir: Path) -> None:
@@ -314,7 +314,7 @@ def test_truncated_bin_in_an_engine_dir_is_one_line(tmp_path: Path, ov_engine_di
     data = (d / bin_name).read_bytes()
     (d / bin_name).write_bytes(data[: len(data) // 2])
     with pytest.raises(DynPoseError, match=f"{bin_name} has .* bytes, manifest says .*re-export") as e:
-        EngineSet.load(d, backend="openvino")
+        EngineSet.load(d, LoadOptions(backend="openvino"))
     one_line(e)
 
 
@@ -338,8 +338,8 @@ def test_openvino_missing_is_one_line(tmp_path: Path, tinypose_128: Path, ov_eng
     code = (
         "import sys; sys.modules['openvino'] = None\n"
         "from dynpose.errors import DynPoseError\n"
-        "from dynpose.runtime.engine_set import EngineSet\n"
-        "try:\n    EngineSet.load(sys.argv[1], backend='openvino')\n"
+        "from dynpose.runtime.engine_set import EngineSet, LoadOptions\n"
+        "try:\n    EngineSet.load(sys.argv[1], LoadOptions(backend='openvino'))\n"
         "except DynPoseError as e:\n    print(e)\n"
     )
     r = subprocess.run(
@@ -377,7 +377,7 @@ def test_auto_keeps_the_fastest_gated_precision(tmp_path: Path, tinypose_128: Pa
     if cpu_info().supports("bf16"):
         assert "bf16" in cands and e.checks.get("bf16_oks", 1.0) >= 0.95 or e.precision == "fp32"
     assert meta["inference_precision"] == {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[e.precision]
-    with EngineSet.load(tmp_path, backend="openvino", roles=[Role.SMALL]) as es:
+    with EngineSet.load(tmp_path, LoadOptions(backend="openvino"), roles=[Role.SMALL]) as es:
         runner = es.require(Role.SMALL).runner
         assert isinstance(runner, OpenVinoRunner) and runner.inference_precision == meta["inference_precision"]
         marked = kept_f32(read_ir(tmp_path / e.file, tmp_path / next(iter(e.data_files))))
@@ -410,7 +410,7 @@ def test_int8_from_qdq_and_nncf(tmp_path: Path, tinypose_128: Path, shared: Path
     assert e.openvino["int8_source"] in ("qdq", "nncf") and e.openvino["inference_precision"] == "f32"
     assert e.checks["int8_source"] == e.openvino["int8_source"]
     x = np.random.default_rng(3).standard_normal((3, 3, 128, 96)).astype(np.float32)
-    with EngineSet.load(tmp_path, backend="openvino", roles=[Role.SMALL]) as es:
+    with EngineSet.load(tmp_path, LoadOptions(backend="openvino"), roles=[Role.SMALL]) as es:
         assert np.isfinite(es.require(Role.SMALL).runner.infer(x)).all()
 
 
@@ -428,5 +428,5 @@ def test_cli_export_stores_openvino_costs(tmp_path: Path, tinypose_128: Path, ov
     assert r.exit_code == 0, r.output
     assert "cost small" in r.output and "cost large" in r.output
     costs = Manifest.load(d).costs("openvino", "cpu")
-    assert costs is not None and set(costs["roles"]) == {str(Role.SMALL), str(Role.LARGE)}
-    assert costs["roles"][str(Role.SMALL)]["precision"] == "fp32"
+    assert costs is not None and set(costs.roles) == {Role.SMALL, Role.LARGE}
+    assert costs.roles[Role.SMALL].precision == "fp32"

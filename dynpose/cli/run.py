@@ -53,9 +53,11 @@ Examples:
 \b
 Routing policies (--route): band:LO,HI (DynPose release rule, large iff LO <= router score <= HI),
 threshold:T, fraction:F (top F of each batch by router score go large), all-small, all-large,
-box:AREA (boxes under AREA px² go small), box-threshold:AREA,T (large iff w*h >= AREA and router
-score >= T), cascade:T (every person on the small model first; those whose mean keypoint score is
-under T run again on the large model, whose answer replaces it). Default: the engine dir manifest's policy.
+box:AREA (boxes under AREA px² go small), box-below:AREA (boxes under AREA px² go large),
+box-threshold:AREA,T (large iff w*h >= AREA and router score >= T), cascade:T (every person on the
+small model first; those whose mean keypoint score is under T run again on the large model, whose
+answer replaces it), cascade-visible:T,S (the same on the mean of the joints scoring above S).
+Default: the engine dir manifest's policy.
 """
 
 

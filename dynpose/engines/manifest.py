@@ -685,7 +685,10 @@ def _named_files(engine_dir: Path) -> set[str]:
         return set()
 
 
-def _current_manifest(engine_dir: Path) -> Manifest:
+def current_manifest(engine_dir: str | os.PathLike) -> Manifest:
+    """The engine dir's manifest as it is (files not re-hashed); an empty one when there is none or it is
+    unreadable (then replaced, with a warning): what a writer builds on."""
+    engine_dir = Path(engine_dir)
     if not (engine_dir / MANIFEST_NAME).is_file():
         return Manifest()
     try:
@@ -724,7 +727,7 @@ def _commit_locked(
 ) -> Manifest:
     hook = on_step or (lambda step, name: None)
     previous = _named_files(engine_dir)
-    manifest = manifest if manifest is not None else _current_manifest(engine_dir)
+    manifest = manifest if manifest is not None else current_manifest(engine_dir)
     staged_names = {e.file: e for e in entries}
     moves: list[tuple[str, str]] = []
     for e in entries:

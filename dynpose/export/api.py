@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.engines.manifest import Entry, tool_versions
+from dynpose.engines.manifest import Entry, current_manifest, tool_versions
 from dynpose.errors import DynPoseError
 from dynpose.export.calibration.crops import CalibSpec, CropSet
 from dynpose.export.calibration.quantize import Int8Options
-from dynpose.export.commit import commit, existing_manifest, staging
 from dynpose.export.judges import Check, Judge, judge_for
 from dynpose.export.options import ExportOptions
 from dynpose.export.route import ROUTER_WEIGHTS, UNTUNED_ROUTE, default_route
@@ -118,7 +117,7 @@ def _judge(job: _Job) -> Judge:
     the engine dir will have once it is in, as `commit` sets it)."""
     route = None
     if job.card.task == Role.ROUTER:
-        route, _ = default_route(existing_manifest(job.engine_dir), job.router_weights)
+        route, _ = default_route(current_manifest(job.engine_dir), job.router_weights)
     return judge_for(job.card, job.min_oks, route)
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dynpose.engines.lock import engine_dir_lock
-from dynpose.engines.manifest import Entry, Manifest, commit_staged
+from dynpose.engines.manifest import Entry, commit_staged, current_manifest
 from dynpose.errors import DynPoseError
 from dynpose.export.route import default_route
 from dynpose.roles import Role
@@ -81,19 +81,6 @@ def staging(engine_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def existing_manifest(engine_dir: str | os.PathLike) -> Manifest:
-    """The engine dir's manifest as it is (files not re-hashed); an empty one when there is none or it is
-    unreadable (then replaced, with a warning)."""
-    engine_dir = Path(engine_dir)
-    if not (engine_dir / "manifest.json").is_file():
-        return Manifest()
-    try:
-        return Manifest.load(engine_dir, verify=False)
-    except DynPoseError as e:
-        log.warning("replacing an unreadable manifest (%s)", e)
-        return Manifest()
-
-
 def commit(
     stage: Path, engine_dir: str | os.PathLike, entries: list[Entry], router_weights: str | None = None
 ) -> list[Entry]:
@@ -109,7 +96,7 @@ def commit(
     # Locked from reading the manifest to writing it: a concurrent export (another process) waits, then builds on
     # this one's manifest instead of overwriting it (`dynpose.engines.lock`).
     with engine_dir_lock(engine_dir, f"export {roles}"):
-        manifest = existing_manifest(engine_dir)
+        manifest = current_manifest(engine_dir)
         if router_weights is not None and any(e.role == Role.ROUTER for e in entries):
             manifest.route, why = default_route(manifest, router_weights)
             log.info(why)
