@@ -22,6 +22,7 @@ from dynpose.engines.manifest import Entry, current_manifest, tool_versions
 from dynpose.errors import DynPoseError
 from dynpose.export.calibration.crops import CalibSpec, CropSet
 from dynpose.export.calibration.quantize import Int8Options
+from dynpose.export.commit import commit, staging
 from dynpose.export.judges import Check, Judge, judge_for
 from dynpose.export.options import ExportOptions
 from dynpose.export.route import ROUTER_WEIGHTS, UNTUNED_ROUTE, default_route
