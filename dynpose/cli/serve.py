@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -74,7 +74,11 @@ answered, new ones get 503) and stops; a second one stops at once. See docs/serv
 @click.option("--route", default=None, help="Default routing policy (default: the manifest's); a request may set its own.")
 @click.option("--flip", is_flag=True, help="Flip test (average with the mirrored crop).")
 @click.option(
-    "--detector", type=click.Path(path_type=Path), default=None, help="ONNX person detector (default: the engine dir's)."
+    "--detector",
+    "detector_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ONNX person detector (default: the engine dir's).",
 )
 @click.option(
     "--max-body-mb", type=float, default=20.0, show_default=True, help="Largest request body accepted (413 above)."
@@ -131,75 +135,53 @@ answered, new ones get 503) and stops; a second one stops at once. See docs/serv
 @click.option("--quiet", is_flag=True, help="Same as --log-level warning.")
 @click.pass_context
 @user_errors
-def main(
-    ctx: click.Context,
-    engine_dir: Path | None,
-    host: str,
-    port: int,
-    address: str,
-    small_replicas: str,
-    large_replicas: str,
-    detector_replicas: str,
-    ingress_replicas: str,
-    max_batch: int,
-    batch_wait_ms: float,
-    backend: str,
-    device: str,
-    threads: int | None,
-    route: str | None,
-    flip: bool,
-    detector: Path | None,
-    max_body_mb: float,
-    max_ongoing: int,
-    body_timeout_s: float,
-    request_timeout_s: float,
-    drain_timeout_s: float,
-    replica_cpus: float,
-    replica_gpus: float | None,
-    log_level: str,
-    audit: float,
-    audit_target: float | None,
-    quiet: bool,
-) -> None:
+def main(ctx: click.Context, **flags: Any) -> None:
     """Serve DynPose over HTTP on Ray Serve, in the foreground until Ctrl-C or SIGTERM (then it drains in-flight
     requests and shuts down)."""
-    from dynpose.serve.config import ServeConfig, check_config, parse_replicas
+    from dynpose.serve.config import check_config
 
     if ctx.invoked_subcommand is not None:
         return
-    if engine_dir is None:
+    if flags["engine_dir"] is None:
         raise DynPoseError("--engine-dir: none given; pass the folder dynpose-export wrote (or run `dynpose-serve bench`)")
-    log_level = "warning" if quiet else log_level
+    log_level = "warning" if flags["quiet"] else flags["log_level"]
     setup_logging().setLevel(log_level.upper())
+    _serve(check_config(_config(flags, log_level)), flags["host"], flags["port"], flags["address"])
+
+
+def _config(f: dict[str, Any], log_level: str) -> ServeConfig:
+    """The service's one configuration object, from the flags."""
+    from dynpose.serve.config import ServeConfig, parse_replicas
+
     counts = {
-        "ingress": ingress_replicas,
-        Role.DETECTOR.value: detector_replicas,
-        Role.SMALL.value: small_replicas,
-        Role.LARGE.value: large_replicas,
+        "ingress": f["ingress_replicas"],
+        Role.DETECTOR.value: f["detector_replicas"],
+        Role.SMALL.value: f["small_replicas"],
+        Role.LARGE.value: f["large_replicas"],
     }
-    cfg = ServeConfig(
-        engine_dir=str(engine_dir),
-        backend=backend,
-        device=device,
-        threads=check_threads(threads),
-        route=route,
-        flip=flip,
-        detector=str(detector) if detector is not None else None,
-        max_batch=max_batch,
-        batch_wait_ms=batch_wait_ms,
-        max_body_mb=max_body_mb,
+    gpus = f["replica_gpus"]
+    return ServeConfig(
+        engine_dir=str(f["engine_dir"]),
+        backend=f["backend"],
+        device=f["device"],
+        threads=check_threads(f["threads"]),
+        route=f["route"],
+        flip=f["flip"],
+        detector=str(f["detector_path"]) if f["detector_path"] is not None else None,
+        max_batch=f["max_batch"],
+        batch_wait_ms=f["batch_wait_ms"],
+        max_body_mb=f["max_body_mb"],
         replicas={k: parse_replicas(v, f"--{k}-replicas") for k, v in counts.items()},
-        replica_cpus=replica_cpus,
-        replica_gpus=(0.25 if device == "cuda" else 0.0) if replica_gpus is None else replica_gpus,
-        max_ongoing=max_ongoing,
-        body_timeout_s=body_timeout_s,
-        request_timeout_s=request_timeout_s or None,
-        drain_timeout_s=drain_timeout_s,
+        replica_cpus=f["replica_cpus"],
+        replica_gpus=(0.25 if f["device"] == "cuda" else 0.0) if gpus is None else gpus,
+        max_ongoing=f["max_ongoing"],
+        body_timeout_s=f["body_timeout_s"],
+        request_timeout_s=f["request_timeout_s"] or None,
+        drain_timeout_s=f["drain_timeout_s"],
         log_level=log_level,
-        audit=audit,
-        audit_target=audit_target,
+        audit=f["audit"],
+        audit_target=f["audit_target"],
     )
-    _serve(check_config(cfg), host, port, address)
 
 
 @contextmanager
