@@ -21,9 +21,9 @@ against ONNX Runtime fp32 on the held-out COCO persons.
 Part 2, pairs. LPN-50 small / HRNet-W32 large at routing fraction 0.3 and the TinyPose pair under its calibrated
 policy (`--tinypose-route`, the route `dynpose-train-router --calibrate` chose in benchmarks/results/
 dynpose_figures.txt), both exported with `--format openvino --precision auto` (the fastest gated precision on this
-machine, INT8 among the candidates), run by the runtime's Dispatcher (both models concurrently, half the cores each)
-on `--pair-batch` boxes per call; against the large model alone on every core on ONNX Runtime fp32 and on OpenVINO at
-its best precision (the pair dir's own large ONNX and IR).
+machine, INT8 among the candidates), run as the runtime runs them (`make_plan` + the local executor: both models
+concurrently, half the cores each) on `--pair-batch` boxes per call; against the large model alone on every core on
+ONNX Runtime fp32 and on OpenVINO at its best precision (the pair dir's own large ONNX and IR).
 
 Start times: each OpenVINO variant opened with an empty compiled-model cache and again with the cache it left.
 
@@ -58,8 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dynpose.runtime.dispatcher import Dispatcher
 
+from dynpose.bench.crops import Config
 from dynpose.bench.stats import paired_ratio_ci
 from dynpose.bench.timing import RoundSpec, boxes_for_batch, machine_info, parse_batches, synthetic_frame, timed_rounds
 from dynpose.engines.manifest import Manifest
@@ -70,8 +70,9 @@ from dynpose.models import get_card
 from dynpose.models.card import ModelCard
 from dynpose.roles import Role
 from dynpose.runtime.backends.openvino import convert_onnx, cpu_info
-from dynpose.runtime.engine_set import EngineSet
+from dynpose.runtime.engine_set import EngineSet, LoadOptions
 from dynpose.runtime.model import CropModel, PoseModel
+from dynpose.runtime.policy import AllLarge, parse_policy
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = ("hrnet_w32", "resnet_50", "lpn_50", "router")
@@ -208,14 +209,14 @@ def start_times(models: list[Model], dirs: dict[tuple[str, str], Path | str]) ->
             times = []
             for _ in range(2):
                 t0 = time.perf_counter()
-                EngineSet.load(d, backend=backend, roles=[m.role], with_detector=False).close()
+                EngineSet.load(d, LoadOptions(backend=backend, with_detector=False), roles=[m.role]).close()
                 times.append(time.perf_counter() - t0)
             out[f"{m.name} {v}"] = {"first_s": times[0], "second_s": times[1]}
     return out
 
 
 def _solo(d: Path, variant: str, role: Role) -> tuple[EngineSet, CropModel]:
-    es = EngineSet.load(d, backend=VARIANTS[variant][2], roles=[role], with_detector=False)
+    es = EngineSet.load(d, LoadOptions(backend=VARIANTS[variant][2], with_detector=False), roles=[role])
     return es, es.solo_model(role)
 
 
@@ -294,7 +295,7 @@ def pair_dirs(which: list[str], work: Path, shared: Path, calib: CalibSpec, prec
         t0 = time.perf_counter()
         with quiet():
             if name == "lpn":
-                small = {str(Role.SMALL): "lpn_50"}
+                small = {Role.SMALL: "lpn_50"}
                 export_all(d, models=small, fmt="openvino", precision=precision, calib=calib, min_oks=0.0, progress=False)
             else:
                 for key, role in (("tinypose_128", Role.SMALL), ("tinypose_256", Role.LARGE)):
@@ -309,7 +310,8 @@ def pair_dirs(which: list[str], work: Path, shared: Path, calib: CalibSpec, prec
 
 
 class Calls:
-    """The timed pair configurations: name -> one Dispatcher.run of the batch, what each is, what to close."""
+    """The timed pair configurations: name -> one plan of the batch run on the local executor (a worker per model),
+    what each is, what to close."""
 
     def __init__(self, batch: int) -> None:
         self.frame = synthetic_frame()
@@ -318,18 +320,18 @@ class Calls:
         self.meta: dict[str, dict[str, Any]] = {}
         self.closing: list[Any] = []
 
-    def add(self, name: str, d: Dispatcher, **info: Any) -> None:
-        self.closing.append(d)
-        self.calls[name] = lambda: d.run([self.frame], [self.boxes])
+    def add(self, name: str, config: Config, **info: Any) -> None:
+        self.closing.append(config)
+        self.calls[name] = lambda: config.run([([self.frame], [self.boxes])])
         self.meta[name] = info
 
     def alone(self, name: str, d: Path, backend: str, **info: Any) -> None:
         """The large model of `d` alone on every core (no router), as one would run it without DynPose."""
-        es = EngineSet.load(d, backend=backend, roles=[Role.LARGE], with_detector=False)
+        es = EngineSet.load(d, LoadOptions(backend=backend, with_detector=False), roles=[Role.LARGE])
         big = es.solo_model(Role.LARGE)
         assert isinstance(big, PoseModel)
         self.closing += [es] + ([big.runner] if big is not es.large else [])
-        self.add(name, Dispatcher(big, big, policy="all-large"), **info)
+        self.add(name, Config(AllLarge(), {Role.SMALL: big, Role.LARGE: big}), **info)
 
     def close(self) -> None:
         for c in reversed(self.closing):
@@ -345,10 +347,13 @@ def pair_calls(pairs: dict[str, Path], route: str, batch: int) -> Calls:
         pair, large, policy = names[key]
         c.alone(f"{large} alone ORT fp32", d, "ort", group=key, baseline=True)
         c.alone(f"{large} alone OpenVINO best", d, "openvino", group=key)
-        es = EngineSet.load(d, backend="openvino", with_detector=False)
+        es = EngineSet.load(d, LoadOptions(backend="openvino", with_detector=False))
         c.closing.append(es)
         s, lg = es.pose_models
-        c.add(f"{pair} OpenVINO @{policy}", Dispatcher(s, lg, router=es.router, policy=policy), group=key, policy=policy)
+        models: dict[Role, CropModel] = {Role.SMALL: s, Role.LARGE: lg}
+        if es.router is not None:
+            models[Role.ROUTER] = es.router
+        c.add(f"{pair} OpenVINO @{policy}", Config(parse_policy(policy), models), group=key, policy=policy)
     return c
 
 

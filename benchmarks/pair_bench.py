@@ -118,7 +118,7 @@ class Configs:
         """`policy` over `models` on the local executor (a worker per model), as the runtime runs a micro-batch."""
         config = Config(policy, models)
         self.closing.append(config)
-        self.calls[name] = lambda: config.run([self.frame], [self.boxes])
+        self.calls[name] = lambda: config.run([([self.frame], [self.boxes])])
         self.meta[name] = info
 
     def close(self) -> None:

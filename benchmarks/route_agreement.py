@@ -116,6 +116,15 @@ def _run(pipe: Any, image: np.ndarray, boxes: Any) -> Any:
     return person
 
 
+def _image(path: Any) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(str(path))
+    if image is None:
+        raise SystemExit(f"{path}: not a readable image; check ../shared/data")
+    return image
+
+
 def labelled_persons() -> list[tuple[str, Any, np.ndarray, Any]]:
     """(set, key, box, image path) of every labelled person: COCO and CrowdPose ground-truth boxes, MPII's
     centre/scale boxes (person height = scale x 200)."""
@@ -137,7 +146,6 @@ def labelled_persons() -> list[tuple[str, Any, np.ndarray, Any]]:
 def labelled(engine_dir: Path, policy: str, large_kp: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
     """A policy on the labelled persons: COCO AP, CrowdPose AP (12 limb joints), MPII PCKh@0.5 (12 limb joints), the
     share sent large and the agreement with the large model's keypoints (`large_kp`); and its keypoints."""
-    import cv2
 
     from dynpose import Pipeline
     from dynpose.eval.coco import evaluate_results, quiet
@@ -148,7 +156,7 @@ def labelled(engine_dir: Path, policy: str, large_kp: np.ndarray | None) -> tupl
 
     persons = labelled_persons()
     with Pipeline.from_engine_dir(engine_dir, route=policy) as pipe:
-        answers = [_run(pipe, cv2.imread(str(path)), box) for _, _, box, path in persons]
+        answers = [_run(pipe, _image(path), box) for _, _, box, path in persons]
     kp = np.stack([p.keypoints for p in answers])
     large = np.array([p.model == Role.LARGE for p in answers])
     out = {"share_large": float(large.mean())}
@@ -218,7 +226,7 @@ def pair_policies(pair_dir: Path, cals: dict[float, Any]) -> dict[str, str]:
 
     data = footage_data(pair_dir, spec(), FootageOptions(progress=False))
     ps = person_set(data, [0.1] * data.outputs.kpts_small.shape[1])  # OKS unused: only the signals are
-    out = {}
+    out: dict[str, str] = {}
     for target, runs in cals.items():
         for fam, w in runs[0].figures.per_family.items():
             if fam == "fixed":
@@ -243,7 +251,7 @@ def pair_engine_dir(engine_dir: Path) -> Path:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_all(engine_dir, models={Role.SMALL.value: "lpn_50", Role.LARGE.value: "hrnet_w32"}, progress=False)
+        export_all(engine_dir, models={Role.SMALL: "lpn_50", Role.LARGE: "hrnet_w32"}, progress=False)
     return engine_dir
 
 

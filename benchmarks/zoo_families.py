@@ -187,13 +187,13 @@ def add_pairs(cfg: Configs, dirs: dict[tuple[str, str], Path], batch: int, fract
             assert isinstance(solo, PoseModel)
             alone = Config(AllLarge(), {Role.SMALL: solo, Role.LARGE: solo})
             cfg.closing.append(alone)
-            cfg.calls[alone_name] = partial(alone.run, [frame], [boxes])
+            cfg.calls[alone_name] = partial(alone.run, [([frame], [boxes])])
             cfg.meta[alone_name] = {"kind": "alone", "model": pair.split("/")[1], "precision": precision, "batch": batch}
         models: dict[Role, CropModel] = {Role.SMALL: small, Role.LARGE: large, Role.ROUTER: es.require(Role.ROUTER)}
         routed = Config(Fraction(fraction), models)
         cfg.closing.append(routed)
         name = f"{pair} {precision} @{fraction:g}"
-        cfg.calls[name] = partial(routed.run, [frame], [boxes])
+        cfg.calls[name] = partial(routed.run, [([frame], [boxes])])
         cfg.meta[name] = {"kind": "pair", "pair": pair, "precision": precision, "batch": batch, "baseline": alone_name}
 
 

@@ -4,6 +4,7 @@ JSON and the PNG. Speed figures are printed by the benchmark, never asserted her
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,21 @@ def test_default_outputs_and_store_costs(tinypose_engine_dir: Path, tmp_path: Pa
 def test_help() -> None:
     run = CliRunner().invoke(bench_main, ["--help"])
     assert run.exit_code == 0 and "Examples" in run.output and "--fractions" in run.output
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")))
+def test_benchmark_scripts_import(script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every benchmark script imports against today's package (mypy checks their calls; this catches a module that
+    is gone, which mypy's ignore_missing_imports lets through)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    name = f"dynpose_bench_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
 
 
 def test_accuracy_table_markdown_and_readme_section(tmp_path: Path) -> None:

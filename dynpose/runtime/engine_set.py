@@ -108,12 +108,12 @@ def check_input(model: CropModel, where: str) -> None:
 class LoadOptions:
     """How an engine dir's models are opened.
 
-    backend: "ort" | "tensorrt" | "torch" (the manifest format it runs); device: "cpu" | "cuda"; threads: CPU cores
-    dynpose may use (None: all); detector: an ONNX detector file to use instead of the manifest's detector entry
-    (which is opened when present), with its score and IoU thresholds; backend_options: keyword options for the
-    backend's loader, given to every model it loads (torch: fp16, channels_last, cuda_graphs, compile; a router
-    that falls back to ONNX Runtime does not get them); with_detector: False opens no detector at all (a process
-    that only runs pose models, e.g. a service replica)."""
+    backend: "ort" | "openvino" | "tensorrt" | "torch" (the manifest format it runs); device: "cpu" | "cuda";
+    threads: CPU cores dynpose may use (None: all); detector: an ONNX detector file to use instead of the manifest's
+    detector entry (which is opened when present), with its score and IoU thresholds; backend_options: keyword
+    options for the backend's loader, given to every model it loads (torch: fp16, channels_last, cuda_graphs, compile;
+    a router that falls back to ONNX Runtime does not get them); with_detector: False opens no detector at all (a
+    process that only runs pose models, e.g. a service replica)."""
 
     backend: str = "ort"
     device: str = "cpu"
