@@ -2,9 +2,10 @@
 and at any routing policy, each against large-only with a 95% interval, the per-crop cost of every model, and the
 end-to-end pipeline on real images with a per-stage time breakdown.
 
-`timing` (interleaved rounds until the intervals are tight, solo baselines, machine facts, inputs), `stats`
-(bootstrap intervals), `load` (other processes' CPU use), `costs` (per-crop costs for the manifest), `crops` (the
-Dispatcher benchmark), `pipeline` (end to end), `report` (table and plot), `options` + `run` (`run_benchmark`).
+`timing` (interleaved rounds until the intervals are tight, solo baselines, machine facts, inputs), `stats` (bootstrap
+intervals), `load` (other processes' CPU use), `costs` (per-crop costs for the manifest), `crops` (the configurations
+timed: a policy over models, planned and run on the local executor), `pipeline` (end to end), `report` (table and
+plot), `options` + `run` (`run_benchmark`).
 """
 
 from dynpose.bench.costs import measure_costs, measure_costs_dir, store_costs

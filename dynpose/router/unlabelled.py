@@ -173,7 +173,7 @@ def frame_variants(
         router_u8 = u8_s
     else:
         router_u8 = _augmented_crops(img, jb, p, router_card, seed)[0]
-    # both models at once, each on its share of the cores (as the Dispatcher's workers)
+    # both models at once, each on its share of the cores (as the local executor's workers)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dynpose-teacher") as pool:
         fs = pool.submit(_keypoints, small, u8_s, c_s, s_s, p.flip)
         fl = pool.submit(_keypoints, large, u8_l, c_l, s_l, p.flip)

@@ -7,9 +7,9 @@ normalisation), channel mean, no pool. Every tensor is the same (the pool has no
 checkpoint and `router.pth` files load into either; what changes is the card (input 96x128) and the ONNX graph.
 What it saves: the 256x192 crop and normalisation for the router and the pool (the convolutions cost the same), and
 its crop is then exactly the small model's crop when the small model is 96x128 with the same normalisation (the
-TinyPose pair), so the two could share it (the Dispatcher shares crops with the large model today, not the small
-one). A 128x96 warp is not bit-identical to the 2x2 mean of a 256x192 warp, so a router meant for `pooled` is
-trained on pooled crops (`--router-input pooled`), which the label-free training does.
+TinyPose pair), so the two share it (the planner keeps the router's crop for whichever pose model crops the same way:
+`runtime.plan.Plan.crop`). A 128x96 warp is not bit-identical to the 2x2 mean of a 256x192 warp, so a router meant for
+`pooled` is trained on pooled crops (`--router-input pooled`), which the label-free training does.
 
 The pooled variant is not in the model zoo (`export_model` builds zoo models), so it is exported from this module
 with `export_torch` and registered with the export API's `register_onnx` (ONNX checks, fp16/INT8 + their checks,

@@ -3,9 +3,9 @@
 A *loader* turns a manifest entry into a `Runner`. A runner has an explicit lifecycle: the constructor only checks
 its arguments; `activate()` (or `with runner:`) makes the resources (an ONNX Runtime session, a TensorRT context and
 its CUDA buffers, a module on the device); `deactivate()` frees them. While active it takes an fp32 NCHW batch and
-returns the model's outputs as fp32 numpy (`infer`: the first output, e.g. heatmaps N x K x h x w or router scores
-N x 3; `infer_all`: every output in graph order, e.g. SimDR's x and y vectors), reports its input metadata, and
-times its own last inference. Runners know nothing about routing; the dispatcher knows nothing about ONNX Runtime,
+returns the model's outputs as fp32 numpy (`infer`: the first output, e.g. heatmaps N x K x h x w or router scores N x
+3; `infer_all`: every output in graph order, e.g. SimDR's x and y vectors), reports its input metadata, and times its
+own last inference. Runners know nothing about routing; the planner and executor know nothing about ONNX Runtime,
 TensorRT or torch.
 """
 

@@ -212,7 +212,7 @@ class TrtRunner(Runner):
             self.context = self.engine = self._runtime = None
 
     def _set_device(self) -> None:
-        # The current device is per host thread; the dispatcher may call from a worker thread.
+        # The current device is per host thread; the executor may call from a worker thread.
         cu.check(self._rt.cudaSetDevice(self.device_index), f"cudaSetDevice({self.device_index})")
 
     def _input_metadata(self) -> TensorMeta:
