@@ -80,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--models", type=Path, default=None, help="folder with tinypose_256x192.onnx (default: data/../models)")
-    ap.add_argument("--work", type=Path, default=Path("benchmarks") / "out" / "int8")
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out" / "int8")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's choice)")

@@ -288,6 +288,8 @@ def main() -> None:
     )
 
     precisions = ["fp32"] if args.no_int8 else ["fp32", "int8"]
+    if "int8" in precisions and not (args.shared / "data").is_dir():
+        ap.error(f"INT8 is calibrated on {args.shared / 'data'}, which is not here: pass --shared DIR or --no-int8")
     dirs = {(s, p): build_dir(args.work, s, p, args.shared) for p in precisions for s in SMALLS}
     cfg = configs(dirs, args.fractions, args.batch, not args.no_splits)
     try:

@@ -189,12 +189,16 @@ def add_pairs(cfg: Configs, dirs: dict[tuple[str, str], Path], batch: int, fract
             cfg.closing.append(alone)
             cfg.calls[alone_name] = partial(alone.run, [([frame], [boxes])])
             cfg.meta[alone_name] = {"kind": "alone", "model": pair.split("/")[1], "precision": precision, "batch": batch}
+            if precision != "fp32":
+                cfg.meta[alone_name]["baseline"] = f"{pair.split('/')[1]} alone fp32"
         models: dict[Role, CropModel] = {Role.SMALL: small, Role.LARGE: large, Role.ROUTER: es.require(Role.ROUTER)}
         routed = Config(Fraction(fraction), models)
         cfg.closing.append(routed)
         name = f"{pair} {precision} @{fraction:g}"
         cfg.calls[name] = partial(routed.run, [([frame], [boxes])])
-        cfg.meta[name] = {"kind": "pair", "pair": pair, "precision": precision, "batch": batch, "baseline": alone_name}
+        # the goal compares every pair with its large model alone in fp32 (the fp32 alone is added first)
+        baseline = f"{pair.split('/')[1]} alone fp32"
+        cfg.meta[name] = {"kind": "pair", "pair": pair, "precision": precision, "batch": batch, "baseline": baseline}
 
 
 def rows(samples: dict[str, list[float]], meta: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -263,6 +267,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=20, help="interleaved rounds (fixed)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-int8", action="store_true", help="fp32 only")
+    ap.add_argument(
+        "--pair-precisions",
+        default="fp32",
+        help="comma-separated precisions of the pair dirs (fp32, int8); each pair "
+        "and large model alone is compared with the large model alone in fp32",
+    )
     ap.add_argument("--json", type=Path, help="write the figures (with every round's samples) here")
     ap.add_argument("--report", type=Path, help="re-print a saved --json run, measure nothing")
     return ap.parse_args()
@@ -278,7 +288,13 @@ def main() -> None:
     precisions = ["fp32"] if args.no_int8 else ["fp32", "int8"]
     costs = [cost(m) for m in models]
     files = {(m, p): model_file(args.work, m, p, args.shared) for m in models for p in precisions}
-    dirs = {(pr, "fp32"): pair_dir(args.work, pr, "fp32", args.shared) for pr in pairs}
+    wanted = {p for p in args.pair_precisions.split(",") if p}
+    if not wanted <= {"fp32", "int8"}:
+        raise SystemExit(f"--pair-precisions {args.pair_precisions!r}: use fp32 and/or int8")
+    pair_precisions = ["fp32"] + (["int8"] if "int8" in wanted else [])
+    if ("int8" in precisions or "int8" in pair_precisions) and not (args.shared / "data").is_dir():
+        raise SystemExit(f"INT8 is calibrated on {args.shared / 'data'}, which is not here: pass --shared or --no-int8")
+    dirs = {(pr, p): pair_dir(args.work, pr, p, args.shared) for p in pair_precisions for pr in pairs}
     cfg = Configs()
     try:
         add_models(cfg, files, args.batches)

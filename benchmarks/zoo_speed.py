@@ -56,7 +56,7 @@ def _prepare(name: str, work: Path) -> tuple[Path, dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("benchmarks") / "out" / "zoo")
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out" / "zoo")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's choice)")

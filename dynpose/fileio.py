@@ -131,6 +131,12 @@ def replace_into(tmp: Path, target: Path, dest: str | os.PathLike | None = None)
         mode = _existing_mode(target, Path(dest))
         if mode is not None:
             os.chmod(tmp, mode)
+        # the data on disk before the name: after a power cut a renamed-in file must not come back empty
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     except OSError as e:
         raise write_error(e, dest) or e from None

@@ -23,15 +23,6 @@ class Role(str, Enum):
     def __str__(self) -> str:
         return self.value
 
-    @property
-    def other(self) -> Role:
-        """The other pose model (small <-> large)."""
-        if self is Role.SMALL:
-            return Role.LARGE
-        if self is Role.LARGE:
-            return Role.SMALL
-        raise DynPoseError(f"role {self.value} has no other pose model")
-
     @classmethod
     def parse(cls, text: object, where: str = "role", allowed: tuple[Role, ...] | None = None) -> Role:
         """A role from its name; anything else is a one-line error naming the accepted names."""

@@ -225,6 +225,12 @@ def test_drift_from_the_calibrated_agreement(both, caplog) -> None:
     small, large, areas, frame_index = both
     cal = Calibrated.of(RouteCalibration("box:40000", 0.3, {"agreement": 0.97, "agreement_ci": [0.96, 0.98]}))
     assert cal is not None and cal.ci == (0.96, 0.98)
+    # the label-free calibration stores its held-out agreement as an interval record (`bench.stats.Interval`)
+    from dynpose.bench.stats import Interval
+
+    record = {"method": "label-free", "agreement": Interval(0.943, 0.924, 0.962).to_dict()}
+    free = Calibrated.of(RouteCalibration("box-below:20697", 0.5, record))
+    assert free is not None and (free.agreement, free.ci) == (0.943, (0.924, 0.962))
     aud = Auditor(AuditOptions(1.0, calibrated=cal), SIGMAS, parse_policy("box:40000"))
     caplog.set_level(logging.WARNING, logger="dynpose.runtime.audit")
     for _ in range(3):
@@ -268,7 +274,7 @@ def test_small_equal_to_large_agrees_fully(shared: Path, coco) -> None:
     images, boxes = coco
     models = _open(shared, "128", "128")
     try:
-        with Pipeline(models, "all-small", audit=1.0, max_batch=16) as pipe:
+        with Pipeline(models, "all-small", audit=1.0) as pipe:
             for _ in range(2):
                 pipe.run_batch(images, boxes)
         f = pipe.auditor.figures()
@@ -322,7 +328,7 @@ def test_bad_audit_options_are_one_line_errors(tmp_path: Path, tinypose_128: Pat
 
     only_small = tmp_path / "engines"
     register_onnx(tinypose_128, tinypose_card(96, 128), only_small, role="small", progress=False)
-    with pytest.raises(DynPoseError, match=r"the audit re-runs persons on the large model and the manifest has none"):
+    with pytest.raises(DynPoseError, match=r"no onnx 'large' entry"):  # every pipeline needs both pose models
         Pipeline.from_engine_dir(only_small, route="all-small", audit=0.1)
 
 

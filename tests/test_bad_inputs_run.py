@@ -357,10 +357,20 @@ def test_killed_exports_leave_staging_that_the_next_export_removes(tmp_path: Pat
     card = ModelCard.from_json_file(REPO / "examples" / "cards" / "tinypose_128x96.json")
     register_onnx(tinypose_128, card, eng, role="small", progress=False)
     before = Manifest.load(eng).require("small").file
-    # a SIGKILLed export's folder (its process is gone), and a live one's (this process) that must stay
+    from dynpose.export.commit import STALE_AFTER_S, _host_tag
+
+    # a SIGKILLed export's folder (its process is gone) and a live one's (this process) on this host; another host's
+    # export (a shared filesystem: its pid means nothing here) that must stay, and one that was left a day ago
+    host = _host_tag()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (eng / f".staging-{dead.stdout.strip()}-abc").mkdir()
-    (eng / f".staging-{os.getpid()}-live").mkdir()
+    (eng / f".staging-{host}-{dead.stdout.strip()}-abc").mkdir()
+    live = f".staging-{host}-{os.getpid()}-live"
+    (eng / live).mkdir()
+    other = ".staging-0000beef-1-running"
+    (eng / other).mkdir()
+    (eng / ".staging-0000beef-2-killed").mkdir()
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(eng / ".staging-0000beef-2-killed", (old, old))
     # SIGTERM during an export: like Ctrl-C, the engine dir keeps its old state and no staging folder remains
     cmd = [
         sys.executable,
@@ -380,12 +390,12 @@ def test_killed_exports_leave_staging_that_the_next_export_removes(tmp_path: Pat
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not [p for p in eng.glob(f".staging-{proc.pid}-*")]:
+    while time.time() < deadline and not [p for p in eng.glob(f".staging-{host}-{proc.pid}-*")]:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "interrupted: the engine dir" in out, out
-    assert sorted(p.name for p in eng.iterdir() if p.name.startswith(".staging")) == [f".staging-{os.getpid()}-live"]
+    assert sorted(p.name for p in eng.iterdir() if p.name.startswith(".staging")) == sorted([live, other])
     assert Manifest.load(eng).require("small").file == before  # verified: the old state, loadable
 
 

@@ -165,3 +165,12 @@ def test_troubleshooting_quotes_messages_the_code_prints() -> None:
     pieces = _source_pieces()
     stale = [f"{coverage(m, pieces):.0%}  {m}" for m in MESSAGES if coverage(m, pieces) < 0.6]
     assert not stale, "docs/troubleshooting.md quotes messages the code no longer prints:\n" + "\n".join(stale)
+
+
+def test_one_version() -> None:
+    """pyproject's version is the one `dynpose --version`, the demo's cache key and the manifests carry."""
+    import dynpose
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    match = re.search(r'^version = "([^"]+)"', text, re.MULTILINE)
+    assert match is not None and match.group(1) == dynpose.__version__

@@ -165,10 +165,13 @@ class ModelStamp:
 
 
 def model_stamps(manifest: Manifest, roles: tuple[Role, ...], fmt: str) -> dict[Role, ModelStamp]:
-    """The stamps of `roles` in `fmt` as the manifest holds them now (roles without such an entry left out)."""
+    """The stamps of `roles` in `fmt` as the manifest holds them now (roles without such an entry left out); the
+    router without one is run from its ONNX (`runtime.engine_set.pick_entry`), so that entry stamps it."""
     out = {}
     for role in roles:
         e = manifest.get(role, fmt)
+        if e is None and role is Role.ROUTER:
+            e = manifest.get(role, "onnx")
         if e is not None:
             out[role] = ModelStamp(e.format, e.sha256)
     return out

@@ -11,12 +11,12 @@ The second half is the cost model of a route: `model_costs` (the record at one b
 it: `Policy.cost`), `break_even`, and the one line `dynpose-run`, `dynpose-bench` and the exporter print on whether
 a route can pay (`cost_line`, `log_route_costs`).
 
-The exporter's hook, after it commits a pose model or router (one line, at export time on the export machine; from
-`dynpose/cli/export.py`, since `dynpose.export` sits below `dynpose.bench` and must not import it):
+`dynpose-export` stores the costs once the engine dir has both pose models in the exported format (at export time on
+the export machine; from `dynpose/cli/export.py`, since `dynpose.export` sits below `dynpose.bench`):
 
-    store_costs(engine_dir, measure_costs_dir(engine_dir, backend=backend, device=device), backend, device)
+    store_costs(engine_dir, measure_costs_dir(engine_dir, backend, device))
 
-with backend "ort"/device "cpu" for ONNX exports and "tensorrt"/"cuda" for plans.
+with backend "ort"/device "cpu" for ONNX exports, "openvino"/"cpu" for IRs and "tensorrt"/"cuda" for plans.
 """
 
 from __future__ import annotations

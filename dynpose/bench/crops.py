@@ -137,7 +137,7 @@ def configurations(
     if fractions and engines.router is None:
         raise DynPoseError(
             "the engine dir has no router, so DynPose at routing fractions cannot run; export one "
-            "(`dynpose-export --role router`) into it, or pass --fractions '' with router-free --policies"
+            "(`dynpose-export --model router`) into it, or pass --fractions '' with router-free --policies"
         )
     router = {Role.ROUTER: engines.router} if engines.router is not None else {}
     for f in fractions:

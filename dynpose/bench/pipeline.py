@@ -21,10 +21,9 @@ from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.engine_set import EngineSet
 from dynpose.runtime.execute import execute
 from dynpose.runtime.model import CropModel, PoseModel, Router
-from dynpose.runtime.pipeline import OKS_NMS_THR, RESCORE_THR, Pipeline
+from dynpose.runtime.pipeline import Pipeline, persons_of
 from dynpose.runtime.plan import Done, FrameInput, Plan, Work, make_plan
 from dynpose.runtime.policy import Policy, parse_policy
-from dynpose.runtime.postprocess import oks_nms, rescore
 
 STAGES = ("decode_image", "crop", Role.ROUTER.value, Role.SMALL.value, Role.LARGE.value, "decode_keypoints", "rescore_nms")
 
@@ -88,11 +87,7 @@ def _sequential_frame(models: dict[Role, CropModel], policy: Policy, path: Path,
     for r in (Role.SMALL, Role.LARGE):
         st.routed[r.value] += int(sum(res.role(i) == r for i in range(len(res.model))))
     sigmas = models[Role.LARGE].card.keypoint_set.sigmas
-    areas = np.prod(res.scales, axis=1)
-    st.timed(
-        "rescore_nms",
-        lambda: oks_nms(res.keypoints, rescore(res.keypoints, boxes.scores, thr=RESCORE_THR), areas, OKS_NMS_THR, sigmas),
-    )
+    st.timed("rescore_nms", lambda: persons_of(res, sigmas))  # as the Pipeline answers (NMS only for scored boxes)
 
 
 def pipeline_benchmark(

@@ -25,7 +25,7 @@ Examples:
   dynpose-export --model hrnet_w32 --weights random --engine-dir engines/
   dynpose-export --model all --checkpoint mmpose --engine-dir engines/
   # any pair of zoo models with the same keypoints, one checkpoint file per role (offline)
-  dynpose-export --model all --small lpn_50 --large hrnet_w32 --checkpoint small=lpn_50.pth \
+  dynpose-export --model all --small lpn_50 --large hrnet_w32 --checkpoint small=lpn_50.pth \\
       --checkpoint large=pose_hrnet_w32_256x192.pth --checkpoint router=backbone.pth --engine-dir engines/
   dynpose-export --model resnet_50 --checkpoint ckpt/res50.pth --precision fp16 --engine-dir engines/
   dynpose-export --model hrnet_w32 --checkpoint mmpose --precision int8 \\
@@ -34,7 +34,7 @@ Examples:
       --calib-ann person_keypoints.json --calib-images images/ --engine-dir engines/
   dynpose-export --model hrnet_w32 --checkpoint mmpose --format tensorrt --precision fp16 --engine-dir engines/
   # OpenVINO IR for CPUs: the fastest of fp32 / bf16 / int8 that passes the accuracy gate on this machine
-  dynpose-export --model all --small lpn_50 --checkpoint mmpose --format openvino --precision auto \
+  dynpose-export --model all --small rtmpose_s --checkpoint mmpose --format openvino --precision auto \\
       --calib-root data/ --gate-ann data/coco/test_coco.json --engine-dir engines/
   dynpose-export --detector picodet_s_320_pedestrian.onnx --engine-dir engines/
 """
@@ -240,7 +240,8 @@ def _summary(entries: list[Entry], engine_dir: Path) -> None:
 @click.option(
     "--role",
     type=click.Choice([r.value for r in MODEL_ROLES]),
-    help="Role in the engine dir (default: router for router, large for hrnet_*, small otherwise; required with --onnx).",
+    help="Role in the engine dir (default: router for router; large for hrnet_*, simdr_hrnet_*, hourglass_*, dpn, "
+    "rtmpose_m*, rtmpose_l*, vitpose_*; small otherwise; required with --onnx).",
 )
 @click.option(
     "--format",

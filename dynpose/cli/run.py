@@ -144,7 +144,8 @@ def _check(o: RunOptions) -> Policy | None:
     if len(o.source) > 1 and (o.detections or o.gt_boxes or o.eval_gt):
         raise DynPoseError("--detections, --gt-boxes and --eval name the images of one source; give one --source")
     if (o.det_every > 1 or o.keyframes) and (o.detections or o.gt_boxes):
-        raise DynPoseError("--det-every saves detector calls; --detections / --gt-boxes give every frame's boxes already")
+        flag = "--keyframes" if o.keyframes else "--det-every"
+        raise DynPoseError(f"{flag} saves detector calls; --detections / --gt-boxes give every frame's boxes already")
     if o.max_pixels < 0:
         raise DynPoseError(f"--max-pixels {o.max_pixels}: must be >= 0 (0: no limit)")
     if o.max_batch < 1:
@@ -360,7 +361,7 @@ def _sinks(o: RunOptions, srcs: list[FrameSource], pipe: Pipeline) -> list[list[
     type=float,
     default=None,
     help="Live audit: this share (0-1) of the persons the route left on the small model also run on the large model, "
-    "off the hot path; the agreement (mean OKS against the large model, 95%% interval) is printed and written beside "
+    "off the hot path; the agreement (mean OKS against the large model, 95% interval) is printed and written beside "
     "--out as NAME.audit.json.",
 )
 @click.option(
@@ -411,10 +412,12 @@ def _demo(o: RunOptions) -> None:
     for i, job in enumerate(plan.jobs, 1):
         click.echo(f"== demo {i}/{len(plan.jobs)}: {job.title}")
         run = replace(o, engine_dir=str(plan.engine.path), source=job.sources, out=job.out, vis=job.vis, eval_gt=job.eval_gt)
+        if job.track is not None:  # the shipped samples write the formats their file names say
+            run = replace(run, out_format=None)
         if job.track:
             run = replace(run, track=True)
         elif job.track is not None:  # the sample images: the tracking flags are for the video
-            run = replace(run, track=False, det_every=1, reroute_every=1, smooth=None)
+            run = replace(run, track=False, det_every=1, reroute_every=1, smooth=None, keyframes=False)
         _run(run)
     for line in plan.outro():
         click.echo(line)
@@ -456,7 +459,6 @@ def _pipeline(o: RunOptions, policy: Policy | None, threads: int | None) -> Pipe
         o.engine_dir,
         route=policy,
         flip=o.flip,
-        max_batch=o.max_batch,
         backend=o.backend,
         device=o.device,
         threads=threads,
@@ -494,7 +496,8 @@ def _loop(
 def _warnings(o: RunOptions, boxes: BoxSource, sinks: list[list[ResultSink]], report: RunReport) -> None:
     from dynpose.io.box_sources import FileBoxes
 
-    no_id = list(getattr(boxes, "no_id", [])) + [n for s in sinks[0] for n in getattr(s, "no_id", [])]
+    # the box file and the COCO sink may both miss the same image: count names once
+    no_id = sorted(set(getattr(boxes, "no_id", [])) | {n for s in sinks[0] for n in getattr(s, "no_id", [])})
     if no_id and (o.out is not None or o.eval_gt):
         click.echo(
             f"warning: {len(no_id)} image(s) have no COCO image id (e.g. {no_id[0]}); they get no COCO "

@@ -178,8 +178,8 @@ def _evaluate(kw: dict[str, Any], console: Any) -> None:
 
     ev = evaluate_router(
         kw["engine_dir"], kw["eval_ann"], kw["eval_images"], _fractions(kw["eval_fractions"]), seed=kw["seed"],
-        backend=kw["backend"], device=kw["device"], cache_dir=kw["cache_dir"], progress=not kw["quiet"],
-        detections=kw["eval_dets"],
+        backend=kw["backend"], device=kw["device"], cache_dir=kw["cache_dir"], use_cache=not kw["no_cache"],
+        progress=not kw["quiet"], detections=kw["eval_dets"],
     )  # fmt: skip
     for line in ev.lines():
         console.print(line)
@@ -215,7 +215,8 @@ def _calibrate(kw: dict[str, Any], console: Any) -> None:
     res = calibrate(
         kw["engine_dir"], kw["ann"], kw["images"],
         target_fraction=kw["target_fraction"], target_ap_drop=kw["target_ap_drop"],
-        backend=kw["backend"], device=kw["device"], cache_dir=kw["cache_dir"], progress=not kw["quiet"],
+        backend=kw["backend"], device=kw["device"], cache_dir=kw["cache_dir"], use_cache=not kw["no_cache"],
+        threads=kw["threads"], progress=not kw["quiet"],
         detections=kw["detections"][0] if kw["detections"] else None, cost_batch=kw["cost_batch"], **_families(kw),
     )  # fmt: skip
     console.print(

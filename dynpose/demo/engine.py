@@ -83,11 +83,17 @@ def _remove(path: Path) -> None:
 
 
 def _sweep(root: Path, keep: str) -> None:
-    """Remove engine dirs of other versions/assets and builds that were killed long ago."""
+    """Remove engine dirs of other versions/assets and builds that were killed long ago. Another run sweeping at
+    the same time is no error."""
     for p in root.iterdir():
         if p.name.startswith("engines-") and p.name != keep:
             _remove(p)
-        elif p.name.startswith((".build-", ".gone-")) and time.time() - p.stat().st_mtime > _STALE_BUILD_S:
+            continue
+        try:
+            old = time.time() - p.stat().st_mtime > _STALE_BUILD_S
+        except FileNotFoundError:  # removed by a concurrent run
+            continue
+        if p.name.startswith((".build-", ".gone-")) and old:
             shutil.rmtree(p, ignore_errors=True)
 
 

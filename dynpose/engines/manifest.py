@@ -722,6 +722,19 @@ def commit_staged(
         return _commit_locked(Path(engine_dir), Path(stage), entries, manifest, on_step)
 
 
+def _drop_other_models(manifest: Manifest, entries: Sequence[Entry], engine_dir: Path) -> None:
+    """A role re-exported as another model drops that role's entries of the old model in other formats (its IR,
+    plan or torch entry): every backend must run the same model for a role."""
+    new = {e.role: e.model for e in entries}
+    stale = [e for e in manifest.entries if e.role in new and e.model != new[e.role]]
+    for e in stale:
+        log.warning(
+            "%s: the %s entry (%s) was %s, now %s is; removed it (export %s again in that format if you need it)",
+            *(engine_dir, e.role, e.format, e.model, new[e.role], new[e.role]),
+        )
+    manifest.entries = [e for e in manifest.entries if e not in stale]
+
+
 def _commit_locked(
     engine_dir: Path, stage: Path, entries: Sequence[Entry], manifest: Manifest | None, on_step: StepHook | None
 ) -> Manifest:
@@ -745,6 +758,7 @@ def _commit_locked(
             moved.append(dst)
         for e in entries:
             manifest.put(e)
+        _drop_other_models(manifest, entries, engine_dir)
         hook("manifest", MANIFEST_NAME)
         manifest.save(engine_dir)
     except BaseException:

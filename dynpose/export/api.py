@@ -282,6 +282,11 @@ def export_all(
     chosen = {**DYNPOSE_SET, **{Role.parse(r, "export_all models"): n for r, n in (models or {}).items()}}
     _check_pair(chosen)
     weights = {Role.parse(r, "export_all weights"): w for r, w in (weights or {}).items()}
+    from dynpose.models import get_card
+    from dynpose.models.weights import check_source
+
+    for role, source in weights.items():  # a missing file for the large model must not leave a new router behind
+        check_source(get_card(chosen[role]), source)
     out: list[Entry] = []
     for role in MODEL_ROLES:
         role_opts = replace(opts, precision="fp32") if role is Role.ROUTER else opts

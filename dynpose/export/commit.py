@@ -8,10 +8,13 @@ as it was; the staging folder is removed either way. `commit` is the one place f
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 # Writing into a full or read-only engine dir: these mean "the disk", not a bug, and get one line.
+STALE_AFTER_S = 24 * 3600  # another host's staging folder untouched this long is a killed export's
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
@@ -40,13 +44,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host_tag() -> str:
+    """This machine (or container: its own pid namespace), as a staging name part: a pid means something only here."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _stale(p: Path, host: str, now: float) -> bool:
+    """A staging folder of a killed export: this host's with a pid that no longer runs, or anybody's untouched for
+    a day (another host's export, on a shared filesystem, cannot be asked whether it still runs)."""
+    tag, _, rest = p.name[len(STAGING_PREFIX) :].partition("-")
+    pid = rest.split("-", 1)[0]
+    if tag == host and pid.isdigit():
+        return not _pid_alive(int(pid))
+    try:
+        return now - p.stat().st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+
+
 def remove_stale_staging(engine_dir: Path) -> list[Path]:
-    """Remove staging folders an earlier export left behind when it was killed (SIGKILL, power loss): those whose
-    process no longer exists. A live export's folder (its pid is in the name) is left alone."""
+    """Remove staging folders an earlier export left behind when it was killed (SIGKILL, power loss). A live
+    export's folder (its host and pid are in the name) is left alone."""
     removed = []
+    host, now = _host_tag(), time.time()
     for p in engine_dir.glob(f"{STAGING_PREFIX}*"):
-        pid = p.name[len(STAGING_PREFIX) :].split("-", 1)[0]
-        if p.is_dir() and (not pid.isdigit() or not _pid_alive(int(pid))):
+        if p.is_dir() and _stale(p, host, now):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     if removed:
@@ -57,7 +79,7 @@ def remove_stale_staging(engine_dir: Path) -> list[Path]:
 @contextmanager
 def staging(engine_dir: str | os.PathLike) -> Iterator[Path]:
     """A temp folder inside the engine dir (same filesystem, so the final moves are atomic renames), named with
-    this process's pid so a later export can tell a killed export's leftovers from a running one's. A full or
+    this host's tag and process's pid so a later export can tell a killed export's leftovers from a running one's. A full or
     read-only disk during the export is one line, and the engine dir is left as it was."""
     engine_dir = Path(engine_dir)
     if engine_dir.exists() and not engine_dir.is_dir():
@@ -65,7 +87,7 @@ def staging(engine_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         engine_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(engine_dir)
-        stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=engine_dir))
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-", dir=engine_dir))
     except OSError as e:
         raise DynPoseError(f"engine dir {engine_dir}: cannot write there ({e.strerror}); pick a writable folder") from None
     try:

@@ -11,7 +11,7 @@
     auto   every precision this CPU runs (int8 when calibration data is given), each judged; the fastest that
            passes, timed at batch 8 on this machine, is kept, and the export logs every figure it measured
 
-The gate is the one fp16 and INT8 pass on ONNX Runtime (`runtime.compare`): decoded keypoints against the fp32 ONNX
+The gate is the one fp16 and INT8 pass on ONNX Runtime (`export.judges`): decoded keypoints against the fp32 ONNX
 on held-out real crops, mean OKS >= --min-oks (a router: the same routing decisions). The ONNX Runtime fp32 model is
 timed beside the candidates, so every export says what OpenVINO gains over it.
 
@@ -195,6 +195,32 @@ def _with(check: Check, figures: dict[str, Any]) -> Check:
     return Check(check.name, check.passed, {**check.figures, **figures}, check.message)
 
 
+def _failed_int8(make: Callable[[], Check]) -> Check:
+    """A path to INT8 that OpenVINO refuses (a quantized graph its CPU plugin cannot run) is a failed candidate: the
+    other INT8 path, fp32 and bf16 are still judged."""
+    try:
+        return make()
+    except DynPoseError as e:
+        return Check("int8", False, {"int8_oks": 0.0, "int8_oks_min": 0.0}, str(e))
+
+
+def _qdq_int8(ctx: _Ctx, calib: CalibSpec, options: Int8Options, xml: Path) -> Check:
+    """Our Q/DQ INT8 (pose: the calibration and the fp32-layer search, judged in OpenVINO), converted to `xml`."""
+    qdq = ctx.tmp / "int8-qdq.onnx"
+    if isinstance(ctx.judge, PoseJudge):
+        log.info("%s: int8 from the Q/DQ calibration (layer search judged in OpenVINO)", ctx.judge.card.name)
+        check = search_int8(ctx.src, qdq, calib, ctx.judge, options)
+    else:
+        figures, gate = quantize_router_int8(
+            ctx.src, qdq, ctx.judge.card, calib, target=options.target, cache_dir=options.cache_dir,
+            progress=options.progress,
+        )  # fmt: skip
+        check = _with(ctx.judge(ov_evaluate("f32")(qdq, gate.x), ctx.ref(gate.x), gate, "int8"), figures)
+    if check:
+        save_ir(convert_onnx(qdq), xml)
+    return check
+
+
 def _int8_candidates(ctx: _Ctx, fp32_xml: Path) -> list[Candidate]:
     """The Q/DQ INT8 (our calibration and layer search, judged in OpenVINO) and, for pose models, NNCF's."""
     calib = ctx.options.calib
@@ -204,24 +230,17 @@ def _int8_candidates(ctx: _Ctx, fp32_xml: Path) -> list[Candidate]:
         )
     run = ov_evaluate("f32")
     options = replace(ctx.options.int8, evaluate=run)
-    qdq = ctx.tmp / "int8-qdq.onnx"
-    if isinstance(ctx.judge, PoseJudge):
-        log.info("%s: int8 from the Q/DQ calibration (layer search judged in OpenVINO)", ctx.judge.card.name)
-        check = search_int8(ctx.src, qdq, calib, ctx.judge, options)
-    else:
-        figures, gate = quantize_router_int8(
-            ctx.src, qdq, ctx.judge.card, calib, target=options.target, cache_dir=options.cache_dir
-        )
-        check = _with(ctx.judge(run(qdq, gate.x), ctx.ref(gate.x), gate, "int8"), figures)
-    xml = save_ir(convert_onnx(qdq), ctx.tmp / "int8-qdq.xml") if check else ctx.tmp / "int8-qdq.xml"
+    xml = ctx.tmp / "int8-qdq.xml"
+    check = _failed_int8(lambda: _qdq_int8(ctx, calib, options, xml))
     out = [Candidate("int8 (qdq)", "int8", "f32", xml, _with(check, {"int8_source": "qdq"}), source="qdq")]
-    if isinstance(ctx.judge, PoseJudge):
+    judge = ctx.judge
+    if isinstance(judge, PoseJudge):
         from dynpose.export.calibration.nncf_int8 import nncf_int8
 
-        log.info("%s: int8 from NNCF post-training quantization", ctx.judge.card.name)
+        log.info("%s: int8 from NNCF post-training quantization", judge.card.name)
         nxml = ctx.tmp / "int8-nncf.xml"
-        check = nncf_int8(fp32_xml, nxml, calib, ctx.judge, options, run, ctx.ref)
-        log.info("  %s", ctx.judge.summary(check) if "int8_oks" in check.figures else check.message)
+        check = _failed_int8(lambda: nncf_int8(fp32_xml, nxml, calib, judge, options, run, ctx.ref))
+        log.info("  %s", judge.summary(check) if "int8_oks" in check.figures else check.message)
         out.append(Candidate("int8 (nncf)", "int8", "f32", nxml, check, source="nncf"))
     return out
 

@@ -55,8 +55,8 @@ class ExportOptions:
 
     def check(self, role: Role) -> None:
         """Refuse what cannot be exported (before any model is built): the role, precision and format, the batch,
-        INT8 without calibration data, an OpenVINO export on a machine without OpenVINO or the precision's
-        instructions."""
+        the gate's min_oks, INT8 without calibration data, an OpenVINO export on a machine without OpenVINO or the
+        precision's instructions."""
         if role not in MODEL_ROLES:
             raise DynPoseError(f"role {role!r}: use one of {', '.join(map(str, MODEL_ROLES))}")
         if self.precision not in (*PRECISIONS, "auto"):
@@ -70,6 +70,9 @@ class ExportOptions:
             )
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise DynPoseError(f"max batch {self.max_batch!r}: must be an integer >= 1")
+        # NaN compares false with every OKS, so a NaN gate would pass anything
+        if isinstance(self.min_oks, bool) or not isinstance(self.min_oks, (int, float)) or not 0 <= self.min_oks <= 1:
+            raise DynPoseError(f"min_oks {self.min_oks!r}: must be a number in [0, 1] (the accuracy gate's mean OKS)")
         # A spec with only a gate file (fp16's accuracy gate) has nothing to calibrate on.
         if self.precision == "int8" and (self.calib is None or not self.calib.sources):
             raise DynPoseError(NEEDS_CALIB)

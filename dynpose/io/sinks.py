@@ -13,9 +13,10 @@
 
 `Outputs` makes a run's sinks for one source (per-source file names when a run has several sources).
 
-Every sink writes into a temporary file beside its destination and renames it into place on `close`, so an
-interrupted or failed run leaves the old file or the new one, never half of one; where it will write is checked
-when the sink is made, before any model runs.
+Every file sink (and the drawn video) writes into a temporary file beside its destination and renames it into place
+on `close`, so an interrupted or failed run leaves the old file or the new one, never half of one. Drawings of
+images are written one by one as the frames come (each atomically): an interrupted run leaves the ones made so far.
+Where a sink will write is checked when it is made, before any model runs.
 """
 
 from __future__ import annotations
@@ -147,9 +148,14 @@ class JsonLinesSink:
         return f"wrote {self.path} ({self.count} frame{'s' if self.count != 1 else ''})"
 
 
+# image formats OpenCV writes a 3-channel drawing in (the grey-only and JPEG 2000 ones are drawn as .png)
+COLOUR_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff", ".ppm"})
+
+
 class DrawingSink:
-    """Drawn persons (box, skeleton, which model ran) scoring at least `min_score`: one image per input image, or
-    one mp4 for a video or webcam source."""
+    """Drawn persons (box, skeleton, which model ran) scoring at least `min_score`: one image per input image (named
+    as the input; .png where the input's format holds no colour drawing, e.g. .pgm), or one mp4 for a video or webcam
+    source."""
 
     def __init__(
         self,
@@ -172,7 +178,8 @@ class DrawingSink:
 
         img = draw_persons(frame.image_bgr, [p for p in persons if p.score >= self.min_score], self.keypoint_set)
         if self.video_name is None:
-            write_image(self.folder / frame.name, img)
+            name = Path(frame.name)
+            write_image(self.folder / (name if name.suffix.lower() in COLOUR_SUFFIXES else name.with_suffix(".png")), img)
         else:
             if self._writer is None:
                 self._writer = VideoWriter(self.folder / f"{self.video_name}.mp4", fps=self.fps)
@@ -296,11 +303,22 @@ class Outputs:
     ) -> list[ResultSink]:
         """The sinks of one source. `stem` (runs with several sources) names the per-source files:
         `out` x.jsonl -> x_<stem>.jsonl, and the drawings `vis`/<stem>.mp4 (videos) or `vis`/<stem>/ (images)."""
+        self.guard.check_file(per_source(self.out, stem) if self.out is not None else None, "--out")
+        sinks: list[ResultSink] = []
+        try:
+            self._add(sinks, src, keypoint_set, stem, vid_id)
+        except BaseException:
+            for s in sinks:  # a refused --vis must not leave the --out sink's temp file behind
+                s.abort()
+            raise
+        return sinks
+
+    def _add(
+        self, sinks: list[ResultSink], src: FrameSource, keypoint_set: KeypointSet, stem: str | None, vid_id: int
+    ) -> None:
         fmt = out_format(self.out, self.fmt)
         out = per_source(self.out, stem) if self.out is not None else None
         name = stem or (f"webcam{src.source}" if src.kind == "webcam" else Path(src.source).stem)
-        self.guard.check_file(out, "--out")
-        sinks: list[ResultSink] = []
         if fmt == "jsonl":
             sinks.append(JsonLinesSink(out))  # type: ignore[arg-type]
         elif fmt == "posetrack":
@@ -314,4 +332,3 @@ class Outputs:
             sinks.append(
                 DrawingSink(folder, keypoint_set, video_name=name if live else None, fps=src.fps, min_score=self.vis_score)
             )
-        return sinks

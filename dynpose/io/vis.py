@@ -129,7 +129,10 @@ def _draw_labels(img: np.ndarray, labels: Sequence[tuple[str, tuple[int, int], t
 def write_image(path: str | os.PathLike, image_bgr: np.ndarray) -> None:
     """Encode by the file's suffix (.jpg, .png, ...) and write atomically."""
     path = Path(path)
-    ok, buf = cv2.imencode(path.suffix or ".jpg", image_bgr)
+    try:
+        ok, buf = cv2.imencode(path.suffix or ".jpg", image_bgr)
+    except cv2.error:
+        ok = False
     if not ok:
         raise DynPoseError(f"image {path}: OpenCV cannot encode {path.suffix!r}; use .jpg or .png")
     write_bytes_atomic(path, buf.tobytes())

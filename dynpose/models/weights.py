@@ -346,6 +346,27 @@ def attach(model: nn.Module, **attrs: Any) -> nn.Module:
 
 
 # -- the public entry point ---------------------------------------------------------------------------------------
+def check_source(card: ModelCard, source: str | os.PathLike) -> None:
+    """Refuse, without downloading or reading anything, a weights source `_resolve` would refuse: a batch of exports
+    checks every model's source before it exports the first."""
+    if source == "random" or (isinstance(source, str) and source.startswith(("http://", "https://"))):
+        return
+    if isinstance(source, str) and source in card.sources:
+        if not card.sources[source].get("url"):
+            entry = card.sources[source]
+            raise DynPoseError(
+                f"{card.name}: the '{source}' checkpoint has no direct download link; get it from "
+                f"{entry.get('manual', 'its publisher')} and pass the downloaded file's path"
+            )
+        return
+    if not Path(source).expanduser().is_file():
+        aliases = ", ".join(card.sources) if card.sources else "none"
+        raise DynPoseError(
+            f"{card.name}: checkpoint {source!s}: file not found; pass a checkpoint path, an http(s) URL, or a known "
+            f"alias for this model ({aliases})"
+        )
+
+
 def _resolve(
     card: ModelCard | None, source: str | os.PathLike, progress: bool
 ) -> tuple[Path, str | None, str | None, str | None]:

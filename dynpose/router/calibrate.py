@@ -250,6 +250,7 @@ def calib_data(
             backend=opts.backend,
             device=opts.device,
             cache_dir=opts.cache_dir,
+            use_cache=opts.use_cache,
             progress=opts.progress,
         )
 
@@ -267,6 +268,7 @@ def calib_data(
             backend=opts.backend,
             device=opts.device,
             cache_dir=opts.cache_dir,
+            use_cache=opts.use_cache,
             progress=opts.progress,
         )
 
@@ -359,7 +361,7 @@ def measured_costs(
 
 
 def family(policy: Policy) -> str:
-    """threshold | box | box-threshold | fixed (all-small, all-large)."""
+    """The policy's family name (one of FAMILIES), or fixed (all-small, all-large)."""
     kind = str(policy).partition(":")[0]
     return kind if kind in FAMILIES else "fixed"
 
@@ -421,6 +423,7 @@ class CalibOptions:
     backend: str = "ort"
     device: str = "cpu"
     cache_dir: str | os.PathLike | None = None
+    use_cache: bool = True  # False: neither read nor write the cached model outputs
     save: bool = True
     progress: bool = True
     detections: str | os.PathLike | None = None  # calibrate on these boxes (the Pipeline's view) instead of GT boxes

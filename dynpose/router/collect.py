@@ -343,7 +343,7 @@ def collect_det_outputs(
     **run: Any,
 ) -> tuple[DetOutputs, Crops]:
     """Both pose models on every detection of a detections file (cached like `collect_outputs`). `run`: backend
-    ("ort"), device ("cpu"), progress (True), as `run_pair` takes them."""
+    ("ort"), device ("cpu"), progress (True), as `run_pair` takes them, and use_cache (True)."""
     backend = run.get("backend", "ort")
     small, large = pose_entries(Manifest.load(engine_dir), engine_dir, backend)
     ann = load_coco(ann_path) if ann_path is not None else None
@@ -357,12 +357,14 @@ def collect_det_outputs(
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     cache_file = _cache_file(engine_dir, cache_dir, "det-outputs", key)
-    cached = DetOutputs.load(cache_file, key)
+    use_cache = run.get("use_cache", True)
+    cached = DetOutputs.load(cache_file, key) if use_cache else None
     if cached is not None and len(cached) == len(crops):
         return cached, crops
     kp_s, kp_l, crop_wh = run_pair(engine_dir, crops, backend, run.get("device", "cpu"), run.get("progress", True))
     out = DetOutputs(crops.image_ids, crops.boxes, crops.box_scores(), np.prod(crop_wh, axis=1), kp_s, kp_l, crop_wh)
-    out.save(cache_file, key)
+    if use_cache:
+        out.save(cache_file, key)
     return out, crops
 
 

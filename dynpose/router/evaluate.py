@@ -124,8 +124,8 @@ def evaluate_router(
     seed: int = 0,
     **options: Any,
 ) -> RouterEval:
-    """The figures of the module doc. `options`: backend, device, cache_dir, progress (as `collect_outputs`), and
-    detections (a detections file of the same images: the run-time view)."""
+    """The figures of the module doc. `options`: backend, device, cache_dir, use_cache, progress (as
+    `collect_outputs`), and detections (a detections file of the same images: the run-time view)."""
     from scipy.stats import spearmanr
 
     from dynpose.engines.manifest import Manifest
@@ -133,7 +133,7 @@ def evaluate_router(
     backend, device = options.get("backend", "ort"), options.get("device", "cpu")
     out, crops = collect_outputs(
         engine_dir, ann_path, images_dir, backend=backend, device=device, cache_dir=options.get("cache_dir"),
-        progress=options.get("progress", True),
+        use_cache=options.get("use_cache", True), progress=options.get("progress", True),
     )  # fmt: skip
     s1 = router_scores(engine_dir, crops, backend=backend, device=device)[:, 1].astype(np.float64)
     gain = out.oks_large - out.oks_small
@@ -154,7 +154,7 @@ def evaluate_router(
     dets = options.get("detections")
     if dets is None:
         return ev
-    opts = {k: options[k] for k in ("backend", "device", "cache_dir", "progress") if k in options}
+    opts = {k: options[k] for k in ("backend", "device", "cache_dir", "use_cache", "progress") if k in options}
     return detection_eval(ev, engine_dir, ann_path, images_dir, dets, **opts)
 
 

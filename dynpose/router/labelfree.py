@@ -47,7 +47,7 @@ import numpy as np
 
 from dynpose.bench.agreement import Counts, FamilyFigures, LabelFreeFigures
 from dynpose.bench.stats import Interval, clustered_mean_ci
-from dynpose.engines.manifest import Manifest, RouteCalibration
+from dynpose.engines.manifest import Manifest, RouteCalibration, updating_manifest
 from dynpose.errors import DynPoseError
 from dynpose.roles import Role
 from dynpose.router.calibrate import (
@@ -379,9 +379,8 @@ def _settings(o: LabelFreeOptions, costs: ModelCosts) -> dict[str, Any]:
 
 def store(engine_dir: str | os.PathLike, result: LabelFreeCalibration) -> None:
     """The policy as the manifest's route, its figures under notes.router_calibration (one atomic write)."""
-    manifest = Manifest.load(engine_dir)
-    manifest.set_calibration(RouteCalibration(result.policy, result.fraction, result.figures.to_dict()))
-    manifest.save(engine_dir)
+    with updating_manifest(engine_dir, "store the label-free route", verify=True) as manifest:
+        manifest.set_calibration(RouteCalibration(result.policy, result.fraction, result.figures.to_dict()))
 
 
 def report_lines(res: LabelFreeCalibration) -> list[str]:

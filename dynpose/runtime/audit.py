@@ -33,15 +33,16 @@ frames.
 Steering (`AuditOptions.target`, `--audit-target A`): the samples planned under the current policy since its last
 change are its evidence. Once it holds at least `every` persons with a defined OKS:
 - the interval's upper bound below A: the policy moves one step toward the large model (`Policy.toward_large`);
-- the lower bound above A + `margin`, and the policy was moved toward the large model before: one step back
-  (`toward_small`); it never moves past the policy it started with toward the small model.
+- the lower bound above A + `margin`, and the policy was moved toward the large model before: one step back, to
+  the very policy it came from; it never moves past the policy it started with toward the small model.
 Each move starts a new epoch (samples of plans made under the old policy no longer count) and is logged with the
 evidence. A fixed policy (`all-small`, `all-large`) or one at its bound cannot move: that is logged once per epoch.
 
 Drift: when the engine dir's route was calibrated (`Manifest.calibration`, written by `dynpose-train-router
---calibrate`), its figures `agreement` (a number) and `agreement_ci` ([lo, hi]) are the held-out agreement of the
-calibrated policy. While that policy runs, a live interval that does not overlap the calibrated one (or excludes
-the calibrated value, when no interval was stored) is logged as a warning, once, and again when it comes back.
+--calibrate`), its figures `agreement` (a number, or the label-free calibration's interval {value, lo, hi}) and
+`agreement_ci` ([lo, hi]) are the held-out agreement of the calibrated policy. While that policy runs, a live interval
+that does not overlap the calibrated one (or excludes the calibrated value, when no interval was stored) is logged as
+a warning, once, and again when it comes back.
 """
 
 from __future__ import annotations
@@ -240,6 +241,10 @@ class Calibrated:
         if cal is None or "agreement" not in cal.figures:
             return None
         a, ci = cal.figures.get("agreement"), cal.figures.get("agreement_ci")
+        if isinstance(a, dict) and ci is None and "lo" in a and "hi" in a:  # the label-free record: an interval
+            ci = [a["lo"], a["hi"]]
+        if isinstance(a, dict):
+            a = a.get("value")
         try:
             policy = str(parse_policy(cal.policy))
             value = float(a)  # type: ignore[arg-type]
@@ -354,7 +359,7 @@ class Auditor:
         self._total = _Tally()
         self._by_policy: dict[str, _Tally] = {}
         self._epoch = _Tally()  # the current policy's samples since it was set
-        self._level = 0  # net steps toward the large model
+        self._back: list[Policy] = []  # the policies left by each step toward the large model, the last on top
         self._stuck = False  # a move was due but the policy could not move (logged once per epoch)
         self._lock = threading.Lock()
         self.sampler = Audit(options.share, self.add, options.seed, options.max_pending)
@@ -384,8 +389,8 @@ class Auditor:
             return
         if a.ci[1] < target:
             toward, new = Role.LARGE, self.policy.toward_large(self.options.step)
-        elif self._level > 0 and a.ci[0] > target + self.options.margin:
-            toward, new = Role.SMALL, self.policy.toward_small(self.options.step)
+        elif self._back and a.ci[0] > target + self.options.margin:
+            toward, new = Role.SMALL, self._back[-1]  # retrace exactly: steps rounded one way do not undo evenly
         else:
             return
         if str(new) == str(self.policy):
@@ -403,7 +408,10 @@ class Auditor:
         if self._on_move is not None:
             self._on_move(new)  # first: whoever sees the move recorded finds the new policy in use
         self.moves.append(move)
-        self._level += 1 if toward is Role.LARGE else -1
+        if toward is Role.LARGE:
+            self._back.append(self.policy)
+        else:
+            self._back.pop()
         self.policy, self._epoch, self._stuck = new, _Tally(), False
         log.warning("%s", move.line())
 

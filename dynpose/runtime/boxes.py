@@ -69,10 +69,6 @@ class Boxes:
         rows = np.flatnonzero(ok).astype(np.int64)
         return cls(b[ok, :4].copy(), b[ok, 4].copy(), rows, scored, int((~ok).sum()))
 
-    def select(self, keep: np.ndarray) -> Boxes:
-        """A subset (boolean mask or indices), rows kept."""
-        return Boxes(self.xywh[keep], self.scores[keep], self.rows[keep], self.scored, self.dropped)
-
     def as_array(self) -> np.ndarray:
         """(M,5) x,y,w,h,score (the form files and the service write)."""
         return np.concatenate([self.xywh, self.scores[:, None]], axis=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -20,6 +21,9 @@ from dynpose.errors import DynPoseError
 from dynpose.models.card import IMAGENET_MEAN_255, IMAGENET_STD_255
 from dynpose.onnx_utils import open_session
 from dynpose.roles import Role
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 IMAGENET_MEAN = np.array(IMAGENET_MEAN_255, dtype=np.float32)
 IMAGENET_STD = np.array(IMAGENET_STD_255, dtype=np.float32)
@@ -132,12 +136,12 @@ class OnnxDetector:
             offset = np.array([left, top, left, top])
         return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), scale, offset
 
-    def _raw(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _raw(self, session: ort.InferenceSession, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the model -> candidate boxes (A,4) x1,y1,x2,y2 in input pixels and person scores (A,)."""
         if self.layout == "picodet":
-            boxes, scores = self.session.run([self._box_out, self._score_out], {self.input_name: x})
+            boxes, scores = session.run([self._box_out, self._score_out], {self.input_name: x})
             return boxes[0].astype(np.float64), scores[0, 0].astype(np.float64)
-        (out,) = self.session.run([self._out], {self.input_name: x})
+        (out,) = session.run([self._out], {self.input_name: x})
         out = out[0].astype(np.float64)
         # real models have far more anchors than channels, which tells the two layouts apart
         if out.shape[0] < out.shape[1]:  # YOLOv8: (4+C, A), class scores already sigmoid, no objectness
@@ -160,10 +164,11 @@ class OnnxDetector:
             raise DynPoseError(f"detector: expected an H x W x 3 BGR image, got shape {img.shape}")
         if img.dtype != np.uint8:
             img = np.clip(img, 0, 255).astype(np.uint8)
-        if self.session is None:
+        session = self.session  # one read: `close()` on another thread must not leave None between check and run
+        if session is None:
             raise DynPoseError(f"detector {self.path}: closed")
         x, scale, offset = self.preprocess(img)
-        boxes, scores = self._raw(x)
+        boxes, scores = self._raw(session, x)
         boxes = (boxes - offset) * scale
         h, w = img.shape[:2]
         keep = np.isfinite(boxes).all(axis=1) & np.isfinite(scores) & (scores >= self.score_thr)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dynpose.roles import Role
+from dynpose.roles import POSE_ROLES, Role
 
 
 class Decision(str, Enum):
@@ -61,6 +61,7 @@ class Person:
             "index": int(self.index),
             "box": [_finite(v, d) for v in self.box],
             "score": _finite(self.score, s),
+            "box_score": _finite(self.box_score, s),
             "keypoints": [[_finite(x, d), _finite(y, d), _finite(c, None if exact else 4)] for x, y, c in self.keypoints],
             "model": self.model.value,
             "decision": self.decision.value,
@@ -78,8 +79,9 @@ class Person:
             index=int(d.get("index", -1)),
             box=np.array([_nan(v) for v in d["box"]], dtype=np.float64),
             score=_nan(d["score"]),
+            box_score=_nan(d.get("box_score", 1.0)),
             keypoints=kps,
-            model=Role.parse(d["model"], "person record 'model'"),
+            model=Role.parse(d["model"], "person record 'model'", allowed=POSE_ROLES),
             decision=Decision(d.get("decision", Decision.POLICY.value)),
             router_score=_nan(d.get("router_score")),
             confidence=_nan(d.get("confidence")),

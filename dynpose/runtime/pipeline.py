@@ -144,17 +144,13 @@ class Pipeline:
         policy: str | Policy,
         detector: Any = None,
         flip: bool = False,
-        max_batch: int = 64,
         audit: float | AuditOptions | None = None,
         engines: EngineSet | None = None,
     ) -> None:
         self.policy = parse_policy(policy)
         self.cards: dict[Role, ModelCard] = {r: m.card for r, m in models.items()}
         make_plan([], self.policy, self.cards)  # a missing router or mismatched keypoints fail here, once
-        if max_batch < 1:
-            raise DynPoseError(f"max_batch must be >= 1, got {max_batch}")
         self.detector = detector
-        self.max_batch = max_batch
         self.keypoint_set = self.cards[Role.LARGE].keypoint_set
         self.engines = engines
         self.info: dict[str, Any] = {"route": str(self.policy), "flip": flip}
@@ -185,7 +181,6 @@ class Pipeline:
         engines: EngineSet,
         route: str | Policy | None = None,
         flip: bool = False,
-        max_batch: int = 64,
         own: bool = False,
         audit: float | AuditOptions | None = None,
     ) -> Pipeline:
@@ -196,7 +191,7 @@ class Pipeline:
         if policy.needs_router and engines.router is None:
             raise DynPoseError(
                 f"engine dir {engines.engine_dir}: routing policy {policy} needs a router but the manifest has none; "
-                "export one (`dynpose-export --role router`) or pick --route all-large / all-small / box:AREA / cascade:T"
+                "export one (`dynpose-export --model router`) or pick --route all-large / all-small / box:AREA / cascade:T"
             )
         small, large = engines.pose_models
         models: dict[Role, CropModel] = {Role.SMALL: small, Role.LARGE: large}
@@ -205,7 +200,7 @@ class Pipeline:
         opts = AuditOptions.of(audit)
         if opts is not None:
             opts = with_calibration(opts, engines.manifest.calibration)
-        pipe = cls(models, policy, engines.detector, flip, max_batch, opts, engines if own else None)
+        pipe = cls(models, policy, engines.detector, flip, opts, engines if own else None)
         pipe.info.update(
             engine_dir=str(engines.engine_dir),
             backend=engines.backend,
@@ -220,7 +215,6 @@ class Pipeline:
         engine_dir: str | os.PathLike,
         route: str | Policy | None = None,
         flip: bool = False,
-        max_batch: int = 64,
         audit: float | AuditOptions | None = None,
         **load: Any,
     ) -> Pipeline:
@@ -238,15 +232,10 @@ class Pipeline:
             raise DynPoseError("engine dir: none given; pass the folder dynpose-export wrote (e.g. engines/)")
         manifest = Manifest.load(engine_dir, verify=True)
         policy = parse_policy(route if route is not None else manifest.route)
-        if AuditOptions.of(audit) is not None and manifest.get(Role.LARGE) is None:
-            raise DynPoseError(
-                f"engine dir {engine_dir}: the audit re-runs persons on the {Role.LARGE.value} model and the manifest has "
-                f"none; export one (`dynpose-export --role {Role.LARGE.value} ...`) or drop --audit"
-            )
         roles = [Role.SMALL, Role.LARGE] + ([Role.ROUTER] if policy.needs_router else [])
         engines = EngineSet.open(manifest, LoadOptions(**load), roles=roles)
         try:
-            return cls.from_engine_set(engines, route=policy, flip=flip, max_batch=max_batch, own=True, audit=audit)
+            return cls.from_engine_set(engines, route=policy, flip=flip, own=True, audit=audit)
         except BaseException:
             engines.close()
             raise

@@ -29,7 +29,7 @@ import numpy as np
 
 from dynpose.errors import DynPoseError
 from dynpose.models.card import ModelCard
-from dynpose.roles import Role
+from dynpose.roles import POSE_ROLES, Role
 from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.person import Decision
 from dynpose.runtime.policy import Policy, Routing, Signals
@@ -99,7 +99,9 @@ class FrameInput:
     def keep_codes(self) -> np.ndarray:
         if self.keep is None:
             return np.full(len(self.boxes), FREE, dtype=np.int8)
-        return np.array([FREE if k is None else _CODE[Role.parse(k, "kept decision")] for k in self.keep], np.int8)
+        return np.array(
+            [FREE if k is None else _CODE[Role.parse(k, "kept decision", allowed=POSE_ROLES)] for k in self.keep], np.int8
+        )
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,6 @@ class Plan:
         self._lock = threading.Lock()
         self._stage = 0
         self._outstanding = 0
-        self._audit: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -348,7 +349,9 @@ class Plan:
             return []
         small = np.flatnonzero(self.model == SMALL)
         pick = small[rng.random(len(small)) < share]
-        self._audit = pick
+        # an audit may wait in a queue (the executor's pending audits): hold no first-stage crops meanwhile (the few
+        # audited persons are cut again)
+        self._kept, self._kept_has = {}, {}
         return [Work(Role.LARGE, pick, Purpose.AUDIT)] if len(pick) else []
 
     def audit_sample(self, done: Sequence[Done]) -> AuditSample:

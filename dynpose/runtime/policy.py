@@ -67,6 +67,13 @@ from dynpose.errors import DynPoseError
 
 AREA_STEP = 10.0  # a box area moves by the factor 1 + AREA_STEP * step (see the module doc)
 
+
+def _num(x: float) -> str:
+    """A number as a policy string writes it: short (`17734`, `0.3`) and read back to the same float."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
 USAGE = (
     "use all-small | all-large | box:AREA | box-below:AREA | band:LO,HI | threshold:T | fraction:F | box-threshold:AREA,T | "
     "cascade:T | cascade-visible:T,S (e.g. band:0.59,0.69)"
@@ -202,11 +209,12 @@ def _up(v: float, step: float) -> float:
 
 
 def _area_down(a: float, step: float) -> float:
-    return a / (1.0 + AREA_STEP * _check_step(step))
+    # 0.1 px² steps keep the route's string short and exact (it names the policy in logs and in /v1/stats)
+    return round(a / (1.0 + AREA_STEP * _check_step(step)), 1)
 
 
 def _area_up(a: float, step: float) -> float:
-    return a * (1.0 + AREA_STEP * _check_step(step))
+    return round(a * (1.0 + AREA_STEP * _check_step(step)), 1)
 
 
 @dataclass(frozen=True)
@@ -241,7 +249,7 @@ class BoxArea(Policy):
         return Routing(np.asarray(signals.areas, dtype=np.float64) >= self.area)
 
     def to_string(self) -> str:
-        return f"box:{self.area:g}"
+        return f"box:{_num(self.area)}"
 
     def toward_large(self, step: float) -> Policy:
         return BoxArea(_area_down(self.area, step))
@@ -258,7 +266,7 @@ class BoxBelow(Policy):
         return Routing(np.asarray(signals.areas, dtype=np.float64) < self.area)
 
     def to_string(self) -> str:
-        return f"box-below:{self.area:g}"
+        return f"box-below:{_num(self.area)}"
 
     def toward_large(self, step: float) -> Policy:
         return BoxBelow(_area_up(self.area, step))  # the bar rises: more boxes fall below it
@@ -296,7 +304,7 @@ class Band(_RouterPolicy):
         return (scores >= self.lo) & (scores <= self.hi)
 
     def to_string(self) -> str:
-        return f"band:{self.lo:g},{self.hi:g}"
+        return f"band:{_num(self.lo)},{_num(self.hi)}"
 
     def toward_large(self, step: float) -> Policy:
         return Band(_down(self.lo, step), _up(self.hi, step))  # a wider band: more scores fall in it
@@ -316,7 +324,7 @@ class Threshold(_RouterPolicy):
         return scores >= self.threshold
 
     def to_string(self) -> str:
-        return f"threshold:{self.threshold:g}"
+        return f"threshold:{_num(self.threshold)}"
 
     def toward_large(self, step: float) -> Policy:
         return Threshold(_down(self.threshold, step))
@@ -341,7 +349,7 @@ class Fraction(_RouterPolicy):
         return large
 
     def to_string(self) -> str:
-        return f"fraction:{self.fraction:g}"
+        return f"fraction:{_num(self.fraction)}"
 
     def toward_large(self, step: float) -> Policy:
         return Fraction(_up(self.fraction, step))
@@ -368,7 +376,7 @@ class BoxThreshold(_RouterPolicy):
         return np.asarray(signals.areas, dtype=np.float64) >= self.area
 
     def to_string(self) -> str:
-        return f"box-threshold:{self.area:g},{self.threshold:g}"
+        return f"box-threshold:{_num(self.area)},{_num(self.threshold)}"
 
     def toward_large(self, step: float) -> Policy:
         return BoxThreshold(_area_down(self.area, step), _down(self.threshold, step))
@@ -404,8 +412,8 @@ class Cascade(Policy):
 
     def to_string(self) -> str:
         if self.visible is None:
-            return f"cascade:{self.threshold:g}"
-        return f"cascade-visible:{self.threshold:g},{self.visible:g}"
+            return f"cascade:{_num(self.threshold)}"
+        return f"cascade-visible:{_num(self.threshold)},{_num(self.visible)}"
 
     def toward_large(self, step: float) -> Policy:
         return Cascade(_up(self.threshold, step), self.visible)  # a higher bar for the small model's confidence

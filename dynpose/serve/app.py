@@ -469,8 +469,8 @@ class Ingress:
 
     def _stats(self) -> dict[str, Any]:
         """Requests this ingress replica answered, the pose replicas' batches (the latest totals each replica
-        reported with its answers; a replica that died keeps its last totals; audit crops included), and this
-        replica's live audit (null without --audit)."""
+        reported with its answers; a replica that died keeps its last totals; audit crops included), this
+        replica's live audit (null without --audit), and its request bodies arriving now and cut as too slow."""
         models: dict[str, dict[str, Any]] = {}
         for m in POSE_ROLES:
             snaps = [s for (model, _), s in sorted(self.batch_stats.items()) if model == m]
@@ -485,7 +485,7 @@ class Ingress:
             agg["replicas"] = [{k: s[k] for k in ("replica", "actor", "batches", "crops")} for s in snaps]
             models[m.value] = agg
         audit = self.auditor.snapshot() if self.auditor is not None else None
-        return {"requests": dict(self.counts), "models": models, "audit": audit}
+        return {"requests": dict(self.counts), "models": models, "audit": audit, "uploads": self.uploads.stats()}
 
     def __del__(self) -> None:
         engines = getattr(self, "engines", None)

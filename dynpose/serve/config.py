@@ -83,7 +83,7 @@ class ServeConfig:
     max_pixels: int = MAX_PIXELS
     max_boxes: int = MAX_BOXES
     replicas: dict[str, Replicas] = field(default_factory=lambda: {k: Replicas(1, 1) for k in DEPLOYMENTS})
-    replica_cpus: float = 1.0  # Ray CPUs each replica asks for (scheduling only; --threads sets ORT's pools)
+    replica_cpus: float = 0.5  # Ray CPUs per replica, as the CLI (four fit two cores); scheduling only, --threads sets ORT
     replica_gpus: float = 0.0  # GPU fraction of each model replica (--device cuda)
     max_ongoing: int = 64  # concurrent requests per ingress replica
     body_timeout_s: float = 30.0  # a request body must be complete this long after the request reached the ingress
@@ -155,7 +155,7 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
         if role is Role.ROUTER and manifest.get(Role.ROUTER) is None:
             raise DynPoseError(
                 f"engine dir {root}: routing policy {policy} needs a router but the manifest has none; export one "
-                "(`dynpose-export --role router`) or pick --route all-large / all-small / box:AREA"
+                "(`dynpose-export --model router`) or pick --route all-large / all-small / box:AREA / cascade:T"
             )
         pick_entry(manifest, root, role, cfg.backend, cfg.device)
     detector = str(Path(cfg.detector).expanduser().resolve()) if cfg.detector else None

@@ -54,6 +54,7 @@ import cv2
 import numpy as np
 
 from dynpose.errors import DynPoseError
+from dynpose.runtime.postprocess import iou_matrix
 
 Detector = Callable[[np.ndarray], np.ndarray]
 REASONS = ("first", "interval", "lost", "empty", "scene", "view", "motion", "entrant")
@@ -275,7 +276,7 @@ class KeyframePlanner:
         found = np.asarray(self.scout(np.ascontiguousarray(img[cy0:cy1, cx0:cx1])), dtype=np.float64).reshape(-1, 5)
         found[:, 0] += cx0
         found[:, 1] += cy0
-        new = _iou(found[:, :4], boxes).max(axis=1, initial=0.0) < 0.3
+        new = iou_matrix(found[:, :4], boxes).max(axis=1, initial=0.0) < 0.3
         return found[new]
 
     def _add_clutter(self, blob: np.ndarray) -> None:
@@ -307,13 +308,3 @@ def _as_boxes(boxes: np.ndarray | None, what: str) -> np.ndarray:
     if b.ndim != 2 or b.shape[1] not in (4, 5):
         raise DynPoseError(f"key frames: {what} must be N x 4 or N x 5 x,y,w,h[,score] boxes, got shape {b.shape}")
     return b[:, :4]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of x,y,w,h boxes (N,4) x (M,4) (here so the module needs nothing of the runtime it serves)."""
-    ax1, ay1, bx1, by1 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    iw = np.clip(np.minimum(ax1[:, None], bx1[None]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(ay1[:, None], by1[None]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)

@@ -15,7 +15,7 @@ go through `Pipeline.run_frames`, which keeps two in flight for the cascade (the
 while the large one escalates) when no stream is tracked.
 
 Every sink sees every frame of its source in order, and is closed at the end (made final) or aborted on an error
-(nothing partial left). Two endings keep what was done: Ctrl-C (and SIGTERM under
+(no partial file; drawings of images already written stay). Two endings keep what was done: Ctrl-C (and SIGTERM under
 `dynpose.cli.common.sigterm_as_interrupt`), and a source that fails mid-stream: its sinks are closed with the frames
 before the failure, the other sources go on, and a `StreamError` naming it is raised at the end. A video that ends
 before the frame count its header declares (a truncated file) is noted in the report.
@@ -37,6 +37,7 @@ from dynpose.io.sinks import ResultSink
 from dynpose.io.sources import Frame, FrameSource, ReadAhead, source_stems
 from dynpose.runtime.pipeline import Pipeline
 from dynpose.runtime.plan import FrameInput
+from dynpose.runtime.policy import Fraction
 from dynpose.video.tracking import Step, StreamStats, StreamTracker, VideoOptions
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 class LoopOptions:
     """How `run` batches and what it does per stream."""
 
-    max_batch: int = 64  # boxes per plan
+    max_batch: int = 64  # boxes per plan (and frames, for frames with nobody in them)
     max_latency_ms: float | None = None  # plan once the oldest waiting frame is this old (None: no cap)
     video: VideoOptions = field(default_factory=VideoOptions)  # tracking, key frames, temporal routing, smoothing
     progress: bool = True
@@ -207,7 +208,9 @@ class _Batches:
         waited_ms = (time.perf_counter() - t_first) * 1e3
         cap = self.options.max_latency_ms
         tracked = any(s.tracker.tracked for s, _ in pending)
-        return tracked or boxes >= self.options.max_batch or (cap is not None and waited_ms >= cap)
+        # frames count too: a scene with nobody in it would otherwise hold every decoded frame until the end
+        full = boxes >= self.options.max_batch or len(pending) >= self.options.max_batch
+        return tracked or full or (cap is not None and waited_ms >= cap)
 
     def _hand_out(self, pending: list[tuple[_Stream, Step]]) -> list[FrameInput]:
         self.steps.append(pending)
@@ -230,10 +233,10 @@ def _open_streams(
         reader = ReadAhead(src, options.queue_size)
         stack.callback(reader.close)
         tracker = StreamTracker(options.video, pipe, bx, src.fps)
+        # a video's count comes from the reader, read before its thread started (the capture is that thread's now)
+        total = reader.declared if src.kind == "video" else src.total
         bar = stack.enter_context(
-            tqdm(
-                total=src.total, unit="frame", desc=name, position=i, disable=None if options.progress else True, leave=False
-            )
+            tqdm(total=total, unit="frame", desc=name, position=i, disable=None if options.progress else True, leave=False)
         )
         streams.append(_Stream(src, reader, tracker, sk, StreamReport(src.source, name), bar))
     return streams
@@ -258,7 +261,7 @@ def run(
     box_sources = list(boxes) if boxes is not None else [None] * len(sources)
     if len(box_sources) != len(sources):
         raise DynPoseError(f"run: {len(sources)} sources but {len(box_sources)} box sources")
-    if len(sources) > 1 and str(pipe.policy).startswith("fraction:"):
+    if len(sources) > 1 and isinstance(pipe.policy, Fraction):
         log.info("route %s ranks the persons of each batch: batched sources sway each other's routing", pipe.policy)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -274,8 +277,13 @@ def run(
                 s.finish()
         except KeyboardInterrupt:
             report.interrupted = True  # webcams end with Ctrl-C: keep what was done
-            for s in streams:
-                s.finish()
+            try:
+                for s in streams:
+                    s.finish()
+            except BaseException:
+                for s in streams:  # the streams not finished yet leave no temp file behind
+                    s.abort()
+                raise
         except BaseException:
             for s in streams:
                 s.abort()

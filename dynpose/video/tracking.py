@@ -189,7 +189,9 @@ class StreamTracker:
             return due or self._lost, self._lost and not due
         conf = np.array([t.confidence for t in tracks], dtype=np.float64)
         d = self.keyframes.decide(frame.image_bgr, boxes, conf)
-        return d.full, d.reason == "lost"
+        # a pose dropped below the usable score never reaches the planner's tracks, so its own "lost" check cannot
+        # see it: the stream's flag brings the detection forward here too
+        return d.full or self._lost, d.reason == "lost" or (self._lost and not d.full)
 
     def _key_step(self, frame: Frame, idx: int, redetect: bool) -> Step:
         raw = self.box_source.boxes(frame) if self.box_source is not None else None

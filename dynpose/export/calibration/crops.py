@@ -220,6 +220,7 @@ def _spec_key(spec: CalibSpec, card: ModelCard) -> str:
         h.update(sha256_file(spec.gate_ann).encode())
     h.update(json.dumps([spec.flip, spec.jitter, spec.max_crops, spec.det_score, spec.seed]).encode())
     pre = [card.input_width, card.input_height, card.color_order, card.mean, card.std, card.padding, card.keypoints]
+    pre += [card.aspect_ratio, card.decoder == "udp"]  # both change the warp (`runtime.preprocess.warp_matrix`)
     h.update(json.dumps(pre).encode())
     return h.hexdigest()[:16]
 

@@ -165,11 +165,15 @@ class OpenVinoRunner(Runner):
             try:
                 compiled = core.compile_model(model, "CPU", {**config, "CACHE_DIR": str(cache)})
             except Exception as e:
+                compiled = self._compile_without_cache(core, model, bucket)  # a model that cannot compile raises here
+                # the model compiles, so the cache was the trouble: the folder (shared by the dir's models) goes
                 log.warning(
                     "%s: the compiled-model cache %s cannot be used (%s); removed it, compiling without it",
                     *(self.name, cache, error_line(e)),
                 )
                 shutil.rmtree(cache, ignore_errors=True)
+                self.cache_dir = None
+                return compiled
             else:
                 after = _blobs(cache)
                 rebuilt = sorted(k for k in before if k in after and after[k] != before[k])
@@ -180,8 +184,11 @@ class OpenVinoRunner(Runner):
                         *(self.name, cache / rebuilt[0]),
                     )
                 return compiled
+        return self._compile_without_cache(core, model, bucket)
+
+    def _compile_without_cache(self, core: Any, model: Any, bucket: int) -> Any:
         try:
-            return core.compile_model(model, "CPU", config)
+            return core.compile_model(model, "CPU", self._config())
         except Exception as e:
             raise DynPoseError(
                 f"OpenVINO IR {self.xml}: the CPU plugin cannot compile it at batch {bucket} ({error_line(e)})"

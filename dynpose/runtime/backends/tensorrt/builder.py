@@ -207,7 +207,10 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, **o
     The plan runs only with the same TensorRT version on a GPU of the same compute capability, which is why
     both are recorded: the runtime checks them before deserialising.
     """
-    o = BuildOptions(**options)
+    try:
+        o = BuildOptions(**options)
+    except TypeError as e:  # a misspelled or missing option
+        raise DynPoseError(f"build_engine: {e}; the options are BuildOptions' fields") from None
     input_name, input_chw, max_batch, opt_batch = o.input_name, o.input_chw, o.max_batch, o.opt_batch
     timing_cache, opt_level, workspace_gb, progress = o.timing_cache, o.opt_level, o.workspace_gb, o.progress
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
