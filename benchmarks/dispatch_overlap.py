@@ -17,40 +17,16 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dynpose.roles import Role
-from dynpose.runtime.model import CropModel, PoseModel, Router
-from dynpose.runtime.plan import Done, Plan, Work
+from dynpose.runtime.model import CropModel, PoseModel
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-
-
-class SerialExecutor:
-    """Runs a plan's work on the calling thread, one piece after the other (what the workers do, in turn)."""
-
-    def __init__(self, models: Mapping[Role, CropModel]) -> None:
-        self.models = models
-
-    def submit(self, plan: Plan, work: Sequence[Work]) -> list[Future[Done]]:
-        futures: list[Future[Done]] = []
-        for w in work:
-            model = self.models[w.role]
-            crops = plan.crop(w)
-            if isinstance(model, Router):
-                out = model.run(crops)
-            else:
-                assert isinstance(model, PoseModel)
-                out = model.run(crops, *plan.geometry(w.role, w.idx))
-            f: Future[Done] = Future()
-            f.set_result(Done(w, out, model.runner.last_inference))
-            futures.append(f)
-        return futures
 
 
 def overlap_s(spans: Sequence[tuple[Role, float, float, int]], a: Role, b: Role) -> float | None:
@@ -82,7 +58,7 @@ def main() -> None:
     from dynpose.models.card import ModelCard
     from dynpose.runtime.backends.ort import OrtRunner
     from dynpose.runtime.boxes import Boxes
-    from dynpose.runtime.execute import LocalExecutor, execute
+    from dynpose.runtime.execute import LocalExecutor, SerialExecutor, execute
     from dynpose.runtime.plan import FrameInput, make_plan
     from dynpose.runtime.policy import Signals, parse_policy
 

@@ -40,8 +40,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +63,9 @@ from dynpose.export.calibration.crops import CalibSpec
 from dynpose.roles import POSE_ROLES, Role
 from dynpose.runtime.boxes import Boxes
 from dynpose.runtime.engine_set import EngineSet
-from dynpose.runtime.execute import execute
-from dynpose.runtime.model import CropModel, PoseModel, Router
-from dynpose.runtime.plan import Done, FrameInput, Plan, Work, make_plan
+from dynpose.runtime.execute import SerialExecutor, execute
+from dynpose.runtime.model import CropModel, PoseModel
+from dynpose.runtime.plan import FrameInput, make_plan
 from dynpose.runtime.policy import AllLarge, Fraction, Policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,28 +169,6 @@ def _split_configs(cfg: Configs, es: EngineSet, solo: dict[Role, CropModel], fra
         models = {Role.ROUTER: router, Role.SMALL: solo[Role.SMALL], Role.LARGE: solo[Role.LARGE]}
         cfg.calls[name] = _sequential(models, Fraction(f), cfg.frame, cfg.boxes)
         cfg.meta[name] = {"pair": "lpn_50", "precision": "fp32", "fraction": f, "threads": "sequential"}
-
-
-class SerialExecutor:
-    """Runs a plan's work on the calling thread, one piece after the other (what the workers do, in turn)."""
-
-    def __init__(self, models: Mapping[Role, CropModel]) -> None:
-        self.models = models
-
-    def submit(self, plan: Plan, work: Sequence[Work]) -> list[Future[Done]]:
-        futures: list[Future[Done]] = []
-        for w in work:
-            model = self.models[w.role]
-            crops = plan.crop(w)
-            if isinstance(model, Router):
-                out = model.run(crops)
-            else:
-                assert isinstance(model, PoseModel)
-                out = model.run(crops, *plan.geometry(w.role, w.idx))
-            f: Future[Done] = Future()
-            f.set_result(Done(w, out, model.runner.last_inference))
-            futures.append(f)
-        return futures
 
 
 def _sequential(models: dict[Role, CropModel], policy: Policy, frame: np.ndarray, boxes: np.ndarray) -> Callable[[], Any]:

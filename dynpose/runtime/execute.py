@@ -100,6 +100,33 @@ class _Worker:
         self._thread.join()
 
 
+def run_work(model: CropModel, plan: Plan, work: Work, flip: bool = False) -> Done:
+    """One piece of a plan's work on one model: crop, then router scores or keypoints in image pixels."""
+    crops = plan.crop(work)
+    if isinstance(model, Router):
+        out = model.run(crops)
+    else:
+        assert isinstance(model, PoseModel)
+        out = model.run(crops, *plan.geometry(work.role, work.idx), flip=flip)
+    return Done(work, out, model.runner.last_inference)
+
+
+class SerialExecutor:
+    """A plan's work on the calling thread, one piece after the other, each model on all the cores its runner has:
+    what the local workers do, in turn (benchmarks compare the two; the answers are the same)."""
+
+    def __init__(self, models: Mapping[Role, CropModel], flip: bool = False) -> None:
+        self.models, self.flip = dict(models), flip
+
+    def submit(self, plan: Plan, work: Sequence[Work]) -> list[Future[Done]]:
+        futures: list[Future[Done]] = []
+        for w in work:
+            f: Future[Done] = Future()
+            f.set_result(run_work(self.models[w.role], plan, w, self.flip))
+            futures.append(f)
+        return futures
+
+
 class LocalExecutor:
     """A worker thread per model; see the module doc. The executor owns its threads (closed by `close()`), not the
     models' runners: whoever loaded them (an `EngineSet`) closes them. Thread-safe: concurrent plans queue on the
@@ -121,19 +148,8 @@ class LocalExecutor:
                 raise DynPoseError(f"executor: the plan asks for the {w.role.value} model, which is not loaded")
             priority = _Worker.AUDIT if w.purpose is Purpose.AUDIT else _Worker.ANSWER
             for piece in w.chunks(model.runner.max_batch):
-                futures.append(self._workers[w.role].submit(priority, self._run, plan, piece))
+                futures.append(self._workers[w.role].submit(priority, run_work, model, plan, piece, self.flip))
         return futures
-
-    def _run(self, plan: Plan, work: Work) -> Done:
-        """On the model's worker thread: crop, then router scores or keypoints in image pixels."""
-        model = self.models[work.role]
-        crops = plan.crop(work)
-        if isinstance(model, Router):
-            out = model.run(crops)
-        else:
-            assert isinstance(model, PoseModel)
-            out = model.run(crops, *plan.geometry(work.role, work.idx), flip=self.flip)
-        return Done(work, out, model.runner.last_inference)
 
     def close(self) -> None:
         if self._closed:
